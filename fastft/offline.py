@@ -1,0 +1,115 @@
+"""Tiny models and a tokenizer built locally, with no network: for tests, the demo, and notebook CI runs.
+
+``build_tokenizer()`` trains a byte-level BPE on a small built-in corpus (well under a second) and wraps it in a
+``PreTrainedTokenizerFast`` with bos/eos/pad tokens and a ChatML-style chat template carrying ``{% generation %}``
+markers (so TRL's assistant-only loss works). ``build_tiny_model(model_type)`` builds a randomly initialized
+transformers model of that architecture with a few layers and odd sizes, so kernels meet non-power-of-two shapes.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+#: Architectures the fixtures can build: model_type -> (config class name, extra config fields).
+TINY_ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {}),
+    "gemma": ("GemmaConfig", {"hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True}),
+    "gemma2": ("Gemma2Config", {"hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 16,
+                                "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0,
+                                "sliding_window": 64, "tie_word_embeddings": True}),
+}
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{{ '\n' }}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "What is 12 plus 7? The answer is 19.",
+    "Fine-tuning a language model with LoRA adds small low-rank adapters to frozen weights.",
+    "0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 + - * = ?",
+    "user assistant system: please answer briefly and correctly.",
+    "Gradient checkpointing trades compute for memory by recomputing activations in the backward pass.",
+]
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_json(vocab_size: int) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|pad|>", "<|bos|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 20, trainer=trainer)
+    return tok.to_str()
+
+
+def build_tokenizer(vocab_size: int = 384):
+    """A byte-level BPE tokenizer (any text round-trips) with a chat template; pad/bos/eos set."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size)),
+        bos_token="<|bos|>", eos_token="<|im_end|>", pad_token="<|pad|>",
+        additional_special_tokens=["<|im_start|>", "<|endoftext|>"],
+        padding_side="right",
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def tiny_config(model_type: str = "llama", vocab_size: int = 384, **overrides: Any):
+    """A transformers config for a tiny ``model_type`` model (2 layers, hidden 64, GQA 4:2, head_dim 16)."""
+    import transformers
+
+    if model_type not in TINY_ARCHITECTURES:
+        raise ValueError(f"no tiny fixture for {model_type!r}; known: {sorted(TINY_ARCHITECTURES)}")
+    cls_name, extra = TINY_ARCHITECTURES[model_type]
+    fields = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+        pad_token_id=0, bos_token_id=1, eos_token_id=4, tie_word_embeddings=False,
+    )
+    fields.update(extra)  # per-architecture fields win over the defaults (Gemma ties its embeddings)
+    fields.update(overrides)
+    return getattr(transformers, cls_name)(**fields)
+
+
+def build_tiny_model(model_type: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                     vocab_size: int = 384, **overrides: Any):
+    """A randomly initialized causal LM of ``model_type``, deterministic for a given ``seed``, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(model_type, vocab_size=vocab_size, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager")
+    return model.eval()
+
+
+def save_tiny_model(directory: str, model_type: str = "llama", **kwargs: Any) -> str:
+    """Write a tiny model and the tokenizer to ``directory`` (safetensors) so it loads like a hub checkpoint."""
+    model = build_tiny_model(model_type, **kwargs)
+    model.save_pretrained(directory, safe_serialization=True)
+    build_tokenizer(model.config.vocab_size).save_pretrained(directory)
+    return directory

@@ -1,0 +1,40 @@
+"""Test harness: every Triton kernel runs on CPU tensors under the Triton interpreter.
+
+TRITON_INTERPRET must be set before triton is first imported (triton decides at decoration time whether a kernel is
+a compiled or an interpreted function), so it is set here, at the top of the first file pytest imports.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from fastft.offline import TINY_ARCHITECTURES, build_tiny_model, build_tokenizer  # noqa: E402
+
+torch.set_num_threads(1)  # two cores, two xdist workers: one thread each avoids oversubscription
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(params=sorted(TINY_ARCHITECTURES))
+def model_type(request):
+    return request.param
+
+
+@pytest.fixture
+def tiny_model(model_type):
+    return build_tiny_model(model_type)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
