@@ -40,68 +40,66 @@ if TRITON_AVAILABLE:
     def _rms_norm_forward_kernel(
         Y, X, W, RSTD,
         stride_y, stride_x,
-        n_cols, eps,
-        GEMMA: tl.constexpr, BLOCK: tl.constexpr,
+        n_rows, n_cols, eps,
+        GEMMA: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
     ):
-        row = tl.program_id(0).to(tl.int64)
+        # A [ROWS, BLOCK] tile: several short rows per program keeps small hidden sizes from leaving most lanes idle
+        # (and is what makes the interpreter fast enough for model-level tests).
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+        row_mask = rows < n_rows
+        mask = row_mask[:, None] & (cols < n_cols)[None, :]
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
         x32 = x.to(tl.float32)
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        mean_sq = tl.sum(x32 * x32, axis=0) / n_cols
+        w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        mean_sq = tl.sum(x32 * x32, axis=1) / n_cols
         rstd = 1.0 / tl.sqrt(mean_sq + eps)
-        xn = x32 * rstd
+        xn = x32 * rstd[:, None]
         if GEMMA:
-            y = xn * (1.0 + w)
+            y = xn * (1.0 + w[None, :])
         else:
             # Llama: round the normalized value to the input dtype before the weight multiply, as HF does.
-            y = xn.to(x.dtype).to(tl.float32) * w
-        tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
-        tl.store(RSTD + row, rstd)
+            y = xn.to(x.dtype).to(tl.float32) * w[None, :]
+        tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(RSTD + rows, rstd, mask=row_mask)
 
     @triton.jit
     def _rms_norm_backward_kernel(
         DX, DW_PARTIAL, DY, X, W, RSTD,
         stride_dx, stride_dy, stride_x,
         n_rows, n_cols, rows_per_program,
-        GEMMA: tl.constexpr, COMPUTE_DW: tl.constexpr, BLOCK: tl.constexpr,
+        GEMMA: tl.constexpr, COMPUTE_DW: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
     ):
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        col_mask = cols < n_cols
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
         if GEMMA:
             w = w + 1.0
         dw_acc = tl.zeros((BLOCK,), dtype=tl.float32)
         row_start = pid * rows_per_program
         row_end = tl.minimum(row_start + rows_per_program, n_rows)
-        # Walk pointers forward instead of computing row * stride from the loop variable: the offsets stay int64
-        # (no overflow past 2**31 elements), and the interpreter hands loop variables over as plain Python ints.
-        start64 = row_start.to(tl.int64)
-        x_ptr = X + start64 * stride_x
-        dy_ptr = DY + start64 * stride_dy
-        dx_ptr = DX + start64 * stride_dx
-        rstd_ptr = RSTD + start64
-        for _ in range(row_start, row_end):
-            x = tl.load(x_ptr + cols, mask=mask, other=0.0)
-            dy = tl.load(dy_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.load(rstd_ptr)
-            xn = x.to(tl.float32) * rstd
-            g = dy * w
-            dx = rstd * (g - xn * (tl.sum(g * xn, axis=0) / n_cols))
-            tl.store(dx_ptr + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        # The row indices live in a tensor advanced by ROWS per iteration rather than being derived from the loop
+        # variable: offsets stay int64, and the interpreter hands loop variables over as plain Python ints.
+        rows = row_start.to(tl.int64) + tl.arange(0, ROWS)
+        for _ in range(row_start, row_end, ROWS):
+            row_mask = rows < row_end
+            mask = row_mask[:, None] & col_mask[None, :]
+            x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+            dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+            xn = x.to(tl.float32) * rstd[:, None]
+            g = dy * w[None, :]
+            dx = rstd[:, None] * (g - xn * (tl.sum(g * xn, axis=1) / n_cols)[:, None])
+            tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
             if COMPUTE_DW:
                 if GEMMA:
-                    dw_acc += dy * xn
+                    dw_acc += tl.sum(dy * xn, axis=0)
                 else:
-                    dw_acc += dy * xn.to(x.dtype).to(tl.float32)
-            x_ptr += stride_x
-            dy_ptr += stride_dy
-            dx_ptr += stride_dx
-            rstd_ptr += 1
+                    dw_acc += tl.sum(dy * xn.to(x.dtype).to(tl.float32), axis=0)
+            rows += ROWS
         if COMPUTE_DW:
-            tl.store(DW_PARTIAL + pid * n_cols + cols, dw_acc, mask=mask)
+            tl.store(DW_PARTIAL + pid * n_cols + cols, dw_acc, mask=col_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -155,12 +153,18 @@ def _forward_triton(x2: torch.Tensor, weight: torch.Tensor, eps: float, gemma: b
     y = torch.empty((n_rows, n_cols), dtype=_output_dtype(x2, weight, gemma), device=x2.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x2.device)
     block, num_warps = row_block(n_cols)
+    rows = _rows_per_tile(block)
     launch(
-        _rms_norm_forward_kernel, (n_rows,),
-        y, x2, weight, rstd, y.stride(0), x2.stride(0), n_cols, float(eps),
-        GEMMA=gemma, BLOCK=block, num_warps=num_warps,
+        _rms_norm_forward_kernel, (triton.cdiv(n_rows, rows),),
+        y, x2, weight, rstd, y.stride(0), x2.stride(0), n_rows, n_cols, float(eps),
+        GEMMA=gemma, BLOCK=block, ROWS=rows, num_warps=num_warps,
     )
     return y, rstd
+
+
+def _rows_per_tile(block: int) -> int:
+    """Rows per [ROWS, BLOCK] tile: up to 16 short rows, one row once a row alone fills 2,048 lanes."""
+    return max(1, min(16, 2048 // block))
 
 
 def _backward_programs(n_rows: int, device: torch.device) -> int:
@@ -186,7 +190,7 @@ def _backward_triton(
         dx, dw_partial, dy, x2, weight, rstd,
         dx.stride(0), dy.stride(0), x2.stride(0),
         n_rows, n_cols, rows_per_program,
-        GEMMA=gemma, COMPUTE_DW=compute_dw, BLOCK=block, num_warps=num_warps,
+        GEMMA=gemma, COMPUTE_DW=compute_dw, BLOCK=block, ROWS=_rows_per_tile(block), num_warps=num_warps,
     )
     dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else weight.new_empty(0)
     return dx, dw
@@ -286,7 +290,7 @@ def compile_cases() -> None:
     """Every launch variant the code can make (dtypes x Llama/Gemma x dweight or not), for the compile gate."""
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for gemma in (False, True):
-            for hidden in (1000, 4096):
+            for hidden in (128, 1000, 4096):  # 16, 2 and 1 rows per tile
                 x = torch.empty(5, hidden, dtype=dtype)
                 w = torch.empty(hidden, dtype=dtype)
                 y, rstd = rms_norm_forward(x, w, 1e-6, gemma)
