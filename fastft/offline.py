@@ -88,7 +88,7 @@ def tiny_config(model_type: str = "llama", vocab_size: int = 384, **overrides: A
     cls_name, extra = TINY_ARCHITECTURES[model_type]
     fields = dict(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
         pad_token_id=0, bos_token_id=1, eos_token_id=4, tie_word_embeddings=False,
     )
     fields.update(extra)  # per-architecture fields win over the defaults (Gemma ties its embeddings)

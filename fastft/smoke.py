@@ -7,6 +7,7 @@ must be switched on before triton is imported), compared with its reference.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -30,6 +31,32 @@ def _check_all() -> list[tuple[str, float]]:
         dx_ref, dw_ref = torch.autograd.grad(y_ref, (x, w), g)
         err = max((y - y_ref).abs().max().item(), (dx - dx_ref).abs().max().item(), (dw - dw_ref).abs().max().item())
         results.append((f"rms_norm(gemma={gemma}) fwd+bwd", err))
+    results += _check_rope_and_glu()
+    return results
+
+
+def _check_rope_and_glu() -> list[tuple[str, float]]:
+    """RoPE (GQA 4:2, head_dim 64, 7 positions) and the gated MLP activations: max |diff| of outputs and grads."""
+    from fastft.kernels import apply_rope, apply_rope_reference, geglu, geglu_reference, swiglu, swiglu_reference
+
+    def fwd_bwd_err(fn, ref, *inputs):
+        outs, refs = fn(*inputs), ref(*inputs)
+        outs, refs = (outs, refs) if isinstance(outs, tuple) else ((outs,), (refs,))
+        leaves = [t for t in inputs if t.requires_grad]
+        grads = [torch.randn_like(o) for o in outs]
+        got, want = torch.autograd.grad(outs, leaves, grads), torch.autograd.grad(refs, leaves, grads)
+        return max((a - b).abs().max().item() for a, b in zip((*outs, *got), (*refs, *want), strict=True))
+
+    angles = torch.arange(7.0)[:, None] / 10000 ** (torch.arange(0, 64, 2) / 64)
+    cos, sin = torch.cat((angles, angles), -1).cos()[None], torch.cat((angles, angles), -1).sin()[None]
+    q, k = torch.randn(2, 4, 7, 64, requires_grad=True), torch.randn(2, 2, 7, 64, requires_grad=True)
+    results = [("rope(GQA 4:2) fwd+bwd", fwd_bwd_err(apply_rope, apply_rope_reference, q, k, cos, sin))]
+    gate, up = torch.randn(5, 1000, requires_grad=True), torch.randn(5, 1000, requires_grad=True)
+    results.append(("swiglu fwd+bwd", fwd_bwd_err(swiglu, swiglu_reference, gate, up)))
+    for approximate in ("none", "tanh"):
+        err = fwd_bwd_err(functools.partial(geglu, approximate=approximate),
+                          functools.partial(geglu_reference, approximate=approximate), gate, up)
+        results.append((f"geglu(approximate={approximate}) fwd+bwd", err))
     return results
 
 

@@ -26,6 +26,12 @@ from typing import Any
 #: Kernel modules whose ``compile_cases()`` the gate runs. A new kernel file adds itself here.
 KERNEL_MODULES = [
     "fastft.kernels.rms_norm",
+    "fastft.kernels.cross_entropy",
+    "fastft.kernels.linear_cross_entropy",
+    "fastft.kernels.selective_log_softmax",
+    "fastft.kernels.glu",
+    "fastft.kernels.rope",
+    "fastft.kernels.nf4",
 ]
 
 

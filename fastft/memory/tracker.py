@@ -67,6 +67,41 @@ class LiveBytesTracker(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self._charge(t.untyped_storage(), phase)
 
+    def recharge(self, tensor: torch.Tensor | None, phase: str) -> None:
+        """Move a live tensor's storage to ``phase`` (say, a parameter's ``.grad`` once accumulated -> "gradients")."""
+        if not isinstance(tensor, torch.Tensor):
+            return
+        key = tensor.untyped_storage()._cdata
+        if key not in self._seen:
+            return
+        nbytes, old = self._seen[key]
+        self._seen[key] = (nbytes, phase)
+        self.live_by_phase[old] -= nbytes
+        self.live_by_phase[phase] += nbytes
+
+    def transient(self, nbytes: int) -> None:
+        """Count ``nbytes`` allocated and freed at once in the current phase (a replayed temporary high-water mark)."""
+        if nbytes <= 0:
+            return
+        self.live_bytes += nbytes
+        self.live_by_phase[self.phase] += nbytes
+        self._update_peak()
+        self.live_bytes -= nbytes
+        self.live_by_phase[self.phase] -= nbytes
+
+    @contextlib.contextmanager
+    def local_peak(self) -> Iterator[list[int]]:
+        """Yield a list that receives the high-water mark of live bytes reached inside the block."""
+        saved = (self.peak_bytes, self.peak_breakdown)
+        self.peak_bytes = self.live_bytes
+        result: list[int] = []
+        try:
+            yield result
+        finally:
+            result.append(self.peak_bytes)
+            if saved[0] >= self.peak_bytes:
+                self.peak_bytes, self.peak_breakdown = saved
+
     @contextlib.contextmanager
     def in_phase(self, phase: str) -> Iterator[None]:
         previous, self.phase = self.phase, phase

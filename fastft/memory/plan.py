@@ -1,0 +1,217 @@
+"""``fastft plan``: will this fine-tune fit in my GPU, and how long can my sequences be? (modeled, not measured)
+
+The answer comes from :mod:`fastft.memory.step_model`: the real training step run on meta tensors with a GPU's
+memory behaviour (flash attention, 4-bit weights as bitsandbytes stores them, fastft's fused kernels, checkpointing
+with optional CPU offload, optimizer states). The maximum context is searched -- doubling from 1,024 tokens until the
+peak exceeds the budget, then bisecting down to a coarse granularity (1/32 of the bracket, at least 256 tokens) --
+with every measured length cached, so asking for several GPU sizes reuses the steps already run.
+
+Not modelled: the CUDA context and allocator fragmentation (typically 0.3-1 GB: leave headroom), the tokenizer /
+dataloader, eval passes, and packing (sequences are assumed padded to ``seq_len``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fastft.memory.step_model import StepModel, StepResult, StepSpec
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "data" / "configs"
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6, "g": 10**9}
+#: Order in which breakdown rows are printed; phases are where the bytes alive at the peak were allocated.
+PHASE_LABELS = {
+    "weights": "weights (base + LoRA + buffers)",
+    "optimizer_state": "optimizer state",
+    "gradients": "gradients (trainable params)",
+    "activations": "activations saved in forward",
+    "loss": "loss / logits",
+    "recompute": "recomputed layer activations (checkpointing)",
+    "backward": "backward temporaries (activation grads)",
+    "optimizer_step": "optimizer step temporaries",
+    "inputs": "input ids / labels",
+}
+
+
+def parse_size(text: str) -> int:
+    """"16 GB" -> 16e9, "16GiB" -> 16 * 2**30, "16000MB" -> 16e9 (GB = 1e9 bytes, GiB = 2**30); bytes as int."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot parse memory size {text!r}: use a number and a unit, e.g. '16GB', '16 GiB', "
+                         "'16000MB' (GB = 10^9 bytes, GiB = 2^30 bytes)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def format_bytes(n: int | float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def known_models() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def load_config(model: str) -> Any:
+    """A transformers config from a local model dir, a config.json path, or a shipped name (case-insensitive;
+    "meta-llama/Llama-3.1-8B" and "Llama-3.1-8B" both work). Offline."""
+    from transformers import CONFIG_MAPPING
+
+    path = Path(model).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        path = path / "config.json"
+    if path.is_file():
+        data = json.loads(path.read_text())
+    else:
+        wanted = model.split("/")[-1].lower()
+        names = {name.lower(): name for name in known_models()}
+        aliases = {n.removesuffix("-v0.3"): n for n in names}  # "mistral-7b" -> "mistral-7b-v0.3"
+        key = wanted if wanted in names else aliases.get(wanted)
+        if key is None:
+            raise ValueError(f"unknown model {model!r}: not a local directory with config.json, not a config.json "
+                             f"file, and not one of the known names: {', '.join(known_models())}")
+        data = json.loads((CONFIG_DIR / f"{names[key]}.json").read_text())
+    model_type = data.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"config for {model!r} has model_type {model_type!r}, which transformers does not know")
+    return CONFIG_MAPPING[model_type].from_dict(data)
+
+
+class Planner:
+    """One built step model per variant, with a cache of measured sequence lengths."""
+
+    def __init__(self, config: Any, spec: StepSpec, batch_size: int = 1) -> None:
+        self.model = StepModel(config, spec)
+        self.batch_size = batch_size
+        self.cache: dict[int, StepResult] = {}
+
+    def step(self, seq_len: int) -> StepResult:
+        if seq_len not in self.cache:
+            self.cache[seq_len] = self.model.step(seq_len, self.batch_size)
+        return self.cache[seq_len]
+
+    def max_context(self, budget: int, start: int = 1024, limit: int = 1 << 20) -> int:
+        """Largest measured sequence length whose modeled peak fits ``budget`` bytes (0 if even 128 does not)."""
+        fits = lambda t: self.step(t).peak_bytes <= budget  # noqa: E731
+        lo, hi = 0, start
+        while hi <= limit and fits(hi):
+            lo, hi = hi, hi * 2
+        if lo == 0:  # not even ``start``: look below it
+            t = start // 2
+            while t >= 128 and not fits(t):
+                t //= 2
+            if t < 128:
+                return 0
+            lo, hi = t, t * 2
+        if hi > limit:
+            return lo
+        while hi - lo > max(256, lo // 32):
+            mid = (lo + hi) // 2 // 128 * 128
+            if mid <= lo:
+                break
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+
+@dataclasses.dataclass
+class VariantPlan:
+    variant: str
+    seq_len: int
+    peak_bytes: int
+    fits: bool | None
+    breakdown: dict[str, int]
+    host_bytes: int
+    max_context: int | None
+    max_context_host_bytes: int | None
+    seconds: float
+    steps_run: int
+    notes: list[str]
+
+
+def plan_variant(config: Any, spec: StepSpec, seq_len: int, batch_size: int, budget: int | None) -> VariantPlan:
+    t0 = time.perf_counter()
+    planner = Planner(config, spec, batch_size)
+    result = planner.step(seq_len)
+    best = host = None
+    if budget is not None:
+        best = planner.max_context(budget)
+        host = planner.step(best).host_bytes if best else 0
+    fits = None if budget is None else result.peak_bytes <= budget
+    return VariantPlan(spec.variant, seq_len, result.peak_bytes, fits, result.breakdown, result.host_bytes, best, host,
+                       time.perf_counter() - t0, len(planner.cache), result.notes)
+
+
+def _print_plan(p: VariantPlan, args: argparse.Namespace, budget: int | None) -> None:
+    title = "fastft" if p.variant == "fastft" else "baseline: transformers + PEFT LoRA (standard checkpointing)"
+    print(f"\n== {title} ==")
+    verdict = "" if p.fits is None else ("  -> fits" if p.fits else "  -> DOES NOT FIT")
+    print(f"modeled peak GPU memory at {p.seq_len:,} tokens x batch {args.batch_size}: "
+          f"{format_bytes(p.peak_bytes)}{verdict}")
+    for phase in list(PHASE_LABELS) + sorted(set(p.breakdown) - set(PHASE_LABELS)):
+        if p.breakdown.get(phase):
+            print(f"  {PHASE_LABELS.get(phase, phase):<48} {format_bytes(p.breakdown[phase]):>10}")
+    if p.host_bytes:
+        print(f"  host RAM for offloaded checkpoints (not GPU)      {format_bytes(p.host_bytes):>10}")
+    if budget is not None:
+        if p.max_context:
+            extra = f" (host RAM for offload: {format_bytes(p.max_context_host_bytes)})" if p.max_context_host_bytes \
+                else ""
+            print(f"largest sequence length that fits {format_bytes(budget)}: {p.max_context:,} tokens{extra}")
+        else:
+            print(f"largest sequence length that fits {format_bytes(budget)}: none (even 128 tokens exceeds it)")
+    for note in p.notes:
+        print(f"  note: {note}")
+    print(f"  ({p.steps_run} modeled steps in {p.seconds:.1f} s)")
+
+
+def add_parser(sub: Any) -> None:
+    parser = sub.add_parser("plan", help="modeled peak GPU memory and max sequence length for a LoRA/QLoRA run",
+                            description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help=f"local model dir, config.json, or one of: "
+                        f"{', '.join(known_models())}")
+    parser.add_argument("--seq-len", type=int, default=8192)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--lora-alpha", type=float, default=None)
+    parser.add_argument("--load-in-4bit", action="store_true")
+    parser.add_argument("--optim", default="adamw", choices=["adamw", "adamw_8bit", "sgd"])
+    parser.add_argument("--gpu-memory", default=None, help="e.g. 16GB, 16GiB, 16000MB; enables the max-length search")
+    parser.add_argument("--no-offload", action="store_true", help="fastft variant without CPU offload of checkpoints")
+    parser.add_argument("--baseline", action="store_true", help="also model plain transformers + PEFT")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.set_defaults(func=run_plan)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    try:
+        budget = parse_size(args.gpu_memory) if args.gpu_memory is not None else None
+        config = load_config(args.model)
+        if args.seq_len < 1 or args.batch_size < 1 or args.lora_r < 0:
+            raise ValueError("--seq-len and --batch-size must be >= 1, --lora-r >= 0")
+    except ValueError as exc:
+        print(f"fastft plan: error: {exc}", file=sys.stderr)
+        return 2
+    common = dict(load_in_4bit=args.load_in_4bit, lora_r=args.lora_r, lora_alpha=args.lora_alpha, optim=args.optim)
+    specs = [StepSpec(variant="fastft", offload=False if args.no_offload else None, **common)]
+    if args.baseline:
+        specs.append(StepSpec(variant="baseline", **common))
+    plans = [plan_variant(config, spec, args.seq_len, args.batch_size, budget) for spec in specs]
+    if args.json:
+        print(json.dumps({"model": args.model, "modeled": True, "gpu_memory_bytes": budget,
+                          "settings": {k: v for k, v in vars(args).items() if k != "func"},
+                          "variants": [dataclasses.asdict(p) for p in plans]}, indent=2))
+        return 0
+    print(f"fastft plan (MODELED on meta tensors, not measured on a GPU): {args.model}, "
+          f"{'4-bit QLoRA' if args.load_in_4bit else 'bf16 LoRA'} r={args.lora_r}, optim={args.optim}")
+    for p in plans:
+        _print_plan(p, args, budget)
+    print("\nNot included: CUDA context + allocator fragmentation (~0.3-1 GB); leave that headroom.")
+    return 0

@@ -1,0 +1,336 @@
+"""FastModel: load a causal LM with fastft's kernels in place, add LoRA, switch between training and inference, save.
+
+The user-facing surface mirrors what Unsloth users know::
+
+    model, tokenizer = FastModel.from_pretrained("meta-llama/Llama-3.2-1B", max_seq_length=4096, load_in_4bit=True)
+    model = FastModel.get_peft_model(model, r=16, lora_alpha=16)
+    ...train with TRL...
+    FastModel.for_inference(model); model.generate(...)
+    model.save_pretrained_merged("out", tokenizer, save_method="merged_16bit")
+
+Nothing is written anywhere but where the user asks; weights are read and written as safetensors.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import types
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastft._log import info_once, logger, warn_once
+from fastft.patches.architectures import enable_fused_lora, patch_model
+from fastft.patches.checkpointing import enable_checkpointing
+
+#: Every linear projection of the supported decoder layers.
+ALL_LINEAR_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+_FLOAT_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+                 "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def _resolve_dtype(dtype: Any, on_cuda: bool) -> torch.dtype:
+    """None -> bf16 where the GPU supports it, fp16 on older GPUs (T4), fp32 on CPU."""
+    if dtype is None or dtype == "auto":
+        if not on_cuda:
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if isinstance(dtype, str):
+        if dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(_FLOAT_DTYPES)} or None")
+        dtype = _FLOAT_DTYPES[dtype]
+    if not isinstance(dtype, torch.dtype) or dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16 (or None for auto); got {dtype}")
+    if dtype == torch.bfloat16 and on_cuda and not torch.cuda.is_bf16_supported():
+        raise ValueError("this GPU does not support bfloat16 (e.g. a T4, sm_75); use dtype=torch.float16 or None")
+    return dtype
+
+
+def _check_model_source(model_name: str) -> bool:
+    """True for a local directory; clear errors for paths that do not exist."""
+    if os.path.isdir(model_name):
+        if not os.path.isfile(os.path.join(model_name, "config.json")):
+            raise FileNotFoundError(f"fastft: {model_name!r} is a directory but has no config.json; is it a model?")
+        return True
+    looks_like_path = model_name.startswith((".", "/", "~")) or os.sep in model_name.strip("/").split("/", 1)[-1]
+    if looks_like_path or os.path.exists(model_name):
+        raise FileNotFoundError(f"fastft: model path {model_name!r} does not exist")
+    return False
+
+
+def _maybe_extend_rope(config: Any, max_seq_length: int) -> None:
+    limit = getattr(config, "max_position_embeddings", None)
+    if not limit or max_seq_length <= limit:
+        return
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    rope_type = rope.get("rope_type", "default")
+    if rope_type == "default" and "rope_theta" in rope:
+        factor = math.ceil(max_seq_length / limit)
+        config.rope_parameters = {**rope, "rope_type": "linear", "factor": float(factor)}
+        config.max_position_embeddings = max_seq_length
+        warn_once(f"fastft: max_seq_length {max_seq_length} exceeds the model's {limit} positions; applying linear "
+                  f"RoPE scaling x{factor} (quality beyond the trained length needs fine-tuning at that length)")
+    else:
+        warn_once(f"fastft: max_seq_length {max_seq_length} exceeds the model's {limit} positions and its RoPE "
+                  f"({rope_type}) cannot be rescaled here; positions beyond {limit} are out of the trained range")
+
+
+class FastModel:
+    """Namespace of static methods, like Unsloth's ``FastLanguageModel``."""
+
+    @staticmethod
+    def from_pretrained(
+        model_name: str,
+        max_seq_length: int = 2048,
+        dtype: torch.dtype | str | None = None,
+        load_in_4bit: bool = False,
+        load_in_8bit: bool = False,
+        full_finetuning: bool = False,
+        device_map: Any = None,
+        attn_implementation: str | None = None,
+        trust_remote_code: bool = False,
+        token: str | None = None,
+        revision: str | None = None,
+        **kwargs: Any,
+    ) -> tuple[nn.Module, Any]:
+        """Load ``model_name`` (a local directory or a hub name) with fastft's kernels in place.
+
+        Returns ``(model, tokenizer)``. 4-bit is NF4 with double quantization (bitsandbytes). ``tiled_mlp=True`` (or a
+        token count) runs MLPs in sequence tiles. Extra kwargs go to ``AutoModelForCausalLM.from_pretrained``.
+        """
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        if load_in_4bit and load_in_8bit:
+            raise ValueError("load_in_4bit and load_in_8bit are mutually exclusive; choose one")
+        if full_finetuning and (load_in_4bit or load_in_8bit):
+            raise ValueError("full_finetuning trains every weight and cannot train quantized weights; "
+                             "drop load_in_4bit/load_in_8bit or use LoRA")
+        if max_seq_length <= 0:
+            raise ValueError(f"max_seq_length must be positive, got {max_seq_length}")
+        tiled_mlp = kwargs.pop("tiled_mlp", False)
+        is_local = _check_model_source(model_name)
+        on_cuda = torch.cuda.is_available() and device_map != "cpu"
+        torch_dtype = _resolve_dtype(dtype, on_cuda)
+        hub = dict(trust_remote_code=trust_remote_code, token=token, revision=revision)
+        try:
+            config = AutoConfig.from_pretrained(model_name, **hub)
+        except OSError as exc:
+            where = "the local directory" if is_local else "a local directory or the hub (offline or unknown name?)"
+            raise OSError(f"fastft: could not load the config of {model_name!r} from {where}: {exc}") from exc
+        _maybe_extend_rope(config, max_seq_length)
+
+        load_kwargs: dict[str, Any] = dict(config=config, dtype=torch_dtype, **hub, **kwargs)
+        if attn_implementation is not None:  # else transformers' default: sdpa where the architecture supports it
+            load_kwargs["attn_implementation"] = attn_implementation
+        if load_in_4bit or load_in_8bit:
+            from transformers import BitsAndBytesConfig
+
+            load_kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
+                bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch_dtype,
+            )
+        if device_map is not None:
+            load_kwargs["device_map"] = device_map
+        elif on_cuda:
+            load_kwargs["device_map"] = {"": torch.cuda.current_device()}
+        elif load_in_4bit or load_in_8bit:
+            load_kwargs["device_map"] = "cpu"
+        model = AutoModelForCausalLM.from_pretrained(model_name, **load_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(model_name, **hub)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+            info_once("fastft: the tokenizer had no pad token; using its eos token for padding")
+
+        report = patch_model(model, tiled_mlp=tiled_mlp)
+        model.max_seq_length = max_seq_length
+        model._fastft_full_finetuning = full_finetuning
+        if full_finetuning:
+            for p in model.parameters():
+                p.requires_grad_(True)
+        _attach_methods(model)
+        print(report)
+        return model, tokenizer
+
+    @staticmethod
+    def get_peft_model(
+        model: nn.Module,
+        r: int = 16,
+        target_modules: list[str] | str | None = None,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.0,
+        bias: str = "none",
+        use_gradient_checkpointing: bool | str = "fastft",
+        random_state: int = 3407,
+        use_rslora: bool = False,
+        modules_to_save: list[str] | None = None,
+        **kwargs: Any,
+    ) -> nn.Module:
+        """Add PEFT LoRA adapters (all linear projections by default) plus fastft's fused LoRA paths where exact.
+
+        ``use_gradient_checkpointing``: True (standard), "fastft" (layer inputs offloaded to pinned host memory on
+        CUDA; standard checkpointing on CPU, logged) or False.
+        """
+        import peft
+
+        if isinstance(model, peft.PeftModel):
+            raise ValueError("this model already has LoRA adapters; call get_peft_model once on the base model")
+        if r <= 0:
+            raise ValueError(f"r must be positive, got {r}")
+        if target_modules is None:
+            present = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)
+                       or type(m).__name__ in ("Linear4bit", "Linear8bitLt")}
+            target_modules = [t for t in ALL_LINEAR_PROJECTIONS if t in present]
+            if not target_modules:
+                raise ValueError("found none of the usual projections "
+                                 f"{ALL_LINEAR_PROJECTIONS}; pass target_modules explicitly")
+        config = peft.LoraConfig(
+            r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias, target_modules=target_modules,
+            use_rslora=use_rslora, modules_to_save=modules_to_save, task_type="CAUSAL_LM", **kwargs,
+        )
+        torch.manual_seed(random_state)
+        peft_model = peft.get_peft_model(model, config)
+        fused = enable_fused_lora(peft_model)
+        if fused:
+            logger.info("fastft: fused LoRA MLP enabled on %d MLPs (each falls back to PEFT, logged, when inexact)",
+                        fused)
+        mode = enable_checkpointing(peft_model, use_gradient_checkpointing)
+        peft_model._fastft_checkpointing = use_gradient_checkpointing
+        logger.info("fastft: gradient checkpointing: %s", mode)
+        _attach_methods(peft_model)
+        return peft_model
+
+    @staticmethod
+    def for_inference(model: nn.Module) -> nn.Module:
+        """Eval mode, KV cache on, checkpointing off (remembered for ``for_training``)."""
+        base = _base_model(model)
+        if not hasattr(model, "_fastft_checkpointing"):
+            model._fastft_checkpointing = bool(getattr(base, "is_gradient_checkpointing", False))
+        if getattr(base, "is_gradient_checkpointing", False):
+            base._set_gradient_checkpointing(False)
+        model.eval()
+        base.config.use_cache = True
+        if getattr(base, "generation_config", None) is not None:
+            base.generation_config.use_cache = True
+        return model
+
+    @staticmethod
+    def for_training(model: nn.Module, use_gradient_checkpointing: bool | str | None = None) -> nn.Module:
+        """Train mode (dropout back on), checkpointing restored as get_peft_model set it, KV cache off."""
+        mode = use_gradient_checkpointing
+        if mode is None:
+            mode = getattr(model, "_fastft_checkpointing", False)
+        enable_checkpointing(model, mode)
+        model.train()
+        _base_model(model).config.use_cache = False
+        return model
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _attach_methods(model: nn.Module) -> None:
+    model.save_pretrained_merged = types.MethodType(save_pretrained_merged, model)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saving
+# ----------------------------------------------------------------------------------------------------------------
+def _dequantized_weight(layer: nn.Module) -> torch.Tensor:
+    weight = layer.weight
+    cls = type(weight).__name__
+    if cls == "Params4bit":
+        from fastft.kernels import dequantize_nf4
+
+        return dequantize_nf4(weight.data, weight.quant_state)
+    if cls == "Int8Params":
+        scb = getattr(weight, "SCB", None) if getattr(weight, "SCB", None) is not None else layer.state.SCB
+        return weight.data.float() * (scb.float()[:, None] / 127.0)
+    return weight.data
+
+
+def merged_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The plain transformers state dict of ``model`` with every LoRA adapter merged and 4/8-bit weights dequantized."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    base = _base_model(model)
+    state: dict[str, torch.Tensor] = {}
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        if isinstance(module, ModulesToSaveWrapper):
+            trained = module.modules_to_save[module.active_adapters[0]] if module.modules_to_save else module.original_module
+            visit(trained, prefix)
+            return
+        if isinstance(module, LoraLayer):
+            base_layer = module.get_base_layer()
+            weight = _dequantized_weight(base_layer).float()
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    weight = weight + module.get_delta_weight(adapter).float()
+            state[prefix + "weight"] = weight.to(dtype)
+            if getattr(base_layer, "bias", None) is not None:
+                state[prefix + "bias"] = base_layer.bias.detach().to(dtype)
+            return
+        if type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            state[prefix + "weight"] = _dequantized_weight(module).to(dtype)
+            if module.bias is not None:
+                state[prefix + "bias"] = module.bias.detach().to(dtype)
+            return
+        for name, p in module.named_parameters(recurse=False):
+            state[prefix + name] = p.detach().to(dtype) if p.is_floating_point() else p.detach()
+        for name, b in module.named_buffers(recurse=False):
+            if name not in module._non_persistent_buffers_set:
+                state[prefix + name] = b.detach()
+        for name, child in module.named_children():
+            visit(child, f"{prefix}{name}.")
+
+    visit(base, "")
+    if getattr(base.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    return {k: v.contiguous().cpu() for k, v in state.items()}
+
+
+def save_pretrained_merged(
+    self: nn.Module,
+    save_directory: str,
+    tokenizer: Any = None,
+    save_method: str = "merged_16bit",
+    dtype: torch.dtype | None = None,
+    max_shard_size: str = "5GB",
+) -> str:
+    """Save for deployment: ``"merged_16bit"`` (adapters merged into a dequantized 16-bit base, a plain transformers
+    checkpoint) or ``"lora"`` (the adapters only). Safetensors only. Returns the directory."""
+    if save_method not in ("merged_16bit", "lora"):
+        raise ValueError(f"save_method must be 'merged_16bit' or 'lora', got {save_method!r}")
+    os.makedirs(save_directory, exist_ok=True)
+    if save_method == "lora":
+        if not hasattr(self, "peft_config"):
+            raise ValueError("save_method='lora' needs a model with LoRA adapters (FastModel.get_peft_model)")
+        self.save_pretrained(save_directory, safe_serialization=True)
+    else:
+        from huggingface_hub import save_torch_state_dict
+
+        base = _base_model(self)
+        if dtype is None:
+            compute = next((p.dtype for p in base.parameters() if p.is_floating_point()), torch.float32)
+            dtype = compute if compute in (torch.float16, torch.bfloat16) else torch.bfloat16
+        state = merged_state_dict(self, dtype)
+        config = copy.deepcopy(base.config)
+        for attr in ("quantization_config", "_pre_quantization_dtype"):
+            if hasattr(config, attr):
+                delattr(config, attr)
+        config.dtype = dtype
+        config.save_pretrained(save_directory)
+        if getattr(base, "generation_config", None) is not None:
+            base.generation_config.save_pretrained(save_directory)
+        save_torch_state_dict(state, save_directory, max_shard_size=max_shard_size, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(save_directory)
+    logger.info("fastft: saved %s to %s", save_method, save_directory)
+    return save_directory

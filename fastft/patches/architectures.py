@@ -1,0 +1,352 @@
+"""Per-architecture support as data: one table row per ``model_type``, one generic patcher.
+
+A row says where the architecture's pieces live and how they behave (norm class and its casting style, the rotary
+function, the MLP class and the config field naming its activation, logit softcapping / scaling fields). The patcher
+applies fastft's kernels from the row; nothing is a copied forward, so a new architecture is a row plus a test.
+
+What gets patched, and at which scope:
+- RMSNorm and MLP: per module *instance* of the loaded model (``forward`` set on the instance), so other models in
+  the same process are untouched.
+- RoPE: the modeling module's ``apply_rotary_pos_emb`` function (attention forwards look it up there), process-wide;
+  the replacement computes exactly the same function and hands any call it does not cover (another ``unsqueeze_dim``,
+  partial rotary) to the original.
+Every change is a :class:`fastft.patches.base.Patch`: guarded, logged, and reverted by ``fastft.unpatch()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import types
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastft._log import info_once, logger, warn_once
+from fastft.patches.base import Patch, signature_guard
+
+TRANSFORMERS_RANGE = {"transformers": ">=5.23,<5.24"}
+
+#: config activation name -> (fastft kernel, its approximate argument)
+ACTIVATIONS: dict[str, tuple[str, str]] = {
+    "silu": ("swiglu", ""),
+    "swish": ("swiglu", ""),
+    "gelu": ("geglu", "none"),
+    "gelu_pytorch_tanh": ("geglu", "tanh"),
+    "gelu_new": ("geglu", "tanh"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """How one transformers architecture is built, as far as fastft's kernels care."""
+
+    model_type: str
+    module: str  # transformers modeling module
+    norm_class: str
+    norm_style: str  # "llama": normalize, cast, * weight | "gemma": * (1 + weight) in fp32
+    mlp_class: str
+    activation_field: str  # config field naming the MLP activation
+    rope_function: str = "apply_rotary_pos_emb"
+    final_logit_softcapping_field: str | None = None
+    logit_scale_field: str | None = None
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    row.model_type: row
+    for row in [
+        Architecture("llama", "transformers.models.llama.modeling_llama", "LlamaRMSNorm", "llama", "LlamaMLP",
+                     "hidden_act"),
+        Architecture("mistral", "transformers.models.mistral.modeling_mistral", "MistralRMSNorm", "llama",
+                     "MistralMLP", "hidden_act"),
+        Architecture("qwen2", "transformers.models.qwen2.modeling_qwen2", "Qwen2RMSNorm", "llama", "Qwen2MLP",
+                     "hidden_act"),
+        Architecture("qwen3", "transformers.models.qwen3.modeling_qwen3", "Qwen3RMSNorm", "llama", "Qwen3MLP",
+                     "hidden_act"),
+        Architecture("gemma", "transformers.models.gemma.modeling_gemma", "GemmaRMSNorm", "gemma", "GemmaMLP",
+                     "hidden_activation"),
+        Architecture("gemma2", "transformers.models.gemma2.modeling_gemma2", "Gemma2RMSNorm", "gemma", "Gemma2MLP",
+                     "hidden_activation", final_logit_softcapping_field="final_logit_softcapping"),
+    ]
+}
+
+
+def architecture_of(model: nn.Module) -> Architecture | None:
+    config = getattr(model, "config", None)
+    return ARCHITECTURES.get(getattr(config, "model_type", None))
+
+
+def logit_transform(config: Any) -> tuple[float | None, float | None]:
+    """(softcap, logit_scale) the model applies to its logits, read from the architecture's config fields."""
+    row = ARCHITECTURES.get(getattr(config, "model_type", None))
+    if row is None:
+        return None, None
+    softcap = getattr(config, row.final_logit_softcapping_field, None) if row.final_logit_softcapping_field else None
+    scale = getattr(config, row.logit_scale_field, None) if row.logit_scale_field else None
+    return softcap, scale
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Replacement forwards (bound to each instance)
+# ----------------------------------------------------------------------------------------------------------------
+def _norm_eps(module: nn.Module) -> float:
+    for name in ("variance_epsilon", "eps"):
+        if hasattr(module, name):
+            return float(getattr(module, name))
+    raise AttributeError(f"{type(module).__name__} has no eps attribute")
+
+
+def _make_norm_forward(gemma: bool):
+    from fastft.kernels import rms_norm
+
+    def forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        return rms_norm(hidden_states, self.weight, self._fastft_eps, gemma=gemma)
+
+    return forward
+
+
+def _make_mlp_forward(kernel: str, approximate: str):
+    from fastft.kernels import geglu, swiglu
+
+    def activation(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return swiglu(gate, up) if kernel == "swiglu" else geglu(gate, up, approximate=approximate)
+
+    def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        tile = getattr(self, "_fastft_tile_tokens", None)
+        if tile is not None and x.shape[:-1].numel() > tile:
+            from fastft.patches.tiled_mlp import tiled_mlp
+
+            return tiled_mlp(self._fastft_mlp_once, x, tile)
+        return self._fastft_mlp_once(x)
+
+    def mlp_once(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        fused = _fused_lora_mlp(self, x, kernel, approximate)
+        if fused is not None:
+            return fused
+        return self.down_proj(activation(self.gate_proj(x), self.up_proj(x)))
+
+    return forward, mlp_once
+
+
+def _fused_lora_mlp(mlp: nn.Module, x: torch.Tensor, kernel: str, approximate: str) -> torch.Tensor | None:
+    """The fused LoRA MLP when the projections are LoRA layers it can handle exactly, else None (reason logged)."""
+    if not getattr(mlp, "_fastft_fuse_lora", False):
+        return None
+    try:
+        from fastft.kernels.lora import fused_mlp_forward
+    except ImportError:  # pragma: no cover - lora kernels not installed in this build
+        return None
+    activation = "swiglu" if kernel == "swiglu" else ("geglu_tanh" if approximate == "tanh" else "geglu")
+    return fused_mlp_forward(mlp, x, activation)
+
+
+def _make_rope(original):
+    from fastft.kernels import apply_rope
+
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        # Cover the layout every listed architecture uses; hand anything else to the original, unchanged.
+        if unsqueeze_dim != 1 or cos.dim() != 3 or cos.shape[-1] != q.shape[-1] or k.shape[-1] != q.shape[-1]:
+            info_once(f"fastft: RoPE call outside the fused layout (unsqueeze_dim={unsqueeze_dim}, cos {tuple(cos.shape)}, "
+                      f"q {tuple(q.shape)}); using transformers' apply_rotary_pos_emb for it")
+            return original(q, k, cos, sin, unsqueeze_dim)
+        return apply_rope(q, k, cos, sin)
+
+    apply_rotary_pos_emb.__wrapped__ = original
+    return apply_rotary_pos_emb
+
+
+def _make_causal_lm_forward(original_forward):
+    """One generic training forward for every row: with labels in training mode, the loss comes from the last hidden
+    state through ``linear_cross_entropy`` and the logits are never built (``logits`` is None in the output). Any
+    other call (inference, evaluation, no labels, an lm_head it cannot read directly) runs the original forward."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from fastft.distributed import direct_read_problem, full_bias, full_weight, is_plain_linear
+    from fastft.kernels import linear_cross_entropy
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        head = self.get_output_embeddings()
+        plain_head = isinstance(head, nn.Linear) and is_plain_linear(head)  # FSDP2's FSDPLinear counts
+        if plain_head and direct_read_problem(head.weight):  # ZeRO-3: only calling lm_head gathers its weight
+            info_once(f"fastft: fused loss not used: {direct_read_problem(head.weight)}; building full logits")
+            plain_head = False
+        if labels is None or not self.training or not plain_head or kwargs.get("output_hidden_states"):
+            if labels is not None and self.training and not plain_head:
+                info_once(f"fastft: lm_head is a {type(head).__name__}, not a plain Linear; the loss builds full "
+                          "logits (transformers' path)")
+            return original_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                    past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                                    use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+        n_items = kwargs.pop("num_items_in_batch", None)
+        shift_labels = kwargs.pop("shift_labels", None)
+        ignore_index = kwargs.pop("ignore_index", -100)
+        outputs = getattr(self, self.base_model_prefix)(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        hidden = outputs.last_hidden_state
+        if shift_labels is None:
+            shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        softcap, scale = logit_transform(self.config)
+        loss = linear_cross_entropy(
+            hidden, full_weight(head.weight), shift_labels.to(hidden.device), bias=full_bias(head.bias),
+            ignore_index=ignore_index,
+            softcap=softcap, logit_scale=scale, reduction="mean", n_items=n_items)
+        info_once("fastft: training loss computed from hidden states with linear_cross_entropy; logits are not "
+                  "materialized (outputs.logits is None in training mode with labels)")
+        return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
+                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+    return forward
+
+
+_CAUSAL_LM_FORWARD_PARAMS = ("input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds",
+                             "labels", "use_cache", "logits_to_keep", "kwargs")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The generic patcher
+# ----------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class PatchReport:
+    model_type: str | None
+    supported: bool
+    applied: list[str] = dataclasses.field(default_factory=list)
+    skipped: list[str] = dataclasses.field(default_factory=list)
+
+    def __str__(self) -> str:
+        if not self.supported:
+            return f"fastft: model_type {self.model_type!r} is not in the architecture table; loaded unpatched"
+        return (f"fastft: {self.model_type}: patched {', '.join(self.applied) or 'nothing'}"
+                + (f"; left unpatched: {', '.join(self.skipped)}" if self.skipped else ""))
+
+
+#: modeling module -> its RoPE Patch (module-level patches are shared by every model of that architecture)
+_MODULE_PATCHES: dict[str, Patch] = {}
+
+
+def _instance_patch(name: str, module: nn.Module, attribute: str, function) -> Patch:
+    return Patch(name, module, attribute, types.MethodType(function, module))
+
+
+def patch_model(model: nn.Module, *, tiled_mlp: bool | int = False) -> PatchReport:
+    """Swap fastft kernels into ``model`` (a transformers causal LM, possibly PEFT-wrapped) according to its row.
+
+    ``tiled_mlp``: True runs every MLP in sequence chunks of 4,096 tokens (an int sets the chunk / threshold), so its
+    intermediate activations never exist for the whole sequence at once. Idempotent; ``fastft.unpatch()`` reverts.
+    """
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    row = ARCHITECTURES.get(model_type)
+    report = PatchReport(model_type, row is not None)
+    if row is None:
+        warn_once(str(report), key=f"unsupported-{model_type}")
+        return report
+    try:
+        modeling = importlib.import_module(row.module)
+    except ImportError as exc:
+        warn_once(f"fastft: cannot import {row.module} ({exc}); {model_type} stays unpatched")
+        report.skipped.append("everything")
+        return report
+
+    # RoPE: module function, process-wide, guarded on its signature; one Patch per module so loading a second
+    # model neither stacks wrappers nor loses the original.
+    rope = _MODULE_PATCHES.get(row.module)
+    if rope is None:
+        rope = _MODULE_PATCHES[row.module] = Patch(
+            f"{model_type} rotary embedding", modeling, row.rope_function, _make_rope, wrap=True,
+            requires=TRANSFORMERS_RANGE, guard=signature_guard("q", "k", "cos", "sin", "unsqueeze_dim"))
+    (report.applied if rope.apply() else report.skipped).append("rope")
+
+    # RMSNorm instances.
+    norm_cls = getattr(modeling, row.norm_class, None)
+    norm_forward = _make_norm_forward(row.norm_style == "gemma")
+    norms = 0
+    for module in model.modules():
+        if norm_cls is not None and type(module) is norm_cls:
+            if "forward" not in vars(module):  # not patched yet
+                module._fastft_eps = _norm_eps(module)
+                _instance_patch(f"{model_type} RMSNorm", module, "forward", norm_forward).apply()
+            norms += 1
+    if norms:
+        report.applied.append("rms_norm")
+    else:
+        report.skipped.append("rms_norm")
+
+    # MLP instances.
+    act_name = getattr(config, row.activation_field, None)
+    mlp_cls = getattr(modeling, row.mlp_class, None)
+    if act_name not in ACTIVATIONS:
+        info_once(f"fastft: {model_type} MLP activation {act_name!r} has no fused kernel; MLP left as is")
+        report.skipped.append("mlp")
+    else:
+        kernel, approximate = ACTIVATIONS[act_name]
+        forward, mlp_once = _make_mlp_forward(kernel, approximate)
+        tile = None if tiled_mlp is False else (4096 if tiled_mlp is True else int(tiled_mlp))
+        for module in model.modules():
+            if mlp_cls is not None and type(module) is mlp_cls:
+                if tile is not None:
+                    module._fastft_tile_tokens = tile
+                if "forward" in vars(module):
+                    continue  # already ours
+                module._fastft_mlp_once = types.MethodType(mlp_once, module)
+                _instance_patch(f"{model_type} MLP ({kernel})", module, "forward", forward).apply()
+        report.applied.append(f"mlp:{kernel}" + (f" tiled({tile})" if tile else ""))
+    # The loss head: on the causal-LM instance, guarded on its forward's signature.
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "forward" in vars(lm):
+        report.applied.append("fused_loss")
+    else:
+        original = lm.forward
+        guard = signature_guard(*_CAUSAL_LM_FORWARD_PARAMS)
+        loss_patch = Patch(f"{model_type} causal-LM loss", lm, "forward",
+                           types.MethodType(_make_causal_lm_forward(original), lm), requires=TRANSFORMERS_RANGE,
+                           guard=lambda _: guard(original))
+        (report.applied if loss_patch.apply() else report.skipped).append("fused_loss")
+    logger.info(str(report))
+    model._fastft_patch_report = report
+    return report
+
+
+#: Attention projections that get the fused LoRA projection (each on its own: fusing q/k/v into one input read would
+#: mean rewriting attention forwards, which this module never does).
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _make_lora_projection_forward(original):
+    from fastft.kernels.lora import fused_linear_forward
+
+    def forward(self, x, *args, **kwargs):
+        if not args and not kwargs:
+            out = fused_linear_forward(self, x)
+            if out is not None:
+                return out
+        return original(x, *args, **kwargs)
+
+    return forward
+
+
+def enable_fused_lora(model: nn.Module) -> int:
+    """Route LoRA MLPs and attention projections of patched architectures through fastft's fused LoRA functions.
+
+    Each call checks exactness (no dropout, bias, DoRA; one adapter; matching dtypes) and runs PEFT's own forward,
+    with the reason logged once, when it cannot. Returns how many modules were switched. ``fastft.unpatch()``
+    reverts the projection patches.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    row = architecture_of(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    if row is None:
+        return 0
+    count = 0
+    for name, module in model.named_modules():
+        if hasattr(module, "_fastft_mlp_once"):
+            module._fastft_fuse_lora = True
+            count += 1
+        elif isinstance(module, LoraLayer) and name.rsplit(".", 1)[-1] in ATTENTION_PROJECTIONS:
+            if "forward" not in vars(module):
+                forward = _make_lora_projection_forward(module.forward)
+                _instance_patch(f"{row.model_type} fused LoRA projection", module, "forward", forward).apply()
+            count += 1
+    return count

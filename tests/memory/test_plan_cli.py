@@ -1,0 +1,74 @@
+"""`fastft plan`: size parsing, model resolution, CLI errors, and one tiny end-to-end JSON run."""
+
+import json
+
+import pytest
+
+from fastft.cli import main
+from fastft.memory.plan import known_models, load_config, parse_size
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("16 GB", 16 * 10**9), ("16GiB", 16 * 2**30), ("16000MB", 16 * 10**9), ("0.5 GiB", 2**29),
+    ("80gb", 80 * 10**9), ("1024", 1024), ("12 gib", 12 * 2**30),
+])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["sixteen", "16 GX", "", "GB", "-3GB", "16 G B"])
+def test_parse_size_rejects(bad):
+    with pytest.raises(ValueError, match="cannot parse memory size"):
+        parse_size(bad)
+
+
+def test_known_models_ship_and_load():
+    names = known_models()
+    for want in ("Llama-3.1-8B", "Llama-3.2-1B", "Llama-3.2-3B", "Qwen2.5-7B", "Qwen3-8B", "Mistral-7B-v0.3",
+                 "Gemma-2-9B"):
+        assert want in names
+    cfg = load_config("meta-llama/llama-3.1-8b")
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.vocab_size) == (4096, 32, 8, 128256)
+    g = load_config("Gemma-2-9B")
+    assert g.final_logit_softcapping == 30.0 and g.tie_word_embeddings
+
+
+def test_cli_unknown_model_lists_known_names(capsys):
+    assert main(["plan", "--model", "not-a-model-xyz"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'not-a-model-xyz'" in err and "Llama-3.1-8B" in err and "Qwen3-8B" in err
+
+
+def test_cli_bad_size(capsys):
+    assert main(["plan", "--model", "Llama-3.2-1B", "--gpu-memory", "sixteen"]) == 2
+    assert "cannot parse memory size 'sixteen'" in capsys.readouterr().err
+
+
+def test_cli_json_on_local_config(tmp_path, capsys):
+    from tests.memory._configs import tiny_llama
+
+    tiny_llama(layers=2).save_pretrained(tmp_path)
+    assert main(["plan", "--model", str(tmp_path), "--seq-len", "256", "--lora-r", "4", "--load-in-4bit",
+                 "--gpu-memory", "3MB", "--baseline", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    fast, base = out["variants"]
+    assert out["modeled"] is True and fast["variant"] == "fastft" and base["variant"] == "baseline"
+    assert fast["peak_bytes"] > 0 and sum(fast["breakdown"].values()) == fast["peak_bytes"]
+    # the search's answer is consistent with the budget: it fits, and (coarse granularity) twice as long does not
+    for v in (fast, base):
+        assert v["max_context"] is not None
+    assert fast["max_context"] >= base["max_context"]
+
+
+def test_max_context_search_brackets_the_budget():
+    from fastft.memory.plan import Planner
+    from fastft.memory.step_model import StepSpec
+    from tests.memory._configs import tiny_llama
+
+    planner = Planner(tiny_llama(layers=2), StepSpec(variant="baseline", lora_r=4, load_in_4bit=True))
+    budget = 4 * 10**6
+    best = planner.max_context(budget)
+    assert best > 0 and planner.step(best).peak_bytes <= budget
+    # the first measured length above best exceeds the budget and is within the coarse granularity
+    above = min(t for t in planner.cache if t > best)
+    assert planner.step(above).peak_bytes > budget and above - best <= max(256, best // 32) + 128

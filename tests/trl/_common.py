@@ -1,0 +1,74 @@
+"""Shared pieces of the TRL tests: tiny LoRA runs with and without PatchFastRL, and their per-step logs."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import fastft
+from fastft.kernels._launch import path_counts
+from fastft.offline import build_tiny_model, build_tokenizer
+
+STEPS = 5
+
+
+def lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"],
+                      task_type="CAUSAL_LM")
+
+
+def common_args(tmp_path, **overrides: Any) -> dict[str, Any]:
+    args = dict(output_dir=str(tmp_path), use_cpu=True, report_to="none", bf16=False, max_steps=STEPS,
+                logging_steps=1, learning_rate=5e-3, seed=0, save_strategy="no", disable_tqdm=True,
+                dataloader_num_workers=0, lr_scheduler_type="constant")
+    args.update(overrides)
+    return args
+
+
+def trainer_class(algorithm: str, patched: bool) -> type:
+    """``trl.<X>Trainer`` as a user would import it, after (or without) PatchFastRL."""
+    fastft.unpatch()
+    if patched:
+        assert fastft.PatchFastRL(algorithm) == {algorithm: True}
+    trl = importlib.import_module("trl")
+    cls = getattr(trl, f"{algorithm}Trainer")
+    assert cls.__name__ == (f"Fast{algorithm}Trainer" if patched else f"{algorithm}Trainer")
+    return cls
+
+
+def run(algorithm: str, patched: bool, make: Callable[[type], Any], model_type: str = "llama",
+        **model_kwargs: Any) -> tuple[list[dict[str, float]], int]:
+    """Train a fresh tiny model for STEPS steps; return the logged rows and how many fastft LM-head kernel calls ran."""
+    cls = trainer_class(algorithm, patched)
+    try:
+        model = build_tiny_model(model_type, **model_kwargs)
+        torch.manual_seed(0)
+        before = _kernel_calls()  # from construction on: DPO can precompute reference log-probs in __init__
+        trainer = make(cls, model, build_tokenizer())
+        trainer.train()
+        calls = _kernel_calls() - before
+    finally:
+        fastft.unpatch()
+    rows = [row for row in trainer.state.log_history if "loss" in row]
+    assert len(rows) == STEPS, rows
+    return rows, calls
+
+
+def _kernel_calls() -> int:
+    # linear_cross_entropy and selective_log_softmax both run cross_entropy's stats kernel per chunk.
+    return sum(n for (op, _), n in path_counts.items() if op.startswith("cross_entropy"))
+
+
+def assert_same_run(fast: list[dict[str, float]], slow: list[dict[str, float]], keys: tuple[str, ...],
+                    rtol: float = 2e-5, atol: float = 2e-6) -> None:
+    for step, (f, s) in enumerate(zip(fast, slow, strict=True), start=1):
+        for key in keys:
+            note = f"step {step}, {key}: fast {f[key]} vs TRL {s[key]}"
+            torch.testing.assert_close(torch.tensor(f[key], dtype=torch.float64),
+                                       torch.tensor(s[key], dtype=torch.float64), rtol=rtol, atol=atol,
+                                       msg=lambda m, note=note: f"{note}\n{m}")

@@ -1,0 +1,57 @@
+"""FastGRPOTrainer vs TRL's GRPOTrainer: same per-step loss, grad norm, KL and entropy (fp32, LoRA, beta > 0 so the
+reference pass runs with the adapters disabled, steps_per_generation > 1 so the old-policy pass runs too).
+
+Generations are made deterministic at TRL's own seam, ``GRPOTrainer._generate_single_turn`` (patched on TRL's class, so
+the fast subclass still runs its FastModel.for_inference/for_training wrapper around it): completion ids are a fixed
+function of the prompt ids and the row, and the reward is a fixed function of the completion text.
+"""
+
+import pytest
+import trl.trainer.grpo_trainer as grpo_module
+from datasets import Dataset
+
+from tests.trl._common import assert_same_run, common_args, lora_config, run
+
+PROMPTS = [{"prompt": p} for p in ("What is 12 plus 7?", "Name a fast animal.", "Why checkpoint?", "Count:")] * 4
+
+
+def fixed_generations(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+    eos = self.eos_token_ids[0]
+    completions = []
+    for row, ids in enumerate(prompt_ids):
+        length = 3 + (sum(ids) + row) % 6  # 3..8 tokens; the shorter ones end with EOS
+        tokens = [(7 * sum(ids) + 13 * row + 5 * i) % 300 + 20 for i in range(length)]
+        completions.append(tokens[:-1] + [eos] if length < 8 else tokens)
+    return completions, None
+
+
+def reward_len(completions, **kwargs):
+    return [float(len(c) % 5) + 0.1 * c.count("e") for c in completions]
+
+
+def _make(tmp_path, **config):
+    def make(cls, model, tokenizer):
+        from trl import GRPOConfig
+
+        args = GRPOConfig(**common_args(tmp_path, per_device_train_batch_size=4, num_generations=4,
+                                        steps_per_generation=2, max_completion_length=8, beta=0.04, **config))
+        return cls(model=model, reward_funcs=reward_len, args=args, train_dataset=Dataset.from_list(PROMPTS),
+                   processing_class=tokenizer, peft_config=lora_config())
+
+    return make
+
+
+KEYS = ("loss", "grad_norm", "kl", "entropy")
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo", "bnpo"])
+def test_grpo_matches_trl(loss_type, tmp_path, monkeypatch):
+    monkeypatch.setattr(grpo_module.GRPOTrainer, "_generate_single_turn", fixed_generations)
+    config = dict(loss_type=loss_type)
+    if loss_type == "grpo":
+        config.update(temperature=0.7, entropy_coef=0.01)  # temperature reaches the head; entropy gets a gradient
+    fast, calls = run("GRPO", True, _make(tmp_path / "fast", **config))
+    slow, _ = run("GRPO", False, _make(tmp_path / "slow", **config))
+    assert calls > 0, "the fast run never reached fastft's selective_log_softmax"
+    assert any(abs(row["loss"]) > 1e-6 for row in slow), "degenerate run: every loss is zero"
+    assert_same_run(fast, slow, KEYS)
