@@ -23,7 +23,6 @@ Callers: the causal-LM fused loss (``fastft.patches.architectures``), PatchFastR
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -66,9 +65,10 @@ def full_weight(weight: torch.Tensor) -> torch.Tensor:
     Shapes: a ``[V, H]`` (or any) weight; returns a plain tensor of the same global shape and dtype.
 
     * plain tensor / Parameter (single process, DDP, FSDP2 inside its group's forward): returned as is.
-    * FSDP2 / TP ``DTensor``: ``weight.full_tensor()`` -- an all-gather whose backward reduce-scatters the gradient
-      into the shards (as a Replicate -> Shard redistribution), so ``weight.grad`` ends up a correctly summed sharded
-      DTensor. Costs one temporary full copy of the weight per call (what the module's own forward would gather).
+    * FSDP2 / TP ``DTensor``: ``weight.full_tensor(grad_placements=Partial(sum))`` -- an all-gather whose backward
+      reduce-scatters the gradient into the shards, scaled by 1 / mesh size, so ``weight.grad`` is the same sharded
+      mean gradient FSDP2 produces for the module's own forward. Costs one temporary full copy of the weight per call
+      (what the module's own forward would gather).
     * ZeRO-3 placeholder: ``RuntimeError`` (callers check :func:`direct_read_problem` first and fall back).
     """
     problem = direct_read_problem(weight)
@@ -78,8 +78,31 @@ def full_weight(weight: torch.Tensor) -> torch.Tensor:
         info_once(f"fastft: gathering a sharded (DTensor {tuple(weight.shape)}, placements "
                   f"{tuple(str(p) for p in weight.placements)}) weight for a fused kernel with full_tensor(); its "
                   "gradient is reduce-scattered back to the shards", key=f"full-weight-{tuple(weight.shape)}")
-        return weight.full_tensor()
+        from torch.distributed.tensor import Partial
+
+        # full_tensor()'s default backward treats the incoming gradient as Replicate (identical on every rank) and
+        # just keeps this rank's slice: under FSDP each rank's gradient comes from different data, so the shards
+        # would get an un-reduced local gradient (measured: per-step losses diverge from one process at step 2).
+        # Declaring it Partial(sum) makes the backward a reduce-scatter; 1/mesh.size() turns the sum into the mean
+        # FSDP uses for every other gradient (tested: FSDP2, 1-D mesh; for a tensor-parallel mesh, where the
+        # incoming gradients are identical, sum / size is that gradient again -- reasoned, not tested).
+        mesh = weight.device_mesh
+        full = weight.full_tensor(grad_placements=[Partial("sum")] * mesh.ndim)
+        return _ScaleGrad.apply(full, 1.0 / mesh.size()) if full.requires_grad else full
     return weight
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``scale`` in the backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
 
 
 def is_plain_linear(module: Any) -> bool:
@@ -120,44 +143,35 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-WORLD_FILE = "fastft_world.json"
+def saved_world_size(checkpoint_dir: str) -> int:
+    """How many processes wrote a Trainer checkpoint: its per-rank RNG files (``rng_state_<rank>.pth``, written only
+    when world > 1; a lone ``rng_state.pth`` means 1)."""
+    if not os.path.isdir(checkpoint_dir):
+        raise FileNotFoundError(f"fastft: checkpoint directory {checkpoint_dir!r} does not exist")
+    ranks = [n for n in os.listdir(checkpoint_dir) if n.startswith("rng_state_") and n.endswith(".pth")]
+    return len(ranks) or 1
 
 
-def record_world_size(checkpoint_dir: str, *, sharded: bool) -> None:
-    """Write ``{"world_size": N, "sharded": bool}`` into a checkpoint (rank 0 only) so a resume can check it."""
-    if int(os.environ.get("RANK", "0")) != 0:
-        return
-    os.makedirs(checkpoint_dir, exist_ok=True)
-    with open(os.path.join(checkpoint_dir, WORLD_FILE), "w") as f:
-        json.dump({"world_size": world_size(), "sharded": bool(sharded)}, f)
+def check_resume_world_size(checkpoint_dir: str, current: int | None = None, *, allow_change: bool = False) -> int:
+    """Raise a clear error when ``checkpoint_dir`` was saved by a different number of processes; returns that number.
 
-
-def check_resume_world_size(checkpoint_dir: str, current: int | None = None) -> None:
-    """Refuse to resume a *sharded* checkpoint with another world size; a replicated one (DDP, or FSDP with
-    FULL_STATE_DICT) resumes with any world size.
-
-    What goes wrong otherwise: a SHARDED_STATE_DICT checkpoint holds one optimizer/model shard file per rank
-    (``pytorch_model_fsdp_0/__*_N.distcp``...) that torch.distributed.checkpoint can re-shard for model weights,
-    but the Trainer's per-rank RNG files and the data position assume the old rank count, so the resumed run is
-    silently not the continuation of the saved one. Raise instead, with what to do.
+    Why refuse: the HF Trainer resumes at *step* k and skips k * gradient_accumulation_steps micro-batches per rank,
+    so with M ranks instead of N it skips a different number of samples, the global batch (per-device x world x
+    accumulation) changes size under a learning-rate schedule and optimizer state tuned for the old one, and the
+    per-rank RNG files no longer match (transformers only logs that). DDP checkpoints are replicated, so weights and
+    optimizer state load with any world size; ``allow_change=True`` continues anyway and logs the consequences.
+    (FSDP SHARDED_STATE_DICT checkpoints rely on torch.distributed.checkpoint to re-shard; not tested here.)
     """
-    path = os.path.join(checkpoint_dir, WORLD_FILE)
     current = world_size() if current is None else current
-    if os.path.isfile(path):
-        with open(path) as f:
-            saved = json.load(f)
-        saved_world, sharded = int(saved["world_size"]), bool(saved.get("sharded", False))
-    else:
-        # No record: infer from the Trainer's per-rank RNG files (rng_state_<rank>.pth when world > 1).
-        ranks = [n for n in os.listdir(checkpoint_dir) if n.startswith("rng_state_") and n.endswith(".pth")]
-        saved_world = len(ranks) or 1
-        sharded = any(n.startswith(("pytorch_model_fsdp_", "optimizer_0")) for n in os.listdir(checkpoint_dir))
-    if saved_world != current and sharded:
-        raise ValueError(
-            f"fastft: checkpoint {checkpoint_dir!r} was saved sharded by {saved_world} processes, but this run has "
-            f"{current}. Resume with `accelerate launch --num_processes {saved_world}`, or save with "
-            f"fsdp_state_dict_type: FULL_STATE_DICT (any world size can load it)")
-    if saved_world != current:
-        info_once(f"fastft: resuming a replicated checkpoint saved by {saved_world} processes with {current}: "
-                  "weights and optimizer state load exactly; per-rank RNG streams and the data order of the remaining "
-                  "steps differ from an uninterrupted run", key=f"resume-world-{saved_world}-{current}")
+    saved = saved_world_size(checkpoint_dir)
+    if saved != current:
+        if not allow_change:
+            raise ValueError(
+                f"fastft: checkpoint {checkpoint_dir!r} was saved by {saved} process(es) but this run has {current}. "
+                f"Resume with `accelerate launch --num_processes {saved}` to continue the same run; to continue "
+                f"with {current} anyway (weights and optimizer state load; the data order, global batch size and RNG "
+                f"streams change), pass allow_change=True")
+        info_once(f"fastft: resuming a checkpoint saved by {saved} processes with {current}: weights and optimizer "
+                  "state load; the remaining steps see a different data order and global batch size than the "
+                  "original run", key=f"resume-world-{saved}-{current}")
+    return saved

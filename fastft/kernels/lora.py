@@ -380,6 +380,13 @@ def can_fuse(layer: nn.Module) -> tuple[bool, str]:
     if getattr(layer, "fan_in_fan_out", False):
         return False, "fan_in_fan_out (Conv1D) weights"
     base = layer.get_base_layer()
+    from fastft.distributed import sharded_reason  # FSDP2 DTensor shards / ZeRO-3 placeholders (outside forward)
+
+    for what, weight in (("base", base.weight), ("lora_A", layer.lora_A[name].weight),
+                         ("lora_B", layer.lora_B[name].weight)):
+        sharded = sharded_reason(weight)
+        if sharded:
+            return False, f"{what}: {sharded}"
     if getattr(base, "bias", None) is not None:
         return False, "the base layer has a bias"
     if base.weight.requires_grad:

@@ -156,7 +156,7 @@ def _print_plan(p: VariantPlan, args: argparse.Namespace, budget: int | None) ->
     print(f"modeled peak GPU memory at {p.seq_len:,} tokens x batch {args.batch_size}: "
           f"{format_bytes(p.peak_bytes)}{verdict}")
     for phase in list(PHASE_LABELS) + sorted(set(p.breakdown) - set(PHASE_LABELS)):
-        if p.breakdown.get(phase):
+        if p.breakdown.get(phase, 0) >= 5 * 10**6:  # rows under 5 MB are noise at this precision
             print(f"  {PHASE_LABELS.get(phase, phase):<48} {format_bytes(p.breakdown[phase]):>10}")
     if p.host_bytes:
         print(f"  host RAM for offloaded checkpoints (not GPU)      {format_bytes(p.host_bytes):>10}")
@@ -185,6 +185,7 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--optim", default="adamw", choices=["adamw", "adamw_8bit", "sgd"])
     parser.add_argument("--gpu-memory", default=None, help="e.g. 16GB, 16GiB, 16000MB; enables the max-length search")
     parser.add_argument("--no-offload", action="store_true", help="fastft variant without CPU offload of checkpoints")
+    parser.add_argument("--no-tiled-mlp", action="store_true", help="fastft variant without the sequence-tiled MLP")
     parser.add_argument("--baseline", action="store_true", help="also model plain transformers + PEFT")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.set_defaults(func=run_plan)
@@ -200,7 +201,8 @@ def run_plan(args: argparse.Namespace) -> int:
         print(f"fastft plan: error: {exc}", file=sys.stderr)
         return 2
     common = dict(load_in_4bit=args.load_in_4bit, lora_r=args.lora_r, lora_alpha=args.lora_alpha, optim=args.optim)
-    specs = [StepSpec(variant="fastft", offload=False if args.no_offload else None, **common)]
+    specs = [StepSpec(variant="fastft", offload=False if args.no_offload else None, tiled_mlp=not args.no_tiled_mlp,
+                      **common)]
     if args.baseline:
         specs.append(StepSpec(variant="baseline", **common))
     plans = [plan_variant(config, spec, args.seq_len, args.batch_size, budget) for spec in specs]

@@ -498,7 +498,8 @@ class StepSpec:
     offload: bool | None = None  # default: on for fastft, off for baseline
     fp32_embeddings: bool | None = None  # default: on for the 4-bit baseline (prepare_model_for_kbit_training)
     dtype: torch.dtype = torch.bfloat16
-    fused_kernels: bool = True  # fastft variant: apply patch_model (fused norm / RoPE / GLU, tiled MLP)
+    fused_kernels: bool = True  # fastft variant: apply patch_model (fused norm / RoPE / GLU)
+    tiled_mlp: bool = True  # fastft variant: patch_model's sequence-tiled MLP (4,096-token tiles)
 
     @property
     def offload_enabled(self) -> bool:
@@ -535,7 +536,13 @@ class StepModel:
         config._attn_implementation = register_attention()
         config.use_cache = False
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=spec.dtype, attn_implementation=ATTENTION_NAME)
+            try:
+                model = AutoModelForCausalLM.from_config(config, dtype=spec.dtype, attn_implementation=ATTENTION_NAME)
+            except ValueError:
+                # Some architectures (Gemma-2: softcapping) refuse custom implementations at init; build eager and
+                # switch the implementation the attention modules look up at call time.
+                model = AutoModelForCausalLM.from_config(config, dtype=spec.dtype, attn_implementation="eager")
+                model.config._attn_implementation_internal = ATTENTION_NAME
         model.train()
         for p in model.parameters():
             p.requires_grad_(False)
@@ -591,7 +598,7 @@ class StepModel:
         try:
             from fastft.patches.architectures import patch_model
 
-            report = patch_model(model, tiled_mlp=True)
+            report = patch_model(model, tiled_mlp=self.spec.tiled_mlp)
         except Exception as exc:  # noqa: BLE001 - a half-written patch must not stop the plan; say what is missing
             self.notes.append(f"fastft patch_model failed ({type(exc).__name__}: {exc}); fused norm/RoPE/MLP NOT "
                               "modelled -- loss (chunked LCE) and offloaded checkpointing only")
@@ -623,7 +630,7 @@ class StepModel:
                  for p in self.trainable]
         self.ledger.live = self.ledger.peak = 0
         try:
-            with _module_patches(spec.variant == "fastft"), tracker:
+            with _module_patches(spec.variant == "fastft" and spec.fused_kernels), tracker:
                 tracker.add_existing(list(model.parameters()) + list(model.buffers()), "weights")
                 tracker.add_existing(self.state_tensors, "optimizer_state")
                 tracker.add_existing([ids, labels], "inputs")

@@ -232,7 +232,7 @@ def _check_layerwise(optim: str, args: Any) -> None:
                          f"or the non-layerwise {optim.removesuffix('_layerwise')!r}.")
     world = int(getattr(args, "world_size", 1) or 1)
     if world > 1:
-        raise NotImplementedError(f"optim={optim!r} is not supported under DDP/FSDP (world_size={world}): the hooks "
+        raise ValueError(f"optim={optim!r} is not supported under DDP/FSDP (world_size={world}): the hooks "
                                   f"would step before gradients are all-reduced. Use the non-layerwise variant.")
     if getattr(args, "fp16", False):
         raise ValueError(f"optim={optim!r} cannot run with fp16 loss scaling (the step would use scaled, "

@@ -30,7 +30,8 @@ costs one more forward GEMM of the LM head per step; set ``FastSFTTrainer.token_
 (the two metrics are then not logged, with a one-time note).
 
 Anything the fast path does not cover falls back to TRL's forward for that call (logged once): MoE router logits,
-an LM head that is not a plain ``nn.Linear`` (e.g. LoRA on ``lm_head``), sharded (DTensor) heads; SFT with
+an LM head that is not a plain ``nn.Linear`` (e.g. LoRA on ``lm_head``), DeepSpeed ZeRO-3 placeholder heads (FSDP2
+DTensor heads are gathered by ``fastft.distributed.full_weight``); SFT with
 ``compute_loss_func``, label smoothing, ``return_outputs`` or DeepSpeed sequence parallelism;
 GRPO with vision inputs or an MoE aux loss.
 
@@ -50,6 +51,7 @@ from typing import Any
 import torch
 
 from fastft._log import info_once, logger
+from fastft.distributed import direct_read_problem, full_bias, full_weight, is_dtensor, is_plain_linear
 from fastft.patches.base import Patch, signature_guard
 
 TRL_RANGE = {"trl": ">=1.16,<1.17"}
@@ -154,7 +156,8 @@ def _make_fast_forward(trl_forward: Callable, *, temperature: float, outputs: tu
             hidden, labels = hidden[:, :-1], labels[:, 1:]
         else:
             labels = shift_labels
-        weight, bias = head.weight, head.bias
+        # Sharded (FSDP2 DTensor) heads are gathered with a reduce-scattered gradient (fastft.distributed).
+        weight, bias = full_weight(head.weight), full_bias(head.bias)
         hidden, labels = hidden.to(weight.device), labels.to(weight.device)
         mask = labels != -100
         # Only the scored positions reach the head: the prompt of a GRPO/DPO batch never meets the vocabulary.
@@ -225,10 +228,13 @@ def _fallback_reason(head: Any, text_config: Any, kwargs: dict, labels: Any, shi
         return "no labels"
     if kwargs.get("output_router_logits") or getattr(text_config, "output_router_logits", False):
         return "MoE router logits requested"
-    if type(head) is not torch.nn.Linear:
+    if not is_plain_linear(head):  # FSDP2's FSDPLinear counts as plain
         return f"the LM head is a {type(head).__name__}, not a plain nn.Linear"
-    if type(head.weight) is not torch.nn.Parameter and type(head.weight) is not torch.Tensor:
-        return f"the LM head weight is a {type(head.weight).__name__}"
+    weight_type = type(head.weight)
+    if weight_type is not torch.nn.Parameter and weight_type is not torch.Tensor and not is_dtensor(head.weight):
+        return f"the LM head weight is a {weight_type.__name__}"
+    if direct_read_problem(head.weight):  # a ZeRO-3 placeholder; DTensors are gathered by full_weight
+        return direct_read_problem(head.weight)
     if not wants_log_probs and temperature != 1.0:
         return "linear_cross_entropy takes no temperature"
     return None

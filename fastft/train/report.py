@@ -33,7 +33,13 @@ def _plot(path: str, title: str, curves: dict[str, tuple[list[int], list[float]]
     curves = {k: v for k, v in curves.items() if v[0]}
     if not curves:
         return False
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # plots are optional (pip install matplotlib); the tables in report.md carry the numbers
+        from fastft._log import warn_once
+
+        warn_once("fastft: matplotlib is not installed; report.md has no curve images (pip install matplotlib)")
+        return False
 
     matplotlib.use("Agg")  # no display; safe to call again
     import matplotlib.pyplot as plt

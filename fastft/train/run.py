@@ -1,11 +1,12 @@
 """Run a validated :class:`TrainConfig`: FastModel + LoRA, datasets, the (fast) TRL trainer, time budget and
 preemption, resume, and the report.
 
-Time budget and preemption: :func:`make_stop_callback`'s callback turns ``--max-minutes`` (stop before the next step would overrun)
-and SIGTERM/SIGINT into ``control.should_save`` + ``control.should_training_stop`` at the end of the current step, so
-the HF Trainer writes a full checkpoint (adapters, optimizer, scheduler, RNG states, trainer state with the data
-position) and returns normally. ``resume`` continues from the latest ``checkpoint-*`` in ``output_dir``; the Trainer
-restores all of the above and skips the batches already seen, so the resumed losses equal an uninterrupted run's.
+Time budget and preemption: :func:`make_stop_callback`'s callback turns ``--max-minutes`` (stop before the next
+step would overrun) and SIGTERM/SIGINT into ``control.should_save`` + ``control.should_training_stop`` at the end of
+the current step, so the HF Trainer writes a full checkpoint (adapters, optimizer, scheduler, RNG states, trainer
+state with the data position) and returns normally. ``resume`` continues from the latest ``checkpoint-*`` in
+``output_dir``; the Trainer restores all of the above and skips the batches already seen, so the resumed losses equal
+an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -52,7 +53,18 @@ def resolve_model_name(name: str, output_dir: str) -> str:
         raise ConfigError([f"model.name: no tiny model {arch!r}; known: {', '.join(sorted(TINY_ARCHITECTURES))}"])
     target = os.path.join(output_dir, ".fastft-tiny-model", arch)
     if not os.path.isfile(os.path.join(target, "config.json")):
-        save_tiny_model(target, arch)
+        # Every rank of a multi-process run may get here: each writes its own temporary folder and renames it into
+        # place atomically, so no rank ever reads a half-written model (the model is deterministic, so any copy wins).
+        import shutil
+        import tempfile
+
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{arch}-", dir=os.path.dirname(target))
+        save_tiny_model(tmp, arch)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another rank won the race: its copy is identical
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -235,8 +247,9 @@ def run(cfg: TrainConfig, *, max_minutes: float | None = None, resume: bool | st
     cls, class_note = trainer_class(cfg.trainer_type)
     stats = RunStats()
     stop = make_stop_callback(max_minutes, stats)
+    # `stop` goes last so it sees, in the same step, a stop requested by the callbacks before it.
     kwargs: dict[str, Any] = dict(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                                  processing_class=tokenizer, callbacks=[stop, *(callbacks or [])])
+                                  processing_class=tokenizer, callbacks=[*(callbacks or []), stop])
     if cfg.trainer_type == "grpo":
         kwargs["reward_funcs"] = [resolve_reward(r["function"]) for r in cfg.rewards]
     trainer = cls(**kwargs)

@@ -6,12 +6,13 @@ CPU-only machine an FSDP config silently trains as plain DDP. This worker applie
 accelerate's ``fsdp2_prepare_model`` does with ``TRANSFORMER_BASED_WRAP`` (each decoder layer, then the root) and
 runs under ``torch.distributed.run`` (gloo).
 
-Usage: ``python -m torch.distributed.run --nproc_per_node 2 _fsdp_worker.py MODEL_DIR OUT_DIR [key=value ...]``
-or plain ``python _fsdp_worker.py MODEL_DIR OUT_DIR`` for world 1 (no sharding). Options:
+Usage: ``python -m torch.distributed.run --nproc_per_node 2 _fsdp_worker.py MODEL_DIR OUT_DIR NAME:k=v,k=v ...``
+or plain ``python _fsdp_worker.py MODEL_DIR OUT_DIR NAME:...`` for world 1 (no sharding); one run per NAME. Options:
 ``shard_head=1`` wraps lm_head in its own fully_shard group (so the fused loss reads a DTensor and must gather it);
-``full=1`` trains every weight (lm_head included) instead of LoRA; ``gc=offload`` forces fastft's offloaded
-checkpointing (host copies on CPU). Rank 0 writes ``result.json`` (per-step losses, kernel counts) and the trained
-weights as a full (unsharded) safetensors state dict.
+``full=1`` trains every weight (lm_head included) instead of LoRA; ``trl=1`` computes the loss through PatchFastRL's
+fast LM head (TRL's fused-head contract) instead of the patched causal-LM forward; ``gc=offload`` forces fastft's
+offloaded checkpointing (host copies on CPU). Rank 0 writes ``OUT_DIR/NAME/result.json`` (per-step losses, kernel
+counts) and the trained weights as a full (unsharded) safetensors state dict.
 """
 
 from __future__ import annotations
@@ -42,18 +43,14 @@ def batches(vocab: int, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def main() -> None:
-    model_dir, out_dir = sys.argv[1:3]
-    opts = dict(item.split("=", 1) for item in sys.argv[3:])
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world > 1:
-        torch.distributed.init_process_group("gloo")
-
+def train_variant(model_dir: str, out_dir: str, opts: dict[str, str], world: int, rank: int) -> None:
+    from fastft.distributed import is_dtensor
     from fastft.kernels._launch import path_counts
+    from fastft.kernels.lora import can_fuse
     from fastft.model import FastModel
     from fastft.patches.checkpointing import offloaded_checkpoint
 
+    path_counts.clear()
     full = opts.get("full") == "1"
     model, _ = FastModel.from_pretrained(model_dir, max_seq_length=64, full_finetuning=full)
     if not full:
@@ -76,24 +73,42 @@ def main() -> None:
         if opts.get("shard_head") == "1":
             fully_shard(base.lm_head)
         fully_shard(model)
+    facts: dict = {"world": world}
+    if not full:
+        # Outside any forward the LoRA base weights are shards: the fused LoRA gate must say no (and why).
+        facts["can_fuse_outside_forward"] = list(can_fuse(base.model.layers[0].mlp.gate_proj))
+    use_trl = opts.get("trl") == "1"
+    if use_trl:
+        # PatchFastRL's fast LM head exactly as FastSFTTrainer installs it: TRL's fused forward on the model, swapped
+        # for fastft's for the loss-only call.
+        import types
+
+        from trl.trainer.utils import add_fused_lm_head
+
+        from fastft.patches.trl import LOSS_ONLY, _make_fast_forward
+
+        add_fused_lm_head(base, temperature=1.0, cast_lm_head_to_fp32=False, outputs=("log_probs",))
+        base.forward = types.MethodType(_make_fast_forward(base.forward, temperature=1.0, outputs=(),
+                                                           cast_fp32=False), base)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=5e-3)
 
     per_rank = GLOBAL_BATCH // world
     losses, head_types = [], set()
     head = base.lm_head
-    # Record what the fused loss sees as the lm_head weight (plain tensor or DTensor) during the forward.
-    from fastft.distributed import is_dtensor
 
-    def spy(module, args):
+    def spy(module, args):  # what the fused loss will read as the lm_head weight
         head_types.add("DTensor" if is_dtensor(head.weight) else "Tensor")
 
     base.model.norm.register_forward_pre_hook(spy)
     for ids, labels in batches(base.config.vocab_size, STEPS):
         n_items = int((labels[:, 1:] != -100).sum())  # global target count (shifted labels)
         mine = slice(rank * per_rank, (rank + 1) * per_rank)
-        out = model(input_ids=ids[mine], labels=labels[mine], num_items_in_batch=n_items)
-        assert out.logits is None, "the fused loss did not run"
+        if use_trl:
+            out = model(input_ids=ids[mine], labels=labels[mine], num_items_in_batch=n_items, fused_lm_head=LOSS_ONLY)
+        else:
+            out = model(input_ids=ids[mine], labels=labels[mine], num_items_in_batch=n_items)
+            assert out.logits is None, "the fused loss did not run"
         # FSDP averages gradients over ranks: scale so the step is the gradient of sum(loss_r) (= the global mean).
         (out.loss * world).backward()
         loss = out.loss.detach().clone()
@@ -113,11 +128,26 @@ def main() -> None:
         os.makedirs(out_dir, exist_ok=True)
         trained = {k: v.contiguous() for k, v in state.items() if "lora_" in k or full}
         save_file(trained, os.path.join(out_dir, "trained.safetensors"))
+        facts.update(losses=losses, head_weight_seen=sorted(head_types),
+                     kernel_calls={f"{op}:{p}": n for (op, p), n in path_counts.items()})
         with open(os.path.join(out_dir, "result.json"), "w") as f:
-            json.dump({"world": world, "losses": losses, "head_weight_seen": sorted(head_types),
-                       "kernel_calls": {f"{op}:{p}": n for (op, p), n in path_counts.items()}}, f)
+            json.dump(facts, f)
+
+
+def main() -> None:
+    model_dir, out_dir = sys.argv[1:3]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
     if world > 1:
-        torch.distributed.barrier()
+        torch.distributed.init_process_group("gloo")
+    # Each argument after OUT_DIR is one variant: "name:key=value,key=value".
+    for spec in sys.argv[3:]:
+        name, _, rest = spec.partition(":")
+        opts = dict(item.split("=", 1) for item in rest.split(",") if item)
+        train_variant(model_dir, os.path.join(out_dir, name), opts, world, rank)
+        if world > 1:
+            torch.distributed.barrier()
+    if world > 1:
         torch.distributed.destroy_process_group()
 
 

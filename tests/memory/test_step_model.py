@@ -107,3 +107,20 @@ def test_layer_replay_equals_full_execution(variant):
     replay = sm.step(640, replay_layers=True)
     assert replay.peak_bytes == full.peak_bytes
     assert replay.host_bytes == full.host_bytes
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "qwen2", "mistral"])
+def test_every_layer_uses_the_linear_memory_attention(model_type, monkeypatch):
+    """Each architecture (Gemma-2 refuses custom attention at init; Qwen2 has q/k/v biases) runs our O(T) attention
+    in every layer, forward and recompute, for both variants."""
+    import fastft.memory.step_model as sm
+    from fastft.offline import tiny_config
+
+    calls = []
+    original = sm._FlashAttention.apply
+    monkeypatch.setattr(sm._FlashAttention, "apply", lambda *a: (calls.append(1), original(*a))[1])
+    cfg = tiny_config(model_type)
+    for variant in ("fastft", "baseline"):
+        calls.clear()
+        StepModel(cfg, StepSpec(variant=variant, lora_r=4, load_in_4bit=True)).step(96, replay_layers=False)
+        assert len(calls) == 2 * cfg.num_hidden_layers

@@ -65,8 +65,8 @@ def test_wrong_type_names_the_key(dotted, value, expect):
 
 
 def test_unknown_trainer_type():
-    errors = _errors(_base(**{"trainer.type": "ppo"}))
-    assert errors == ["trainer.type: unknown trainer type 'ppo'; supported: sft, dpo, grpo"]
+    errors = _errors(_base(**{"trainer.type": "reinforce"}))
+    assert errors == ["trainer.type: unknown trainer type 'reinforce'; supported: sft, dpo, grpo"]
     assert "did you mean `grpo`?" in _errors(_base(**{"trainer.type": "grp"}))[0]
 
 
