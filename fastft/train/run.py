@@ -236,6 +236,13 @@ def run(cfg: TrainConfig, *, max_minutes: float | None = None, resume: bool | st
 
     max_minutes = cfg.max_minutes if max_minutes is None else max_minutes
     resume_from = resolve_resume(cfg.resume if resume is None else resume, cfg.output_dir)
+    if resume_from is not None:
+        from fastft.distributed import check_resume_world_size
+
+        try:  # a checkpoint written by N processes resumed by M would silently change the data order and batch
+            check_resume_world_size(resume_from)
+        except ValueError as exc:
+            raise ConfigError([f"resume: {exc}"]) from exc
     build_training_args(cfg)  # fail on a bad trainer setting before the model loads
     os.makedirs(cfg.output_dir, exist_ok=True)
 

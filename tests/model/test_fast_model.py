@@ -1,6 +1,5 @@
 """FastModel: patched vs unpatched for every supported architecture, LoRA training parity, QLoRA, save, unpatch."""
 
-import logging
 
 import peft
 import pytest
