@@ -36,5 +36,11 @@ def tiny_model(model_type):
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_unpatch():
     torch.manual_seed(0)
+    yield
+    # fastft's RoPE patch is process-wide (per modeling module): revert everything after each test so no later test
+    # in the same worker runs a "plain" model through patched (and, here, interpreted) kernels by accident.
+    import fastft
+
+    fastft.unpatch()
