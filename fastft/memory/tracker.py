@@ -14,6 +14,7 @@ Tensors that exist before the tracker starts are not counted unless passed to :m
 from __future__ import annotations
 
 import contextlib
+import gc
 import weakref
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -122,6 +123,11 @@ class LiveBytesTracker(TorchDispatchMode):
             # Re-enter so the op's inner allocations are seen; the op itself is below us and will not recurse.
             with self:
                 out = _custom_op_impl(func, args, kwargs)
+                if _interpreting(args, kwargs):
+                    # Triton's interpreter leaves the launched tensors in reference cycles, so on real tensors their
+                    # storages would outlive their last use until the next gc run (a GPU launch holds nothing). Collect
+                    # the young generation now so the measured lifetimes are the GPU's, not the interpreter's.
+                    gc.collect(0)
         else:
             out = func(*args, **kwargs)
         # Outputs that share an input's storage (views, no-op casts) allocate nothing: never charge them, or a view of
@@ -135,6 +141,15 @@ class LiveBytesTracker(TorchDispatchMode):
                 if storage._cdata not in input_storages:
                     self._charge(storage, self.phase)
         return out
+
+
+def _interpreting(args, kwargs) -> bool:
+    from fastft.kernels._launch import INTERPRETER
+
+    if not INTERPRETER:
+        return False
+    flat, _ = tree_flatten((args, kwargs))
+    return any(isinstance(t, torch.Tensor) and not t.is_meta for t in flat)
 
 
 def _custom_op_impl(func, args, kwargs):
