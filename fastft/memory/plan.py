@@ -6,8 +6,14 @@ with optional CPU offload, optimizer states). The maximum context is searched --
 peak exceeds the budget, then bisecting down to a coarse granularity (1/32 of the bracket, at least 256 tokens) --
 with every measured length cached, so asking for several GPU sizes reuses the steps already run.
 
-Not modelled: the CUDA context and allocator fragmentation (typically 0.3-1 GB: leave headroom), the tokenizer /
-dataloader, eval passes, and packing (sequences are assumed padded to ``seq_len``).
+What a GPU holds beyond tensors -- the CUDA context, kernel images, library workspaces, the caching allocator's slack
+-- is not something a meta tensor can show, so the search subtracts ``--reserve`` (default 1 GiB) from
+``--gpu-memory`` first. 1 GiB is deliberately on the safe side: the CUDA context alone is ~0.3-0.8 GiB depending on the
+CUDA version and lazy module loading (723 MiB reported for a 4-byte tensor on discuss.pytorch.org/t/73021), and an
+OOM is worse than a slightly shorter context. ``--reserve 0`` gives the tensor-only answer. ``--host-memory`` bounds
+the search by host RAM too (offloaded checkpoints and embeddings live there; a free Colab has about 12 GB).
+
+Not modelled: the tokenizer / dataloader, eval passes, and packing (sequences are assumed padded to ``seq_len``).
 """
 
 from __future__ import annotations
@@ -49,8 +55,18 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
+#: Memory as nvidia-smi reports it (MiB, before the CUDA context), for ``--gpu-memory T4`` and the like.
+GPU_PRESETS = {"T4": 15_360 * 2**20, "L4": 23_034 * 2**20, "A100-40GB": 40_960 * 2**20, "A100-80GB": 81_920 * 2**20}
+
+
+def parse_gpu_memory(text: str) -> int:
+    """A size (see :func:`parse_size`) or a GPU name from ``GPU_PRESETS`` (case-insensitive)."""
+    presets = {k.lower(): v for k, v in GPU_PRESETS.items()}
+    return presets.get(str(text).strip().lower()) or parse_size(text)
+
+
 def format_bytes(n: int | float) -> str:
-    return f"{n / 1e9:.2f} GB"
+    return f"{n / 1e9:.2f} GB" if abs(n) >= 10**8 else f"{n / 1e6:.2f} MB"
 
 
 def known_models() -> list[str]:
@@ -68,10 +84,9 @@ def load_config(model: str) -> Any:
     if path.is_file():
         data = json.loads(path.read_text())
     else:
-        wanted = model.split("/")[-1].lower()
         names = {name.lower(): name for name in known_models()}
         aliases = {n.removesuffix("-v0.3"): n for n in names}  # "mistral-7b" -> "mistral-7b-v0.3"
-        key = wanted if wanted in names else aliases.get(wanted)
+        key = _shipped_name(model, names, aliases)
         if key is None:
             raise ValueError(f"unknown model {model!r}: not a local directory with config.json, not a config.json "
                              f"file, and not one of the known names: {', '.join(known_models())}")
@@ -80,6 +95,28 @@ def load_config(model: str) -> Any:
     if model_type not in CONFIG_MAPPING:
         raise ValueError(f"config for {model!r} has model_type {model_type!r}, which transformers does not know")
     return CONFIG_MAPPING[model_type].from_dict(data)
+
+
+#: Suffixes/prefixes of hub names whose architecture is the shipped base model's (same sizes, same memory).
+_VARIANT_SUFFIXES = ("-bnb-4bit", "-unsloth", "-v0.3", "-instruct", "-it", "-base", "-chat")
+
+
+def _shipped_name(model: str, names: dict[str, str], aliases: dict[str, str]) -> str | None:
+    """"meta-llama/Meta-Llama-3.1-8B-Instruct", "unsloth/llama-3.2-1b-bnb-4bit", "google/gemma-2-9b-it" -> the shipped
+    base config's key (instruct/chat/quantized repos share the base architecture)."""
+    wanted = model.split("/")[-1].lower()
+    for _ in range(3):
+        if wanted in names:
+            return wanted
+        if wanted in aliases:
+            return aliases[wanted]
+        stripped = wanted.removeprefix("meta-")
+        for suffix in _VARIANT_SUFFIXES:
+            stripped = stripped.removesuffix(suffix)
+        if stripped == wanted:
+            return None
+        wanted = stripped
+    return None
 
 
 class Planner:
@@ -95,9 +132,14 @@ class Planner:
             self.cache[seq_len] = self.model.step(seq_len, self.batch_size)
         return self.cache[seq_len]
 
-    def max_context(self, budget: int, start: int = 1024, limit: int = 1 << 20) -> int:
-        """Largest measured sequence length whose modeled peak fits ``budget`` bytes (0 if even 128 does not)."""
-        fits = lambda t: self.step(t).peak_bytes <= budget  # noqa: E731
+    def fits(self, seq_len: int, budget: int, host_budget: int | None = None) -> bool:
+        result = self.step(seq_len)
+        return result.peak_bytes <= budget and (host_budget is None or result.host_bytes <= host_budget)
+
+    def max_context(self, budget: int, host_budget: int | None = None, start: int = 1024, limit: int = 1 << 20) -> int:
+        """Largest measured sequence length whose modeled peak fits ``budget`` GPU bytes (and ``host_budget`` host
+        bytes, if given); 0 if even 128 tokens do not fit."""
+        fits = lambda t: self.fits(t, budget, host_budget)  # noqa: E731
         lo, hi = 0, start
         while hi <= limit and fits(hi):
             lo, hi = hi, hi * 2
@@ -125,48 +167,73 @@ class Planner:
 class VariantPlan:
     variant: str
     seq_len: int
-    peak_bytes: int
-    fits: bool | None
+    peak_bytes: int  # modeled tensor peak (no reserve)
+    fits: bool | None  # peak + reserve <= gpu memory (and host bytes <= host memory, if given)
     breakdown: dict[str, int]
     host_bytes: int
     max_context: int | None
     max_context_host_bytes: int | None
+    limited_by: str | None  # "gpu" or "host": which budget stopped the search
     seconds: float
     steps_run: int
     notes: list[str]
 
 
-def plan_variant(config: Any, spec: StepSpec, seq_len: int, batch_size: int, budget: int | None) -> VariantPlan:
+def tensor_budget(gpu_memory: int | None, reserve: int) -> int | None:
+    """GPU bytes left for tensors once ``reserve`` (CUDA context, workspaces, allocator slack) is set aside."""
+    if gpu_memory is None:
+        return None
+    if reserve >= gpu_memory:
+        raise ValueError(f"--reserve ({format_bytes(reserve)}) leaves nothing of --gpu-memory "
+                         f"({format_bytes(gpu_memory)})")
+    return gpu_memory - reserve
+
+
+def plan_variant(config: Any, spec: StepSpec, seq_len: int, batch_size: int, budget: int | None,
+                 host_budget: int | None = None, planner: Planner | None = None) -> VariantPlan:
+    """Model ``seq_len`` and, given a tensor ``budget`` (bytes, reserve already taken off), search the max context."""
     t0 = time.perf_counter()
-    planner = Planner(config, spec, batch_size)
+    planner = planner or Planner(config, spec, batch_size)
     result = planner.step(seq_len)
-    best = host = None
+    best = host = limited = None
     if budget is not None:
-        best = planner.max_context(budget)
+        best = planner.max_context(budget, host_budget)
         host = planner.step(best).host_bytes if best else 0
-    fits = None if budget is None else result.peak_bytes <= budget
+        limited = "gpu"
+        if host_budget is not None:
+            above = [t for t in planner.cache if t > best]
+            if above and planner.step(min(above)).peak_bytes <= budget:
+                limited = "host"
+    fits = None if budget is None else planner.fits(seq_len, budget, host_budget)
     return VariantPlan(spec.variant, seq_len, result.peak_bytes, fits, result.breakdown, result.host_bytes, best, host,
-                       time.perf_counter() - t0, len(planner.cache), result.notes)
+                       limited, time.perf_counter() - t0, len(planner.cache), result.notes)
 
 
-def _print_plan(p: VariantPlan, args: argparse.Namespace, budget: int | None) -> None:
+def _print_plan(p: VariantPlan, args: argparse.Namespace, gpu_memory: int | None, reserve: int,
+                host_budget: int | None, max_positions: int | None) -> None:
     title = "fastft" if p.variant == "fastft" else "baseline: transformers + PEFT LoRA (standard checkpointing)"
     print(f"\n== {title} ==")
     verdict = "" if p.fits is None else ("  -> fits" if p.fits else "  -> DOES NOT FIT")
+    with_reserve = f" (+ {format_bytes(reserve)} reserve = {format_bytes(p.peak_bytes + reserve)})" if reserve else ""
     print(f"modeled peak GPU memory at {p.seq_len:,} tokens x batch {args.batch_size}: "
-          f"{format_bytes(p.peak_bytes)}{verdict}")
+          f"{format_bytes(p.peak_bytes)}{with_reserve}{verdict}")
     for phase in list(PHASE_LABELS) + sorted(set(p.breakdown) - set(PHASE_LABELS)):
         if p.breakdown.get(phase, 0) >= 5 * 10**6:  # rows under 5 MB are noise at this precision
             print(f"  {PHASE_LABELS.get(phase, phase):<48} {format_bytes(p.breakdown[phase]):>10}")
     if p.host_bytes:
-        print(f"  host RAM for offloaded checkpoints (not GPU)      {format_bytes(p.host_bytes):>10}")
-    if budget is not None:
+        print(f"  host RAM for offloaded tensors (not GPU)          {format_bytes(p.host_bytes):>10}")
+    if gpu_memory is not None:
+        where = f"{format_bytes(gpu_memory)} GPU" + (f" and {format_bytes(host_budget)} host RAM" if host_budget else "")
         if p.max_context:
             extra = f" (host RAM for offload: {format_bytes(p.max_context_host_bytes)})" if p.max_context_host_bytes \
                 else ""
-            print(f"largest sequence length that fits {format_bytes(budget)}: {p.max_context:,} tokens{extra}")
+            bound = "; limited by host RAM" if p.limited_by == "host" else ""
+            print(f"largest sequence length that fits {where}: {p.max_context:,} tokens{extra}{bound}")
+            if max_positions and p.max_context > max_positions:
+                print(f"  note: beyond the model's max_position_embeddings ({max_positions:,}); memory would allow "
+                      "it, the model was not trained for it")
         else:
-            print(f"largest sequence length that fits {format_bytes(budget)}: none (even 128 tokens exceeds it)")
+            print(f"largest sequence length that fits {where}: none (even 128 tokens exceeds it)")
     for note in p.notes:
         print(f"  note: {note}")
     print(f"  ({p.steps_run} modeled steps in {p.seconds:.1f} s)")
@@ -183,7 +250,15 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--lora-alpha", type=float, default=None)
     parser.add_argument("--load-in-4bit", action="store_true")
     parser.add_argument("--optim", default="adamw", choices=["adamw", "adamw_8bit", "sgd"])
-    parser.add_argument("--gpu-memory", default=None, help="e.g. 16GB, 16GiB, 16000MB; enables the max-length search")
+    parser.add_argument("--gpu-memory", default=None, help="e.g. 16GB, 16GiB, 16000MB, or a GPU name: "
+                        f"{', '.join(GPU_PRESETS)}; enables the max-length search")
+    parser.add_argument("--reserve", default="1GiB", help="GPU memory set aside for the CUDA context, workspaces and "
+                        "allocator slack before tensors (default 1GiB; 0 for the tensor-only answer)")
+    parser.add_argument("--host-memory", default=None, help="host RAM available for offloaded tensors, e.g. 12GB "
+                        "(a free Colab); bounds the max-length search")
+    parser.add_argument("--offload-embeddings", action="store_true",
+                        help="fastft variant with the frozen input embedding in host memory (get_peft_model("
+                        "offload_embeddings=True))")
     parser.add_argument("--no-offload", action="store_true", help="fastft variant without CPU offload of checkpoints")
     parser.add_argument("--no-tiled-mlp", action="store_true", help="fastft variant without the sequence-tiled MLP")
     parser.add_argument("--baseline", action="store_true", help="also model plain transformers + PEFT")
@@ -193,7 +268,10 @@ def add_parser(sub: Any) -> None:
 
 def run_plan(args: argparse.Namespace) -> int:
     try:
-        budget = parse_size(args.gpu_memory) if args.gpu_memory is not None else None
+        gpu_memory = parse_gpu_memory(args.gpu_memory) if args.gpu_memory is not None else None
+        reserve = parse_size(args.reserve)
+        host_budget = parse_size(args.host_memory) if args.host_memory is not None else None
+        budget = tensor_budget(gpu_memory, reserve)
         config = load_config(args.model)
         if args.seq_len < 1 or args.batch_size < 1 or args.lora_r < 0:
             raise ValueError("--seq-len and --batch-size must be >= 1, --lora-r >= 0")
@@ -202,18 +280,23 @@ def run_plan(args: argparse.Namespace) -> int:
         return 2
     common = dict(load_in_4bit=args.load_in_4bit, lora_r=args.lora_r, lora_alpha=args.lora_alpha, optim=args.optim)
     specs = [StepSpec(variant="fastft", offload=False if args.no_offload else None, tiled_mlp=not args.no_tiled_mlp,
-                      **common)]
+                      offload_embeddings=args.offload_embeddings, **common)]
     if args.baseline:
         specs.append(StepSpec(variant="baseline", **common))
-    plans = [plan_variant(config, spec, args.seq_len, args.batch_size, budget) for spec in specs]
+    plans = [plan_variant(config, spec, args.seq_len, args.batch_size, budget, host_budget) for spec in specs]
+    max_positions = getattr(config, "max_position_embeddings", None)
     if args.json:
-        print(json.dumps({"model": args.model, "modeled": True, "gpu_memory_bytes": budget,
+        print(json.dumps({"model": args.model, "modeled": True, "gpu_memory_bytes": gpu_memory,
+                          "reserve_bytes": reserve, "tensor_budget_bytes": budget, "host_memory_bytes": host_budget,
+                          "max_position_embeddings": max_positions,
                           "settings": {k: v for k, v in vars(args).items() if k != "func"},
                           "variants": [dataclasses.asdict(p) for p in plans]}, indent=2))
         return 0
     print(f"fastft plan (MODELED on meta tensors, not measured on a GPU): {args.model}, "
           f"{'4-bit QLoRA' if args.load_in_4bit else 'bf16 LoRA'} r={args.lora_r}, optim={args.optim}")
+    if gpu_memory is not None:
+        print(f"GPU memory {format_bytes(gpu_memory)} - reserve {format_bytes(reserve)} (CUDA context, workspaces, "
+              f"allocator slack) = {format_bytes(budget)} for tensors")
     for p in plans:
-        _print_plan(p, args, budget)
-    print("\nNot included: CUDA context + allocator fragmentation (~0.3-1 GB); leave that headroom.")
+        _print_plan(p, args, gpu_memory, reserve, host_budget, max_positions)
     return 0

@@ -156,7 +156,9 @@ class Patch:
 def _has_own(owner: Any, attribute: str) -> bool:
     if inspect.isclass(owner) or inspect.ismodule(owner):
         return attribute in vars(owner)
-    return attribute in getattr(owner, "__dict__", {})
+    # nn.Module keeps submodules/parameters/buffers in its own dicts, not in __dict__
+    return attribute in getattr(owner, "__dict__", {}) or any(
+        attribute in getattr(owner, store, {}) for store in ("_modules", "_parameters", "_buffers"))
 
 
 def _own_or_inherited(owner: Any, attribute: str) -> Any:

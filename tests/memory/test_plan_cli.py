@@ -49,7 +49,7 @@ def test_cli_json_on_local_config(tmp_path, capsys):
 
     tiny_llama(layers=2).save_pretrained(tmp_path)
     assert main(["plan", "--model", str(tmp_path), "--seq-len", "256", "--lora-r", "4", "--load-in-4bit",
-                 "--gpu-memory", "3MB", "--baseline", "--json"]) == 0
+                 "--gpu-memory", "3MB", "--reserve", "0", "--baseline", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     fast, base = out["variants"]
     assert out["modeled"] is True and fast["variant"] == "fastft" and base["variant"] == "baseline"
@@ -72,3 +72,55 @@ def test_max_context_search_brackets_the_budget():
     # the first measured length above best exceeds the budget and is within the coarse granularity
     above = min(t for t in planner.cache if t > best)
     assert planner.step(above).peak_bytes > budget and above - best <= max(256, best // 32) + 128
+
+
+@pytest.mark.parametrize("name", ["meta-llama/Meta-Llama-3.1-8B-Instruct", "unsloth/llama-3.2-1b-bnb-4bit",
+                                  "google/gemma-2-9b-it", "mistralai/Mistral-7B-Instruct-v0.3", "Qwen3-8B-Base"])
+def test_instruct_and_quantized_repo_names_use_the_base_config(name):
+    assert load_config(name).model_type in ("llama", "gemma2", "mistral", "qwen3")
+
+
+def test_gpu_presets_reserve_and_errors(capsys):
+    from fastft.memory.plan import parse_gpu_memory, tensor_budget
+
+    assert parse_gpu_memory("t4") == 15_360 * 2**20 and parse_gpu_memory("16GB") == 16 * 10**9
+    assert tensor_budget(16 * 2**30, 2**30) == 15 * 2**30 and tensor_budget(None, 2**30) is None
+    with pytest.raises(ValueError, match="leaves nothing"):
+        tensor_budget(2**30, 2**30)
+    assert main(["plan", "--model", "Llama-3.2-1B", "--gpu-memory", "1GB", "--reserve", "2GB"]) == 2
+    assert "leaves nothing" in capsys.readouterr().err
+    assert main(["plan", "--model", "Llama-3.2-1B", "--gpu-memory", "T4", "--host-memory", "lots"]) == 2
+    assert "cannot parse memory size 'lots'" in capsys.readouterr().err
+
+
+def test_reserve_and_host_budget_bound_the_search(tmp_path, capsys):
+    from tests.memory._configs import tiny_llama
+
+    tiny_llama(layers=2).save_pretrained(tmp_path)
+    base = ["plan", "--model", str(tmp_path), "--seq-len", "256", "--lora-r", "4", "--load-in-4bit", "--json"]
+
+    def run(*extra):
+        assert main(base + list(extra)) == 0
+        return json.loads(capsys.readouterr().out)
+
+    free = run("--gpu-memory", "4MB", "--reserve", "0")["variants"][0]
+    reserved = run("--gpu-memory", "4MB", "--reserve", "1MB")
+    assert reserved["tensor_budget_bytes"] == 3 * 10**6
+    assert 0 < reserved["variants"][0]["max_context"] < free["max_context"]
+    assert reserved["variants"][0]["fits"] == (reserved["variants"][0]["peak_bytes"] <= 3 * 10**6)
+    # host RAM: offloaded checkpoints are 2 layers x T x 96 x 2 bytes; 0.2 MB of host allows ~520 tokens at most
+    hosted = run("--gpu-memory", "4MB", "--reserve", "0", "--host-memory", "0.2MB")["variants"][0]
+    assert hosted["limited_by"] == "host" and 0 < hosted["max_context"] < free["max_context"]
+    assert hosted["max_context_host_bytes"] <= 200_000
+
+
+def test_text_output_notes_max_positions(tmp_path, capsys):
+    from tests.memory._configs import tiny_llama
+
+    cfg = tiny_llama(layers=1)
+    cfg.max_position_embeddings = 512
+    cfg.save_pretrained(tmp_path)
+    assert main(["plan", "--model", str(tmp_path), "--seq-len", "128", "--lora-r", "4", "--gpu-memory", "8MB",
+                 "--reserve", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "MODELED" in out and "beyond the model's max_position_embeddings (512)" in out

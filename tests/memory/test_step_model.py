@@ -124,3 +124,14 @@ def test_every_layer_uses_the_linear_memory_attention(model_type, monkeypatch):
         calls.clear()
         StepModel(cfg, StepSpec(variant=variant, lora_r=4, load_in_4bit=True)).step(96, replay_layers=False)
         assert len(calls) == 2 * cfg.num_hidden_layers
+
+
+def test_offloaded_embedding_moves_exactly_its_bytes_to_the_host():
+    cfg = tiny_llama(layers=1)
+    on = StepModel(cfg, StepSpec(variant="fastft", lora_r=4, load_in_4bit=True, offload_embeddings=True)).step(256)
+    off = StepModel(cfg, StepSpec(variant="fastft", lora_r=4, load_in_4bit=True)).step(256)
+    embedding = cfg.vocab_size * cfg.hidden_size * 2  # bf16
+    assert off.breakdown["weights"] - on.breakdown["weights"] == embedding
+    assert on.host_bytes - off.host_bytes == embedding
+    assert off.peak_bytes - on.peak_bytes == embedding
+    assert any("input embedding in host memory" in n for n in on.notes)
