@@ -138,7 +138,7 @@ def offload_input_embeddings(model: nn.Module, host: torch.device | str = "cpu")
 
 
 def _parent_of(root: nn.Module, target: nn.Module) -> tuple[nn.Module, str]:
-    for name, module in root.named_modules():
+    for module in root.modules():
         for child_name, child in module.named_children():
             if child is target:
                 return module, child_name

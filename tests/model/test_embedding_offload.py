@@ -60,9 +60,9 @@ def test_merged_save_includes_the_host_embedding(model_dir, tmp_path):
     model, tok = FastModel.from_pretrained(model_dir)
     model = FastModel.get_peft_model(model, r=4, lora_alpha=8, offload_embeddings=True)
     out = model.save_pretrained_merged(str(tmp_path / "merged"), tok, dtype=torch.float32)
-    from safetensors.torch import load_file
-
     import glob
+
+    from safetensors.torch import load_file
 
     state = {}
     for f in glob.glob(f"{out}/*.safetensors"):
