@@ -210,7 +210,7 @@ def plan_variant(config: Any, spec: StepSpec, seq_len: int, batch_size: int, bud
 
 
 def _print_plan(p: VariantPlan, args: argparse.Namespace, gpu_memory: int | None, reserve: int,
-                host_budget: int | None, max_positions: int | None) -> None:
+                host_budget: int | None, max_positions: int | None, embedding_bytes: int) -> None:
     title = "fastft" if p.variant == "fastft" else "baseline: transformers + PEFT LoRA (standard checkpointing)"
     print(f"\n== {title} ==")
     verdict = "" if p.fits is None else ("  -> fits" if p.fits else "  -> DOES NOT FIT")
@@ -236,6 +236,9 @@ def _print_plan(p: VariantPlan, args: argparse.Namespace, gpu_memory: int | None
             print(f"largest sequence length that fits {where}: none (even 128 tokens exceeds it)")
     for note in p.notes:
         print(f"  note: {note}")
+    if p.variant == "fastft" and not args.offload_embeddings and embedding_bytes:
+        print(f"  tip: --offload-embeddings (get_peft_model(offload_embeddings=True)) keeps the frozen input embedding "
+              f"in host RAM: {format_bytes(embedding_bytes)} less GPU memory")
     print(f"  ({p.steps_run} modeled steps in {p.seconds:.1f} s)")
 
 
@@ -297,6 +300,9 @@ def run_plan(args: argparse.Namespace) -> int:
     if gpu_memory is not None:
         print(f"GPU memory {format_bytes(gpu_memory)} - reserve {format_bytes(reserve)} (CUDA context, workspaces, "
               f"allocator slack) = {format_bytes(budget)} for tensors")
+    # bf16 input embedding that --offload-embeddings could move (0 when tied to the LM head: it cannot move)
+    tied = getattr(config, "tie_word_embeddings", False)
+    embedding_bytes = 0 if tied else config.vocab_size * config.hidden_size * 2
     for p in plans:
-        _print_plan(p, args, gpu_memory, reserve, host_budget, max_positions)
+        _print_plan(p, args, gpu_memory, reserve, host_budget, max_positions, embedding_bytes)
     return 0

@@ -59,10 +59,15 @@ class HostEmbedding(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         host = self.inner.weight.device
         out = self.inner(input_ids.to(host))
+        if out.device == input_ids.device:
+            return out
+        # Pinned staging buffer -> asynchronous copy (the caching host allocator keeps it alive until it lands). The
+        # weight is frozen, so nothing flows back to the host: the copy is detached and only the requires_grad flag
+        # (set by enable_input_require_grads' hook for checkpointing) is carried over.
+        staged = out.detach()
         if input_ids.device.type == "cuda":
-            # pinned staging buffer -> asynchronous copy; the caching host allocator keeps it alive until it lands
-            return out.pin_memory().to(input_ids.device, non_blocking=True)
-        return out.to(input_ids.device)
+            staged = staged.pin_memory()
+        return staged.to(input_ids.device, non_blocking=True).requires_grad_(out.requires_grad)
 
     def restore(self) -> nn.Module:
         """The wrapped module, its weight moved back to the device it came from."""
