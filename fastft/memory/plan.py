@@ -236,6 +236,10 @@ def _print_plan(p: VariantPlan, args: argparse.Namespace, gpu_memory: int | None
             print(f"largest sequence length that fits {where}: none (even 128 tokens exceeds it)")
     for note in p.notes:
         print(f"  note: {note}")
+    if p.variant == "fastft" and args.tiled_mlp is None and p.seq_len > 4096:
+        print("  tip: --tiled-mlp (from_pretrained(tiled_mlp=True)) runs each MLP in 4,096-token tiles, so its "
+              "[tokens, intermediate] activations never exist whole; costs one extra MLP forward per layer in the "
+              "backward, for sequences longer than a tile only")
     if p.variant == "fastft" and not args.offload_embeddings and embedding_bytes:
         print(f"  tip: --offload-embeddings (get_peft_model(offload_embeddings=True)) keeps the frozen input embedding "
               f"in host RAM: {format_bytes(embedding_bytes)} less GPU memory")
@@ -263,7 +267,9 @@ def add_parser(sub: Any) -> None:
                         help="fastft variant with the frozen input embedding in host memory (get_peft_model("
                         "offload_embeddings=True))")
     parser.add_argument("--no-offload", action="store_true", help="fastft variant without CPU offload of checkpoints")
-    parser.add_argument("--no-tiled-mlp", action="store_true", help="fastft variant without the sequence-tiled MLP")
+    parser.add_argument("--tiled-mlp", nargs="?", type=int, const=4096, default=None, metavar="TOKENS",
+                        help="fastft variant with the sequence-tiled MLP (FastModel.from_pretrained(tiled_mlp=True); "
+                        "tiles of TOKENS, default 4096, used for sequences longer than that)")
     parser.add_argument("--baseline", action="store_true", help="also model plain transformers + PEFT")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.set_defaults(func=run_plan)
@@ -282,7 +288,11 @@ def run_plan(args: argparse.Namespace) -> int:
         print(f"fastft plan: error: {exc}", file=sys.stderr)
         return 2
     common = dict(load_in_4bit=args.load_in_4bit, lora_r=args.lora_r, lora_alpha=args.lora_alpha, optim=args.optim)
-    specs = [StepSpec(variant="fastft", offload=False if args.no_offload else None, tiled_mlp=not args.no_tiled_mlp,
+    if args.tiled_mlp is not None and args.tiled_mlp < 1:
+        print("fastft plan: error: --tiled-mlp TOKENS must be >= 1", file=sys.stderr)
+        return 2
+    tiled: bool | int = False if args.tiled_mlp is None else args.tiled_mlp
+    specs = [StepSpec(variant="fastft", offload=False if args.no_offload else None, tiled_mlp=tiled,
                       offload_embeddings=args.offload_embeddings, **common)]
     if args.baseline:
         specs.append(StepSpec(variant="baseline", **common))

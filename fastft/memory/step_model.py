@@ -499,7 +499,9 @@ class StepSpec:
     fp32_embeddings: bool | None = None  # default: on for the 4-bit baseline (prepare_model_for_kbit_training)
     dtype: torch.dtype = torch.bfloat16
     fused_kernels: bool = True  # fastft variant: apply patch_model (fused norm / RoPE / GLU)
-    tiled_mlp: bool = True  # fastft variant: patch_model's sequence-tiled MLP (4,096-token tiles)
+    #: fastft variant: patch_model's sequence-tiled MLP (True = 4,096-token tiles, an int = tile tokens), as
+    #: FastModel.from_pretrained(tiled_mlp=...); off by default there, and so here.
+    tiled_mlp: bool | int = False
     offload_embeddings: bool = False  # fastft variant: frozen input embedding kept in host memory (opt-in)
 
     @property

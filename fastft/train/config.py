@@ -62,6 +62,7 @@ LORA_SCHEMA: dict[str, tuple[type, ...]] = {
     "use_rslora": (bool,),
     "modules_to_save": (list, type(None)),
     "random_state": (int,),
+    "offload_embeddings": (bool,),
 }
 DATA_SCHEMA: dict[str, tuple[type, ...]] = {
     "path": (str,),                # local .jsonl/.json/.csv/.parquet, a datasets name, or builtin:arithmetic

@@ -124,3 +124,18 @@ def test_text_output_notes_max_positions(tmp_path, capsys):
                  "--reserve", "0"]) == 0
     out = capsys.readouterr().out
     assert "MODELED" in out and "beyond the model's max_position_embeddings (512)" in out
+
+
+def test_tiled_mlp_flag_models_fastmodel_option(tmp_path, capsys):
+    from tests.memory._configs import tiny_llama
+
+    tiny_llama(layers=1).save_pretrained(tmp_path)
+    base = ["plan", "--model", str(tmp_path), "--seq-len", "512", "--lora-r", "4", "--json"]
+    assert main(base) == 0
+    plain = json.loads(capsys.readouterr().out)["variants"][0]
+    assert main(base + ["--tiled-mlp", "64"]) == 0
+    tiled = json.loads(capsys.readouterr().out)["variants"][0]
+    assert any("tiled(64)" in n for n in tiled["notes"]) and not any("tiled" in n for n in plain["notes"])
+    assert tiled["peak_bytes"] < plain["peak_bytes"]  # the [512, intermediate] MLP activations exist 64 rows at a time
+    assert main(base + ["--tiled-mlp", "0"]) == 2
+    assert "--tiled-mlp TOKENS must be >= 1" in capsys.readouterr().err

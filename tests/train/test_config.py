@@ -35,6 +35,8 @@ def test_valid_config_maps_sections():
     assert cfg.model == {"name": "tiny:llama", "max_seq_length": 64}
     assert cfg.trainer_args == {"max_steps": 2, "learning_rate": 1e-4, "per_device_train_batch_size": 2}
     assert isinstance(cfg.trainer_args["learning_rate"], float)  # YAML reads "1e-4" as a string; coerced
+    assert validate(_base(**{"model.lora.offload_embeddings": True})).lora == {"r": 4, "offload_embeddings": True}
+    assert "model.lora.offload_embeddings" in " ".join(_errors(_base(**{"model.lora.offload_embeddings": "yes"})))
 
 
 @pytest.mark.parametrize("dotted, value, expect", [
