@@ -33,12 +33,17 @@ PEFT does), and the adapter output is added to the base output in the promoted d
 or first cast to the base output dtype (PEFT's bitsandbytes ``Linear4bit``). The forward uses the same ops in the
 same order as PEFT; the backward differs by rounding only (scaling folded into rank-r products).
 
+Under autocast (what the Trainer's bf16=True / fp16=True turns on), PEFT's adapter matmuls run on copies of the fp32
+adapters cast to the autocast dtype; the fused functions make the same (differentiable) casts and run with autocast
+off inside, provided the input is already in the autocast dtype (a bf16/fp16 model); otherwise they fall back.
+
 Fusion is used only when it is exact (see :func:`can_fuse`); otherwise the ``fused_*`` entry points return None after
 logging the reason once, and the caller runs PEFT's own forward.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -402,6 +407,13 @@ def can_fuse(layer: nn.Module) -> tuple[bool, str]:
     return True, ""
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # "meta" (the memory model) has no autocast state at all
+        return False
+
+
 def _input_ok(layer: nn.Module, x: torch.Tensor) -> tuple[bool, str]:
     base = layer.get_base_layer()
     if _is_bnb_4bit(base):
@@ -410,9 +422,23 @@ def _input_ok(layer: nn.Module, x: torch.Tensor) -> tuple[bool, str]:
             return False, f"Linear4bit compute_dtype {cdt} differs from the input dtype {x.dtype}"
     elif base.weight.dtype != x.dtype:
         return False, f"base weight dtype {base.weight.dtype} differs from the input dtype {x.dtype}"
-    if torch.is_autocast_enabled(x.device.type):
-        return False, "autocast is enabled (PEFT's casting differs under autocast)"
+    if _autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) != x.dtype:
+        return False, (f"autocast to {torch.get_autocast_dtype(x.device.type)} with a {x.dtype} input (fused only "
+                       "when the model already computes in the autocast dtype)")
     return True, ""
+
+
+def _autocast_adapters(x: torch.Tensor, adapters: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
+    """Under autocast (the Trainer's bf16/fp16 mixed precision), PEFT's lora_A/lora_B F.linear calls run on copies
+    of the fp32 adapters cast to the autocast dtype. Do the same casts here, differentiably (the fp32 masters get
+    their gradients through them), and return a context that turns autocast off inside the fused function so
+    nothing is cast twice. Without autocast: the adapters as they are, and a no-op context."""
+    device = x.device.type
+    if not _autocast_enabled(device):
+        return adapters, contextlib.nullcontext()
+    dtype = torch.get_autocast_dtype(device)
+    cast = [a if a.dtype == dtype else a.to(dtype) for a in adapters]
+    return cast, torch.autocast(device, enabled=False)
 
 
 def _adapter(layer: nn.Module) -> tuple[BaseWeight, torch.Tensor, torch.Tensor, float, bool]:
@@ -467,17 +493,20 @@ def _lora_mlp(layers, x, activation, recompute, inplace_backward=True):
         raise ValueError(f"recompute must be 'activation' or 'projections', got {recompute!r}")
     act = _normalize_activation(activation)
     g, u, d = (_adapter(layers[k]) for k in ("gate_proj", "up_proj", "down_proj"))
-    return LoRAMLP.apply(
-        x, (g[0], u[0], d[0]), (g[3], u[3], d[3]), (g[4], u[4], d[4]), act, recompute, bool(inplace_backward),
-        g[1], g[2], u[1], u[2], d[1], d[2],
-    )
+    adapters, no_autocast = _autocast_adapters(x, [g[1], g[2], u[1], u[2], d[1], d[2]])
+    with no_autocast:
+        return LoRAMLP.apply(
+            x, (g[0], u[0], d[0]), (g[3], u[3], d[3]), (g[4], u[4], d[4]), act, recompute, bool(inplace_backward),
+            *adapters,
+        )
 
 
 def _lora_projections(layers: list[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     ads = [_adapter(layer) for layer in layers]
-    flat = [t for a in ads for t in (a[1], a[2])]
-    return LoRAProjections.apply(x, tuple(a[0] for a in ads), tuple(a[3] for a in ads), tuple(a[4] for a in ads),
-                                 *flat)
+    flat, no_autocast = _autocast_adapters(x, [t for a in ads for t in (a[1], a[2])])
+    with no_autocast:
+        return LoRAProjections.apply(x, tuple(a[0] for a in ads), tuple(a[3] for a in ads),
+                                     tuple(a[4] for a in ads), *flat)
 
 
 def lora_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

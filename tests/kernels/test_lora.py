@@ -166,6 +166,38 @@ def test_mixed_precision_fp32_adapters_on_bf16_base():
         _check(_grads(y, params, dy), g_ref, torch.bfloat16, "mixed")
 
 
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_under_autocast_matches_peft_under_autocast(nf4):
+    # The Trainer's bf16=True wraps the forward in autocast: PEFT then runs its fp32 adapters through bf16 casts.
+    _, block = _peft_block(torch.bfloat16, nf4, adapter_fp32=True)
+    x = torch.randn(2, 5, HIDDEN, dtype=torch.bfloat16, requires_grad=True)
+    mlp_params = [x, *_lora_params(block, ["gate_proj", "up_proj", "down_proj"])]
+    qkv_params = [x, *_lora_params(block, ["q_proj", "k_proj", "v_proj", "o_proj"])]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref = _peft_mlp(block, x, "silu")
+        refs = (block.q_proj(x), block.k_proj(x), block.v_proj(x), block.o_proj(x))
+        y = fused_mlp_forward(block, x, "silu")
+        outs = (*fused_qkv(block, x), fused_o(block, x))
+    assert y is not None and y.dtype == torch.bfloat16
+    dy = torch.randn_like(y_ref)
+    _check(_grads(y, mlp_params, dy), _grads(y_ref, mlp_params, dy), torch.bfloat16, "mlp under autocast")
+    assert_close(y, y_ref, FORWARD, torch.bfloat16, "mlp forward under autocast")
+    dys = tuple(torch.randn_like(r) for r in refs)
+    for out, ref in zip(outs, refs, strict=True):
+        assert_close(out, ref, FORWARD, torch.bfloat16, "projection forward under autocast")
+    _check(_grads(outs, qkv_params, dys), _grads(refs, qkv_params, dys), torch.bfloat16, "qkvo under autocast")
+    # the fp32 master adapters get fp32 gradients, as through PEFT's autocast casts
+    assert block.gate_proj.lora_A["default"].weight.dtype == torch.float32
+
+
+def test_autocast_with_an_input_of_another_dtype_falls_back(caplog):
+    _, block = _peft_block(torch.float32)
+    reset_once()
+    with caplog.at_level(logging.INFO, logger="fastft"), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused_mlp_forward(block, torch.randn(3, HIDDEN), "silu") is None
+    assert "autocast to torch.bfloat16 with a torch.float32 input" in caplog.text
+
+
 def test_rslora_and_different_rank_per_projection():
     _, block = _peft_block(torch.float32, use_rslora=True, lora_alpha=12,
                            rank_pattern={"gate_proj": 4, "up_proj": 12, "down_proj": 6, "k_proj": 2})

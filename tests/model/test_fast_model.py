@@ -242,3 +242,37 @@ def test_bad_input(model_dir, model_type, tmp_path, caplog):
     model = FastModel.get_peft_model(model, r=4)
     with pytest.raises(ValueError, match="already has LoRA"):
         FastModel.get_peft_model(model)
+
+
+@pytest.mark.parametrize("model_type", ["llama"])
+def test_fused_lora_runs_under_trainer_style_autocast(model_dir, model_type, monkeypatch):
+    """bf16=True in a Trainer wraps the forward in autocast; the fused LoRA MLP and projections must still run (not
+    fall back to PEFT) and give PEFT's loss and adapter gradients under the same autocast."""
+    from fastft.kernels import lora
+
+    ids, labels = _batch(seq=11)
+    lora_cfg = dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                          "up_proj", "down_proj"], lora_dropout=0.0,
+                    task_type="CAUSAL_LM", init_lora_weights=False)
+    torch.manual_seed(3407)  # FastModel.get_peft_model's random_state: the same adapters
+    ref = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16),
+                              peft.LoraConfig(**lora_cfg))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_loss, ref_grads = _loss_and_grads(ref, ids, labels)
+
+    calls = []
+    for name in ("LoRAMLP", "LoRAProjections"):
+        fn = getattr(lora, name)
+        monkeypatch.setattr(fn, "apply", (lambda f, n: lambda *a: calls.append(n) or f(*a))(fn.apply, name))
+    model, _ = FastModel.from_pretrained(model_dir, dtype=torch.bfloat16)
+    model = FastModel.get_peft_model(model, use_gradient_checkpointing=False, **{
+        k: v for k, v in lora_cfg.items() if k not in ("task_type",)})
+    with force_path("torch"), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = _loss_and_grads(model, ids, labels)
+    assert calls.count("LoRAMLP") == 2 and calls.count("LoRAProjections") >= 8, calls  # 2 layers, fused
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-2, atol=0)
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        scale = ref_grads[name].float().abs().max().clamp_min(1e-3)
+        err = ((g.float() - ref_grads[name].float()).abs().max() / scale).item()
+        assert err < 5e-2, (name, err)  # bf16 end to end: a few ulps of the largest entry
