@@ -101,10 +101,10 @@ _ensure_glu_ops()
 _buffers: dict[tuple, torch.Tensor] = {}
 
 
-def _is_fake(t: torch.Tensor) -> bool:
+def _is_fake_tensor(t: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import FakeTensor
 
-    return isinstance(t, FakeTensor) or t.device.type == "meta"
+    return isinstance(t, FakeTensor)
 
 
 def _dequant_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -146,7 +146,7 @@ class BaseWeight:
             return self.weight if self.weight.dtype == dtype else self.weight.to(dtype)
         qs = self.quant_state
         shape = tuple(int(s) for s in qs.shape)
-        if _is_fake(self.weight):
+        if _is_fake_tensor(self.weight):  # a torch.compile trace: no buffer kept across traces
             w = dequantize_nf4(self.weight, qs)
         else:
             w = dequantize_nf4(self.weight, qs, out=_dequant_buffer(shape, qs.dtype, self.weight.device))

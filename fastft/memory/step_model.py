@@ -19,9 +19,12 @@ allocates, with the few pieces a GPU run does differently swapped for stand-ins 
   layer recomputed in backward) -- our own recompute because some torch.utils.checkpoint paths call ``.item()``.
   With ``offload=True`` the saved input is copied to host memory: the copy is made with the tracker disabled and
   counted in :class:`HostLedger` instead, and copied back (a counted device allocation) for the recompute.
-* fastft's variant: ``fastft.patches.architectures.patch_model`` (fused RMSNorm / RoPE / SwiGLU-GeGLU, tiled MLP) on
-  the meta model -- their custom ops run their fake impls -- plus a chunked linear cross-entropy
-  (:func:`chunked_linear_cross_entropy`) in place of full logits.
+* fastft's variant: ``fastft.patches.architectures.patch_model`` (fused RMSNorm / RoPE / SwiGLU-GeGLU, optionally
+  the tiled MLP) on the meta model -- their custom ops run their fake impls -- plus fastft's fused LoRA (the real
+  ``LoRAMLP`` / ``LoRAProjections`` autograd functions of fastft.kernels.lora over the stand-in layers, NF4
+  dequantized into its shared buffers, adapters cast to the compute dtype as under the Trainer's autocast), a
+  chunked linear cross-entropy (:func:`chunked_linear_cross_entropy`) in place of full logits, and optionally the
+  input embedding in host memory.
 * optimizer: torch AdamW (foreach, as on CUDA) with states created before the measured step (steady state: states
   live through forward and backward; gradients are set to None after each step, as the Trainer does);
   ``adamw_8bit`` is bitsandbytes' layout (two uint8 states + fp32 absmax per 256 values for tensors of >= 4096
@@ -214,6 +217,37 @@ class Linear4bit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _Matmul4bit.apply(x, self, self.bias)
 
+    def base_weight(self) -> Any:
+        """The weight as fastft's fused LoRA reads a bitsandbytes Params4bit: packed bytes + a quant state."""
+        from fastft.kernels.lora import BaseWeight
+
+        if self.double_quant:
+            nested = _QuantState(self.absmax2, self.code2, NESTED_BLOCK, None, torch.float32)
+            state = _QuantState(self.absmax_q, self.code, QUANT_BLOCK, "nf4", self.compute_dtype,
+                                (self.out_features, self.in_features), self.offset, nested)
+        else:
+            state = _QuantState(self.absmax, self.code, QUANT_BLOCK, "nf4", self.compute_dtype,
+                                (self.out_features, self.in_features))
+        return BaseWeight(self.packed, state)
+
+
+@dataclasses.dataclass
+class _QuantState:
+    """The fields of ``bitsandbytes.functional.QuantState`` that fastft.kernels.nf4 reads."""
+
+    absmax: torch.Tensor
+    code: torch.Tensor
+    blocksize: int
+    quant_type: str | None
+    dtype: torch.dtype
+    shape: tuple[int, int] | None = None
+    offset: torch.Tensor | None = None
+    state2: _QuantState | None = None
+
+    @property
+    def nested(self) -> bool:
+        return self.state2 is not None
+
 
 class LoraLinear(nn.Module):
     """PEFT LoRA's forward op for op: base(x) [+ clone for 4-bit] + lora_B(lora_A(x)) * scaling."""
@@ -227,8 +261,23 @@ class LoraLinear(nn.Module):
         self.scaling = alpha / r
         self.clone_result = clone_result
         self.in_features, self.out_features = in_features, out_features
+        self.fused = False  # fastft: run through fastft.kernels.lora's LoRAProjections, as FastModel does
+
+    def fused_parts(self, dtype: torch.dtype) -> tuple[Any, torch.Tensor, torch.Tensor, float, bool]:
+        """(base weight, A, B, scaling, add_in_base_dtype) as fastft.kernels.lora reads a PEFT layer, the fp32
+        adapters cast to the compute dtype as autocast (and fastft's fused path under it) does."""
+        from fastft.kernels.lora import BaseWeight
+
+        base = self.base_layer
+        weight = base.base_weight() if isinstance(base, Linear4bit) else BaseWeight(base.weight.detach())
+        return weight, self.lora_A.to(dtype), self.lora_B.to(dtype), self.scaling, isinstance(base, Linear4bit)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            from fastft.kernels.lora import LoRAProjections
+
+            weight, a, b, s, add = self.fused_parts(x.dtype)
+            return LoRAProjections.apply(x, (weight,), (s,), (add,), a, b)[0]
         result = self.base_layer(x)
         if self.clone_result:
             result = result.clone()
@@ -621,8 +670,39 @@ class StepModel:
                               "modelled -- loss (chunked LCE) and offloaded checkpointing only")
             return
         self.notes.append(f"patch_model: applied {report.applied}, skipped {report.skipped}")
+        if self.spec.lora_r > 0:
+            self._fuse_lora(model)
         # The patched forward's linear_cross_entropy fake models only the op's outputs, not its [C, V] chunk
         # temporaries; so the loss is run through chunked_linear_cross_entropy below (same chunk size rule).
+
+    def _fuse_lora(self, model: nn.Module) -> None:
+        """What ``FastModel.get_peft_model`` does (``enable_fused_lora``): each LoRA MLP through fastft's
+        ``LoRAMLP`` and each q/k/v/o projection through ``LoRAProjections`` -- the real autograd functions, so their
+        saved tensors and temporaries (NF4 dequantized into shared buffers) are what is measured."""
+        import types
+
+        from fastft.kernels.lora import LoRAMLP
+
+        config = model.config
+        activation = getattr(config, "hidden_activation", None) or config.hidden_act
+
+        def mlp_once(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            parts = [getattr(mlp, k).fused_parts(x.dtype) for k in ("gate_proj", "up_proj", "down_proj")]
+            return LoRAMLP.apply(x, tuple(p[0] for p in parts), tuple(p[3] for p in parts),
+                                 tuple(p[4] for p in parts), _glu_name(activation), "activation", True,
+                                 *[t for p in parts for t in (p[1], p[2])])
+
+        mlps = projections = 0
+        for name, module in model.named_modules():
+            leaf = name.rsplit(".", 1)[-1]
+            if hasattr(module, "_fastft_mlp_once") and all(
+                    isinstance(getattr(module, k, None), LoraLinear) for k in ("gate_proj", "up_proj", "down_proj")):
+                module._fastft_mlp_once = types.MethodType(mlp_once, module)
+                mlps += 1
+            elif isinstance(module, LoraLinear) and leaf in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                module.fused = True
+                projections += 1
+        self.notes.append(f"fused LoRA (fastft.kernels.lora): {mlps} MLPs, {projections} attention projections")
 
     def step(self, seq_len: int, batch_size: int = 1, replay_layers: bool | None = None) -> StepResult:
         """Measure one training step at [batch_size, seq_len] (all tokens real, labels = inputs).
@@ -639,6 +719,10 @@ class StepModel:
             ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=torch.Generator()
                                 .manual_seed(0)).to(self.device)
         labels = ids.clone()
+        if spec.variant == "fastft":
+            from fastft.kernels.lora import clear_buffers
+
+            clear_buffers()  # fused LoRA's shared NF4 buffers: allocated (and counted) by this step, then kept
         tracker = LiveBytesTracker()
         for layer in model.model.layers:
             if isinstance(layer, CheckpointedLayer):
@@ -713,6 +797,12 @@ def _module_patches(active: bool) -> Iterator[None]:
     finally:
         for patch in changed:
             patch.revert() if active else patch.apply()
+
+
+def _glu_name(hidden_act: str) -> str:
+    """transformers' MLP activation name -> fastft.kernels.lora's ("silu", "gelu", "gelu_tanh")."""
+    return {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
+            "gelu_new": "gelu_tanh"}.get(hidden_act, hidden_act)
 
 
 def _copy_config(config: Any) -> Any:

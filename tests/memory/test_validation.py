@@ -41,13 +41,16 @@ def test_meta_peak_matches_real_cpu_peak(variant, load_in_4bit, optim):
     assert modeled.host_bytes == real.host_bytes
 
 
-def test_fused_kernels_meta_vs_interpreter():
+@pytest.mark.parametrize("options", [{}, {"tiled_mlp": 32, "offload_embeddings": True}], ids=["default", "tiled+emb"])
+def test_fused_kernels_meta_vs_interpreter(options):
     assert _launch.INTERPRETER, "tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported"
-    spec = StepSpec(variant="fastft", lora_r=8, load_in_4bit=True, optim="adamw")
+    spec = StepSpec(variant="fastft", lora_r=8, load_in_4bit=True, optim="adamw", **options)
     _launch.path_counts.clear()
     real, modeled = _compare(spec, tokens=96)
     ran = {op for (op, path), n in _launch.path_counts.items() if path == "triton" and n}
-    kernels = {"rms_norm", "rms_norm_backward", "rope", "rope_backward", "swiglu", "swiglu_backward"}
+    # fused LoRA MLP (in-place GLU backward, NF4 dequantized by fastft), norms and RoPE
+    kernels = {"rms_norm", "rms_norm_backward", "rope", "rope_backward", "swiglu", "glu_backward_inplace",
+               "dequantize_nf4"}
     assert kernels <= ran, ran  # the fused kernels really ran in the real step
     assert abs(modeled.peak_bytes - real.peak_bytes) <= 0.05 * real.peak_bytes, (modeled.peak_bytes, real.peak_bytes,
                                                                                   modeled.breakdown, real.breakdown)
