@@ -173,7 +173,7 @@ class VariantPlan:
     host_bytes: int
     max_context: int | None
     max_context_host_bytes: int | None
-    limited_by: str | None  # "gpu" or "host": which budget stopped the search
+    limited_by: str | None  # "gpu" or "host": which budget stopped the search; "search cap" if nothing did
     seconds: float
     steps_run: int
     notes: list[str]
@@ -199,11 +199,13 @@ def plan_variant(config: Any, spec: StepSpec, seq_len: int, batch_size: int, bud
     if budget is not None:
         best = planner.max_context(budget, host_budget)
         host = planner.step(best).host_bytes if best else 0
-        limited = "gpu"
-        if host_budget is not None:
-            above = [t for t in planner.cache if t > best]
-            if above and planner.step(min(above)).peak_bytes <= budget:
-                limited = "host"
+        above = [t for t in planner.cache if t > best]
+        if not above:
+            limited = "search cap"  # even the longest length searched fits: the answer is a lower bound
+        elif planner.step(min(above)).peak_bytes <= budget:
+            limited = "host"
+        else:
+            limited = "gpu"
     fits = None if budget is None else planner.fits(seq_len, budget, host_budget)
     return VariantPlan(spec.variant, seq_len, result.peak_bytes, fits, result.breakdown, result.host_bytes, best, host,
                        limited, time.perf_counter() - t0, len(planner.cache), result.notes)
@@ -227,7 +229,8 @@ def _print_plan(p: VariantPlan, args: argparse.Namespace, gpu_memory: int | None
         if p.max_context:
             extra = f" (host RAM for offload: {format_bytes(p.max_context_host_bytes)})" if p.max_context_host_bytes \
                 else ""
-            bound = "; limited by host RAM" if p.limited_by == "host" else ""
+            bound = {"host": "; limited by host RAM", "search cap": " (at least: the search stops there)"}.get(
+                p.limited_by, "")
             print(f"largest sequence length that fits {where}: {p.max_context:,} tokens{extra}{bound}")
             if max_positions and p.max_context > max_positions:
                 print(f"  note: beyond the model's max_position_embeddings ({max_positions:,}); memory would allow "

@@ -139,3 +139,16 @@ def test_tiled_mlp_flag_models_fastmodel_option(tmp_path, capsys):
     assert tiled["peak_bytes"] < plain["peak_bytes"]  # the [512, intermediate] MLP activations exist 64 rows at a time
     assert main(base + ["--tiled-mlp", "0"]) == 2
     assert "--tiled-mlp TOKENS must be >= 1" in capsys.readouterr().err
+
+
+def test_search_cap_is_reported_as_a_lower_bound():
+    from fastft.memory.plan import Planner, plan_variant
+    from fastft.memory.step_model import StepSpec
+    from tests.memory._configs import tiny_llama
+
+    cfg, spec = tiny_llama(layers=1), StepSpec(variant="fastft", lora_r=4)
+    planner = Planner(cfg, spec)
+    assert planner.max_context(10**12, limit=4096) == 4096  # everything fits: stops at the cap
+    plan = plan_variant(cfg, spec, 256, 1, 10**12, planner=planner)
+    assert plan.limited_by == "search cap"
+    assert plan_variant(cfg, spec, 256, 1, 3 * 10**6).limited_by == "gpu"
