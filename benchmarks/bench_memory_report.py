@@ -175,7 +175,9 @@ def main() -> None:
         lines.append(f"| {v} | {num(colab_gpu_only[v])} | {num(n)} | {hb / 1e9:.2f} GB |")
     lines += ["", f"Command: `{cmd(BEST, 'T4')} --host-memory 12GB --baseline`. When host RAM is the limit,",
               "fastft's offloaded checkpoints (one bf16 [T, 4096] layer input per layer: 256 KiB per token for 32",
-              "layers) are what fill it."]
+              "layers) are what fill it. The 12 GB is the issue's figure for the whole machine; the training process",
+              "itself (torch, CUDA libraries, data) takes a few GB of it, so pass what is really free as "
+              "`--host-memory`."]
     n_steps = sum(len(p.cache) for p in planners.values())
     lines += ["", f"Modeling time: {time.perf_counter() - t0:.0f} s for {n_steps} modeled steps (cache shared across "
               "GPU sizes), on a shared 2-core CPU.", "",

@@ -264,8 +264,8 @@ def add_parser(sub: Any) -> None:
                         f"{', '.join(GPU_PRESETS)}; enables the max-length search")
     parser.add_argument("--reserve", default="1GiB", help="GPU memory set aside for the CUDA context, workspaces and "
                         "allocator slack before tensors (default 1GiB; 0 for the tensor-only answer)")
-    parser.add_argument("--host-memory", default=None, help="host RAM available for offloaded tensors, e.g. 12GB "
-                        "(a free Colab); bounds the max-length search")
+    parser.add_argument("--host-memory", default=None, help="host RAM free for offloaded tensors, e.g. 9GB on a "
+                        "free Colab (12.7 GB total, of which the process itself takes a few); bounds the search")
     parser.add_argument("--offload-embeddings", action="store_true",
                         help="fastft variant with the frozen input embedding in host memory (get_peft_model("
                         "offload_embeddings=True))")
@@ -311,8 +311,11 @@ def run_plan(args: argparse.Namespace) -> int:
     print(f"fastft plan (MODELED on meta tensors, not measured on a GPU): {args.model}, "
           f"{'4-bit QLoRA' if args.load_in_4bit else 'bf16 LoRA'} r={args.lora_r}, optim={args.optim}")
     if gpu_memory is not None:
-        print(f"GPU memory {format_bytes(gpu_memory)} - reserve {format_bytes(reserve)} (CUDA context, workspaces, "
-              f"allocator slack) = {format_bytes(budget)} for tensors")
+        print(f"GPU memory {format_bytes(gpu_memory)} ({gpu_memory / 2**30:.2f} GiB) - reserve {format_bytes(reserve)} "
+              f"(CUDA context, workspaces, allocator slack) = {format_bytes(budget)} for tensors")
+    if host_budget is not None:
+        print(f"host RAM for offloaded tensors: {format_bytes(host_budget)} (what is free for them, not the machine "
+              "total: the training process itself also needs a few GB)")
     # bf16 input embedding that --offload-embeddings could move (0 when tied to the LM head: it cannot move)
     tied = getattr(config, "tie_word_embeddings", False)
     embedding_bytes = 0 if tied else config.vocab_size * config.hidden_size * 2
