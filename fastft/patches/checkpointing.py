@@ -12,6 +12,7 @@ says so. The offloading function itself runs on CPU too (host copies), which is 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +33,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.extra = extra
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
+        ctx.autocast = _autocast_state(hidden.device.type)
         ctx.handle = prefetcher.offload(hidden)
         ctx.prefetcher = prefetcher
         with torch.no_grad():
@@ -43,7 +45,9 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     def backward(ctx, *grads: torch.Tensor):
         hidden = ctx.prefetcher.fetch(ctx.handle, ctx.device).detach().requires_grad_(True)
         rng_devices = [ctx.device] if ctx.cuda_rng is not None else []
-        with torch.random.fork_rng(devices=rng_devices), torch.enable_grad():
+        # The backward runs after the Trainer's autocast (bf16/fp16 mixed precision) has exited: recompute under the
+        # autocast state the forward saw, or the recomputed layer would differ from the one whose output was used.
+        with torch.random.fork_rng(devices=rng_devices), torch.enable_grad(), _autocast_context(ctx.autocast):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
@@ -53,6 +57,26 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         return (None, None, hidden.grad) + (None,) * len(ctx.extra)
+
+
+def _autocast_state(device_type: str) -> list[tuple[str, torch.dtype, bool]]:
+    """(device type, dtype, cache flag) for each autocast that is on now: the model's device and the CPU."""
+    state = []
+    for dev in dict.fromkeys((device_type, "cpu")):
+        try:
+            enabled = torch.is_autocast_enabled(dev)
+        except RuntimeError:  # a device type without autocast (meta)
+            continue
+        if enabled:
+            state.append((dev, torch.get_autocast_dtype(dev), torch.is_autocast_cache_enabled()))
+    return state
+
+
+def _autocast_context(state: list[tuple[str, torch.dtype, bool]]) -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    for dev, dtype, cache in state:
+        stack.enter_context(torch.autocast(dev, dtype=dtype, cache_enabled=cache))
+    return stack
 
 
 class _Prefetcher:

@@ -37,6 +37,32 @@ def test_offloaded_checkpoint_gradients_equal_plain_autograd():
         torch.testing.assert_close(g, r)
 
 
+def test_offloaded_checkpoint_recomputes_under_the_forward_autocast():
+    # The Trainer's bf16 autocast wraps the forward only; the recompute in the backward must see it too.
+    torch.manual_seed(0)
+    layer = _Layer()
+    seen = []
+
+    def run(x):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return layer(x)
+
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = layer(x)
+    ref.float().square().sum().backward()
+    ref_grads = [p.grad.clone() for p in layer.parameters()] + [x.grad.clone()]
+    layer.zero_grad()
+    x.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = offloaded_checkpoint(run, x)
+    assert out.dtype == ref.dtype
+    out.float().square().sum().backward()  # outside autocast, as in the Trainer
+    assert seen == [True, True]  # forward and recompute
+    for g, r in zip([p.grad for p in layer.parameters()] + [x.grad], ref_grads, strict=True):
+        torch.testing.assert_close(g, r)
+
+
 @pytest.mark.parametrize("tile", [1, 4, 7, 100])
 def test_tiled_mlp_equals_untiled(tile):
     torch.manual_seed(0)
