@@ -52,7 +52,7 @@ def main() -> None:
     colab = {v: planners[v].max_context(COLAB_GPU - RESERVE, COLAB_HOST) for v in planners}
     colab_gpu_only = {v: planners[v].max_context(COLAB_GPU - RESERVE) for v in planners}
     elapsed = time.perf_counter() - t0
-    host = {v: {gb: planners[v].step(ctx[v][gb]).host_bytes if ctx[v][gb] else 0 for gb in GPUS_GB} for v in FAST}
+    host = {gb: planners[BEST].step(ctx[BEST][gb]).host_bytes if ctx[BEST][gb] else 0 for gb in GPUS_GB}
 
     import matplotlib
 
@@ -152,7 +152,7 @@ def main() -> None:
         ratio = (f"{b / hf:.2f} ({base0[gb] / hf:.2f})" if hf and b else
                  ("both OOM" if not hf and not b else "-"))
         lines.append(f"| {gb} GiB | " + " | ".join(num(ctx[v][gb]) for v in VARIANTS)
-                     + f" | {gib(host[BEST][gb])} GiB | {num(base0[gb])} | {UNSLOTH[gb]:,} | {num(hf)} | "
+                     + f" | {gib(host[gb])} GiB | {num(base0[gb])} | {UNSLOTH[gb]:,} | {num(hf)} | "
                      + " | ".join(f"{ctx[v][gb] / UNSLOTH[gb]:.2f}x" for v in FAST)
                      + f" | {ratio} | `{cmd(BEST, f'{gb}GiB')} --baseline` |")
     lines += ["", "What dominates fastft's peak at its modeled max context (largest four phases; a shortfall vs",

@@ -126,6 +126,15 @@ def row_block(n_cols: int) -> tuple[int, int]:
     return block, num_warps
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``, False for device types with no autocast state at all ("meta":
+    the memory model)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def check_floating(name: str, t: torch.Tensor) -> None:
     """Clear error for integer/bool/complex inputs before anything reaches a kernel."""
     if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):

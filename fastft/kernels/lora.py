@@ -52,6 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastft._log import info_once
+from fastft.kernels._launch import autocast_enabled
 from fastft.kernels.nf4 import dequantize_nf4
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -407,13 +408,6 @@ def can_fuse(layer: nn.Module) -> tuple[bool, str]:
     return True, ""
 
 
-def _autocast_enabled(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except RuntimeError:  # "meta" (the memory model) has no autocast state at all
-        return False
-
-
 def _input_ok(layer: nn.Module, x: torch.Tensor) -> tuple[bool, str]:
     base = layer.get_base_layer()
     if _is_bnb_4bit(base):
@@ -422,7 +416,7 @@ def _input_ok(layer: nn.Module, x: torch.Tensor) -> tuple[bool, str]:
             return False, f"Linear4bit compute_dtype {cdt} differs from the input dtype {x.dtype}"
     elif base.weight.dtype != x.dtype:
         return False, f"base weight dtype {base.weight.dtype} differs from the input dtype {x.dtype}"
-    if _autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) != x.dtype:
+    if autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) != x.dtype:
         return False, (f"autocast to {torch.get_autocast_dtype(x.device.type)} with a {x.dtype} input (fused only "
                        "when the model already computes in the autocast dtype)")
     return True, ""
@@ -434,14 +428,14 @@ def _autocast_adapters(x: torch.Tensor, adapters: list[torch.Tensor]) -> tuple[l
     their gradients through them), and return a context that turns autocast off inside the fused function so
     nothing is cast twice. Without autocast: the adapters as they are, and a no-op context."""
     device = x.device.type
-    if not _autocast_enabled(device):
+    if not autocast_enabled(device):
         return adapters, contextlib.nullcontext()
     dtype = torch.get_autocast_dtype(device)
     cast = [a if a.dtype == dtype else a.to(dtype) for a in adapters]
     return cast, torch.autocast(device, enabled=False)
 
 
-def _adapter(layer: nn.Module) -> tuple[BaseWeight, torch.Tensor, torch.Tensor, float, bool]:
+def _adapter(layer: nn.Module) -> AdapterParts:
     name = layer.active_adapters[0]
     return (_base_of(layer), layer.lora_A[name].weight, layer.lora_B[name].weight, float(layer.scaling[name]),
             _is_bnb_4bit(layer.get_base_layer()))
@@ -488,11 +482,18 @@ def lora_mlp(mlp: nn.Module, x: torch.Tensor, activation: str = "silu", *, recom
     return _lora_mlp(layers, x, activation, recompute, inplace_backward)
 
 
-def _lora_mlp(layers, x, activation, recompute, inplace_backward=True):
+#: One projection's adapter as the fused functions take it: (base weight, A [r, in], B [out, r], scaling,
+#: add_in_base_dtype). ``_adapter`` reads it off a PEFT layer; the memory model builds it from its stand-ins.
+AdapterParts = tuple[BaseWeight, torch.Tensor, torch.Tensor, float, bool]
+
+
+def mlp_from_parts(x: torch.Tensor, parts: list[AdapterParts], activation: str, recompute: str = "activation",
+                   inplace_backward: bool = True) -> torch.Tensor:
+    """``LoRAMLP`` over (gate, up, down) adapter parts; x [..., hidden] -> [..., hidden] (see :func:`lora_mlp`)."""
     if recompute not in ("activation", "projections"):
         raise ValueError(f"recompute must be 'activation' or 'projections', got {recompute!r}")
     act = _normalize_activation(activation)
-    g, u, d = (_adapter(layers[k]) for k in ("gate_proj", "up_proj", "down_proj"))
+    g, u, d = parts
     adapters, no_autocast = _autocast_adapters(x, [g[1], g[2], u[1], u[2], d[1], d[2]])
     with no_autocast:
         return LoRAMLP.apply(
@@ -501,12 +502,21 @@ def _lora_mlp(layers, x, activation, recompute, inplace_backward=True):
         )
 
 
-def _lora_projections(layers: list[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    ads = [_adapter(layer) for layer in layers]
-    flat, no_autocast = _autocast_adapters(x, [t for a in ads for t in (a[1], a[2])])
+def projections_from_parts(x: torch.Tensor, parts: list[AdapterParts]) -> tuple[torch.Tensor, ...]:
+    """``LoRAProjections`` over one adapter's parts per projection of x; one [..., out_p] per projection."""
+    flat, no_autocast = _autocast_adapters(x, [t for a in parts for t in (a[1], a[2])])
     with no_autocast:
-        return LoRAProjections.apply(x, tuple(a[0] for a in ads), tuple(a[3] for a in ads),
-                                     tuple(a[4] for a in ads), *flat)
+        return LoRAProjections.apply(x, tuple(a[0] for a in parts), tuple(a[3] for a in parts),
+                                     tuple(a[4] for a in parts), *flat)
+
+
+def _lora_mlp(layers, x, activation, recompute, inplace_backward=True):
+    return mlp_from_parts(x, [_adapter(layers[k]) for k in ("gate_proj", "up_proj", "down_proj")], activation,
+                          recompute, inplace_backward)
+
+
+def _lora_projections(layers: list[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return projections_from_parts(x, [_adapter(layer) for layer in layers])
 
 
 def lora_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

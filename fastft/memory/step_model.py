@@ -274,10 +274,9 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            from fastft.kernels.lora import LoRAProjections
+            from fastft.kernels.lora import projections_from_parts
 
-            weight, a, b, s, add = self.fused_parts(x.dtype)
-            return LoRAProjections.apply(x, (weight,), (s,), (add,), a, b)[0]
+            return projections_from_parts(x, [self.fused_parts(x.dtype)])[0]
         result = self.base_layer(x)
         if self.clone_result:
             result = result.clone()
@@ -681,16 +680,14 @@ class StepModel:
         saved tensors and temporaries (NF4 dequantized into shared buffers) are what is measured."""
         import types
 
-        from fastft.kernels.lora import LoRAMLP
+        from fastft.kernels.lora import mlp_from_parts
 
         config = model.config
         activation = getattr(config, "hidden_activation", None) or config.hidden_act
 
         def mlp_once(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
             parts = [getattr(mlp, k).fused_parts(x.dtype) for k in ("gate_proj", "up_proj", "down_proj")]
-            return LoRAMLP.apply(x, tuple(p[0] for p in parts), tuple(p[3] for p in parts),
-                                 tuple(p[4] for p in parts), _glu_name(activation), "activation", True,
-                                 *[t for p in parts for t in (p[1], p[2])])
+            return mlp_from_parts(x, parts, activation)  # FastModel's defaults: recompute="activation", in place
 
         mlps = projections = 0
         for name, module in model.named_modules():
@@ -797,12 +794,6 @@ def _module_patches(active: bool) -> Iterator[None]:
     finally:
         for patch in changed:
             patch.revert() if active else patch.apply()
-
-
-def _glu_name(hidden_act: str) -> str:
-    """transformers' MLP activation name -> fastft.kernels.lora's ("silu", "gelu", "gelu_tanh")."""
-    return {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
-            "gelu_new": "gelu_tanh"}.get(hidden_act, hidden_act)
 
 
 def _copy_config(config: Any) -> Any:

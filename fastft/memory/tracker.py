@@ -23,6 +23,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from fastft.kernels._launch import INTERPRETER
+
 
 class LiveBytesTracker(TorchDispatchMode):
     """Count live tensor-storage bytes; ``peak_bytes`` is the high-water mark and ``peak_breakdown`` its phases."""
@@ -119,11 +121,12 @@ class LiveBytesTracker(TorchDispatchMode):
     # -- dispatch -----------------------------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        inputs, _ = tree_flatten((args, kwargs))
         if func.namespace == "fastft":
             # Re-enter so the op's inner allocations are seen; the op itself is below us and will not recurse.
             with self:
                 out = _custom_op_impl(func, args, kwargs)
-                if _interpreting(args, kwargs):
+                if INTERPRETER and any(isinstance(t, torch.Tensor) and not t.is_meta for t in inputs):
                     # Triton's interpreter leaves the launched tensors in reference cycles, so on real tensors their
                     # storages would outlive their last use until the next gc run (a GPU launch holds nothing). Collect
                     # the young generation now so the measured lifetimes are the GPU's, not the interpreter's.
@@ -132,7 +135,6 @@ class LiveBytesTracker(TorchDispatchMode):
             out = func(*args, **kwargs)
         # Outputs that share an input's storage (views, no-op casts) allocate nothing: never charge them, or a view of
         # an untracked tensor (a weight created before the tracker) would be counted as new memory.
-        inputs, _ = tree_flatten((args, kwargs))
         input_storages = {t.untyped_storage()._cdata for t in inputs if isinstance(t, torch.Tensor)}
         flat, _ = tree_flatten(out)
         for t in flat:
@@ -141,15 +143,6 @@ class LiveBytesTracker(TorchDispatchMode):
                 if storage._cdata not in input_storages:
                     self._charge(storage, self.phase)
         return out
-
-
-def _interpreting(args, kwargs) -> bool:
-    from fastft.kernels._launch import INTERPRETER
-
-    if not INTERPRETER:
-        return False
-    flat, _ = tree_flatten((args, kwargs))
-    return any(isinstance(t, torch.Tensor) and not t.is_meta for t in flat)
 
 
 def _custom_op_impl(func, args, kwargs):

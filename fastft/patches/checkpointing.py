@@ -21,6 +21,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from fastft._log import info_once
+from fastft.kernels._launch import autocast_enabled
 
 
 class _OffloadedCheckpoint(torch.autograd.Function):
@@ -63,11 +64,7 @@ def _autocast_state(device_type: str) -> list[tuple[str, torch.dtype, bool]]:
     """(device type, dtype, cache flag) for each autocast that is on now: the model's device and the CPU."""
     state = []
     for dev in dict.fromkeys((device_type, "cpu")):
-        try:
-            enabled = torch.is_autocast_enabled(dev)
-        except RuntimeError:  # a device type without autocast (meta)
-            continue
-        if enabled:
+        if autocast_enabled(dev):
             state.append((dev, torch.get_autocast_dtype(dev), torch.is_autocast_cache_enabled()))
     return state
 
