@@ -1,4 +1,4 @@
-"""``fastft`` command line: ``demo`` (the offline main job), ``train CONFIG.yaml``, ``smoke``, and later subcommands."""
+"""``fastft`` command line: ``demo`` (the offline main job), ``train CONFIG.yaml``, ``plan``, ``doctor``, ``smoke``."""
 
 from __future__ import annotations
 
@@ -58,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="time budget: save a full checkpoint and exit cleanly before exceeding it")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     train.set_defaults(func=_train)
+    from fastft.doctor import add_parser as _add_doctor_parser
     from fastft.memory.plan import add_parser as _add_plan_parser
 
     _add_plan_parser(sub)
+    _add_doctor_parser(sub)
     args = parser.parse_args(argv if argv is not None else sys.argv[1:])
     return args.func(args)

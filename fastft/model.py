@@ -146,6 +146,8 @@ class FastModel:
             tokenizer.pad_token = tokenizer.eos_token
             info_once("fastft: the tokenizer had no pad token; using its eos token for padding")
 
+        if load_in_4bit:
+            _keep_nf4_layout_on_cpu(model)
         report = patch_model(model, tiled_mlp=tiled_mlp)
         model.max_seq_length = max_seq_length
         model._fastft_full_finetuning = full_finetuning
@@ -236,6 +238,19 @@ class FastModel:
         return model
 
 
+def _keep_nf4_layout_on_cpu(model: nn.Module) -> None:
+    """bitsandbytes rewrites a Linear4bit's weight in place into a CPU bf16 inference layout at its first eval no-grad
+    forward on an AVX512-BF16 CPU; fastft's fused LoRA and merged saves read the NF4 format, so keep it."""
+    count = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    if count:
+        info_once(f"fastft: kept the NF4 layout on {count} 4-bit layers (bitsandbytes' CPU bf16 inference repacking "
+                  "is off: fastft reads NF4)")
+
+
 def _base_model(model: nn.Module) -> nn.Module:
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
@@ -254,6 +269,11 @@ def _dequantized_weight(layer: nn.Module) -> torch.Tensor:
     if cls == "Params4bit":
         from fastft.kernels import dequantize_nf4
 
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            raise RuntimeError(
+                "this 4-bit weight was rewritten by bitsandbytes into its CPU bf16 inference layout (an eval no-grad "
+                "forward on an AVX512-BF16 CPU does that in place), which neither fastft nor bitsandbytes "
+                "dequantizes back exactly; load with FastModel.from_pretrained, which keeps the NF4 layout")
         return dequantize_nf4(weight.data, weight.quant_state)
     if cls == "Int8Params":
         scb = getattr(weight, "SCB", None) if getattr(weight, "SCB", None) is not None else layer.state.SCB

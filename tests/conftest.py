@@ -35,6 +35,17 @@ def tiny_model(model_type):
     return build_tiny_model(model_type)
 
 
+@pytest.fixture
+def bnb_default_cpu_kernels():
+    """For a test whose unfused baseline is PEFT + bitsandbytes: bitsandbytes dequantizes on CPU with its generic
+    backend for the duration, so the baseline is right on every CPU (bitsandbytes 0.50.2's native AVX-512 dequantization
+    is wrong for rows that do not hold whole blocks; see tests/bnb_reference.py). Restored afterwards."""
+    from tests.bnb_reference import bitsandbytes_default_cpu_kernels
+
+    with bitsandbytes_default_cpu_kernels():
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_unpatch():
     torch.manual_seed(0)

@@ -403,6 +403,10 @@ def can_fuse(layer: nn.Module) -> tuple[bool, str]:
         qs = getattr(base.weight, "quant_state", None)
         if qs is None or qs.quant_type != "nf4":
             return False, "4-bit base is not NF4 (fp4, or not yet quantized)"
+        if getattr(qs, "packing_format_for_cpu", False):
+            # bitsandbytes rewrote it into its CPU bf16 inference layout (an eval no-grad forward on an AVX512-BF16
+            # CPU does that in place): no longer the NF4 format fastft's dequantization reads.
+            return False, "bitsandbytes converted this 4-bit weight to its CPU inference layout"
     elif type(base) is not nn.Linear:
         return False, f"base layer {type(base).__name__} is neither nn.Linear nor an NF4 bitsandbytes Linear4bit"
     return True, ""

@@ -1,4 +1,7 @@
-"""NF4 dequantization in one pass, bit-for-bit equal to ``bitsandbytes.functional.dequantize_4bit`` for ``nf4``.
+"""NF4 dequantization in one pass, bit-for-bit equal to the NF4 format's own math (bitsandbytes' ``default`` backend).
+
+Not bitsandbytes' native CPU kernel as the oracle: on AVX-512 CPUs bitsandbytes 0.50.2's native ``dequantize_4bit`` is
+wrong when the last dimension is not a multiple of the blocksize (docs/upstream/bitsandbytes-cpu-dequantize-4bit.md).
 
 QLoRA keeps frozen base weights as 4-bit NF4 codes and dequantizes them for every matmul, forward and backward. This
 op does it in a single kernel, including the double-quantized ("nested") absmax, and can write into a reused buffer
@@ -68,8 +71,8 @@ if TRITON_AVAILABLE:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Reference: bitsandbytes itself is the oracle (tests call bitsandbytes.functional.dequantize_4bit); this torch path
-# is the same math in torch, used on plain CPU and checked bit-for-bit against bitsandbytes too.
+# Reference: the NF4 format written out plainly and bitsandbytes' pure-torch `default` backend are the oracles
+# (tests/bnb_reference.py); this torch path is the same math in torch, used on plain CPU and checked bit for bit.
 # ----------------------------------------------------------------------------------------------------------------
 def _absmax_torch(absmax: torch.Tensor, absmax2: torch.Tensor | None, code2: torch.Tensor | None,
                   offset: torch.Tensor | None, blocksize2: int) -> torch.Tensor:
@@ -197,7 +200,8 @@ def _unpack_state(packed: torch.Tensor, quant_state: Any):
 
 
 def dequantize_nf4(packed: torch.Tensor, quant_state: Any, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Dequantize an NF4 weight exactly as ``bitsandbytes.functional.dequantize_4bit(packed, quant_state)``.
+    """Dequantize an NF4 weight exactly as the format defines it (bitsandbytes' ``default`` backend; its native CPU
+    kernel differs on AVX-512 CPUs at widths that are not a multiple of the blocksize, a bitsandbytes defect).
 
     Args:
         packed: the packed codes, [(numel+1)//2, 1] (``Params4bit.data``), uint8 or any quant_storage dtype.

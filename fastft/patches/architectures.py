@@ -15,18 +15,21 @@ Every change is a :class:`fastft.patches.base.Patch`: guarded, logged, and rever
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import copy
 import dataclasses
 import importlib
+import inspect
 import types
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 from fastft._log import info_once, logger, warn_once
-from fastft.patches.base import Patch, signature_guard
-
-TRANSFORMERS_RANGE = {"transformers": ">=5.23,<5.24"}
+from fastft.patches.base import Patch, all_guards, parameters_guard
 
 #: config activation name -> (fastft kernel, its approximate argument)
 ACTIVATIONS: dict[str, tuple[str, str]] = {
@@ -103,6 +106,7 @@ def _make_norm_forward(gemma: bool):
     def forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
         return rms_norm(hidden_states, self.weight, self._fastft_eps, gemma=gemma)
 
+    forward._fastft_norm = True
     return forward
 
 
@@ -156,35 +160,64 @@ def _make_rope(original):
     return apply_rotary_pos_emb
 
 
+#: Set while a caller needs real logits from a training forward with labels (TRL < 1.15 computes its SFT metrics from
+#: ``outputs.logits``): the fused-loss forward then runs the original.
+_LOGITS_REQUIRED: contextvars.ContextVar[bool] = contextvars.ContextVar("fastft_logits_required", default=False)
+
+
+@contextlib.contextmanager
+def logits_required() -> Iterator[None]:
+    """Within this block, patched causal-LM forwards return real logits (the original forward) even when training
+    with labels."""
+    token = _LOGITS_REQUIRED.set(True)
+    try:
+        yield
+    finally:
+        _LOGITS_REQUIRED.reset(token)
+
+
 def _make_causal_lm_forward(original_forward):
     """One generic training forward for every row: with labels in training mode, the loss comes from the last hidden
     state through ``linear_cross_entropy`` and the logits are never built (``logits`` is None in the output). Any
-    other call (inference, evaluation, no labels, an lm_head it cannot read directly) runs the original forward."""
+    other call (inference, evaluation, no labels, an lm_head it cannot read directly) runs the original forward.
+
+    Arguments are bound against the original's own signature and everything but the labels and the loss options is
+    handed to the backbone under the name the caller used, so a renamed pass-through parameter (transformers 5.24's
+    ``past_key_values`` -> ``cache``) needs no change here."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     from fastft.distributed import direct_read_problem, full_bias, full_weight, is_plain_linear
     from fastft.kernels import linear_cross_entropy
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+    signature = inspect.signature(original_forward)
+    var_keyword = next(name for name, p in signature.parameters.items() if p.kind is inspect.Parameter.VAR_KEYWORD)
+    output_fields = set(CausalLMOutputWithPast.__dataclass_fields__)
+
+    def forward(self, *args, **kwargs):
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError:  # let the original raise its own error for a call it does not accept
+            return original_forward(*args, **kwargs)
+        arguments = dict(bound.arguments)
+        arguments.update(arguments.pop(var_keyword, {}))
+        labels = arguments.get("labels")
+        if labels is None or not self.training or arguments.get("output_hidden_states") or _LOGITS_REQUIRED.get():
+            return original_forward(*args, **kwargs)
         head = self.get_output_embeddings()
         plain_head = isinstance(head, nn.Linear) and is_plain_linear(head)  # FSDP2's FSDPLinear counts
         if plain_head and direct_read_problem(head.weight):  # ZeRO-3: only calling lm_head gathers its weight
             info_once(f"fastft: fused loss not used: {direct_read_problem(head.weight)}; building full logits")
             plain_head = False
-        if labels is None or not self.training or not plain_head or kwargs.get("output_hidden_states"):
-            if labels is not None and self.training and not plain_head:
-                info_once(f"fastft: lm_head is a {type(head).__name__}, not a plain Linear; the loss builds full "
-                          "logits (transformers' path)")
-            return original_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                    past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
-                                    use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
-        n_items = kwargs.pop("num_items_in_batch", None)
-        shift_labels = kwargs.pop("shift_labels", None)
-        ignore_index = kwargs.pop("ignore_index", -100)
-        outputs = getattr(self, self.base_model_prefix)(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        if not plain_head:
+            info_once(f"fastft: lm_head is a {type(head).__name__}, not a plain Linear; the loss builds full "
+                      "logits (transformers' path)")
+            return original_forward(*args, **kwargs)
+        for name in ("labels", "logits_to_keep"):
+            arguments.pop(name, None)
+        n_items = arguments.pop("num_items_in_batch", None)
+        shift_labels = arguments.pop("shift_labels", None)
+        ignore_index = arguments.pop("ignore_index", -100)
+        outputs = getattr(self, self.base_model_prefix)(**arguments)
         hidden = outputs.last_hidden_state
         if shift_labels is None:
             shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
@@ -195,14 +228,91 @@ def _make_causal_lm_forward(original_forward):
             softcap=softcap, logit_scale=scale, reduction="mean", n_items=n_items)
         info_once("fastft: training loss computed from hidden states with linear_cross_entropy; logits are not "
                   "materialized (outputs.logits is None in training mode with labels)")
-        return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
-                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        # The backbone's cache / hidden states / attentions, under whatever names this release gives them.
+        passed = {name: value for name, value in outputs.items() if name in output_fields and name != "logits"}
+        return CausalLMOutputWithPast(loss=loss, logits=None, **passed)
 
+    forward._fastft_loss = True
     return forward
 
 
-_CAUSAL_LM_FORWARD_PARAMS = ("input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds",
-                             "labels", "use_cache", "logits_to_keep", "kwargs")
+def _causal_lm_contract(lm: nn.Module, original_forward: Any) -> str | None:
+    """What the fused-loss forward relies on: the original takes ``input_ids``, ``labels`` and ``**kwargs`` (which it
+    hands to the backbone), the backbone sits at ``base_model_prefix``, and the output class has a ``loss`` field."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    problem = parameters_guard("input_ids", "labels", var_keyword=True)(original_forward)
+    if problem:
+        return f"{type(lm).__name__}.forward: {problem}"
+    backbone = getattr(lm, getattr(lm, "base_model_prefix", ""), None)
+    if not isinstance(backbone, nn.Module):
+        return f"{type(lm).__name__} has no backbone at base_model_prefix={getattr(lm, 'base_model_prefix', None)!r}"
+    if not callable(getattr(lm, "get_output_embeddings", None)):
+        return f"{type(lm).__name__} has no get_output_embeddings()"
+    if not {"loss", "logits"} <= set(CausalLMOutputWithPast.__dataclass_fields__):
+        return "CausalLMOutputWithPast has no loss/logits fields"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Numerical probes: original vs replacement on tiny CPU tensors, at patch time
+# ----------------------------------------------------------------------------------------------------------------
+#: fp32 agreement a probe demands: the same function up to the order of float operations.
+_PROBE_RTOL, _PROBE_ATOL = 1e-4, 1e-5
+
+
+def _compare(what: str, got: Any, want: Any) -> str | None:
+    got = got if isinstance(got, tuple) else (got,)
+    want = want if isinstance(want, tuple) else (want,)
+    if len(got) != len(want):
+        return f"{what}: the replacement returns {len(got)} tensors, the original {len(want)}"
+    for g, w in zip(got, want):
+        if not isinstance(w, torch.Tensor) or g.shape != w.shape:
+            return f"{what}: output shapes differ"
+        if not torch.allclose(g.float(), w.float(), rtol=_PROBE_RTOL, atol=_PROBE_ATOL):
+            return f"{what}: probe mismatch, max |diff| {(g.float() - w.float()).abs().max().item():.3g}"
+    return None
+
+
+def _rope_contract(original: Any) -> str | None:
+    problem = parameters_guard("q", "k", "cos", "sin")(original)
+    if problem:
+        return problem
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        q, k = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8)
+        angles = torch.arange(5.0)[:, None] * torch.rand(4)[None, :]
+        emb = torch.cat((angles, angles), dim=-1)[None]
+        cos, sin = emb.cos(), emb.sin()
+    with torch.no_grad():
+        return _compare("RoPE", _make_rope(original)(q, k, cos, sin), original(q, k, cos, sin))
+
+
+def _norm_contract(norm_cls: type, example: nn.Module, gemma: bool) -> str | None:
+    """A fresh CPU instance of the model's norm class with random weights: its forward vs fastft's rms_norm."""
+    from fastft.kernels import rms_norm
+
+    hidden, eps = example.weight.shape[-1], _norm_eps(example)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(0)
+        probe = norm_cls(hidden, eps=eps).float()
+        probe.weight.normal_(0.0, 0.5)
+        x = torch.randn(3, hidden)
+        return _compare(f"{norm_cls.__name__}", rms_norm(x, probe.weight, eps, gemma=gemma), norm_cls.forward(probe, x))
+
+
+def _mlp_contract(mlp_cls: type, config: Any, forward: Any, mlp_once: Any) -> str | None:
+    """A small CPU instance of the model's MLP class (its own config, hidden 16 / intermediate 24): its forward vs
+    the patched forward -- the activation, and the gate/up/down wiring."""
+    small = copy.deepcopy(config)
+    small.hidden_size, small.intermediate_size = 16, 24
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(0)
+        probe = mlp_cls(small).float()
+        x = torch.randn(3, 16)
+        want = mlp_cls.forward(probe, x)
+        probe._fastft_mlp_once = types.MethodType(mlp_once, probe)
+        return _compare(f"{mlp_cls.__name__}", forward(probe, x), want)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -214,12 +324,22 @@ class PatchReport:
     supported: bool
     applied: list[str] = dataclasses.field(default_factory=list)
     skipped: list[str] = dataclasses.field(default_factory=list)
+    #: piece -> why it was left unpatched
+    reasons: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def record(self, name: str, applied: bool, problem: str | None, piece: str | None = None) -> None:
+        if applied:
+            self.applied.append(name)
+        else:
+            self.skipped.append(piece or name)
+            self.reasons[piece or name] = problem or "not applied"
 
     def __str__(self) -> str:
         if not self.supported:
             return f"fastft: model_type {self.model_type!r} is not in the architecture table; loaded unpatched"
+        skipped = [f"{name} ({self.reasons[name]})" if name in self.reasons else name for name in self.skipped]
         return (f"fastft: {self.model_type}: patched {', '.join(self.applied) or 'nothing'}"
-                + (f"; left unpatched: {', '.join(self.skipped)}" if self.skipped else ""))
+                + (f"; left unpatched: {', '.join(skipped)}" if skipped else ""))
 
 
 #: modeling module -> its RoPE Patch (module-level patches are shared by every model of that architecture)
@@ -227,7 +347,7 @@ _MODULE_PATCHES: dict[str, Patch] = {}
 
 
 def _instance_patch(name: str, module: nn.Module, attribute: str, function) -> Patch:
-    return Patch(name, module, attribute, types.MethodType(function, module))
+    return Patch(name, module, attribute, types.MethodType(function, module), tested=("transformers",))
 
 
 def patch_model(model: nn.Module, *, tiled_mlp: bool | int = False) -> PatchReport:
@@ -250,60 +370,69 @@ def patch_model(model: nn.Module, *, tiled_mlp: bool | int = False) -> PatchRepo
         report.skipped.append("everything")
         return report
 
-    # RoPE: module function, process-wide, guarded on its signature; one Patch per module so loading a second
-    # model neither stacks wrappers nor loses the original.
+    # RoPE: module function, process-wide, guarded on its contract (parameters + a numerical probe); one Patch per
+    # module so loading a second model neither stacks wrappers nor loses the original.
     rope = _MODULE_PATCHES.get(row.module)
     if rope is None:
         rope = _MODULE_PATCHES[row.module] = Patch(
             f"{model_type} rotary embedding", modeling, row.rope_function, _make_rope, wrap=True,
-            requires=TRANSFORMERS_RANGE, guard=signature_guard("q", "k", "cos", "sin", "unsqueeze_dim"))
-    (report.applied if rope.apply() else report.skipped).append("rope")
+            tested=("transformers",), guard=_rope_contract)
+    report.record("rope", rope.apply(), rope.problem)
 
-    # RMSNorm instances.
+    # RMSNorm instances: the class's forward vs fastft's rms_norm on a fresh CPU instance, once per call.
     norm_cls = getattr(modeling, row.norm_class, None)
-    norm_forward = _make_norm_forward(row.norm_style == "gemma")
-    norms = 0
-    for module in model.modules():
-        if norm_cls is not None and type(module) is norm_cls:
-            if "forward" not in vars(module):  # not patched yet
+    norms = [m for m in model.modules() if norm_cls is not None and type(m) is norm_cls]
+    todo = [m for m in norms if not getattr(vars(m).get("forward"), "_fastft_norm", False)]
+    problem = None if norms else f"no {row.norm_class} modules found"
+    if todo:
+        problem = all_guards(lambda _: _norm_contract(norm_cls, todo[0], row.norm_style == "gemma"))(norm_cls)
+        if problem:
+            warn_once(f"fastft: not applying '{model_type} RMSNorm' ({problem}); norms run as transformers wrote them",
+                      key=f"skip:{model_type} RMSNorm")
+        else:
+            norm_forward = _make_norm_forward(row.norm_style == "gemma")
+            for module in todo:
                 module._fastft_eps = _norm_eps(module)
                 _instance_patch(f"{model_type} RMSNorm", module, "forward", norm_forward).apply()
-            norms += 1
-    if norms:
-        report.applied.append("rms_norm")
-    else:
-        report.skipped.append("rms_norm")
+    report.record("rms_norm", bool(norms) and not problem, problem)
 
-    # MLP instances.
+    # MLP instances: the class's forward vs the patched forward on a small CPU instance, once per call.
     act_name = getattr(config, row.activation_field, None)
     mlp_cls = getattr(modeling, row.mlp_class, None)
+    mlps = [m for m in model.modules() if mlp_cls is not None and type(m) is mlp_cls]
     if act_name not in ACTIVATIONS:
-        info_once(f"fastft: {model_type} MLP activation {act_name!r} has no fused kernel; MLP left as is")
-        report.skipped.append("mlp")
+        report.record("mlp", False, f"activation {act_name!r} has no fused kernel")
+    elif not mlps:
+        report.record("mlp", False, f"no {row.mlp_class} modules found")
     else:
         kernel, approximate = ACTIVATIONS[act_name]
         forward, mlp_once = _make_mlp_forward(kernel, approximate)
         tile = None if tiled_mlp is False else (4096 if tiled_mlp is True else int(tiled_mlp))
-        for module in model.modules():
-            if mlp_cls is not None and type(module) is mlp_cls:
+        todo = [m for m in mlps if "_fastft_mlp_once" not in vars(m)]
+        problem = all_guards(lambda _: _mlp_contract(mlp_cls, config, forward, mlp_once))(mlp_cls) if todo else None
+        if problem:
+            warn_once(f"fastft: not applying '{model_type} MLP' ({problem}); MLPs run as transformers wrote them",
+                      key=f"skip:{model_type} MLP")
+        else:
+            for module in mlps:
                 if tile is not None:
                     module._fastft_tile_tokens = tile
-                if "forward" in vars(module):
-                    continue  # already ours
+            for module in todo:
                 module._fastft_mlp_once = types.MethodType(mlp_once, module)
                 _instance_patch(f"{model_type} MLP ({kernel})", module, "forward", forward).apply()
-        report.applied.append(f"mlp:{kernel}" + (f" tiled({tile})" if tile else ""))
-    # The loss head: on the causal-LM instance, guarded on its forward's signature.
+        report.record(f"mlp:{kernel}" + (f" tiled({tile})" if tile else ""), not problem, problem, piece="mlp")
+
+    # The loss head: on the causal-LM instance, guarded on its forward's contract.
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if "forward" in vars(lm):
-        report.applied.append("fused_loss")
+    if getattr(getattr(vars(lm).get("forward"), "__func__", None), "_fastft_loss", False):
+        report.record("fused_loss", True, None)
     else:
         original = lm.forward
-        guard = signature_guard(*_CAUSAL_LM_FORWARD_PARAMS)
-        loss_patch = Patch(f"{model_type} causal-LM loss", lm, "forward",
-                           types.MethodType(_make_causal_lm_forward(original), lm), requires=TRANSFORMERS_RANGE,
-                           guard=lambda _: guard(original))
-        (report.applied if loss_patch.apply() else report.skipped).append("fused_loss")
+        problem = _causal_lm_contract(lm, original)
+        replacement = None if problem else types.MethodType(_make_causal_lm_forward(original), lm)
+        loss_patch = Patch(f"{model_type} causal-LM loss", lm, "forward", replacement, tested=("transformers",),
+                           guard=lambda _: problem)
+        report.record("fused_loss", loss_patch.apply(), loss_patch.problem)
     logger.info(str(report))
     model._fastft_patch_report = report
     return report

@@ -1,17 +1,19 @@
-"""PatchFastRL: TRL 1.16's SFT, DPO and GRPO trainers with fastft's lean LM-head losses.
+"""PatchFastRL: TRL's SFT, DPO and GRPO trainers with fastft's lean LM-head losses, optimizer and generation hooks.
 
-How TRL 1.16 computes its losses, and where we step in
-------------------------------------------------------
+How TRL (>= 1.15) computes its losses, and where we step in
+-----------------------------------------------------------
 Every one of the three trainers calls ``add_fused_lm_head(model, ...)`` in ``__init__``, which sets ``model.forward``
 (on the transformers model inside any PEFT wrapper, and on a separate reference model) to a closure; calling
 ``model(..., labels=labels, fused_lm_head=True)`` then runs the backbone and returns per-token log-probs (plus the
 entropy / top-1 / mean-logit fields the trainer asked for) from TRL's own chunked projection. On CPU (and any
 non-Triton device) TRL scores *every* position, prompt and padding included, through a ``[tokens, 32768]`` tile.
 
-fastft's fast classes are plain subclasses (``FastSFTTrainer(trl.SFTTrainer)``, ...). While one of their loss methods
-runs, :func:`_fast_heads` swaps that closure for :func:`_make_fast_forward`'s, and swaps it back afterwards. The fast
-forward runs the same backbone, keeps only the positions whose label is not -100 (completion tokens in GRPO/DPO,
-non-masked tokens in SFT) and calls
+PatchFastRL installs a few hooks on TRL's trainer class *itself* (each a reversible, contract-guarded
+:class:`~fastft.patches.base.Patch` on ``SFTTrainer.compute_loss``, ``GRPOTrainer._get_per_token_logps_and_entropies``
+...), so every name the class is imported by, and every trainer already built, runs them: the order of imports does
+not matter. While a hooked loss method runs, :func:`_fast_heads` swaps TRL's closure for :func:`_make_fast_forward`'s,
+and swaps it back afterwards. The fast forward runs the same backbone, keeps only the positions whose label is not
+-100 (completion tokens in GRPO/DPO, non-masked tokens in SFT) and calls
 
 * ``fastft.kernels.linear_cross_entropy`` for the SFT loss (``fused_lm_head=LOSS_ONLY``: no per-token output at all);
 * ``fastft.kernels.selective_log_softmax`` for per-token log-probs / entropies (GRPO policy, old policy and reference;
@@ -26,23 +28,26 @@ TRL to float rounding (the tests check per-step loss and grad norm).
 Metrics that need the full distribution (SFT ``mean_token_accuracy`` and ``entropy``; DPO ``logits/*``,
 ``mean_token_accuracy``, WPO's ``log_sum_sq_probs``) are computed exactly, without gradient, by one extra chunked
 projection of the valid tokens (:func:`_token_stats`, at most ``_STATS_CHUNK_ELEMENTS`` logits alive at once). That
-costs one more forward GEMM of the LM head per step; set ``FastSFTTrainer.token_metrics = False`` to skip it for SFT
+costs one more forward GEMM of the LM head per step; set ``trainer.fastft_token_metrics = False`` to skip it for SFT
 (the two metrics are then not logged, with a one-time note).
 
 Anything the fast path does not cover falls back to TRL's forward for that call (logged once): MoE router logits,
 an LM head that is not a plain ``nn.Linear`` (e.g. LoRA on ``lm_head``), DeepSpeed ZeRO-3 placeholder heads (FSDP2
-DTensor heads are gathered by ``fastft.distributed.full_weight``); SFT with
-``compute_loss_func``, label smoothing, ``return_outputs`` or DeepSpeed sequence parallelism;
-GRPO with vision inputs or an MoE aux loss.
+DTensor heads are gathered by ``fastft.distributed.full_weight``); SFT with ``compute_loss_func``, label smoothing,
+``return_outputs`` or DeepSpeed sequence parallelism; GRPO with vision inputs or an MoE aux loss. TRL 1.14 has no
+fused-head hook: there the losses run TRL's own code (said once, visibly) and the optimizer / generation hooks apply.
 
-Safety: at ``PatchFastRL`` time each trainer is checked -- TRL version in ``>=1.16,<1.17``, the signature of every
-method overridden or relied upon, TRL's fused-head helper, and the fastft kernels being importable. On any mismatch
-that trainer is left unpatched with one warning. ``fastft.unpatch()`` restores all names.
+Safety: each hook checks, at PatchFastRL time, that the method it wraps still takes the parameters the hook reads;
+everything else is passed through untouched. When one fails, that trainer is left unpatched with one warning.
+``fastft.unpatch()`` restores the classes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import difflib
+import inspect
 import os
 import types
 from collections.abc import Callable, Iterator
@@ -50,11 +55,9 @@ from typing import Any
 
 import torch
 
-from fastft._log import info_once, logger
+from fastft._log import info_once, logger, warn_once
 from fastft.distributed import direct_read_problem, full_bias, full_weight, is_dtensor, is_plain_linear
-from fastft.patches.base import Patch, signature_guard
-
-TRL_RANGE = {"trl": ">=1.16,<1.17"}
+from fastft.patches.base import Patch, parameters_guard
 
 #: ``model(..., fused_lm_head=LOSS_ONLY)`` asks the fast head for the loss alone (linear cross-entropy, no per-token
 #: log-probs). TRL's own fused forward treats any truthy value as ``True``, so a fallback still returns ``loss``.
@@ -257,10 +260,29 @@ def _fused_target(trainer: Any, model: Any) -> Any:
     return get_base_model() if callable(get_base_model) and hasattr(model, "peft_config") else model
 
 
+#: Every per-token field TRL's head can be asked for: used when the fields TRL configured cannot be read.
+_ALL_HEAD_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
+
+
+def _trl_head_outputs(forward: Any) -> tuple[str, ...]:
+    """The ``outputs`` TRL's ``add_fused_lm_head`` was called with for this model (read from its closure), so the
+    fast head fills exactly the fields TRL's loss and metrics read; all of them if that cannot be read."""
+    func = getattr(forward, "__func__", None)
+    cells = dict(zip(getattr(getattr(func, "__code__", None), "co_freevars", ()), getattr(func, "__closure__", None)
+                     or ()))
+    try:
+        outputs = cells["outputs"].cell_contents
+    except (KeyError, ValueError):
+        return _ALL_HEAD_OUTPUTS
+    return tuple(outputs) if isinstance(outputs, (tuple, list)) else _ALL_HEAD_OUTPUTS
+
+
 @contextlib.contextmanager
-def _fast_heads(trainer: Any, *, temperature: float, policy_outputs: tuple[str, ...],
+def _fast_heads(trainer: Any, *, temperature: float, policy_outputs: tuple[str, ...] | None,
                 ref_outputs: tuple[str, ...] = ("log_probs",)) -> Iterator[bool]:
-    """While active, the policy's (and reference model's) TRL fused forward is fastft's; yields whether any was."""
+    """While active, the policy's (and reference model's) TRL fused forward is fastft's; yields whether any was.
+
+    ``policy_outputs=None``: the per-token fields TRL configured the policy's head with."""
     installed = []
     cast_fp32 = bool(getattr(trainer.args, "cast_lm_head_to_fp32", False))
     for model, outputs in ((trainer.model, policy_outputs), (getattr(trainer, "ref_model", None), ref_outputs)):
@@ -274,6 +296,8 @@ def _fast_heads(trainer: Any, *, temperature: float, policy_outputs: tuple[str, 
             info_once(f"fastft: {type(target).__name__} carries no TRL fused LM head; its loss runs as TRL wrote it",
                       key=f"no-trl-head:{type(target).__name__}")
             continue
+        if outputs is None:
+            outputs = _trl_head_outputs(current)
         fast = _make_fast_forward(current, temperature=temperature, outputs=outputs, cast_fp32=cast_fp32)
         target.forward = types.MethodType(fast, target)
         installed.append((target, current))
@@ -306,14 +330,17 @@ def _fastft_create_optimizer(trainer: Any, model: Any) -> torch.optim.Optimizer 
     return optimizer
 
 
-class _FastOptimizerMixin:
-    def create_optimizer(self, model=None):
+def _hook_create_optimizer(original: Callable) -> Callable:
+    def create_optimizer(self, *args, **kwargs):
+        model = args[0] if args else kwargs.get("model")
         optimizer = _fastft_create_optimizer(self, model)
         if optimizer is None:
-            return super().create_optimizer(model)
+            return original(self, *args, **kwargs)
         self.optimizer = optimizer
         logger.info("fastft: optimizer %s from fastft.optim", type(optimizer).__name__)
         return self.optimizer
+
+    return create_optimizer
 
 
 def _fast_model_class() -> Any:
@@ -326,185 +353,251 @@ def _fast_model_class() -> Any:
     return FastModel
 
 
+def _fused_head_problem() -> str | None:
+    """Why this TRL's fused-LM-head hook cannot carry fastft's heads (None when it can); checked once per process."""
+    global _FUSED_HEAD_CHECKED
+    if _FUSED_HEAD_CHECKED is _UNCHECKED:
+        _FUSED_HEAD_CHECKED = _common_problem()
+    return _FUSED_HEAD_CHECKED
+
+
+_UNCHECKED = object()
+_FUSED_HEAD_CHECKED: Any = _UNCHECKED
+
+
+@contextlib.contextmanager
+def _trl_loss(trainer: Any) -> Iterator[None]:
+    """Around TRL's own loss code when there is no fused-head hook: the model must hand TRL real logits, so
+    FastModel's logits-free training loss steps aside for the call (TRL < 1.15 reads ``outputs.logits``)."""
+    from fastft.patches.architectures import logits_required
+
+    with logits_required():
+        yield
+
+
+def _without_fused_head(algorithm: str) -> bool:
+    problem = _fused_head_problem()
+    if problem:
+        warn_once(f"fastft: {problem}: PatchFastRL({algorithm!r}) keeps fastft's optimizer and generation hooks, but "
+                  "the loss runs TRL's own code with full logits", key=f"no-fused-head:{algorithm}")
+    return problem is not None
+
+
 # --------------------------------------------------------------------------------------------------------------------
-# The fast trainer classes (built lazily: importing fastft must not import trl)
+# The hooks each trainer gets (installed on TRL's class itself: every reference to it, and every trainer already
+# built, sees them; ``fastft.unpatch()`` restores the class)
 # --------------------------------------------------------------------------------------------------------------------
-_SFT_OUTPUTS = ("log_probs", "entropy", "is_top1")
+#: Per-token fields the SFT fast head fills for TRL's metrics (entropy, mean_token_accuracy).
+_SFT_METRIC_OUTPUTS = ("entropy", "is_top1")
+#: Instance attributes of SFTTrainer the fast SFT loss reads (TRL >= 1.15); a trainer without them runs TRL's code.
+_SFT_ATTRIBUTES = ("compute_loss_func", "aux_loss_enabled", "label_smoother", "_metrics", "_total_train_tokens",
+                   "_tp_size", "get_tp_size")
 
 
-def _build_sft(base: type) -> type:
-    class FastSFTTrainer(_FastOptimizerMixin, base):
-        """TRL's SFTTrainer; the loss is fastft's linear cross-entropy on the last hidden state (no logits)."""
-
-        #: Compute ``entropy`` / ``mean_token_accuracy`` exactly with one extra no-grad LM-head pass.
-        token_metrics: bool = True
-
-        def _fast_loss_applies(self, inputs: dict, return_outputs: bool) -> bool:
-            if return_outputs or self.compute_loss_func is not None or self.aux_loss_enabled:
-                return False
-            if self.label_smoother is not None or self.args.loss_type != "nll" or "shift_labels" in inputs:
-                return False
-            parallelism = getattr(self.accelerator, "parallelism_config", None)
-            return not (parallelism is not None and getattr(parallelism, "sp_enabled", False))
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if not self._fast_loss_applies(inputs, return_outputs):
-                # e.g. DFT needs per-token log-probs: TRL's code with the fast per-token head underneath.
-                with _fast_heads(self, temperature=1.0, policy_outputs=_SFT_OUTPUTS):
-                    return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            mode = "train" if self.model.training else "eval"
-            inputs["use_cache"] = False
-            outputs_wanted = ("entropy", "is_top1") if self.token_metrics else ()
-            with _fast_heads(self, temperature=1.0, policy_outputs=outputs_wanted) as fast:
-                outputs = model(**inputs, fused_lm_head=LOSS_ONLY if fast else True,
-                                num_items_in_batch=num_items_in_batch)
-            # `outputs.loss` is sum(-log p) / max(num_items_in_batch or #valid, 1): TRL's reduction exactly.
-            loss = outputs.loss
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-            self._log_sft_metrics(mode, inputs, outputs)
-            return loss
-
-        def _log_sft_metrics(self, mode: str, inputs: dict, outputs: Any) -> None:
-            # The same metrics, gathered the same way, as SFTTrainer.compute_loss in TRL 1.16.
-            gather = self.accelerator.gather_for_metrics
-            if outputs.entropy is not None and outputs.is_top1 is not None:
-                num_valid = gather(outputs.label_mask.sum()).sum()
-                entropy_sum = gather(outputs.entropy.detach().sum()).sum()
-                num_correct = gather(outputs.is_top1.sum()).sum()
-                self._metrics[mode]["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
-                self._metrics[mode]["mean_token_accuracy"].append(
-                    (num_correct / num_valid).item() if num_valid > 0 else 0.0)
-            else:
-                info_once("fastft: FastSFTTrainer.token_metrics is False: entropy and mean_token_accuracy are not "
-                          "logged (they need one extra LM-head pass)", key="sft-no-metrics")
-            if mode == "train":
-                if "attention_mask" in inputs:
-                    num_tokens = gather(inputs["attention_mask"].sum()).sum().item()
-                elif "position_ids" in inputs:
-                    local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
-                    num_tokens = gather(local).sum().item()
-                else:
-                    raise ValueError("Expected 'attention_mask' or 'position_ids' in inputs.")
-                self._total_train_tokens += num_tokens // self._tp_size
-            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
-
-    return FastSFTTrainer
+def _sft_fast_loss_problem(trainer: Any, inputs: dict, return_outputs: bool) -> str | None:
+    missing = [name for name in _SFT_ATTRIBUTES if not hasattr(trainer, name)]
+    if missing:
+        return f"this SFTTrainer lacks {', '.join(missing)}"
+    if return_outputs:
+        return "return_outputs=True"
+    if trainer.compute_loss_func is not None:
+        return "a custom compute_loss_func"
+    if trainer.aux_loss_enabled:
+        return "an MoE aux loss"
+    if trainer.label_smoother is not None:
+        return "label smoothing"
+    if getattr(trainer.args, "loss_type", "nll") != "nll":
+        return f"loss_type={trainer.args.loss_type!r}"
+    if "shift_labels" in inputs:
+        return "pre-shifted labels (context/sequence parallelism)"
+    parallelism = getattr(trainer.accelerator, "parallelism_config", None)
+    if parallelism is not None and getattr(parallelism, "sp_enabled", False):
+        return "sequence parallelism"
+    return None
 
 
-def _build_dpo(base: type) -> type:
-    class FastDPOTrainer(_FastOptimizerMixin, base):
-        """TRL's DPOTrainer; chosen/rejected and reference log-probs come from fastft's selective_log_softmax."""
+def _hook_sft_compute_loss(original: Callable) -> Callable:
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+        if _without_fused_head("SFT"):
+            with _trl_loss(self):
+                return original(self, model, inputs, return_outputs, num_items_in_batch, **kwargs)
+        problem = "arguments fastft does not know: " + ", ".join(kwargs) if kwargs else None
+        problem = problem or _sft_fast_loss_problem(self, inputs, return_outputs)
+        if problem:
+            # e.g. DFT needs per-token log-probs: TRL's code with the fast per-token head underneath.
+            info_once(f"fastft: SFT loss runs TRL's code over fastft's per-token head ({problem})",
+                      key=f"sft-trl-loss:{problem}")
+            with _fast_heads(self, temperature=1.0, policy_outputs=None):
+                return original(self, model, inputs, return_outputs, num_items_in_batch, **kwargs)
+        mode = "train" if self.model.training else "eval"
+        inputs["use_cache"] = False
+        outputs_wanted = _SFT_METRIC_OUTPUTS if getattr(self, "fastft_token_metrics", True) else ()
+        with _fast_heads(self, temperature=1.0, policy_outputs=outputs_wanted) as fast:
+            outputs = model(**inputs, fused_lm_head=LOSS_ONLY if fast else True, num_items_in_batch=num_items_in_batch)
+        # `outputs.loss` is sum(-log p) / max(num_items_in_batch or #valid, 1): TRL's reduction exactly.
+        loss = outputs.loss
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        _log_sft_metrics(self, mode, inputs, outputs)
+        return loss
 
-        def _dpo_outputs(self) -> tuple[str, ...]:
-            # What TRL 1.16's DPOTrainer asks its fused head for (metrics, and WPO weights when enabled).
-            outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
-            return outputs + ("log_sum_sq_probs",) if self.use_weighting else outputs
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            with _fast_heads(self, temperature=1.0, policy_outputs=self._dpo_outputs()):
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-        def compute_ref_log_probs(self, model, inputs):
-            # Used by precompute_ref_log_probs; TRL disables the adapters (or selects "ref") around the forward.
-            with _fast_heads(self, temperature=1.0, policy_outputs=("log_probs",)):
-                return super().compute_ref_log_probs(model, inputs)
-
-    return FastDPOTrainer
+    return compute_loss
 
 
-_GRPO_VISION_ARGS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
-                     "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+def _log_sft_metrics(trainer: Any, mode: str, inputs: dict, outputs: Any) -> None:
+    # The same metrics, gathered the same way, as SFTTrainer.compute_loss in TRL 1.16.
+    gather = trainer.accelerator.gather_for_metrics
+    metrics = trainer._metrics[mode]
+    if outputs.entropy is not None and outputs.is_top1 is not None:
+        num_valid = gather(outputs.label_mask.sum()).sum()
+        entropy_sum = gather(outputs.entropy.detach().sum()).sum()
+        num_correct = gather(outputs.is_top1.sum()).sum()
+        metrics["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
+        metrics["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
+    else:
+        info_once("fastft: fastft_token_metrics is False on this trainer: entropy and mean_token_accuracy are not "
+                  "logged (they need one extra LM-head pass)", key="sft-no-metrics")
+    if mode == "train":
+        if "attention_mask" in inputs:
+            num_tokens = gather(inputs["attention_mask"].sum()).sum().item()
+        elif "position_ids" in inputs:
+            local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+            num_tokens = gather(local).sum().item()
+        else:
+            raise ValueError("Expected 'attention_mask' or 'position_ids' in inputs.")
+        trainer._total_train_tokens += num_tokens // trainer._tp_size
+    metrics["num_tokens"] = [trainer._total_train_tokens]
 
 
-def _build_grpo(base: type) -> type:
-    class FastGRPOTrainer(_FastOptimizerMixin, base):
-        """TRL's GRPOTrainer; policy, old-policy and reference log-probs come from fastft's selective_log_softmax
-        on the completion positions only. The loss variants are TRL's own code."""
+def _hook_per_token_head(algorithm: str) -> Callable[[Callable], Callable]:
+    """DPO's compute_loss / compute_ref_log_probs: TRL's code, with fastft's head under TRL's fused-head calls
+    (the per-token fields are the ones TRL configured its head with)."""
 
-        def _get_per_token_logps_and_entropies(
-            self,
-            model,
-            input_ids,
-            attention_mask,
-            logits_to_keep,
-            batch_size=None,
-            compute_entropy=False,
-            compute_aux_loss=False,
-            pixel_values=None,
-            image_grid_thw=None,
-            num_images=None,
-            pixel_attention_mask=None,
-            spatial_shapes=None,
-            num_tiles=None,
-            image_sizes=None,
-            token_type_ids=None,
-            mm_token_type_ids=None,
-            image_position_ids=None,
-        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-            args = dict(model=model, input_ids=input_ids, attention_mask=attention_mask,
-                        logits_to_keep=logits_to_keep, batch_size=batch_size, compute_entropy=compute_entropy,
-                        compute_aux_loss=compute_aux_loss, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-                        num_images=num_images, pixel_attention_mask=pixel_attention_mask,
-                        spatial_shapes=spatial_shapes, num_tiles=num_tiles, image_sizes=image_sizes,
-                        token_type_ids=token_type_ids, mm_token_type_ids=mm_token_type_ids,
-                        image_position_ids=image_position_ids)
-            if compute_aux_loss or any(args[name] is not None for name in _GRPO_VISION_ARGS):
-                info_once("fastft: GRPO with vision inputs or an MoE aux loss uses TRL's log-prob path",
-                          key="grpo-fallback")
-                return super()._get_per_token_logps_and_entropies(**args)
-            # The old-policy and reference passes need no entropy: don't compute one (TRL always does).
-            outputs = ("log_probs", "entropy") if compute_entropy else ("log_probs",)
-            with _fast_heads(self, temperature=self.temperature, policy_outputs=outputs):
-                return super()._get_per_token_logps_and_entropies(**args)
+    def hook(original: Callable) -> Callable:
+        def method(self, *args, **kwargs):
+            if _without_fused_head(algorithm):
+                with _trl_loss(self):
+                    return original(self, *args, **kwargs)
+            with _fast_heads(self, temperature=1.0, policy_outputs=None):
+                return original(self, *args, **kwargs)
 
-        def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations,
-                                  has_tool_images=False):
-            fast_model = _fast_model_class()
-            for_inference = getattr(fast_model, "for_inference", None)
-            for_training = getattr(fast_model, "for_training", None)
-            if self.use_vllm or for_inference is None or for_training is None:
-                return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
-                                                     has_tool_images)
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            for_inference(unwrapped)
-            try:
-                return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
-                                                     has_tool_images)
-            finally:
-                for_training(unwrapped)
+        return method
 
-    return FastGRPOTrainer
+    return hook
+
+
+#: GRPO log-prob arguments the fast head covers; any other argument that is not None (images, new inputs) -> TRL's.
+_GRPO_TEXT_ARGS = frozenset({"self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size",
+                             "compute_entropy", "compute_aux_loss"})
+
+
+def _hook_grpo_log_probs(original: Callable) -> Callable:
+    signature = inspect.signature(original)
+    takes_entropy_flag = "compute_entropy" in signature.parameters
+
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        if _without_fused_head("GRPO"):
+            with _trl_loss(self):
+                return original(self, *args, **kwargs)
+        try:
+            arguments = _named_arguments(signature, self, *args, **kwargs)
+        except TypeError:
+            return original(self, *args, **kwargs)
+        other = sorted(name for name, value in arguments.items() if name not in _GRPO_TEXT_ARGS and value is not None)
+        temperature = getattr(self, "temperature", None)
+        if arguments.get("compute_aux_loss") or other or temperature is None:
+            reason = "an MoE aux loss" if arguments.get("compute_aux_loss") else (
+                f"inputs {', '.join(other)}" if other else "no temperature on the trainer")
+            info_once(f"fastft: GRPO log-probs use TRL's path ({reason})", key=f"grpo-fallback:{reason}")
+            return original(self, *args, **kwargs)
+        # The old-policy and reference passes need no entropy: don't compute one (TRL's head always does).
+        wants_entropy = arguments.get("compute_entropy") if takes_entropy_flag else True
+        outputs = ("log_probs", "entropy") if wants_entropy else ("log_probs",)
+        with _fast_heads(self, temperature=temperature, policy_outputs=outputs):
+            return original(self, *args, **kwargs)
+
+    return _get_per_token_logps_and_entropies
+
+
+def _named_arguments(signature: inspect.Signature, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """The call's arguments by parameter name (``**kwargs`` flattened in; ``*args`` kept under its own name)."""
+    bound = signature.bind(*args, **kwargs)
+    named = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            named[name] = value or None
+        else:
+            named[name] = value
+    return named
+
+
+def _hook_grpo_generation(original: Callable) -> Callable:
+    """Generation between FastModel.for_inference and for_training (fused paths off, KV cache on), restoring the
+    train/eval mode it found: a generation during evaluation leaves the model in eval mode."""
+
+    def _generate_single_turn(self, *args, **kwargs):
+        fast_model = _fast_model_class()
+        for_inference = getattr(fast_model, "for_inference", None)
+        for_training = getattr(fast_model, "for_training", None)
+        if getattr(self, "use_vllm", False) or for_inference is None or for_training is None:
+            return original(self, *args, **kwargs)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        was_training = getattr(unwrapped, "training", True)
+        for_inference(unwrapped)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            for_training(unwrapped)
+            if not was_training and hasattr(unwrapped, "eval"):
+                unwrapped.eval()
+
+    return _generate_single_turn
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # PatchFastRL
 # --------------------------------------------------------------------------------------------------------------------
-#: algorithm -> (trainer module, class name, builder, {method: expected parameter names} checked on TRL's class)
-_TRAINERS: dict[str, tuple[str, str, Callable[[type], type], dict[str, tuple[str, ...]]]] = {
-    "SFT": ("trl.trainer.sft_trainer", "SFTTrainer", _build_sft, {
-        "compute_loss": ("self", "model", "inputs", "return_outputs", "num_items_in_batch"),
-        "create_optimizer": ("self", "model"),
-    }),
-    "DPO": ("trl.trainer.dpo_trainer", "DPOTrainer", _build_dpo, {
-        "compute_loss": ("self", "model", "inputs", "return_outputs", "num_items_in_batch"),
-        "_compute_loss": ("self", "model", "inputs", "return_outputs"),
-        "compute_ref_log_probs": ("self", "model", "inputs"),
-        "create_optimizer": ("self", "model"),
-    }),
-    "GRPO": ("trl.trainer.grpo_trainer", "GRPOTrainer", _build_grpo, {
-        "_get_per_token_logps_and_entropies": (
-            "self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy",
-            "compute_aux_loss", *_GRPO_VISION_ARGS),
-        "_generate_single_turn": ("self", "prompt_ids", "images", "multimodal_fields", "num_generations",
-                                  "has_tool_images"),
-        "create_optimizer": ("self", "model"),
-    }),
+@dataclasses.dataclass(frozen=True)
+class _Hook:
+    """``cls.method = make(original)``, applied when ``original`` takes every parameter in ``needs``."""
+
+    method: str
+    make: Callable[[Callable], Callable]
+    needs: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class _TrainerSpec:
+    module: str
+    class_name: str
+    hooks: tuple[_Hook, ...]
+
+
+_OPTIMIZER_HOOK = _Hook("create_optimizer", _hook_create_optimizer)
+
+_TRAINERS: dict[str, _TrainerSpec] = {
+    "SFT": _TrainerSpec("trl.trainer.sft_trainer", "SFTTrainer", (
+        _Hook("compute_loss", _hook_sft_compute_loss, ("model", "inputs", "return_outputs", "num_items_in_batch")),
+        _OPTIMIZER_HOOK,
+    )),
+    "DPO": _TrainerSpec("trl.trainer.dpo_trainer", "DPOTrainer", (
+        _Hook("compute_loss", _hook_per_token_head("DPO"), ("model", "inputs")),
+        _Hook("compute_ref_log_probs", _hook_per_token_head("DPO"), ("model", "inputs")),
+        _OPTIMIZER_HOOK,
+    )),
+    "GRPO": _TrainerSpec("trl.trainer.grpo_trainer", "GRPOTrainer", (
+        _Hook("_get_per_token_logps_and_entropies", _hook_grpo_log_probs, ("model",)),
+        _Hook("_generate_single_turn", _hook_grpo_generation),
+        _OPTIMIZER_HOOK,
+    )),
 }
 
 SUPPORTED_ALGORITHMS = tuple(_TRAINERS)
 
-_FUSED_HEAD_SIGNATURE = ("model", "temperature", "cast_lm_head_to_fp32", "outputs")
+_FUSED_HEAD_PARAMETERS = ("model", "temperature", "cast_lm_head_to_fp32", "outputs")
 _FUSED_OUTPUT_FIELDS = ("loss", "log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
 
 #: algorithm -> its Patch objects, built once so PatchFastRL is idempotent and unpatch/re-patch reuse them.
@@ -512,10 +605,15 @@ _PATCHES: dict[str, list[Patch]] = {}
 
 
 def _common_problem() -> str | None:
-    """Reasons no trainer can be patched: TRL's fused-head helper moved, or fastft's kernels are missing."""
+    """Why TRL's fused-head hook cannot carry fastft's heads: missing (TRL < 1.15), moved, or fastft lacks kernels."""
+    import trl
     from trl.trainer import utils as trl_utils
 
-    problem = signature_guard(*_FUSED_HEAD_SIGNATURE)(getattr(trl_utils, "add_fused_lm_head", None))
+    helper = getattr(trl_utils, "add_fused_lm_head", None)
+    if helper is None:
+        return (f"TRL {trl.__version__} has no fused LM-head hook (trl.trainer.utils.add_fused_lm_head, TRL >= 1.15), "
+                "so the lean heads cannot run under it")
+    problem = parameters_guard(*_FUSED_HEAD_PARAMETERS)(helper)
     if problem:
         return f"trl.trainer.utils.add_fused_lm_head: {problem}"
     output_cls = getattr(trl_utils, "FusedCausalLMOutput", None)
@@ -530,66 +628,64 @@ def _common_problem() -> str | None:
     return None
 
 
-def _class_guard(base: type, methods: dict[str, tuple[str, ...]]) -> Callable[[Any], str | None]:
-    def guard(original: Any) -> str | None:
-        if original is not base:
-            return f"it is {original!r}, not TRL's {base.__qualname__}"
-        for method, expected in methods.items():
-            problem = signature_guard(*expected)(getattr(base, method, None))
-            if problem:
-                return f"{base.__qualname__}.{method}: {problem}"
-        return _common_problem()
-
-    return guard
-
-
 def _patches_for(algorithm: str) -> list[Patch]:
     if algorithm in _PATCHES:
         return _PATCHES[algorithm]
     import importlib
 
-    module_name, class_name, build, methods = _TRAINERS[algorithm]
-    base = getattr(importlib.import_module(module_name), class_name)
-    fast = build(base)
-    fast.__qualname__ = fast.__name__ = f"Fast{class_name}"
-    fast.__module__ = __name__
-    guard = _class_guard(base, methods)
-    # Top-down: reading `trl.X` resolves (and caches) trl.trainer.X, then the module attribute, all still TRL's class
-    # when their Patch records the original; patching the module first would make the lazy modules cache ours.
-    _PATCHES[algorithm] = [
-        Patch(name=f"trl {algorithm}: {owner}.{class_name} -> Fast{class_name}", owner=owner, attribute=class_name,
-              replacement=fast, requires=TRL_RANGE, guard=guard)
-        for owner in ("trl", "trl.trainer", module_name)
-    ]
-    return _PATCHES[algorithm]
+    spec = _TRAINERS[algorithm]
+    cls = getattr(importlib.import_module(spec.module), spec.class_name)
+    patches = [Patch(name=f"trl {algorithm}: {spec.class_name}.{hook.method}", owner=cls, attribute=hook.method,
+                     replacement=hook.make, wrap=True, tested=("trl",),
+                     guard=parameters_guard(*hook.needs) if hook.needs else None)
+               for hook in spec.hooks]
+    # Last, so it is set only when every hook went in: what patched_algorithm() reads.
+    patches.append(Patch(name=f"trl {algorithm}: {spec.class_name} marker", owner=cls, attribute="_fastft_algorithm",
+                         replacement=algorithm, create=True))
+    _PATCHES[algorithm] = patches
+    return patches
 
 
-def fast_trainer_class(algorithm: str) -> type:
-    """The fast subclass for ``algorithm`` (built on TRL's class whether or not it is patched in)."""
-    return _patches_for(_normalize(algorithm))[0].replacement
+def patched_algorithm(trainer_or_class: Any) -> str | None:
+    """"SFT" / "DPO" / "GRPO" when ``trainer_or_class`` (a trainer or a trainer class, a user's subclass included)
+    runs fastft's hooks, else None."""
+    cls = trainer_or_class if isinstance(trainer_or_class, type) else type(trainer_or_class)
+    return getattr(cls, "_fastft_algorithm", None)
+
+
+def trainer_class(algorithm: str) -> type:
+    """TRL's trainer class for ``algorithm`` (the very class PatchFastRL patches in place)."""
+    import importlib
+
+    spec = _TRAINERS[_normalize(algorithm)]
+    return getattr(importlib.import_module(spec.module), spec.class_name)
 
 
 def _normalize(algorithm: str) -> str:
     key = str(algorithm).upper()
     if key not in _TRAINERS:
-        raise ValueError(f"PatchFastRL: unknown algorithm {algorithm!r}; supported: {', '.join(SUPPORTED_ALGORITHMS)} "
-                         "(or None for all)")
+        close = difflib.get_close_matches(key, SUPPORTED_ALGORITHMS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"PatchFastRL: unknown algorithm {algorithm!r}{hint} Supported: "
+                         f"{', '.join(SUPPORTED_ALGORITHMS)} (or None for all)")
     return key
 
 
 def PatchFastRL(algorithm: str | None = None, FastModel: Any = None) -> dict[str, bool]:  # noqa: N802, N803 (Unsloth's names)
-    """Point ``trl.<X>Trainer`` (all the names users import it by) at fastft's fast subclass.
+    """Give TRL's trainer classes fastft's lean LM-head losses, optimizer and generation hooks, in place.
+
+    The hooks go onto TRL's class object itself (``trl.SFTTrainer`` and every name it is imported by), so the order
+    of imports does not matter: a ``from trl import SFTTrainer`` made before this call, and a trainer built before
+    it (anything before ``.train()``), run the fast paths too.
 
     Args:
         algorithm: "SFT", "DPO" or "GRPO" (any case), or None for all of them.
         FastModel: accepted for Unsloth compatibility; when it has ``for_inference``/``for_training``, GRPO calls them
-            around generation (default: ``fastft.model.FastModel`` if present).
+            around generation (default: ``fastft.model.FastModel``).
 
     Returns:
-        ``{algorithm: patched}``; False means that trainer's TRL version or signatures did not match, a warning said
-        why, and ``trl.<X>Trainer`` is still TRL's class. Idempotent; ``fastft.unpatch()`` reverts.
-
-    Import the trainer after calling this (``from trl import GRPOTrainer``): a name bound earlier keeps TRL's class.
+        ``{algorithm: patched}``; False means a method fastft hooks no longer has the parameters it relies on, a
+        warning said which, and that trainer is TRL's, untouched. Idempotent; ``fastft.unpatch()`` reverts.
     """
     global _FAST_MODEL
     algorithms = SUPPORTED_ALGORITHMS if algorithm is None else (_normalize(algorithm),)
@@ -600,14 +696,16 @@ def PatchFastRL(algorithm: str | None = None, FastModel: Any = None) -> dict[str
         patches = _patches_for(name)
         applied = []
         for patch in patches:
-            if not patch.apply():  # it warned (once); its siblings would fail the same guard, so stop here
+            if not patch.apply():  # it warned (once)
                 break
             applied.append(patch)
         result[name] = len(applied) == len(patches)
         if not result[name]:
             for patch in reversed(applied):  # never leave a trainer half-patched
                 patch.revert()
+        else:
+            _without_fused_head(name)  # says once, visibly, when this TRL runs the losses its own way
     return result
 
 
-__all__ = ["LOSS_ONLY", "PatchFastRL", "SUPPORTED_ALGORITHMS", "fast_trainer_class"]
+__all__ = ["LOSS_ONLY", "PatchFastRL", "SUPPORTED_ALGORITHMS", "patched_algorithm", "trainer_class"]

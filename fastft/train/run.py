@@ -199,7 +199,7 @@ def load_model(cfg: TrainConfig, model_name: str) -> tuple[Any, Any]:
 
 
 def trainer_class(trainer_type: str) -> tuple[type, str]:
-    """(class, note): fastft's fast subclass via PatchFastRL, or TRL's own class if that is unavailable."""
+    """(class, note): TRL's class with fastft's hooks (PatchFastRL patches it in place), or untouched if declined."""
     import trl
 
     name = f"{TRAINER_NAMES[trainer_type]}Trainer"
@@ -208,7 +208,8 @@ def trainer_class(trainer_type: str) -> tuple[type, str]:
 
         patched = PatchFastRL(TRAINER_NAMES[trainer_type]).get(TRAINER_NAMES[trainer_type], False)
         cls = getattr(trl, name)
-        note = "fastft fast trainer (PatchFastRL)" if patched else "TRL's trainer (PatchFastRL declined; see warning)"
+        note = ("TRL's trainer with fastft's fast hooks (PatchFastRL)" if patched
+                else "TRL's trainer (PatchFastRL declined; see warning)")
     except Exception as exc:  # noqa: BLE001 - any failure of the optional fast path falls back, and says so
         from fastft._log import warn_once
 

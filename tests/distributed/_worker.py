@@ -90,10 +90,14 @@ def run_task(task: str, model_dir: str, work_dir: str, opts: dict[str, str], wor
                                   train_dataset=Dataset.from_list(GRPO_PROMPTS), processing_class=tokenizer)
     trainer.train()
     trainer.accelerator.wait_for_everyone()
+    from fastft.patches.trl import patched_algorithm
+
+    hooks = patched_algorithm(trainer)
     fastft.unpatch()
     return {
         "world": world,
         "trainer": type(trainer).__name__,
+        "fastft_hooks": hooks,
         "distributed_type": str(trainer.accelerator.distributed_type),
         "rows": [r for r in trainer.state.log_history if "loss" in r],
         "kernel_calls": _kernel_calls(),

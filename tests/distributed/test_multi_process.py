@@ -150,7 +150,7 @@ def test_sft_ddp_matches_one_process(sft_single, ddp):
     assert sft_single["world"] == 1
     for rank, facts in enumerate(r["sft"] for r in ddp):
         assert facts["world"] == 2 and facts["distributed_type"] == "DistributedType.MULTI_CPU", facts
-        assert facts["trainer"] == "FastSFTTrainer"
+        assert facts["trainer"] == "SFTTrainer" and facts["fastft_hooks"] == "SFT"
         # fastft's linear cross-entropy (torch path of its chunk loop) ran on every rank, every step.
         assert facts["kernel_calls"].get("cross_entropy:torch", 0) >= len(facts["rows"]), (rank, facts)
         assert len(facts["rows"]) == len(sft_single["rows"]) == 3
@@ -164,7 +164,7 @@ def test_grpo_ddp_fast_matches_trl(ddp):
     RNG, same weights up to rounding), so the same per-step loss, grad norm and reward, on both ranks."""
     for rank, facts in enumerate(ddp):
         fast, slow = facts["grpo"], facts["grpo_trl"]
-        assert fast["trainer"] == "FastGRPOTrainer" and slow["trainer"] == "GRPOTrainer"
+        assert fast["fastft_hooks"] == "GRPO" and slow["fastft_hooks"] is None
         assert fast["distributed_type"] == "DistributedType.MULTI_CPU"
         # selective_log_softmax (policy, and reference for the KL) ran through fastft's kernels on every rank.
         assert fast["kernel_calls"].get("cross_entropy:torch", 0) >= 2 * len(fast["rows"]), (rank, fast)

@@ -37,7 +37,7 @@ def test_sft_from_yaml_cli(tmp_path, capsys):
                  "--set", "data.eval_size=8", "--set", "trainer.eval_steps=3"]) == 0
     assert "training finished at step 3" in capsys.readouterr().out
     text = _check_report(out)
-    assert "FastSFTTrainer" in text or "TRL's trainer" in text
+    assert "TRL's trainer with fastft's fast hooks" in text
     assert "| 3 |" in text and "eval_loss" in text  # periodic eval ran (eval split held out)
     assert os.path.isfile(os.path.join(out, "adapter_model.safetensors"))
 

@@ -32,12 +32,15 @@ def common_args(tmp_path, **overrides: Any) -> dict[str, Any]:
 
 def trainer_class(algorithm: str, patched: bool) -> type:
     """``trl.<X>Trainer`` as a user would import it, after (or without) PatchFastRL."""
+    from fastft.patches.trl import patched_algorithm
+
     fastft.unpatch()
     if patched:
         assert fastft.PatchFastRL(algorithm) == {algorithm: True}
     trl = importlib.import_module("trl")
     cls = getattr(trl, f"{algorithm}Trainer")
-    assert cls.__name__ == (f"Fast{algorithm}Trainer" if patched else f"{algorithm}Trainer")
+    assert cls.__name__ == f"{algorithm}Trainer"  # patched in place: the very class users imported
+    assert patched_algorithm(cls) == (algorithm if patched else None)
     return cls
 
 

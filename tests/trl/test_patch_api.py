@@ -1,4 +1,4 @@
-"""PatchFastRL as a user meets it: names before/after, idempotence, unpatch, bad input, signature drift."""
+"""PatchFastRL as a user meets it: in place on TRL's classes, idempotence, unpatch, bad input, contract drift."""
 
 import importlib
 import sys
@@ -11,9 +11,14 @@ import fastft
 from fastft._log import reset_once
 from fastft.offline import build_tiny_model, build_tokenizer
 from fastft.patches import trl as fast_trl
+from fastft.patches.trl import patched_algorithm
 from tests.trl._common import common_args, lora_config
 
 NAMES = {"SFT": "sft_trainer", "DPO": "dpo_trainer", "GRPO": "grpo_trainer"}
+#: methods each trainer's hooks replace (create_optimizer is inherited from transformers.Trainer)
+HOOKED = {"SFT": ("compute_loss", "create_optimizer"),
+          "DPO": ("compute_loss", "compute_ref_log_probs", "create_optimizer"),
+          "GRPO": ("_get_per_token_logps_and_entropies", "_generate_single_turn", "create_optimizer")}
 
 
 def _all_names(algorithm):
@@ -21,6 +26,11 @@ def _all_names(algorithm):
     module = importlib.import_module(f"trl.trainer.{NAMES[algorithm]}")
     cls = f"{algorithm}Trainer"
     return getattr(trl, cls), getattr(trl.trainer, cls), getattr(module, cls)
+
+
+def _own_methods(cls):
+    return {name: vars(cls).get(name) for name in ("compute_loss", "compute_ref_log_probs", "create_optimizer",
+                                                   "_get_per_token_logps_and_entropies", "_generate_single_turn")}
 
 
 @pytest.fixture(autouse=True)
@@ -31,46 +41,49 @@ def _clean():
     fastft.unpatch()
 
 
-def test_patch_all_names_then_unpatch():
-    from trl import GRPOTrainer as grpo_before  # bound before: stays TRL's class
+def test_patch_in_place_reaches_names_bound_before_then_unpatch():
+    from trl import GRPOTrainer as grpo_before  # bound before PatchFastRL: the same class object, so it is fast too
 
-    originals = {alg: _all_names(alg) for alg in NAMES}
+    classes = {alg: _all_names(alg)[0] for alg in NAMES}
+    before = {alg: _own_methods(cls) for alg, cls in classes.items()}
     assert fastft.PatchFastRL() == {"SFT": True, "DPO": True, "GRPO": True}
-    for alg in NAMES:
-        names = _all_names(alg)
-        assert all(n is names[0] for n in names)
-        assert names[0].__name__ == f"Fast{alg}Trainer" and issubclass(names[0], originals[alg][0])
-    from trl import GRPOTrainer as grpo_after
-
-    assert grpo_after is fast_trl.fast_trainer_class("grpo") and grpo_before is originals["GRPO"][0]
-    assert fastft.unpatch() == 9
-    for alg in NAMES:
-        assert _all_names(alg) == originals[alg]
+    for alg, cls in classes.items():
+        assert all(name is cls for name in _all_names(alg)), "a name was rebound instead of patched in place"
+        assert patched_algorithm(cls) == alg
+        for method in HOOKED[alg]:
+            assert vars(cls)[method] is not before[alg][method], f"{alg}.{method} not hooked"
+    assert patched_algorithm(grpo_before) == "GRPO"
+    assert fastft.unpatch() == sum(len(m) + 1 for m in HOOKED.values())  # each hook, plus one marker per class
+    for alg, cls in classes.items():
+        assert _own_methods(cls) == before[alg] and patched_algorithm(cls) is None
 
 
 def test_idempotent_and_case_insensitive():
     assert fastft.PatchFastRL("grpo") == {"GRPO": True}
-    fast = _all_names("GRPO")[0]
+    hooked = vars(_all_names("GRPO")[0])["_get_per_token_logps_and_entropies"]
     assert fastft.PatchFastRL("GRPO") == {"GRPO": True}
     assert fastft.PatchFastRL("Grpo", FastModel=None) == {"GRPO": True}
-    assert _all_names("GRPO")[0] is fast
-    assert fastft.unpatch() == 3  # three names, each patched once
-    assert _all_names("GRPO")[0].__name__ == "GRPOTrainer"
+    assert vars(_all_names("GRPO")[0])["_get_per_token_logps_and_entropies"] is hooked  # no wrapper on a wrapper
+    assert fastft.unpatch() == len(HOOKED["GRPO"]) + 1
+    assert patched_algorithm(_all_names("GRPO")[0]) is None
 
 
-def test_unknown_algorithm_lists_supported():
+def test_unknown_algorithm_says_did_you_mean_and_lists_supported():
+    with pytest.raises(ValueError, match=r"did you mean 'GRPO'\?.*SFT, DPO, GRPO"):
+        fastft.PatchFastRL("GPRO")
     with pytest.raises(ValueError, match="SFT, DPO, GRPO"):
         fastft.PatchFastRL("PPO")
 
 
 def test_patch_before_trl_import_in_fresh_interpreter():
-    # `import fastft` + PatchFastRL with trl never imported; then the user's `from trl import ...` sees fast classes.
+    # `import fastft` + PatchFastRL with trl never imported; then the user's `from trl import ...` sees the hooks.
     import subprocess
 
     code = ("import sys, fastft; assert 'trl' not in sys.modules; fastft.PatchFastRL('SFT'); "
             "from trl import SFTTrainer; from trl.trainer import SFTTrainer as B; "
-            "assert SFTTrainer.__name__ == 'FastSFTTrainer' and B is SFTTrainer; fastft.unpatch(); "
-            "from trl import SFTTrainer as C; assert C.__name__ == 'SFTTrainer'; print('ok')")
+            "from fastft.patches.trl import patched_algorithm as p; "
+            "assert p(SFTTrainer) == 'SFT' and B is SFTTrainer; fastft.unpatch(); "
+            "from trl import SFTTrainer as C; assert p(C) is None and C is SFTTrainer; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
 
@@ -96,54 +109,90 @@ def test_create_optimizer_goes_through_fastft_optim(tmp_path, monkeypatch):
     assert type(trainer.create_optimizer()).__name__ == "AdamW"
 
 
-def _drifted_compute_loss(original):
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, new_upstream_arg=None):
-        return original(self, model, inputs, return_outputs, num_items_in_batch)
+def _renamed_parameter(original):
+    def compute_loss(self, model, batch, return_outputs=False, num_items_in_batch=None):
+        return original(self, model, batch, return_outputs, num_items_in_batch)
 
     return compute_loss
 
 
-def test_signature_drift_leaves_trainer_unpatched_and_working(tmp_path, monkeypatch):
+class _FakeTrainer:
+    """Just what the SFT hook reads before it hands an unknown argument to TRL."""
+
+    model = ref_model = None
+    args = type("Args", (), {"cast_lm_head_to_fp32": False})()
+
+
+def test_a_new_upstream_parameter_is_passed_through_and_patched(monkeypatch):
+    import trl.trainer.sft_trainer as sft_module
+
+    seen = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, new_upstream_arg=None):
+        seen.append(new_upstream_arg)
+        return "TRL's loss"
+
+    monkeypatch.setattr(sft_module.SFTTrainer, "compute_loss", compute_loss)
+    assert fastft.PatchFastRL("SFT") == {"SFT": True}
+    assert vars(sft_module.SFTTrainer)["compute_loss"] is not compute_loss
+    assert sft_module.SFTTrainer.compute_loss(_FakeTrainer(), None, {}, new_upstream_arg=5) == "TRL's loss"
+    assert seen == [5]
+
+
+def test_a_renamed_parameter_leaves_trainer_unpatched_and_working(tmp_path, monkeypatch):
     import trl.trainer.sft_trainer as sft_module
 
     original = sft_module.SFTTrainer.compute_loss
-    monkeypatch.setattr(sft_module.SFTTrainer, "compute_loss", _drifted_compute_loss(original))
+    monkeypatch.setattr(sft_module.SFTTrainer, "compute_loss", _renamed_parameter(original))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = fastft.PatchFastRL()
     assert result == {"SFT": False, "DPO": True, "GRPO": True}
     messages = [str(w.message) for w in caught if "SFTTrainer.compute_loss" in str(w.message)]
-    assert len(messages) == 1 and "new_upstream_arg" in messages[0], [str(w.message) for w in caught]
-    assert all(n.__name__ == "SFTTrainer" for n in _all_names("SFT"))  # none of its three names half-patched
-    assert _all_names("GRPO")[0].__name__ == "FastGRPOTrainer"
-
-    def make(cls, model, tokenizer):
-        from trl import SFTConfig
-
-        args = SFTConfig(**common_args(tmp_path, per_device_train_batch_size=2, max_steps=1))
-        return cls(model=model, args=args, processing_class=tokenizer, peft_config=lora_config(),
-                   train_dataset=Dataset.from_list([{"text": "The quick brown fox jumps."}] * 2))
+    assert len(messages) == 1 and "no longer takes inputs" in messages[0], [str(w.message) for w in caught]
+    cls = _all_names("SFT")[0]
+    assert patched_algorithm(cls) is None and "create_optimizer" not in vars(cls)  # not half-patched
+    assert patched_algorithm(_all_names("GRPO")[0]) == "GRPO"
 
     fastft.unpatch()
-    cls = importlib.import_module("trl").SFTTrainer
-    trainer = make(cls, build_tiny_model(), build_tokenizer())
+    monkeypatch.undo()
+    from trl import SFTConfig
+
+    args = SFTConfig(**common_args(tmp_path, per_device_train_batch_size=2, max_steps=1))
+    trainer = cls(model=build_tiny_model(), args=args, processing_class=build_tokenizer(), peft_config=lora_config(),
+                  train_dataset=Dataset.from_list([{"text": "The quick brown fox jumps."}] * 2))
     trainer.train()
     assert trainer.state.log_history[0]["loss"] > 0
 
 
-def test_trl_version_outside_range_leaves_everything_unpatched(monkeypatch):
-    monkeypatch.setattr(fast_trl, "TRL_RANGE", {"trl": ">=1.17"})
-    fast_trl._PATCHES.clear()
-    try:
-        with pytest.warns(UserWarning, match="outside the tested range"):
-            assert fastft.PatchFastRL("DPO") == {"DPO": False}
-        assert _all_names("DPO")[0].__name__ == "DPOTrainer"
-    finally:
-        fast_trl._PATCHES.clear()
+def test_trl_outside_the_tested_range_is_patched_when_the_contract_holds(monkeypatch, caplog):
+    import logging
+
+    from packaging.specifiers import SpecifierSet
+
+    import fastft.versions
+
+    ranges = dict(fastft.versions.declared_ranges())
+    ranges["trl"] = SpecifierSet(">=9.0")
+    monkeypatch.setattr(fastft.versions, "declared_ranges", lambda: ranges)
+    with caplog.at_level(logging.INFO, logger="fastft"):
+        assert fastft.PatchFastRL("DPO") == {"DPO": True}
+    notes = [r.getMessage() for r in caplog.records if "outside the tested range" in r.getMessage()]
+    assert len(notes) == 1 and "untested release" in notes[0] and "trl" in notes[0], notes
+    assert patched_algorithm(_all_names("DPO")[0]) == "DPO"
 
 
-def test_fast_model_hooks_wrap_generation(monkeypatch):
-    """GRPO generation runs between FastModel.for_inference and FastModel.for_training when they exist."""
+class _FakeModel:
+    def __init__(self, training):
+        self.training = training
+
+    def eval(self):
+        self.training = False
+
+
+def test_generation_hooks_restore_the_mode_they_found(monkeypatch):
+    """GRPO generation runs between FastModel.for_inference and for_training, and a generation made during
+    evaluation leaves the model in eval mode (TRL would otherwise compute the eval loss as a training loss)."""
     import trl.trainer.grpo_trainer as grpo_module
 
     events = []
@@ -152,22 +201,27 @@ def test_fast_model_hooks_wrap_generation(monkeypatch):
         @staticmethod
         def for_inference(model):
             events.append("inference")
+            model.training = False
 
         @staticmethod
         def for_training(model):
             events.append("training")
+            model.training = True
 
     monkeypatch.setattr(grpo_module.GRPOTrainer, "_generate_single_turn",
-                        lambda self, *a, **k: events.append("generate") or ([[1]], None))
+                        lambda self, *a, **k: events.append(("generate", a, k)) or ([[1]], None))
     fastft.PatchFastRL("GRPO", FastModel=FakeFastModel)
     try:
-        fast = fast_trl.fast_trainer_class("GRPO")
-        trainer = fast.__new__(fast)
+        cls = grpo_module.GRPOTrainer
+        trainer = cls.__new__(cls)
         trainer.use_vllm = False
         trainer.accelerator = type("A", (), {"unwrap_model": staticmethod(lambda m: m)})()
-        trainer.model = object()
-        assert fast._generate_single_turn(trainer, [[1]], None, {}, 1) == ([[1]], None)
-        assert events == ["inference", "generate", "training"]
+        for training in (True, False):
+            events.clear()
+            trainer.model = _FakeModel(training)
+            assert cls._generate_single_turn(trainer, [[1]], None, {}, 1, has_tool_images=False) == ([[1]], None)
+            assert events == ["inference", ("generate", ([[1]], None, {}, 1), {"has_tool_images": False}),
+                              "training"]
+            assert trainer.model.training is training
     finally:
         monkeypatch.setattr(fast_trl, "_FAST_MODEL", None)
-
