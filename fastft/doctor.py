@@ -129,12 +129,17 @@ def _trainer_rows() -> list[dict[str, Any]]:
 @contextlib.contextmanager
 def _quiet():
     """The doctor reports skipped patches itself: keep their one-time warnings off the terminal meanwhile."""
-    from fastft._log import reset_once
+    from fastft._log import logger, reset_once
 
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        yield
-    reset_once()
+    level = logger.level
+    logger.setLevel("ERROR")
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+        reset_once()
 
 
 def diagnose(model: str | None = None) -> dict[str, Any]:

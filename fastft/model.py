@@ -52,18 +52,45 @@ def _resolve_dtype(dtype: Any, on_cuda: bool) -> torch.dtype:
 
 
 def _check_model_source(model_name: str) -> bool:
-    """True for a local directory; clear errors for paths that do not exist."""
+    """True for a local directory; clear errors, before anything waits on the hub, for paths that do not exist.
+
+    A name that cannot be a hub repo id (``fastft.sources.why_not_hub``: ``./x``, ``a/b/c``, ``models/nope``, or
+    ``org/name`` where ``org/`` is a local folder) is a local path, and a missing one fails here at once."""
+    from fastft.sources import closest_path, why_not_hub
+
+    if not isinstance(model_name, (str, os.PathLike)):
+        raise TypeError(f"fastft: model_name must be a local directory or a hub id (str), got {type(model_name).__name__}")
+    model_name = os.fspath(model_name)
     if os.path.isdir(model_name):
         if not os.path.isfile(os.path.join(model_name, "config.json")):
             raise FileNotFoundError(f"fastft: {model_name!r} is a directory but has no config.json; is it a model?")
         return True
-    looks_like_path = model_name.startswith((".", "/", "~")) or os.sep in model_name.strip("/").split("/", 1)[-1]
-    if looks_like_path or os.path.exists(model_name):
-        raise FileNotFoundError(f"fastft: model path {model_name!r} does not exist")
+    reason = "it exists but is not a directory" if os.path.exists(model_name) else why_not_hub(model_name)
+    if reason:
+        close = closest_path(model_name)
+        near = f"; did you mean {close!r}?" if close else ""
+        raise FileNotFoundError(f"fastft: model path {model_name!r} does not exist{near} (read as a local path: "
+                                f"{reason})")
     return False
 
 
+def _context_length(config: Any) -> int | None:
+    limit = getattr(config, "max_position_embeddings", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return limit or getattr(text, "max_position_embeddings", None)
+
+
+def _check_max_seq_length(max_seq_length: Any) -> None:
+    if max_seq_length is None:
+        return
+    if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length <= 0:
+        raise ValueError(f"max_seq_length must be a positive number of tokens (an int), or None for the model's own "
+                         f"context length; got {max_seq_length!r} ({type(max_seq_length).__name__})")
+
+
 def _maybe_extend_rope(config: Any, max_seq_length: int) -> None:
+    """RoPE is extended only when the user asks for more positions than the model was trained for; at or below its
+    own context nothing about the model changes."""
     limit = getattr(config, "max_position_embeddings", None)
     if not limit or max_seq_length <= limit:
         return
@@ -86,7 +113,7 @@ class FastModel:
     @staticmethod
     def from_pretrained(
         model_name: str,
-        max_seq_length: int = 2048,
+        max_seq_length: int | None = None,
         dtype: torch.dtype | str | None = None,
         load_in_4bit: bool = False,
         load_in_8bit: bool = False,
@@ -100,7 +127,10 @@ class FastModel:
     ) -> tuple[nn.Module, Any]:
         """Load ``model_name`` (a local directory or a hub name) with fastft's kernels in place.
 
-        Returns ``(model, tokenizer)``. 4-bit is NF4 with double quantization (bitsandbytes). ``tiled_mlp=True`` (or a
+        Returns ``(model, tokenizer)``. ``max_seq_length``: None (default) is the model's own context
+        (``max_position_embeddings``) and changes nothing; a longer one extends RoPE linearly (with a warning naming
+        the factor), a shorter one only caps the training length (PatchFastRL hands it to TRL when TRL's own length
+        is left at its default). 4-bit is NF4 with double quantization (bitsandbytes). ``tiled_mlp=True`` (or a
         token count) runs MLPs in sequence tiles. Extra kwargs go to ``AutoModelForCausalLM.from_pretrained``.
         """
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -110,8 +140,7 @@ class FastModel:
         if full_finetuning and (load_in_4bit or load_in_8bit):
             raise ValueError("full_finetuning trains every weight and cannot train quantized weights; "
                              "drop load_in_4bit/load_in_8bit or use LoRA")
-        if max_seq_length <= 0:
-            raise ValueError(f"max_seq_length must be positive, got {max_seq_length}")
+        _check_max_seq_length(max_seq_length)
         tiled_mlp = kwargs.pop("tiled_mlp", False)
         is_local = _check_model_source(model_name)
         on_cuda = torch.cuda.is_available() and device_map != "cpu"
@@ -122,7 +151,10 @@ class FastModel:
         except OSError as exc:
             where = "the local directory" if is_local else "a local directory or the hub (offline or unknown name?)"
             raise OSError(f"fastft: could not load the config of {model_name!r} from {where}: {exc}") from exc
-        _maybe_extend_rope(config, max_seq_length)
+        if max_seq_length is None:
+            max_seq_length = _context_length(config) or 2048
+        else:
+            _maybe_extend_rope(config, max_seq_length)
 
         load_kwargs: dict[str, Any] = dict(config=config, dtype=torch_dtype, **hub, **kwargs)
         if attn_implementation is not None:  # else transformers' default: sdpa where the architecture supports it
@@ -187,13 +219,16 @@ class FastModel:
             raise ValueError("this model already has LoRA adapters; call get_peft_model once on the base model")
         if r <= 0:
             raise ValueError(f"r must be positive, got {r}")
+        linear_names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)
+                        or type(m).__name__ in ("Linear4bit", "Linear8bitLt", "Conv1D")]
+        present = {name.rsplit(".", 1)[-1] for name in linear_names}
         if target_modules is None:
-            present = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)
-                       or type(m).__name__ in ("Linear4bit", "Linear8bitLt")}
             target_modules = [t for t in ALL_LINEAR_PROJECTIONS if t in present]
             if not target_modules:
                 raise ValueError("found none of the usual projections "
                                  f"{ALL_LINEAR_PROJECTIONS}; pass target_modules explicitly")
+        elif not isinstance(target_modules, str):  # a str is PEFT's regex (or "all-linear"): PEFT checks it
+            _check_target_modules(list(target_modules), present, linear_names)
         config = peft.LoraConfig(
             r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias, target_modules=target_modules,
             use_rslora=use_rslora, modules_to_save=modules_to_save, task_type="CAUSAL_LM", **kwargs,
@@ -249,6 +284,26 @@ def _keep_nf4_layout_on_cpu(model: nn.Module) -> None:
     if count:
         info_once(f"fastft: kept the NF4 layout on {count} 4-bit layers (bitsandbytes' CPU bf16 inference repacking "
                   "is off: fastft reads NF4)")
+
+
+def _check_target_modules(target_modules: list[Any], present: set[str], linear_names: list[str]) -> None:
+    """Every listed name must match a linear layer of this model the way PEFT matches it (the whole module name, or
+    its dotted suffix): PEFT itself only objects when none matches, so a typo next to a valid name would silently
+    train fewer adapters than asked for."""
+    import difflib
+
+    def matches(name: Any) -> bool:
+        return isinstance(name, str) and any(full == name or full.endswith("." + name) for full in linear_names)
+
+    missing = [name for name in target_modules if not matches(name)]
+    if not missing:
+        return
+    hints = []
+    for name in missing:
+        close = difflib.get_close_matches(str(name), sorted(present), n=1)
+        hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise ValueError(f"target_modules: no linear layer named {', '.join(hints)} in this model; its linear layers are "
+                     f"{', '.join(sorted(present))}")
 
 
 def _base_model(model: nn.Module) -> nn.Module:

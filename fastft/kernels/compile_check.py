@@ -84,10 +84,17 @@ def collect_launches(modules: list[str] | None = None) -> list[Launch]:
     return list(launches.values())
 
 
-def _ptxas() -> str:
-    import triton
+def _ptxas(arch: int) -> str:
+    """The ptxas triton itself uses for ``arch``: the wheel ships two (triton 3.9 assembles sm_90 with the newer one,
+    whose PTX ISA the legacy ``bin/ptxas`` rejects), and ``get_ptxas(arch)`` says which."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
 
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+        return get_ptxas(arch).path
+    except (ImportError, AttributeError, TypeError):  # an older triton: one ptxas for every arch
+        import triton
+
+        return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
 def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
@@ -98,7 +105,7 @@ def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
             f.write(ptx)
         suffix = "a" if arch == 90 else ""
         out = subprocess.run(
-            [_ptxas(), "-v", f"--gpu-name=sm_{arch}{suffix}", src, "-o", os.path.join(tmp, "k.cubin")],
+            [_ptxas(arch), "-v", f"--gpu-name=sm_{arch}{suffix}", src, "-o", os.path.join(tmp, "k.cubin")],
             capture_output=True, text=True, check=True,
         ).stderr
     regs = re.search(r"Used (\d+) registers", out)

@@ -13,6 +13,12 @@ CUDA version and lazy module loading (723 MiB reported for a 4-byte tensor on di
 OOM is worse than a slightly shorter context. ``--reserve 0`` gives the tensor-only answer. ``--host-memory`` bounds
 the search by host RAM too (offloaded checkpoints and embeddings live there; a free Colab has about 12 GB).
 
+A model whose ``model_type`` is not in ``fastft.patches.architectures.ARCHITECTURES`` gets none of fastft's kernels,
+fused LoRA or fused loss from FastModel, so it is modeled UNPATCHED (the ``"unpatched"`` step-model variant: its own
+forward and full logits, PEFT LoRA, fastft's checkpointing), and the output says so.
+
+Memory sizes need a unit ("16" is refused: 16 bytes is never what was meant, and GB and GiB differ by 7%).
+
 Not modelled: the tokenizer / dataloader, eval passes, and packing (sequences are assumed padded to ``seq_len``).
 """
 
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import re
 import sys
@@ -27,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fastft.memory.step_model import StepModel, StepResult, StepSpec
+from fastft.memory.step_model import LINEAR_NAMES, StepModel, StepResult, StepSpec, linear_names
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "data" / "configs"
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -46,13 +53,22 @@ PHASE_LABELS = {
 }
 
 
-def parse_size(text: str) -> int:
-    """"16 GB" -> 16e9, "16GiB" -> 16 * 2**30, "16000MB" -> 16e9 (GB = 1e9 bytes, GiB = 2**30); bytes as int."""
+def parse_size(text: str, flag: str | None = None) -> int:
+    """"16 GB" -> 16e9, "16GiB" -> 16 * 2**30, "16000MB" -> 16e9 (GB = 1e9 bytes, GiB = 2**30); bytes as int.
+
+    A number needs its unit ("16" is refused: 16 bytes is never what was meant, and GB vs GiB is 7% apart); only 0
+    may stand alone. Bytes are written "B". ``flag`` names the option in the error.
+    """
+    where = f"{flag} {text}: " if flag else ""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"cannot parse memory size {text!r}: use a number and a unit, e.g. '16GB', '16 GiB', "
+        raise ValueError(f"{where}cannot parse memory size {text!r}: use a number and a unit, e.g. '16GB', '16 GiB', "
                          "'16000MB' (GB = 10^9 bytes, GiB = 2^30 bytes)")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    number, unit = match.group(1), match.group(2).lower()
+    if not unit and float(number) != 0:
+        raise ValueError(f"{where}{number} what? write {number}GB or {number}GiB (GB = 10^9 bytes, GiB = 2^30 bytes; "
+                         f"{number}B for bytes)")
+    return int(float(number) * _UNITS[unit])
 
 
 #: Memory as nvidia-smi reports it (MiB, before the CUDA context), for ``--gpu-memory T4`` and the like.
@@ -62,7 +78,16 @@ GPU_PRESETS = {"T4": 15_360 * 2**20, "L4": 23_034 * 2**20, "A100-40GB": 40_960 *
 def parse_gpu_memory(text: str) -> int:
     """A size (see :func:`parse_size`) or a GPU name from ``GPU_PRESETS`` (case-insensitive)."""
     presets = {k.lower(): v for k, v in GPU_PRESETS.items()}
-    return presets.get(str(text).strip().lower()) or parse_size(text)
+    key = str(text).strip().lower()
+    if key in presets:
+        return presets[key]
+    if not re.match(r"\s*[0-9.]", str(text)):  # not a number: a GPU name, perhaps misspelt
+        close = difflib.get_close_matches(key, list(presets), n=2, cutoff=0.5)
+        names = dict(zip(presets, GPU_PRESETS))
+        hint = f"did you mean {' or '.join(names[c] for c in close)}? " if close else ""
+        raise ValueError(f"--gpu-memory {text}: cannot parse memory size {text!r} and it is not a known GPU; "
+                         f"{hint}known GPUs: {', '.join(GPU_PRESETS)}; sizes look like 16GB or 16GiB")
+    return parse_size(text, "--gpu-memory")
 
 
 def format_bytes(n: int | float) -> str:
@@ -117,6 +142,59 @@ def _shipped_name(model: str, names: dict[str, str], aliases: dict[str, str]) ->
             return None
         wanted = stripped
     return None
+
+
+def unpatched_reason(config: Any) -> str | None:
+    """None when fastft patches this architecture; else why it is modeled UNPATCHED (``patch_model`` and the fused
+    LoRA act only on rows of ``fastft.patches.architectures.ARCHITECTURES``; other models load as transformers
+    wrote them)."""
+    from fastft.patches.architectures import ARCHITECTURES
+
+    model_type = getattr(config, "model_type", None)
+    if model_type in ARCHITECTURES:
+        return None
+    return (f"model_type {model_type!r} is not in fastft's architecture table ({', '.join(ARCHITECTURES)}), so "
+            "FastModel loads it without fused kernels, fused LoRA or the fused loss")
+
+
+def _linear_layer_names(config: Any) -> list[str]:
+    """The linear layers' names in the decoder layers (the model built on meta: no memory, no weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return linear_names(model)
+
+
+def lora_targets(config: Any, requested: list[str] | None) -> tuple[tuple[str, ...], str | None]:
+    """(LoRA target module names, a note saying where they came from or None). FastModel.get_peft_model's default
+    is every usual projection present (LINEAR_NAMES); a model that has none of them (GPT-2: c_attn, c_proj, c_fc) is
+    modeled with PEFT's own default for its model_type, and the note says FastModel needs target_modules for it."""
+    if requested is None and unpatched_reason(config) is None:
+        return LINEAR_NAMES, None  # every table architecture has all of them
+    present = _linear_layer_names(config)
+    if requested is not None:
+        unknown = [n for n in requested if n not in present]
+        if unknown:
+            hints = "".join(f"; did you mean {close[0]!r} for {n!r}?" for n in unknown
+                            if (close := difflib.get_close_matches(n, present, n=1, cutoff=0.6)))
+            raise ValueError(f"--target-modules: {', '.join(map(repr, unknown))} not among this model's linear "
+                             f"layers ({', '.join(present)}){hints}")
+        return tuple(requested), None
+    usual = tuple(n for n in LINEAR_NAMES if n in present)
+    if usual:
+        return usual, None
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+    default = PEFT_DEFAULTS.get(config.model_type)
+    if default and set(default) <= set(present):
+        return tuple(default), (f"{', '.join(default)} (PEFT's default for {config.model_type}: none of "
+                                f"{', '.join(LINEAR_NAMES)} exist here, so FastModel.get_peft_model needs "
+                                f"target_modules={list(default)!r} for this model; --target-modules to change)")
+    raise ValueError(f"none of the usual projections ({', '.join(LINEAR_NAMES)}) exist in this "
+                     f"{config.model_type} model and PEFT has no default for it; pass --target-modules, "
+                     f"one or more of: {', '.join(present)}")
 
 
 class Planner:
@@ -213,7 +291,8 @@ def plan_variant(config: Any, spec: StepSpec, seq_len: int, batch_size: int, bud
 
 def _print_plan(p: VariantPlan, args: argparse.Namespace, gpu_memory: int | None, reserve: int,
                 host_budget: int | None, max_positions: int | None, embedding_bytes: int) -> None:
-    title = "fastft" if p.variant == "fastft" else "baseline: transformers + PEFT LoRA (standard checkpointing)"
+    title = {"fastft": "fastft", "unpatched": "fastft, UNPATCHED: no fastft kernels apply to this architecture",
+             "baseline": "baseline: transformers + PEFT LoRA (standard checkpointing)"}[p.variant]
     print(f"\n== {title} ==")
     verdict = "" if p.fits is None else ("  -> fits" if p.fits else "  -> DOES NOT FIT")
     with_reserve = f" (+ {format_bytes(reserve)} reserve = {format_bytes(p.peak_bytes + reserve)})" if reserve else ""
@@ -243,7 +322,7 @@ def _print_plan(p: VariantPlan, args: argparse.Namespace, gpu_memory: int | None
         print("  tip: --tiled-mlp (from_pretrained(tiled_mlp=True)) runs each MLP in 4,096-token tiles, so its "
               "[tokens, intermediate] activations never exist whole; costs one extra MLP forward per layer in the "
               "backward, for sequences longer than a tile only")
-    if p.variant == "fastft" and not args.offload_embeddings and embedding_bytes:
+    if p.variant != "baseline" and not args.offload_embeddings and embedding_bytes:
         print(f"  tip: --offload-embeddings (get_peft_model(offload_embeddings=True)) keeps the frozen input embedding "
               f"in host RAM: {format_bytes(embedding_bytes)} less GPU memory")
     print(f"  ({p.steps_run} modeled steps in {p.seconds:.1f} s)")
@@ -259,13 +338,15 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--lora-alpha", type=float, default=None)
     parser.add_argument("--load-in-4bit", action="store_true")
+    parser.add_argument("--target-modules", nargs="+", default=None, metavar="NAME",
+                        help="LoRA target modules (default: FastModel's, every q/k/v/o/gate/up/down projection present)")
     parser.add_argument("--optim", default="adamw", choices=["adamw", "adamw_8bit", "sgd"])
-    parser.add_argument("--gpu-memory", default=None, help="e.g. 16GB, 16GiB, 16000MB, or a GPU name: "
-                        f"{', '.join(GPU_PRESETS)}; enables the max-length search")
+    parser.add_argument("--gpu-memory", default=None, help="e.g. 16GB, 16GiB, 16000MB (a unit is required), or a GPU "
+                        f"name: {', '.join(GPU_PRESETS)}; enables the max-length search")
     parser.add_argument("--reserve", default="1GiB", help="GPU memory set aside for the CUDA context, workspaces and "
                         "allocator slack before tensors (default 1GiB; 0 for the tensor-only answer)")
-    parser.add_argument("--host-memory", default=None, help="host RAM free for offloaded tensors, e.g. 9GB on a "
-                        "free Colab (12.7 GB total, of which the process itself takes a few); bounds the search")
+    parser.add_argument("--host-memory", default=None, help="host RAM free for offloaded tensors, with a unit, e.g. 9GB "
+                        "on a free Colab (12.7 GB total, of which the process itself takes a few); bounds the search")
     parser.add_argument("--offload-embeddings", action="store_true",
                         help="fastft variant with the frozen input embedding in host memory (get_peft_model("
                         "offload_embeddings=True))")
@@ -281,28 +362,36 @@ def add_parser(sub: Any) -> None:
 def run_plan(args: argparse.Namespace) -> int:
     try:
         gpu_memory = parse_gpu_memory(args.gpu_memory) if args.gpu_memory is not None else None
-        reserve = parse_size(args.reserve)
-        host_budget = parse_size(args.host_memory) if args.host_memory is not None else None
+        reserve = parse_size(args.reserve, "--reserve")
+        host_budget = parse_size(args.host_memory, "--host-memory") if args.host_memory is not None else None
         budget = tensor_budget(gpu_memory, reserve)
         config = load_config(args.model)
         if args.seq_len < 1 or args.batch_size < 1 or args.lora_r < 0:
             raise ValueError("--seq-len and --batch-size must be >= 1, --lora-r >= 0")
+        unpatched = unpatched_reason(config)
+        if unpatched and args.tiled_mlp is not None:
+            raise ValueError(f"--tiled-mlp: the tiled MLP is one of fastft's architecture patches, and none apply "
+                             f"here ({unpatched})")
+        targets, targets_note = lora_targets(config, args.target_modules)
     except ValueError as exc:
         print(f"fastft plan: error: {exc}", file=sys.stderr)
         return 2
-    common = dict(load_in_4bit=args.load_in_4bit, lora_r=args.lora_r, lora_alpha=args.lora_alpha, optim=args.optim)
+    common = dict(load_in_4bit=args.load_in_4bit, lora_r=args.lora_r, lora_alpha=args.lora_alpha, optim=args.optim,
+                  target_modules=targets)
     if args.tiled_mlp is not None and args.tiled_mlp < 1:
         print("fastft plan: error: --tiled-mlp TOKENS must be >= 1", file=sys.stderr)
         return 2
     tiled: bool | int = False if args.tiled_mlp is None else args.tiled_mlp
-    specs = [StepSpec(variant="fastft", offload=False if args.no_offload else None, tiled_mlp=tiled,
-                      offload_embeddings=args.offload_embeddings, **common)]
+    specs = [StepSpec(variant="unpatched" if unpatched else "fastft", offload=False if args.no_offload else None,
+                      tiled_mlp=tiled, offload_embeddings=args.offload_embeddings, **common)]
     if args.baseline:
         specs.append(StepSpec(variant="baseline", **common))
     plans = [plan_variant(config, spec, args.seq_len, args.batch_size, budget, host_budget) for spec in specs]
     max_positions = getattr(config, "max_position_embeddings", None)
     if args.json:
-        print(json.dumps({"model": args.model, "modeled": True, "gpu_memory_bytes": gpu_memory,
+        print(json.dumps({"model": args.model, "modeled": True, "model_type": config.model_type,
+                          "architecture_supported": unpatched is None, "unpatched_reason": unpatched,
+                          "lora_target_modules": list(targets), "gpu_memory_bytes": gpu_memory,
                           "reserve_bytes": reserve, "tensor_budget_bytes": budget, "host_memory_bytes": host_budget,
                           "max_position_embeddings": max_positions,
                           "settings": {k: v for k, v in vars(args).items() if k != "func"},
@@ -310,6 +399,11 @@ def run_plan(args: argparse.Namespace) -> int:
         return 0
     print(f"fastft plan (MODELED on meta tensors, not measured on a GPU): {args.model}, "
           f"{'4-bit QLoRA' if args.load_in_4bit else 'bf16 LoRA'} r={args.lora_r}, optim={args.optim}")
+    if unpatched:
+        print(f"UNPATCHED: {unpatched}. Modeled that way: the model's own forward with full logits, PEFT LoRA, and "
+              "fastft's checkpointing (layer inputs offloaded to host memory), which does not depend on the table")
+    if targets_note:
+        print(f"LoRA targets: {targets_note}")
     if gpu_memory is not None:
         print(f"GPU memory {format_bytes(gpu_memory)} ({gpu_memory / 2**30:.2f} GiB) - reserve {format_bytes(reserve)} "
               f"(CUDA context, workspaces, allocator slack) = {format_bytes(budget)} for tensors")

@@ -53,6 +53,7 @@ ATTENTION_NAME = "fastft_meta_sdpa_free"
 QUANT_BLOCK = 64  # bitsandbytes' default 4-bit blocksize
 NESTED_BLOCK = 256  # double quantization: one fp32 scale per 256 quantized absmax values
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+VARIANTS = ("fastft", "baseline", "unpatched")
 
 # ---------------------------------------------------------------------------------------------------------------
 # Opaque custom ops: the tracker charges their outputs only (they model single GPU kernels whose scratch lives in
@@ -532,8 +533,10 @@ def make_optimizer(name: str, params: list[nn.Parameter]):
 
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
-    """What to model. ``variant``: "fastft" (fused kernels, chunked LCE, offloaded checkpointing, tiled MLP) or
-    "baseline" (transformers + PEFT LoRA, standard checkpointing, full fp32 logits)."""
+    """What to model. ``variant``: "fastft" (fused kernels, chunked LCE, offloaded checkpointing, tiled MLP),
+    "baseline" (transformers + PEFT LoRA, standard checkpointing, full fp32 logits), or "unpatched" (FastModel on an
+    architecture outside fastft's table: no kernel, fused LoRA or fused loss applies -- the model's own forward and
+    full logits, PEFT LoRA -- but fastft's checkpointing, with its offload, and embedding offload still do)."""
 
     variant: str = "fastft"
     load_in_4bit: bool = True
@@ -554,7 +557,7 @@ class StepSpec:
 
     @property
     def offload_enabled(self) -> bool:
-        return (self.variant == "fastft") if self.offload is None else self.offload
+        return (self.variant != "baseline") if self.offload is None else self.offload
 
     @property
     def fp32_embeddings_enabled(self) -> bool:
@@ -579,8 +582,8 @@ class StepModel:
     def __init__(self, config: Any, spec: StepSpec, device: str = "meta") -> None:
         from transformers import AutoModelForCausalLM
 
-        if spec.variant not in ("fastft", "baseline"):
-            raise ValueError(f"variant must be 'fastft' or 'baseline', got {spec.variant!r}")
+        if spec.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {', '.join(map(repr, VARIANTS))}, got {spec.variant!r}")
         self.spec, self.device, self.notes = spec, device, []
         self.fused_loss = False  # set by patch_model: fastft's linear_cross_entropy inside the model forward
         config = _copy_config(config)
@@ -604,9 +607,9 @@ class StepModel:
         if spec.variant == "fastft" and spec.fused_kernels:
             self._patch_fastft(model)
         self.host_static = 0  # host bytes held for the whole run (an offloaded embedding)
-        if spec.variant == "fastft" and spec.offload_embeddings:
+        if spec.variant != "baseline" and spec.offload_embeddings:
             self._offload_embeddings(model)
-        layers = model.model.layers
+        self.layers = layers = decoder_layers(model)
         if spec.gradient_checkpointing:
             for i, layer in enumerate(layers):
                 layers[i] = CheckpointedLayer(layer, spec.offload_enabled, self.ledger)
@@ -621,14 +624,16 @@ class StepModel:
         alpha = spec.lora_alpha if spec.lora_alpha is not None else 2 * spec.lora_r
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
-                if name not in spec.target_modules or not isinstance(child, nn.Linear):
+                shape = _linear_shape(child)
+                if name not in spec.target_modules or shape is None:
                     continue
+                in_features, out_features = shape
                 base: nn.Module = child
                 if spec.load_in_4bit:
-                    base = Linear4bit(child.in_features, child.out_features, spec.dtype, self.device,
-                                      spec.double_quant, child.bias)
+                    base = Linear4bit(in_features, out_features, spec.dtype, self.device, spec.double_quant,
+                                      child.bias)
                 if spec.lora_r > 0:
-                    base = LoraLinear(base, child.in_features, child.out_features, spec.lora_r, alpha, self.device,
+                    base = LoraLinear(base, in_features, out_features, spec.lora_r, alpha, self.device,
                                       clone_result=spec.load_in_4bit)
                 setattr(parent, name, base)
 
@@ -721,7 +726,7 @@ class StepModel:
 
             clear_buffers()  # fused LoRA's shared NF4 buffers: allocated (and counted) by this step, then kept
         tracker = LiveBytesTracker()
-        for layer in model.model.layers:
+        for layer in self.layers:
             if isinstance(layer, CheckpointedLayer):
                 layer.tracker, layer.memo = tracker, memo
         hooks = [p.register_post_accumulate_grad_hook(lambda p: tracker.recharge(p.grad, "gradients"))
@@ -749,16 +754,16 @@ class StepModel:
     def _loss(self, ids: torch.Tensor, labels: torch.Tensor, tracker: LiveBytesTracker) -> torch.Tensor:
         model = self.model
         softcap = getattr(model.config, "final_logit_softcapping", None)
-        if self.spec.variant == "baseline" or self.fused_loss:
-            # The model's own loss path. Baseline: transformers' full logits, upcast to fp32 in ForCausalLMLoss.
-            # fastft patched: fastft.kernels.linear_cross_entropy (its fake impl) from the patched forward.
+        if self.spec.variant != "fastft" or self.fused_loss:
+            # The model's own loss path. Baseline and unpatched: transformers' full logits, upcast to fp32 in
+            # ForCausalLMLoss. fastft patched: fastft.kernels.linear_cross_entropy (its fake impl) from the forward.
             def enter_loss(module, args):
                 tracker.phase = "loss"
                 (hidden,) = args
                 if hidden.requires_grad:
                     hidden.register_hook(lambda g: setattr(tracker, "phase", "backward"))
 
-            handle = model.lm_head.register_forward_pre_hook(enter_loss)
+            handle = model.get_output_embeddings().register_forward_pre_hook(enter_loss)
             try:
                 return model(input_ids=ids, labels=labels).loss
             finally:
@@ -794,6 +799,37 @@ def _module_patches(active: bool) -> Iterator[None]:
     finally:
         for patch in changed:
             patch.revert() if active else patch.apply()
+
+
+def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) features of a linear layer: ``nn.Linear``, or transformers' ``Conv1D`` (GPT-2 style, weight stored
+    [in, out]), which PEFT adapts and bitsandbytes quantizes like a linear layer; None for anything else."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.dim() == 2:
+        return module.weight.shape[0], module.weight.shape[1]
+    return None
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Names (last part) of the linear layers inside the decoder layers: what ``target_modules`` can choose from."""
+    names = {name.rsplit(".", 1)[-1] for layer in decoder_layers(model) for name, m in layer.named_modules()
+             if _linear_shape(m) is not None}
+    return sorted(names)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of decoder layers: ``model.model.layers`` for Llama-style models, ``transformer.h`` for GPT-2 and
+    others -- found as the ModuleList with ``num_hidden_layers`` entries, so no per-architecture attribute is needed."""
+    inner = getattr(getattr(model, "model", None), "layers", None)
+    if isinstance(inner, nn.ModuleList):
+        return inner
+    count = getattr(model.config, "num_hidden_layers", None)
+    found = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == count]
+    if len(found) != 1:
+        raise ValueError(f"cannot find the decoder layers of {type(model).__name__}: {len(found)} module lists with "
+                         f"num_hidden_layers={count} entries")
+    return found[0]
 
 
 def _copy_config(config: Any) -> Any:

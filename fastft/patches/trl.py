@@ -557,6 +557,45 @@ def _hook_grpo_generation(original: Callable) -> Callable:
     return _generate_single_turn
 
 
+def _hook_init(original: Callable) -> Callable:
+    """FastModel's ``max_seq_length`` reaches TRL: a ``max_length`` left at TRL's default becomes the model's
+    ``max_seq_length`` (said once, visibly); an explicit one wins, and one shorter than ``max_seq_length`` is noted."""
+    signature = inspect.signature(original)
+
+    def __init__(self, *args, **kwargs):
+        try:
+            arguments = _named_arguments(signature, self, *args, **kwargs)
+        except TypeError:
+            arguments = {}
+        _apply_max_seq_length(arguments.get("model"), arguments.get("args"))
+        original(self, *args, **kwargs)
+
+    return __init__
+
+
+def _apply_max_seq_length(model: Any, args: Any) -> None:
+    wanted = getattr(model, "max_seq_length", None)
+    if not isinstance(wanted, int) or args is None or not dataclasses.is_dataclass(args):
+        return
+    fields = {f.name: f for f in dataclasses.fields(args)}
+    if "max_length" not in fields or not isinstance(args.max_length, int):
+        return
+    default = fields["max_length"].default
+    if args.max_length == default and wanted != default:
+        args.max_length = wanted
+        warn_once(f"fastft: {type(args).__name__}.max_length was TRL's default {default}; using FastModel's "
+                  f"max_seq_length {wanted} (set max_length to choose another)", key=f"max-length:{wanted}",
+                  category=_Note)
+    elif args.max_length < wanted:
+        info_once(f"fastft: {type(args).__name__}.max_length={args.max_length} is shorter than FastModel's "
+                  f"max_seq_length {wanted}: examples are truncated to {args.max_length} tokens",
+                  key=f"max-length-short:{args.max_length}")
+
+
+class _Note(UserWarning):
+    """A visible one-time note about a choice fastft made for the user (not a problem)."""
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # PatchFastRL
 # --------------------------------------------------------------------------------------------------------------------
@@ -577,16 +616,17 @@ class _TrainerSpec:
 
 
 _OPTIMIZER_HOOK = _Hook("create_optimizer", _hook_create_optimizer)
+_INIT_HOOK = _Hook("__init__", _hook_init, ("model", "args"))
 
 _TRAINERS: dict[str, _TrainerSpec] = {
     "SFT": _TrainerSpec("trl.trainer.sft_trainer", "SFTTrainer", (
         _Hook("compute_loss", _hook_sft_compute_loss, ("model", "inputs", "return_outputs", "num_items_in_batch")),
-        _OPTIMIZER_HOOK,
+        _OPTIMIZER_HOOK, _INIT_HOOK,
     )),
     "DPO": _TrainerSpec("trl.trainer.dpo_trainer", "DPOTrainer", (
         _Hook("compute_loss", _hook_per_token_head("DPO"), ("model", "inputs")),
         _Hook("compute_ref_log_probs", _hook_per_token_head("DPO"), ("model", "inputs")),
-        _OPTIMIZER_HOOK,
+        _OPTIMIZER_HOOK, _INIT_HOOK,
     )),
     "GRPO": _TrainerSpec("trl.trainer.grpo_trainer", "GRPOTrainer", (
         _Hook("_get_per_token_logps_and_entropies", _hook_grpo_log_probs, ("model",)),

@@ -10,6 +10,8 @@ One file maps 1:1 to what it builds::
     output_dir, resume (false | true | auto | a checkpoint dir), max_minutes
 
 Every problem is reported at once, each naming its dotted key and, for a misspelt key, the nearest valid one.
+Model and data paths are checked here too (fastft.train.sources: file system only, no hub call); formats and
+columns need the data itself and are checked by fastft.train.data, still before any model loads.
 """
 
 from __future__ import annotations
@@ -23,6 +25,14 @@ import typing
 from typing import Any
 
 import yaml
+
+from fastft.sources import (
+    ACCEPTED_DATA_FILES,
+    MODEL_NAME_FORMS,
+    check_chat_template,
+    check_data_source,
+    check_model_name,
+)
 
 TRAINER_TYPES = ("sft", "dpo", "grpo")
 DATA_FORMATS = ("auto", "text", "messages", "prompt_completion", "preference", "prompt")
@@ -136,6 +146,12 @@ def _check_simple(value: Any, accepted: tuple[type, ...]) -> bool:
     if isinstance(value, int) and float in accepted:
         return True
     return isinstance(value, accepted)
+
+
+def _check_at_least_one(section: dict, key: str, prefix: str, errors: list[str]) -> None:
+    value = section.get(key)
+    if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+        errors.append(f"{prefix}{key}: must be >= 1, got {value}")
 
 
 def _check_section(section: dict, schema: dict[str, tuple[type, ...]], prefix: str, errors: list[str]) -> None:
@@ -312,7 +328,14 @@ def validate(raw: dict) -> TrainConfig:
 
     _check_section(model, MODEL_SCHEMA, "model.", errors)
     if "name" not in model and isinstance(raw.get("model"), dict):
-        errors.append("model.name: required (a hub name, a local model directory, or tiny:<arch> for tests)")
+        errors.append(f"model.name: required ({MODEL_NAME_FORMS})")
+    elif isinstance(model.get("name"), str):
+        from fastft.offline import TINY_ARCHITECTURES
+
+        problem = check_model_name(model["name"], tuple(TINY_ARCHITECTURES))
+        if problem:
+            errors.append(f"model.name: {problem}")
+    _check_at_least_one(model, "max_seq_length", "model.", errors)
     lora_raw = model.pop("lora", {})
     lora: dict | None
     if lora_raw is None or lora_raw is False:
@@ -322,6 +345,7 @@ def validate(raw: dict) -> TrainConfig:
     else:
         lora = dict(lora_raw) if isinstance(lora_raw, dict) else {}
         _check_section(lora, LORA_SCHEMA, "model.lora.", errors)
+        _check_at_least_one(lora, "r", "model.lora.", errors)
     if model.get("full_finetuning") and lora is not None and isinstance(raw.get("model"), dict) \
             and "lora" in raw["model"]:
         errors.append("model.lora: full_finetuning trains every weight; set model.lora: null (or drop full_finetuning)")
@@ -330,8 +354,16 @@ def validate(raw: dict) -> TrainConfig:
 
     _check_section(data, DATA_SCHEMA, "data.", errors)
     if "path" not in data and isinstance(raw.get("data"), dict):
-        errors.append("data.path: required (a local .jsonl/.json/.csv/.parquet file, a datasets name, "
+        errors.append(f"data.path: required (a local {ACCEPTED_DATA_FILES} file, a datasets name, "
                       "or builtin:arithmetic)")
+    for key in ("path", "eval_path"):
+        problem = check_data_source(data[key]) if isinstance(data.get(key), str) else None
+        if problem:
+            errors.append(f"data.{key}: {problem}")
+    if isinstance(data.get("chat_template"), str):
+        problem = check_chat_template(data["chat_template"])
+        if problem:
+            errors.append(f"data.chat_template: {problem}")
     data = {**DEFAULT_DATA, **data}
     if isinstance(data.get("format"), str) and data["format"] not in DATA_FORMATS:
         errors.append(f"data.format: {data['format']!r} is not one of {', '.join(DATA_FORMATS)}"

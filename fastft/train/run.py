@@ -22,10 +22,11 @@ from typing import Any
 
 import torch
 
+from fastft import sources
 from fastft.train.config import ConfigError, TrainConfig, trainer_config_class
 from fastft.train.report import RunStats, write_report
 
-TINY_PREFIX = "tiny:"
+TINY_PREFIX = sources.TINY_PREFIX
 TRAINER_NAMES = {"sft": "SFT", "dpo": "DPO", "grpo": "GRPO"}
 
 
@@ -43,9 +44,10 @@ class RunResult:
 
 
 def resolve_model_name(name: str, output_dir: str) -> str:
-    """``tiny:<arch>`` -> a tiny offline model saved (once) under ``output_dir/.fastft-tiny-model/<arch>``."""
+    """``tiny:<arch>`` -> a tiny offline model saved (once) under ``output_dir/.fastft-tiny-model/<arch>``; a local
+    path has ``~`` expanded (validate() checked the expanded path; transformers does not expand it)."""
     if not name.startswith(TINY_PREFIX):
-        return name
+        return os.path.expanduser(name)
     from fastft.offline import TINY_ARCHITECTURES, save_tiny_model
 
     arch = name[len(TINY_PREFIX):] or "llama"
@@ -232,7 +234,7 @@ def run(cfg: TrainConfig, *, max_minutes: float | None = None, resume: bool | st
     """Train as ``cfg`` says. ``max_minutes``/``resume`` override the config's; ``callbacks`` are added to the
     trainer's; ``quiet`` drops transformers' progress bar and log printing (the demo prints its own lines)."""
     from fastft.kernels import path_counts
-    from fastft.train.data import load_datasets
+    from fastft.train.data import load_datasets, trainer_fields
     from fastft.train.rewards import resolve_reward
 
     max_minutes = cfg.max_minutes if max_minutes is None else max_minutes
@@ -245,11 +247,15 @@ def run(cfg: TrainConfig, *, max_minutes: float | None = None, resume: bool | st
         except ValueError as exc:
             raise ConfigError([f"resume: {exc}"]) from exc
     build_training_args(cfg)  # fail on a bad trainer setting before the model loads
+    # The data is read and its format and columns checked before the model loads (or a tiny one is built): a wrong
+    # file or column fails in seconds. What needs the tokenizer (chat template) is checked once it exists.
+    loaded = load_datasets(cfg.data, cfg.trainer_type, cfg.rewards)
+    train_ds, eval_ds, fmt = loaded.train, loaded.evaluation, loaded.fmt
     os.makedirs(cfg.output_dir, exist_ok=True)
 
     model_name = resolve_model_name(cfg.model["name"], cfg.output_dir)
     model, tokenizer = load_model(cfg, model_name)
-    train_ds, eval_ds, data_fields, fmt = load_datasets(cfg.data, cfg.trainer_type, tokenizer)
+    data_fields = trainer_fields(cfg.data, cfg.trainer_type, loaded, tokenizer)
     args = build_training_args(cfg, data_fields, has_eval=eval_ds is not None)
 
     cls, class_note = trainer_class(cfg.trainer_type)

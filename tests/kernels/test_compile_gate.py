@@ -21,23 +21,24 @@ def test_every_kernel_compiles_for_t4_a100_h100():
 
 
 def test_compile_gate_reports_a_broken_kernel(tmp_path):
-    """The gate must fail on a kernel that cannot compile (tl.dot with K < 16), which the interpreter would accept."""
+    """The gate must fail on a kernel that cannot compile (a loop-carried variable that changes dtype), which the
+    interpreter accepts. (tl.dot with K < 16 no longer serves: triton 3.9 compiles it.)"""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = r'''
 import sys, torch, triton, triton.language as tl
 from fastft.kernels import compile_check, _launch
 
 @triton.jit
-def _tiny_dot_kernel(A, B, C, BLOCK: tl.constexpr):
-    r = tl.arange(0, BLOCK)
-    a = tl.load(A + r[:, None] * BLOCK + r[None, :])
-    b = tl.load(B + r[:, None] * BLOCK + r[None, :])
-    tl.store(C + r[:, None] * BLOCK + r[None, :], tl.dot(a, b))
+def _dtype_changing_loop_kernel(A, C, BLOCK: tl.constexpr):
+    acc = 0  # int32 going in, fp32 after the first iteration: the compiler rejects it, the interpreter does not
+    for i in range(4):
+        acc += tl.load(A + i)
+    tl.store(C, acc)
 
 mod = type(sys)("broken_kernels")
 def compile_cases():
-    a = torch.empty(8, 8)
-    _launch.launch(_tiny_dot_kernel, (1,), a, a, a, BLOCK=8)
+    a = torch.empty(8)
+    _launch.launch(_dtype_changing_loop_kernel, (1,), a, a, BLOCK=8)
 mod.compile_cases = compile_cases
 sys.modules["broken_kernels"] = mod
 rows = compile_check.run([80], ["broken_kernels"])

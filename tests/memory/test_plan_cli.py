@@ -6,11 +6,12 @@ import pytest
 
 from fastft.cli import main
 from fastft.memory.plan import known_models, load_config, parse_size
+from fastft.patches.architectures import ARCHITECTURES
 
 
 @pytest.mark.parametrize("text,expected", [
     ("16 GB", 16 * 10**9), ("16GiB", 16 * 2**30), ("16000MB", 16 * 10**9), ("0.5 GiB", 2**29),
-    ("80gb", 80 * 10**9), ("1024", 1024), ("12 gib", 12 * 2**30),
+    ("80gb", 80 * 10**9), ("1024B", 1024), ("12 gib", 12 * 2**30), ("0", 0),
 ])
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
@@ -25,7 +26,7 @@ def test_parse_size_rejects(bad):
 def test_known_models_ship_and_load():
     names = known_models()
     for want in ("Llama-3.1-8B", "Llama-3.2-1B", "Llama-3.2-3B", "Qwen2.5-7B", "Qwen3-8B", "Mistral-7B-v0.3",
-                 "Gemma-2-9B"):
+                 "Gemma-2-9B", "Qwen2.5-0.5B", "Qwen2.5-1.5B", "Qwen3-0.6B", "Qwen3-1.7B", "Qwen3-4B"):
         assert want in names
     cfg = load_config("meta-llama/llama-3.1-8b")
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.vocab_size) == (4096, 32, 8, 128256)
@@ -78,6 +79,41 @@ def test_max_context_search_brackets_the_budget():
                                   "google/gemma-2-9b-it", "mistralai/Mistral-7B-Instruct-v0.3", "Qwen3-8B-Base"])
 def test_instruct_and_quantized_repo_names_use_the_base_config(name):
     assert load_config(name).model_type in ("llama", "gemma2", "mistral", "qwen3")
+
+
+# (name as the notebooks/examples/users write it) -> (hidden, layers, heads, kv heads, intermediate, tied, positions)
+NOTEBOOK_MODELS = {
+    "Qwen/Qwen2.5-1.5B-Instruct": (1536, 28, 12, 2, 8960, True, 131072),  # the notebooks' and T4 examples' model
+    "unsloth/Qwen2.5-1.5B-Instruct-bnb-4bit": (1536, 28, 12, 2, 8960, True, 131072),
+    "Qwen/Qwen2.5-0.5B-Instruct": (896, 24, 14, 2, 4864, True, 32768),
+    "Qwen/Qwen3-0.6B": (1024, 28, 16, 8, 3072, True, 40960),
+    "Qwen/Qwen3-1.7B-Base": (2048, 28, 16, 8, 6144, True, 40960),
+    "unsloth/Qwen3-4B-unsloth-bnb-4bit": (2560, 36, 32, 8, 9728, True, 40960),
+    "meta-llama/Llama-3.2-1B-Instruct": (2048, 16, 32, 8, 8192, True, 131072),
+    "unsloth/Llama-3.2-3B-Instruct": (3072, 28, 24, 8, 8192, True, 131072),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NOTEBOOK_MODELS))
+def test_notebook_and_example_models_have_shipped_configs(name):
+    c = load_config(name)
+    got = (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size,
+           c.tie_word_embeddings, c.max_position_embeddings)
+    assert got == NOTEBOOK_MODELS[name]
+    assert c.model_type in ARCHITECTURES  # modeled with fastft's kernels, not as an unpatched model
+
+
+def test_every_shipped_config_is_documented_in_sources_md():
+    from fastft.memory.plan import CONFIG_DIR
+
+    sources = (CONFIG_DIR / "SOURCES.md").read_text()
+    for name in known_models():
+        assert f"## {name} (" in sources or f"### {name} (" in sources, name
+
+
+def test_a_different_release_is_not_mapped_to_a_shipped_config():
+    with pytest.raises(ValueError, match="unknown model 'Qwen/Qwen3-4B-Instruct-2507'"):
+        load_config("Qwen/Qwen3-4B-Instruct-2507")  # 262,144 positions, rope_theta 5e6: not Qwen3-4B's file
 
 
 def test_gpu_presets_reserve_and_errors(capsys):
@@ -152,3 +188,84 @@ def test_search_cap_is_reported_as_a_lower_bound():
     plan = plan_variant(cfg, spec, 256, 1, 10**12, planner=planner)
     assert plan.limited_by == "search cap"
     assert plan_variant(cfg, spec, 256, 1, 3 * 10**6).limited_by == "gpu"
+
+
+@pytest.mark.parametrize("flag", ["--gpu-memory", "--host-memory", "--reserve"])
+def test_bare_numbers_need_a_unit(flag, capsys):
+    args = ["plan", "--model", "Llama-3.2-1B", "--gpu-memory", "T4", flag, "16"]
+    assert main(args) == 2
+    assert f"{flag} 16: 16 what? write 16GB or 16GiB" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="12.5 what"):
+        parse_size("12.5")
+
+
+def test_gpu_presets_still_work_and_misspelt_ones_get_a_suggestion(capsys):
+    from fastft.memory.plan import parse_gpu_memory
+
+    assert parse_gpu_memory("T4") == 15_360 * 2**20 and parse_gpu_memory("a100-80gb") == 81_920 * 2**20
+    assert main(["plan", "--model", "Llama-3.2-1B", "--gpu-memory", "T5"]) == 2
+    err = capsys.readouterr().err
+    assert "it is not a known GPU; did you mean T4" in err and "A100-80GB" in err
+
+
+def _gpt2(tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=2, n_embd=96, n_head=6, vocab_size=320, n_positions=1024, bos_token_id=0,
+               eos_token_id=0).save_pretrained(tmp_path)
+    return str(tmp_path)
+
+
+def test_unsupported_architecture_is_modeled_unpatched_and_says_so(tmp_path, capsys):
+    """gpt2 is not in fastft's table: FastModel applies no kernel, fused LoRA or fused loss to it, so the plan must
+    not model them (it crashed on `hidden_act` before)."""
+    model = _gpt2(tmp_path)
+    assert main(["plan", "--model", model, "--seq-len", "256", "--lora-r", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    (variant,) = out["variants"]
+    assert out["architecture_supported"] is False and variant["variant"] == "unpatched"
+    assert "not in fastft's architecture table" in out["unpatched_reason"]
+    assert out["lora_target_modules"] == ["c_attn"]  # PEFT's default for gpt2: the usual q/k/v names do not exist
+    assert not any("patch_model" in n or "fused LoRA" in n for n in variant["notes"]), variant["notes"]
+    assert variant["peak_bytes"] > 0 and variant["host_bytes"] > 0  # fastft's offloaded checkpointing still applies
+
+    assert main(["plan", "--model", model, "--seq-len", "256", "--lora-r", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "UNPATCHED: model_type 'gpt2' is not in fastft's architecture table" in text
+    assert "== fastft, UNPATCHED: no fastft kernels apply to this architecture ==" in text
+    assert "FastModel.get_peft_model needs target_modules=['c_attn']" in text
+
+    assert main(["plan", "--model", model, "--tiled-mlp"]) == 2  # a patch that would not be applied is refused
+    assert "the tiled MLP is one of fastft's architecture patches" in capsys.readouterr().err
+    assert main(["plan", "--model", model, "--target-modules", "c_atn"]) == 2
+    assert "did you mean 'c_attn' for 'c_atn'?" in capsys.readouterr().err
+
+
+def test_unsupported_llama_shaped_architecture_gets_no_fused_paths(tmp_path, capsys):
+    from transformers import OlmoConfig
+
+    OlmoConfig(hidden_size=96, intermediate_size=224, num_hidden_layers=2, num_attention_heads=6,
+               num_key_value_heads=2, vocab_size=320, max_position_embeddings=1024,
+               pad_token_id=0, bos_token_id=0, eos_token_id=0).save_pretrained(tmp_path)
+    assert main(["plan", "--model", str(tmp_path), "--seq-len", "256", "--lora-r", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    (variant,) = out["variants"]
+    assert variant["variant"] == "unpatched" and not any("fused LoRA" in n for n in variant["notes"])
+    assert out["lora_target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                          "down_proj"]
+
+
+@pytest.mark.parametrize("load_in_4bit", [True, False])
+def test_unpatched_gpt2_meta_peak_matches_real_cpu_peak(load_in_4bit):
+    """The stand-ins for an unpatched model (GPT-2's Conv1D as a linear layer, its decoder stack, its own loss) are
+    what a real CPU step allocates, within the 5% the step model is held to for Llama."""
+    from transformers import GPT2Config
+
+    from fastft.memory.step_model import StepModel, StepSpec
+
+    cfg = GPT2Config(n_layer=2, n_embd=96, n_head=6, vocab_size=320, n_positions=1024)
+    spec = StepSpec(variant="unpatched", lora_r=8, load_in_4bit=load_in_4bit, target_modules=("c_attn",))
+    real = StepModel(cfg, spec, device="cpu").step(192)
+    modeled = StepModel(cfg, spec, device="meta").step(192)
+    assert abs(modeled.peak_bytes - real.peak_bytes) <= 0.05 * real.peak_bytes, (modeled.breakdown, real.breakdown)
+    assert modeled.host_bytes == real.host_bytes > 0

@@ -1,6 +1,8 @@
 """FastModel: patched vs unpatched for every supported architecture, LoRA training parity, QLoRA, save, unpatch."""
 
 
+import warnings
+
 import peft
 import pytest
 import torch
@@ -300,3 +302,59 @@ def test_fused_lora_runs_under_trainer_style_autocast(model_dir, model_type, mon
         scale = ref_grads[name].float().abs().max().clamp_min(1e-3)
         err = ((g.float() - ref_grads[name].float()).abs().max() / scale).item()
         assert err < 5e-2, (name, err)  # bf16 end to end: a few ulps of the largest entry
+
+
+@pytest.mark.parametrize("model_type", ["llama"])
+def test_defaults_keep_the_users_model_and_config(model_dir, model_type, tmp_path):
+    """With every default, FastModel changes nothing about the model: no RoPE scaling (the old default of 2,048
+    tokens scaled a 1,024-position model x2), logits equal to plain transformers', and a merged save whose config
+    equals the original's in every field that describes the model."""
+    import json
+
+    from fastft.offline import save_tiny_model
+
+    short = save_tiny_model(str(tmp_path / "short"), "llama", max_position_embeddings=1024)
+    ids, _ = _batch()
+    with torch.no_grad():
+        want = _plain(short).eval()(input_ids=ids).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RoPE warning either
+        model, _ = FastModel.from_pretrained(short)
+    assert model.max_seq_length == 1024
+    assert model.config.rope_parameters == _plain(short).config.rope_parameters
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+    model = FastModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)
+    model.save_pretrained_merged(str(tmp_path / "merged"))
+    saved, original = (json.load(open(f"{d}/config.json")) for d in (tmp_path / "merged", short))
+    for key in ("dtype", "torch_dtype", "transformers_version"):
+        saved.pop(key, None), original.pop(key, None)
+    assert saved == original
+
+
+@pytest.mark.parametrize("model_type", ["llama"])
+def test_bad_arguments_are_rejected_up_front(model_dir, model_type, tmp_path, monkeypatch):
+    import time
+
+    for bad in ("2048", 0, -5, 2.5, True):
+        with pytest.raises(ValueError, match="max_seq_length must be a positive number of tokens"):
+            FastModel.from_pretrained(model_dir, max_seq_length=bad)
+    # a relative path next to an existing folder is a local path, not a hub id: no wait on the hub
+    (tmp_path / "models").mkdir()
+    save_tiny_model(str(tmp_path / "models" / "tiny-llama"), "llama")
+    monkeypatch.chdir(tmp_path)
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match=r"'models/nope' does not exist"):
+        FastModel.from_pretrained("models/nope")
+    with pytest.raises(FileNotFoundError, match=r"did you mean 'models/tiny-llama'\?"):
+        FastModel.from_pretrained("models/tiny-lama")
+    assert time.perf_counter() - start < 1.0
+    model, _ = FastModel.from_pretrained("models/tiny-llama")
+    with pytest.raises(ValueError, match=r"no linear layer named 'nonexistent' in this model") as info:
+        FastModel.get_peft_model(model, r=4, target_modules=["q_proj", "nonexistent"])
+    assert "q_proj" in str(info.value)  # the message lists what exists
+    with pytest.raises(ValueError, match=r"'up_prj' \(did you mean 'up_proj'\?\)"):
+        FastModel.get_peft_model(model, r=4, target_modules=["up_prj"])
+    peft_model = FastModel.get_peft_model(model, r=4, target_modules=["model.layers.0.self_attn.q_proj", "v_proj"],
+                                          use_gradient_checkpointing=False)  # PEFT's dotted-suffix names match
+    assert len([n for n, _ in peft_model.named_modules() if n.endswith("q_proj.lora_A")]) == 1

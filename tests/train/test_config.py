@@ -163,3 +163,43 @@ def test_rewards():
     assert resolve_reward("format") is format_reward
     with pytest.raises(ImportError, match="cannot import module"):
         resolve_reward("no_such_pkg_xyz.mod:fn")
+
+
+def _mentioned_yaml(text: str) -> set[str]:
+    import re
+
+    return set(re.findall(r"\b([A-Za-z0-9_]+\.yaml)\b", text)) - {"CONFIG.yaml"}
+
+
+def test_example_and_readme_references_point_at_existing_files():
+    import glob
+    import os
+
+    from tests.train.conftest import EXAMPLES
+
+    shipped = {os.path.basename(p) for p in glob.glob(os.path.join(EXAMPLES, "*.yaml"))}
+    readme = os.path.join(EXAMPLES, "..", "README.md")
+    for path in [*glob.glob(os.path.join(EXAMPLES, "*.yaml")), readme]:
+        with open(path, encoding="utf-8") as fh:
+            missing = _mentioned_yaml(fh.read()) - shipped
+        assert not missing, f"{os.path.basename(path)} refers to {sorted(missing)}, not in examples/"
+
+
+@pytest.mark.parametrize("name", ["sft_tiny.yaml", "dpo_tiny.yaml", "grpo_tiny.yaml"])
+def test_tiny_examples_say_how_to_run_on_cpu_and_the_advice_validates(name):
+    with open(example(name), encoding="utf-8") as fh:
+        text = fh.read()
+    assert "trainer.use_cpu=true" in text and "use_cpu: true" in text
+    cfg = load_config(example(name), ["trainer.use_cpu=true", "model.device_map=cpu"])
+    assert cfg.trainer_args["use_cpu"] is True and cfg.model["device_map"] == "cpu"
+
+
+def test_readme_commands_say_a_cpu_run_needs_use_cpu():
+    import os
+
+    from tests.train.conftest import EXAMPLES
+
+    with open(os.path.join(EXAMPLES, "..", "README.md"), encoding="utf-8") as fh:
+        readme = fh.read()
+    commands = readme.split("## Commands", 1)[1].split("\n## ", 1)[0]
+    assert "trainer: {use_cpu: true}" in commands and "use_cpu=True" in commands

@@ -15,6 +15,21 @@ from fastft.offline import build_tiny_model, build_tokenizer
 STEPS = 5
 
 
+def fused_head_available() -> bool:
+    """TRL >= 1.15 has the fused-LM-head hook fastft's lean heads run under; on TRL 1.14 PatchFastRL's losses run
+    TRL's own code, and the parity tests assert that no fastft head kernel ran there instead."""
+    from fastft.patches.trl import _fused_head_problem
+
+    return _fused_head_problem() is None
+
+
+def assert_head_calls(calls: int, what: str) -> None:
+    if fused_head_available():
+        assert calls > 0, f"the fast run never reached fastft's {what}"
+    else:
+        assert calls == 0, f"TRL without a fused-head hook ran fastft's {what} {calls} times"
+
+
 def lora_config():
     from peft import LoraConfig
 

@@ -4,7 +4,7 @@ reference log-probs come from the same model with the adapters disabled)."""
 import pytest
 from datasets import Dataset
 
-from tests.trl._common import assert_same_run, common_args, lora_config, run
+from tests.trl._common import assert_head_calls, assert_same_run, common_args, lora_config, run
 
 PAIRS = [
     {"prompt": "What is 12 plus 7?", "chosen": " The answer is 19.", "rejected": " It is 20."},
@@ -38,5 +38,5 @@ def test_dpo_matches_trl(precompute, tmp_path):
     config = dict(precompute_ref_log_probs=True, use_weighting=True) if precompute else {}
     fast, calls = run("DPO", True, _make(tmp_path / "fast", **config))
     slow, _ = run("DPO", False, _make(tmp_path / "slow", **config))
-    assert calls > 0, "the fast run never reached fastft's selective_log_softmax"
+    assert_head_calls(calls, "selective_log_softmax")
     assert_same_run(fast, slow, KEYS)

@@ -16,8 +16,8 @@ from tests.trl._common import common_args, lora_config
 
 NAMES = {"SFT": "sft_trainer", "DPO": "dpo_trainer", "GRPO": "grpo_trainer"}
 #: methods each trainer's hooks replace (create_optimizer is inherited from transformers.Trainer)
-HOOKED = {"SFT": ("compute_loss", "create_optimizer"),
-          "DPO": ("compute_loss", "compute_ref_log_probs", "create_optimizer"),
+HOOKED = {"SFT": ("compute_loss", "create_optimizer", "__init__"),
+          "DPO": ("compute_loss", "compute_ref_log_probs", "create_optimizer", "__init__"),
           "GRPO": ("_get_per_token_logps_and_entropies", "_generate_single_turn", "create_optimizer")}
 
 
@@ -30,7 +30,8 @@ def _all_names(algorithm):
 
 def _own_methods(cls):
     return {name: vars(cls).get(name) for name in ("compute_loss", "compute_ref_log_probs", "create_optimizer",
-                                                   "_get_per_token_logps_and_entropies", "_generate_single_turn")}
+                                                   "_get_per_token_logps_and_entropies", "_generate_single_turn",
+                                                   "__init__")}
 
 
 @pytest.fixture(autouse=True)
@@ -143,6 +144,7 @@ def test_a_renamed_parameter_leaves_trainer_unpatched_and_working(tmp_path, monk
     import trl.trainer.sft_trainer as sft_module
 
     original = sft_module.SFTTrainer.compute_loss
+    before_init = vars(sft_module.SFTTrainer)["__init__"]
     monkeypatch.setattr(sft_module.SFTTrainer, "compute_loss", _renamed_parameter(original))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -152,6 +154,7 @@ def test_a_renamed_parameter_leaves_trainer_unpatched_and_working(tmp_path, monk
     assert len(messages) == 1 and "no longer takes inputs" in messages[0], [str(w.message) for w in caught]
     cls = _all_names("SFT")[0]
     assert patched_algorithm(cls) is None and "create_optimizer" not in vars(cls)  # not half-patched
+    assert vars(cls)["__init__"] is before_init
     assert patched_algorithm(_all_names("GRPO")[0]) == "GRPO"
 
     fastft.unpatch()
@@ -225,3 +228,28 @@ def test_generation_hooks_restore_the_mode_they_found(monkeypatch):
             assert trainer.model.training is training
     finally:
         monkeypatch.setattr(fast_trl, "_FAST_MODEL", None)
+
+
+def test_max_seq_length_reaches_trl_unless_set_explicitly(tmp_path):
+    """FastModel's max_seq_length becomes SFTConfig.max_length when that was left at TRL's default (examples of
+    5,305 tokens used to train on TRL's 1,024, silently); an explicit max_length wins."""
+    from trl import SFTConfig, SFTTrainer
+
+    from fastft.model import FastModel
+    from fastft.offline import save_tiny_model
+
+    model_dir = save_tiny_model(str(tmp_path / "m"), "llama")
+    assert fastft.PatchFastRL("SFT") == {"SFT": True}
+    long_text = Dataset.from_list([{"text": " ".join(["fox"] * 1500)}] * 2)
+    for explicit, expected in ((None, 2048), (64, 64)):
+        model, tokenizer = FastModel.from_pretrained(model_dir, max_seq_length=2048)
+        extra = {} if explicit is None else {"max_length": explicit}
+        args = SFTConfig(**common_args(tmp_path / str(explicit), max_steps=1, **extra))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer = SFTTrainer(model=model, args=args, train_dataset=long_text, processing_class=tokenizer,
+                                 peft_config=lora_config())
+        assert trainer.args.max_length == expected
+        assert max(len(row["input_ids"]) for row in trainer.train_dataset) == expected  # the text is longer
+        said = [str(w.message) for w in caught if "max_seq_length" in str(w.message)]
+        assert (len(said) == 1) == (explicit is None), said

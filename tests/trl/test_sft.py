@@ -3,7 +3,7 @@
 import pytest
 from datasets import Dataset
 
-from tests.trl._common import assert_same_run, common_args, lora_config, run
+from tests.trl._common import assert_head_calls, assert_same_run, common_args, lora_config, run
 
 PROMPT_COMPLETION = [
     {"prompt": "What is 12 plus 7?", "completion": " The answer is 19."},
@@ -48,5 +48,5 @@ def test_sft_matches_trl(case, tmp_path):
         model_type = "gemma2"
     fast, calls = run("SFT", True, _make(dataset, tmp_path=tmp_path / "fast", **config), model_type)
     slow, _ = run("SFT", False, _make(dataset, tmp_path=tmp_path / "slow", **config), model_type)
-    assert calls > 0, "the fast run never reached fastft's linear_cross_entropy"
+    assert_head_calls(calls, "linear_cross_entropy")
     assert_same_run(fast, slow, KEYS)
