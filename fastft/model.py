@@ -187,7 +187,8 @@ class FastModel:
             for p in model.parameters():
                 p.requires_grad_(True)
         _attach_methods(model)
-        print(report)
+        if report.supported:  # an unsupported model_type was already said, once, as a warning by patch_model
+            print(report)
         return model, tokenizer
 
     @staticmethod
@@ -236,9 +237,9 @@ class FastModel:
         torch.manual_seed(random_state)
         peft_model = peft.get_peft_model(model, config)
         fused = enable_fused_lora(peft_model)
-        if fused:
-            logger.info("fastft: fused LoRA MLP enabled on %d MLPs (each falls back to PEFT, logged, when inexact)",
-                        fused)
+        if any(fused.values()):
+            logger.info("fastft: fused LoRA on %d MLPs and %d attention projections (each falls back to PEFT, logged, "
+                        "when inexact)", fused["mlp"], fused["attention"])
         if offload_embeddings:
             offload_input_embeddings(peft_model)
         mode = enable_checkpointing(peft_model, use_gradient_checkpointing)

@@ -460,22 +460,22 @@ def enable_fused_lora(model: nn.Module) -> int:
     """Route LoRA MLPs and attention projections of patched architectures through fastft's fused LoRA functions.
 
     Each call checks exactness (no dropout, bias, DoRA; one adapter; matching dtypes) and runs PEFT's own forward,
-    with the reason logged once, when it cannot. Returns how many modules were switched. ``fastft.unpatch()``
-    reverts the projection patches.
+    with the reason logged once, when it cannot. Returns ``{"mlp": n, "attention": m}``: how many MLPs and attention
+    projections were switched. ``fastft.unpatch()`` reverts the projection patches.
     """
     from peft.tuners.lora import LoraLayer
 
     row = architecture_of(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    counts = {"mlp": 0, "attention": 0}
     if row is None:
-        return 0
-    count = 0
+        return counts
     for name, module in model.named_modules():
         if hasattr(module, "_fastft_mlp_once"):
             module._fastft_fuse_lora = True
-            count += 1
+            counts["mlp"] += 1
         elif isinstance(module, LoraLayer) and name.rsplit(".", 1)[-1] in ATTENTION_PROJECTIONS:
             if "forward" not in vars(module):
                 forward = _make_lora_projection_forward(module.forward)
                 _instance_patch(f"{row.model_type} fused LoRA projection", module, "forward", forward).apply()
-            count += 1
-    return count
+            counts["attention"] += 1
+    return counts

@@ -31,21 +31,6 @@ _APPLIED: list[Patch] = []
 _SKIPPED: dict[str, str] = {}
 
 
-def signature_guard(*expected: str) -> Callable[[Any], str | None]:
-    """A guard that passes when the target callable's parameter names are exactly ``expected`` (in order)."""
-
-    def guard(original: Any) -> str | None:
-        try:
-            names = tuple(inspect.signature(original).parameters)
-        except (TypeError, ValueError):
-            return "its signature cannot be read"
-        if names != tuple(expected):
-            return f"its signature changed: expected ({', '.join(expected)}), found ({', '.join(names)})"
-        return None
-
-    return guard
-
-
 def parameters_guard(*needed: str, var_keyword: bool = False) -> Callable[[Any], str | None]:
     """A guard that passes when the target callable takes every parameter in ``needed`` (by name, any order, others
     allowed) and, with ``var_keyword``, a ``**kwargs`` -- the contract of a wrapper that reads those parameters and

@@ -57,6 +57,7 @@ import torch
 
 from fastft._log import info_once, logger, warn_once
 from fastft.distributed import direct_read_problem, full_bias, full_weight, is_dtensor, is_plain_linear
+from fastft.patches.architectures import logits_required
 from fastft.patches.base import Patch, parameters_guard
 
 #: ``model(..., fused_lm_head=LOSS_ONLY)`` asks the fast head for the loss alone (linear cross-entropy, no per-token
@@ -365,16 +366,6 @@ _UNCHECKED = object()
 _FUSED_HEAD_CHECKED: Any = _UNCHECKED
 
 
-@contextlib.contextmanager
-def _trl_loss(trainer: Any) -> Iterator[None]:
-    """Around TRL's own loss code when there is no fused-head hook: the model must hand TRL real logits, so
-    FastModel's logits-free training loss steps aside for the call (TRL < 1.15 reads ``outputs.logits``)."""
-    from fastft.patches.architectures import logits_required
-
-    with logits_required():
-        yield
-
-
 def _without_fused_head(algorithm: str) -> bool:
     problem = _fused_head_problem()
     if problem:
@@ -419,7 +410,7 @@ def _sft_fast_loss_problem(trainer: Any, inputs: dict, return_outputs: bool) -> 
 def _hook_sft_compute_loss(original: Callable) -> Callable:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
         if _without_fused_head("SFT"):
-            with _trl_loss(self):
+            with logits_required():  # TRL < 1.15 reads outputs.logits: FastModel's loss steps aside
                 return original(self, model, inputs, return_outputs, num_items_in_batch, **kwargs)
         problem = "arguments fastft does not know: " + ", ".join(kwargs) if kwargs else None
         problem = problem or _sft_fast_loss_problem(self, inputs, return_outputs)
@@ -476,7 +467,7 @@ def _hook_per_token_head(algorithm: str) -> Callable[[Callable], Callable]:
     def hook(original: Callable) -> Callable:
         def method(self, *args, **kwargs):
             if _without_fused_head(algorithm):
-                with _trl_loss(self):
+                with logits_required():  # TRL < 1.15 reads outputs.logits: FastModel's loss steps aside
                     return original(self, *args, **kwargs)
             with _fast_heads(self, temperature=1.0, policy_outputs=None):
                 return original(self, *args, **kwargs)
@@ -497,7 +488,7 @@ def _hook_grpo_log_probs(original: Callable) -> Callable:
 
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
         if _without_fused_head("GRPO"):
-            with _trl_loss(self):
+            with logits_required():  # TRL < 1.15 reads outputs.logits: FastModel's loss steps aside
                 return original(self, *args, **kwargs)
         try:
             arguments = _named_arguments(signature, self, *args, **kwargs)

@@ -234,7 +234,7 @@ def test_qlora_inference_keeps_the_nf4_layout(model_dir, model_type):
     assert _train(model, 1, [(ids, labels)])[0] > 0
 
 
-def test_unsupported_architecture_warns_once_and_trains(tmp_path):
+def test_unsupported_architecture_warns_once_and_trains(tmp_path, capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from fastft.offline import build_tokenizer
@@ -242,8 +242,10 @@ def test_unsupported_architecture_warns_once_and_trains(tmp_path):
     d = str(tmp_path / "gpt2")
     GPT2LMHeadModel(GPT2Config(vocab_size=384, n_embd=32, n_layer=1, n_head=2, n_positions=64)).save_pretrained(d)
     build_tokenizer().save_pretrained(d)
-    with pytest.warns(UserWarning, match="not in the architecture table"):
+    with pytest.warns(UserWarning, match="not in the architecture table") as warned:
         model, _ = FastModel.from_pretrained(d)
+    assert sum("not in the architecture table" in str(w.message) for w in warned) == 1
+    assert "not in the architecture table" not in capsys.readouterr().out  # said once, not printed again
     model = FastModel.get_peft_model(model, r=4, target_modules=["c_attn"], use_gradient_checkpointing=False)
     ids, labels = _batch(seq=8)
     losses = _train(model, 5, [(ids, labels)])
@@ -358,3 +360,14 @@ def test_bad_arguments_are_rejected_up_front(model_dir, model_type, tmp_path, mo
     peft_model = FastModel.get_peft_model(model, r=4, target_modules=["model.layers.0.self_attn.q_proj", "v_proj"],
                                           use_gradient_checkpointing=False)  # PEFT's dotted-suffix names match
     assert len([n for n, _ in peft_model.named_modules() if n.endswith("q_proj.lora_A")]) == 1
+
+
+@pytest.mark.parametrize("model_type", ["llama"])
+def test_fused_lora_counts_mlps_and_attention_projections_apart(model_dir, model_type, caplog):
+    import logging
+
+    model, _ = FastModel.from_pretrained(model_dir)
+    with caplog.at_level(logging.INFO, logger="fastft"):
+        FastModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)
+    # the tiny model has 2 layers: 2 MLPs, and q/k/v/o in each attention block
+    assert any("fused LoRA on 2 MLPs and 8 attention projections" in r.getMessage() for r in caplog.records)
