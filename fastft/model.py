@@ -199,7 +199,7 @@ class FastModel:
         lora_alpha: int = 16,
         lora_dropout: float = 0.0,
         bias: str = "none",
-        use_gradient_checkpointing: bool | str = "fastft",
+        use_gradient_checkpointing: bool | str | None = None,
         random_state: int = 3407,
         use_rslora: bool = False,
         modules_to_save: list[str] | None = None,
@@ -209,7 +209,9 @@ class FastModel:
         """Add PEFT LoRA adapters (all linear projections by default) plus fastft's fused LoRA paths where exact.
 
         ``use_gradient_checkpointing``: True (standard), "fastft" (layer inputs offloaded to pinned host memory on
-        CUDA; standard checkpointing on CPU, logged) or False.
+        CUDA; standard checkpointing on CPU, logged) or False. None (default) follows the trainer: under
+        PatchFastRL, TRL's ``gradient_checkpointing`` decides whether ("fastft" mode when it is True, off when it is
+        False); without a trainer, "fastft". An explicit value here wins over the trainer's.
         ``offload_embeddings``: keep the frozen input embedding in host memory (1.05 GB of GPU memory saved on
         Llama-3.1-8B; see fastft/patches/embedding_offload.py). Refused, with a warning, when the embedding is
         trainable, tied to the LM head, sharded or partitioned.
@@ -242,6 +244,10 @@ class FastModel:
                         "when inexact)", fused["mlp"], fused["attention"])
         if offload_embeddings:
             offload_input_embeddings(peft_model)
+        # None: "fastft" until a trainer says otherwise (fastft.patches.trl applies the trainer's choice at build time)
+        peft_model._fastft_checkpointing_follows_trainer = use_gradient_checkpointing is None
+        if use_gradient_checkpointing is None:
+            use_gradient_checkpointing = "fastft"
         mode = enable_checkpointing(peft_model, use_gradient_checkpointing)
         peft_model._fastft_checkpointing = use_gradient_checkpointing
         logger.info("fastft: gradient checkpointing: %s", mode)

@@ -549,8 +549,8 @@ def _hook_grpo_generation(original: Callable) -> Callable:
 
 
 def _hook_init(original: Callable) -> Callable:
-    """FastModel's ``max_seq_length`` reaches TRL: a ``max_length`` left at TRL's default becomes the model's
-    ``max_seq_length`` (said once, visibly); an explicit one wins, and one shorter than ``max_seq_length`` is noted."""
+    """Before TRL's ``__init__`` reads its config, FastModel's choices and TRL's meet (:func:`_apply_max_seq_length`,
+    :func:`_apply_checkpointing`), each said once, visibly."""
     signature = inspect.signature(original)
 
     def __init__(self, *args, **kwargs):
@@ -559,9 +559,37 @@ def _hook_init(original: Callable) -> Callable:
         except TypeError:
             arguments = {}
         _apply_max_seq_length(arguments.get("model"), arguments.get("args"))
+        _apply_checkpointing(arguments.get("model"), arguments.get("args"))
         original(self, *args, **kwargs)
 
     return __init__
+
+
+def _apply_checkpointing(model: Any, args: Any) -> None:
+    """The one checkpointing rule: ``FastModel.get_peft_model(use_gradient_checkpointing=...)`` given explicitly wins;
+    left at its default (None), TRL's ``gradient_checkpointing`` decides whether (True: fastft's mode, offloaded on
+    CUDA; False: off). Either way fastft owns the mechanism, so TRL's flag is set to False afterwards: the Trainer
+    would otherwise replace fastft's checkpoint function with its own."""
+    follows = getattr(model, "_fastft_checkpointing_follows_trainer", None)
+    # transformers 5.24 renamed the flag activation_checkpointing (gradient_checkpointing stays as an alias)
+    flags = [name for name in ("activation_checkpointing", "gradient_checkpointing") if hasattr(args, name)]
+    if follows is None or args is None or not flags:
+        return  # not a FastModel LoRA model: TRL's own rule
+    from fastft.patches.checkpointing import enable_checkpointing
+
+    asked = bool(getattr(args, flags[0]))
+    if follows:
+        mode = "fastft" if asked else False
+        ran = enable_checkpointing(model, mode)
+        model._fastft_checkpointing = mode
+        why = f"TRL's gradient_checkpointing={asked}"
+    else:
+        ran, why = model._fastft_checkpointing, "set by FastModel.get_peft_model(use_gradient_checkpointing=...)"
+    warn_once(f"fastft: gradient checkpointing: {ran or 'off'} ({why})", key=f"checkpointing:{ran}:{why}",
+              category=_Note)
+    if asked:
+        for name in flags:
+            setattr(args, name, False)
 
 
 def _apply_max_seq_length(model: Any, args: Any) -> None:
@@ -622,7 +650,7 @@ _TRAINERS: dict[str, _TrainerSpec] = {
     "GRPO": _TrainerSpec("trl.trainer.grpo_trainer", "GRPOTrainer", (
         _Hook("_get_per_token_logps_and_entropies", _hook_grpo_log_probs, ("model",)),
         _Hook("_generate_single_turn", _hook_grpo_generation),
-        _OPTIMIZER_HOOK,
+        _OPTIMIZER_HOOK, _INIT_HOOK,
     )),
 }
 

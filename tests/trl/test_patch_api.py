@@ -18,7 +18,7 @@ NAMES = {"SFT": "sft_trainer", "DPO": "dpo_trainer", "GRPO": "grpo_trainer"}
 #: methods each trainer's hooks replace (create_optimizer is inherited from transformers.Trainer)
 HOOKED = {"SFT": ("compute_loss", "create_optimizer", "__init__"),
           "DPO": ("compute_loss", "compute_ref_log_probs", "create_optimizer", "__init__"),
-          "GRPO": ("_get_per_token_logps_and_entropies", "_generate_single_turn", "create_optimizer")}
+          "GRPO": ("_get_per_token_logps_and_entropies", "_generate_single_turn", "create_optimizer", "__init__")}
 
 
 def _all_names(algorithm):
@@ -253,3 +253,32 @@ def test_max_seq_length_reaches_trl_unless_set_explicitly(tmp_path):
         assert max(len(row["input_ids"]) for row in trainer.train_dataset) == expected  # the text is longer
         said = [str(w.message) for w in caught if "max_seq_length" in str(w.message)]
         assert (len(said) == 1) == (explicit is None), said
+
+
+@pytest.mark.parametrize("fastmodel_choice,trl_flag,expected_on", [
+    (None, False, False),   # the default follows TRL: an explicit gradient_checkpointing=False is honored
+    (None, True, True),     # ... and True turns on fastft's checkpointing (standard on CPU)
+    (False, True, False),   # an explicit FastModel choice wins over TRL's flag
+    ("fastft", False, True),
+])
+def test_one_checkpointing_rule(fastmodel_choice, trl_flag, expected_on, tmp_path):
+    from trl import SFTConfig, SFTTrainer
+
+    from fastft.model import FastModel
+    from fastft.offline import save_tiny_model
+
+    model_dir = save_tiny_model(str(tmp_path / "m"), "llama")
+    assert fastft.PatchFastRL("SFT") == {"SFT": True}
+    model, tokenizer = FastModel.from_pretrained(model_dir)
+    model = FastModel.get_peft_model(model, r=4, use_gradient_checkpointing=fastmodel_choice)
+    args = SFTConfig(**common_args(tmp_path, max_steps=1, gradient_checkpointing=trl_flag, max_length=32))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
+                             train_dataset=Dataset.from_list([{"text": "The quick brown fox jumps."}] * 2))
+    said = [str(w.message) for w in caught if "gradient checkpointing:" in str(w.message)]
+    assert len(said) == 1, said  # visible, once, without any log switch
+    trainer.train()
+    base = trainer.model.get_base_model()
+    assert bool(base.is_gradient_checkpointing) is expected_on, said
+    assert trainer.args.gradient_checkpointing is False  # fastft owns the mechanism; the Trainer did not replace it
