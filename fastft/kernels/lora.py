@@ -421,9 +421,22 @@ def _input_ok(layer: nn.Module, x: torch.Tensor) -> tuple[bool, str]:
     elif base.weight.dtype != x.dtype:
         return False, f"base weight dtype {base.weight.dtype} differs from the input dtype {x.dtype}"
     if autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) != x.dtype:
-        return False, (f"autocast to {torch.get_autocast_dtype(x.device.type)} with a {x.dtype} input (fused only "
-                       "when the model already computes in the autocast dtype)")
+        # An fp32 model under the Trainer's bf16/fp16 autocast (TRL's default bf16 on CPU): a dense projection runs
+        # fused on the casts autocast would make (_autocast_input). A 4-bit base is left to bitsandbytes' own rules.
+        if _is_bnb_4bit(base) or x.dtype != torch.float32:
+            return False, (f"autocast to {torch.get_autocast_dtype(x.device.type)} with a {x.dtype} input and a "
+                           f"{'4-bit' if _is_bnb_4bit(base) else str(x.dtype)} base (fused only for a dense fp32 "
+                           "base or when the model already computes in the autocast dtype)")
     return True, ""
+
+
+def _autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """Under autocast, an fp32 input cast (differentiably) to the autocast dtype, as autocast casts F.linear's input;
+    the base weight follows the input's dtype inside the fused function, as autocast casts the weight."""
+    device = x.device.type
+    if autocast_enabled(device) and x.dtype == torch.float32 and torch.get_autocast_dtype(device) != x.dtype:
+        return x.to(torch.get_autocast_dtype(device))
+    return x
 
 
 def _autocast_adapters(x: torch.Tensor, adapters: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
@@ -498,6 +511,7 @@ def mlp_from_parts(x: torch.Tensor, parts: list[AdapterParts], activation: str, 
         raise ValueError(f"recompute must be 'activation' or 'projections', got {recompute!r}")
     act = _normalize_activation(activation)
     g, u, d = parts
+    x = _autocast_input(x)
     adapters, no_autocast = _autocast_adapters(x, [g[1], g[2], u[1], u[2], d[1], d[2]])
     with no_autocast:
         return LoRAMLP.apply(
@@ -508,6 +522,7 @@ def mlp_from_parts(x: torch.Tensor, parts: list[AdapterParts], activation: str, 
 
 def projections_from_parts(x: torch.Tensor, parts: list[AdapterParts]) -> tuple[torch.Tensor, ...]:
     """``LoRAProjections`` over one adapter's parts per projection of x; one [..., out_p] per projection."""
+    x = _autocast_input(x)
     flat, no_autocast = _autocast_adapters(x, [t for a in parts for t in (a[1], a[2])])
     with no_autocast:
         return LoRAProjections.apply(x, tuple(a[0] for a in parts), tuple(a[3] for a in parts),

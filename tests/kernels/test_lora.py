@@ -200,12 +200,38 @@ def test_under_autocast_matches_peft_under_autocast(nf4):
     assert block.gate_proj.lora_A["default"].weight.dtype == torch.float32
 
 
-def test_autocast_with_an_input_of_another_dtype_falls_back(caplog):
+def test_fp32_model_under_bf16_autocast_runs_fused_and_matches_peft():
+    """TRL's default bf16=True on CPU: an fp32 model under bf16 autocast. The fused MLP and projections run on the
+    casts autocast makes (input and base weight to bf16) and give PEFT-under-autocast's outputs and gradients."""
     _, block = _peft_block(torch.float32)
+    x = torch.randn(2, 5, HIDDEN, requires_grad=True)
+    mlp_params = [x, *_lora_params(block, ["gate_proj", "up_proj", "down_proj"])]
+    qkv_params = [x, *_lora_params(block, ["q_proj", "k_proj", "v_proj", "o_proj"])]
+    before = path_counts[("swiglu", "triton")] + path_counts[("swiglu", "torch")]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref = _peft_mlp(block, x, "silu")
+        refs = (block.q_proj(x), block.k_proj(x), block.v_proj(x), block.o_proj(x))
+        y = fused_mlp_forward(block, x, "silu")
+        outs = (*fused_qkv(block, x), fused_o(block, x))
+    assert y is not None and y.dtype == y_ref.dtype == torch.bfloat16
+    assert path_counts[("swiglu", "triton")] + path_counts[("swiglu", "torch")] > before
+    dy = torch.randn_like(y_ref)
+    assert_close(y, y_ref, FORWARD, torch.bfloat16, "mlp forward, fp32 model under bf16 autocast")
+    _check(_grads(y, mlp_params, dy), _grads(y_ref, mlp_params, dy), torch.bfloat16, "mlp, fp32 under autocast")
+    dys = tuple(torch.randn_like(r) for r in refs)
+    for out, ref in zip(outs, refs, strict=True):
+        assert out.dtype == ref.dtype
+        assert_close(out, ref, FORWARD, torch.bfloat16, "projection forward, fp32 model under bf16 autocast")
+    _check(_grads(outs, qkv_params, dys), _grads(refs, qkv_params, dys), torch.bfloat16, "qkvo, fp32 under autocast")
+    assert x.grad is None or x.grad.dtype == torch.float32
+
+
+def test_autocast_over_a_4bit_fp32_base_falls_back_with_the_reason(caplog):
+    _, block = _peft_block(torch.float32, nf4=True)
     reset_once()
     with caplog.at_level(logging.INFO, logger="fastft"), torch.autocast("cpu", dtype=torch.bfloat16):
         assert fused_mlp_forward(block, torch.randn(3, HIDDEN), "silu") is None
-    assert "autocast to torch.bfloat16 with a torch.float32 input" in caplog.text
+    assert "autocast to torch.bfloat16 with a torch.float32 input and a 4-bit base" in caplog.text
 
 
 def test_rslora_and_different_rank_per_projection():

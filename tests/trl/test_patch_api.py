@@ -282,3 +282,35 @@ def test_one_checkpointing_rule(fastmodel_choice, trl_flag, expected_on, tmp_pat
     base = trainer.model.get_base_model()
     assert bool(base.is_gradient_checkpointing) is expected_on, said
     assert trainer.args.gradient_checkpointing is False  # fastft owns the mechanism; the Trainer did not replace it
+
+
+def _counting(real, name, calls):
+    def apply(*args):
+        calls[name] += 1
+        return real(*args)
+
+    return apply
+
+
+def test_trl_default_bf16_on_cpu_runs_the_fused_lora(tmp_path, monkeypatch):
+    """TRL turns bf16 on by default wherever it is supported, CPU included: the fp32 model then runs under bf16
+    autocast, and the fused LoRA MLP and projections must run there (they used to fall back to PEFT, at INFO)."""
+    from trl import SFTConfig, SFTTrainer
+
+    from fastft.kernels import lora
+    from fastft.model import FastModel
+    from fastft.offline import save_tiny_model
+
+    calls = {"mlp": 0, "projections": 0}
+    for name, cls in (("mlp", lora.LoRAMLP), ("projections", lora.LoRAProjections)):
+        monkeypatch.setattr(cls, "apply", _counting(cls.apply, name, calls))
+    model_dir = save_tiny_model(str(tmp_path / "m"), "llama")
+    assert fastft.PatchFastRL("SFT") == {"SFT": True}
+    model, tokenizer = FastModel.from_pretrained(model_dir)
+    model = FastModel.get_peft_model(model, r=4)
+    args = SFTConfig(**common_args(tmp_path, max_steps=1, max_length=32, bf16=True))
+    trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
+                         train_dataset=Dataset.from_list([{"text": "The quick brown fox jumps."}] * 2))
+    trainer.train()
+    assert calls["mlp"] > 0 and calls["projections"] > 0, calls
+    assert trainer.state.log_history[0]["loss"] > 0
