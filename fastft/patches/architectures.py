@@ -124,6 +124,8 @@ def _make_mlp_forward(kernel: str, approximate: str):
             return tiled_mlp(self._fastft_mlp_once, x, tile)
         return self._fastft_mlp_once(x)
 
+    forward._fastft_mlp = True
+
     def mlp_once(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
         fused = _fused_lora_mlp(self, x, kernel, approximate)
         if fused is not None:
@@ -408,7 +410,7 @@ def patch_model(model: nn.Module, *, tiled_mlp: bool | int = False) -> PatchRepo
         kernel, approximate = ACTIVATIONS[act_name]
         forward, mlp_once = _make_mlp_forward(kernel, approximate)
         tile = None if tiled_mlp is False else (4096 if tiled_mlp is True else int(tiled_mlp))
-        todo = [m for m in mlps if "_fastft_mlp_once" not in vars(m)]
+        todo = [m for m in mlps if not getattr(vars(m).get("forward"), "_fastft_mlp", False)]  # not ours now
         problem = all_guards(lambda _: _mlp_contract(mlp_cls, config, forward, mlp_once))(mlp_cls) if todo else None
         if problem:
             warn_once(f"fastft: not applying '{model_type} MLP' ({problem}); MLPs run as transformers wrote them",

@@ -171,3 +171,12 @@ def test_a_guard_that_raises_is_a_failed_contract_not_a_crash():
     with pytest.warns(UserWarning, match="contract check failed"):
         assert not Patch("raising guard", Owner, "value", 2, guard=guard).apply()
     assert Owner.value == 1
+
+
+def test_patch_unpatch_patch_again_on_the_same_model():
+    model = build_tiny_model("llama")
+    assert _pieces(patch_model(model)) == EVERY_PIECE
+    fastft.unpatch()
+    assert not any("forward" in vars(m) for m in model.modules())  # every instance patch reverted
+    assert _pieces(patch_model(model)) == EVERY_PIECE
+    assert all("forward" in vars(m) for m in model.modules() if type(m).__name__ in ("LlamaMLP", "LlamaRMSNorm"))
