@@ -129,9 +129,10 @@ class FastModel:
 
         Returns ``(model, tokenizer)``. ``max_seq_length``: None (default) is the model's own context
         (``max_position_embeddings``) and changes nothing; a longer one extends RoPE linearly (with a warning naming
-        the factor), a shorter one only caps the training length (PatchFastRL hands it to TRL when TRL's own length
-        is left at its default). 4-bit is NF4 with double quantization (bitsandbytes). ``tiled_mlp=True`` (or a
-        token count) runs MLPs in sequence tiles. Extra kwargs go to ``AutoModelForCausalLM.from_pretrained``.
+        the factor), a shorter one only caps the training length. A length given here is handed to TRL by
+        PatchFastRL when TRL's own ``max_length`` is left at its default; the None default hands nothing over.
+        4-bit is NF4 with double quantization (bitsandbytes). ``tiled_mlp=True`` (or a token count) runs MLPs in
+        sequence tiles. Extra kwargs go to ``AutoModelForCausalLM.from_pretrained``.
         """
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -151,6 +152,7 @@ class FastModel:
         except OSError as exc:
             where = "the local directory" if is_local else "a local directory or the hub (offline or unknown name?)"
             raise OSError(f"fastft: could not load the config of {model_name!r} from {where}: {exc}") from exc
+        asked_length = max_seq_length  # only a length the user chose is handed to TRL (fastft.patches.trl)
         if max_seq_length is None:
             max_seq_length = _context_length(config) or 2048
         else:
@@ -182,6 +184,7 @@ class FastModel:
             _keep_nf4_layout_on_cpu(model)
         report = patch_model(model, tiled_mlp=tiled_mlp)
         model.max_seq_length = max_seq_length
+        model._fastft_asked_max_seq_length = asked_length
         model._fastft_full_finetuning = full_finetuning
         if full_finetuning:
             for p in model.parameters():

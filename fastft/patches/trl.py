@@ -593,7 +593,9 @@ def _apply_checkpointing(model: Any, args: Any) -> None:
 
 
 def _apply_max_seq_length(model: Any, args: Any) -> None:
-    wanted = getattr(model, "max_seq_length", None)
+    # Only a length the user gave FastModel: its default (the model's own context, 128K on Llama 3.1) is no request
+    # to train on longer examples than TRL's default would.
+    wanted = getattr(model, "_fastft_asked_max_seq_length", None)
     if not isinstance(wanted, int) or args is None or not dataclasses.is_dataclass(args):
         return
     fields = {f.name: f for f in dataclasses.fields(args)}

@@ -241,10 +241,11 @@ def test_max_seq_length_reaches_trl_unless_set_explicitly(tmp_path):
     model_dir = save_tiny_model(str(tmp_path / "m"), "llama")
     assert fastft.PatchFastRL("SFT") == {"SFT": True}
     long_text = Dataset.from_list([{"text": " ".join(["fox"] * 1500)}] * 2)
-    for explicit, expected in ((None, 2048), (64, 64)):
-        model, tokenizer = FastModel.from_pretrained(model_dir, max_seq_length=2048)
+    for asked, explicit, expected in ((2048, None, 2048), (2048, 64, 64), (None, None, 1024)):
+        # FastModel's default (None: the model's 4,096 positions) hands nothing over: TRL's 1,024 stays
+        model, tokenizer = FastModel.from_pretrained(model_dir, max_seq_length=asked)
         extra = {} if explicit is None else {"max_length": explicit}
-        args = SFTConfig(**common_args(tmp_path / str(explicit), max_steps=1, **extra))
+        args = SFTConfig(**common_args(tmp_path / f"{asked}-{explicit}", max_steps=1, **extra))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             trainer = SFTTrainer(model=model, args=args, train_dataset=long_text, processing_class=tokenizer,
@@ -252,7 +253,7 @@ def test_max_seq_length_reaches_trl_unless_set_explicitly(tmp_path):
         assert trainer.args.max_length == expected
         assert max(len(row["input_ids"]) for row in trainer.train_dataset) == expected  # the text is longer
         said = [str(w.message) for w in caught if "max_seq_length" in str(w.message)]
-        assert (len(said) == 1) == (explicit is None), said
+        assert (len(said) == 1) == (explicit is None and asked is not None), said
 
 
 @pytest.mark.parametrize("fastmodel_choice,trl_flag,expected_on", [
