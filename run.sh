@@ -36,6 +36,8 @@ setup_venv() {
     if [[ $mode == editable ]]; then
         "$venv/bin/python" -m pip install -q -c "$pins" -e ".[dev]"
     else
+        # This checkout runs from PYTHONPATH: no installed fastft (of another checkout, older metadata) beside it.
+        "$venv/bin/python" -m pip uninstall -q -y fastft 2>/dev/null || true
         local reqs
         reqs=$(mktemp)
         project_requirements > "$reqs"

@@ -22,11 +22,16 @@ TRACKED = ("torch", "triton", "transformers", "trl", "peft", "accelerate", "data
 
 @functools.lru_cache(maxsize=1)
 def declared_ranges() -> dict[str, SpecifierSet]:
-    """``{package: specifier}`` from fastft's requirements (base dependencies and the ``quant`` extra)."""
-    try:
-        requirements = importlib.metadata.requires("fastft") or []
-    except importlib.metadata.PackageNotFoundError:  # a source checkout on sys.path without an install
-        requirements = _requirements_from_pyproject()
+    """``{package: specifier}`` from fastft's requirements (base dependencies and the ``quant`` extra).
+
+    A source checkout's own pyproject.toml wins over installed metadata, which can be older than the checkout (a
+    cached venv that once installed fastft, a checkout on PYTHONPATH)."""
+    requirements = _requirements_from_pyproject() if os.path.isfile(_PYPROJECT) else None
+    if requirements is None:
+        try:
+            requirements = importlib.metadata.requires("fastft") or []
+        except importlib.metadata.PackageNotFoundError:
+            requirements = []
     ranges: dict[str, SpecifierSet] = {}
     for text in requirements:
         req = Requirement(text)
@@ -39,15 +44,25 @@ def declared_ranges() -> dict[str, SpecifierSet]:
     return ranges
 
 
-def _requirements_from_pyproject() -> list[str]:
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")
+#: pyproject.toml beside the package: present in a source checkout (editable installs included), absent in a wheel.
+_PYPROJECT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")
+
+
+def _requirements_from_pyproject() -> list[str] | None:
+    """The dependency strings of fastft's own pyproject.toml; None if the file there is not fastft's."""
+    path = _PYPROJECT
     try:
         import tomllib
     except ImportError:  # Python 3.10: a plain scan of the dependency strings is enough for our own file
         with open(path, encoding="utf-8") as handle:
-            return re.findall(r'^\s*"([A-Za-z][^"]*)",?\s*$', handle.read(), flags=re.M)
+            text = handle.read()
+        if not re.search(r'^name\s*=\s*"fastft"', text, flags=re.M):
+            return None
+        return re.findall(r'^\s*"([A-Za-z][^"]*)",?\s*$', text, flags=re.M)
     with open(path, "rb") as handle:
-        project = tomllib.load(handle)["project"]
+        project = tomllib.load(handle).get("project", {})
+    if project.get("name") != "fastft":
+        return None
     return [*project["dependencies"], *project.get("optional-dependencies", {}).get("quant", [])]
 
 
