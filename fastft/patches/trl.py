@@ -590,6 +590,10 @@ def _apply_checkpointing(model: Any, args: Any) -> None:
     if asked:
         for name in flags:
             setattr(args, name, False)
+    if ran and ran != "off" and getattr(args, "ddp_find_unused_parameters", False) is None:
+        # transformers turns find_unused_parameters off under checkpointing only for a bare PreTrainedModel (not a
+        # PEFT wrapper); under DDP a checkpointed layer's recompute needs it off (LoRA uses every adapter each step).
+        args.ddp_find_unused_parameters = False
 
 
 def _apply_max_seq_length(model: Any, args: Any) -> None:
