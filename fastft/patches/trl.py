@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import functools
 import inspect
 import os
 import types
@@ -354,16 +355,10 @@ def _fast_model_class() -> Any:
     return FastModel
 
 
+@functools.lru_cache(maxsize=1)
 def _fused_head_problem() -> str | None:
     """Why this TRL's fused-LM-head hook cannot carry fastft's heads (None when it can); checked once per process."""
-    global _FUSED_HEAD_CHECKED
-    if _FUSED_HEAD_CHECKED is _UNCHECKED:
-        _FUSED_HEAD_CHECKED = _common_problem()
-    return _FUSED_HEAD_CHECKED
-
-
-_UNCHECKED = object()
-_FUSED_HEAD_CHECKED: Any = _UNCHECKED
+    return _common_problem()
 
 
 def _without_fused_head(algorithm: str) -> bool:
@@ -718,14 +713,6 @@ def patched_algorithm(trainer_or_class: Any) -> str | None:
     return getattr(cls, "_fastft_algorithm", None)
 
 
-def trainer_class(algorithm: str) -> type:
-    """TRL's trainer class for ``algorithm`` (the very class PatchFastRL patches in place)."""
-    import importlib
-
-    spec = _TRAINERS[_normalize(algorithm)]
-    return getattr(importlib.import_module(spec.module), spec.class_name)
-
-
 def _normalize(algorithm: str) -> str:
     key = str(algorithm).upper()
     if key not in _TRAINERS:
@@ -773,4 +760,4 @@ def PatchFastRL(algorithm: str | None = None, FastModel: Any = None) -> dict[str
     return result
 
 
-__all__ = ["LOSS_ONLY", "PatchFastRL", "SUPPORTED_ALGORITHMS", "patched_algorithm", "trainer_class"]
+__all__ = ["LOSS_ONLY", "PatchFastRL", "SUPPORTED_ALGORITHMS", "patched_algorithm"]
