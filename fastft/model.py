@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastft._log import info_once, logger, warn_once
+from fastft._log import info_once, logger, mark, warn_once
 from fastft.patches.architectures import enable_fused_lora, patch_model
 from fastft.patches.checkpointing import enable_checkpointing
 from fastft.patches.embedding_offload import HostEmbedding, offload_input_embeddings
@@ -174,6 +174,7 @@ class FastModel:
             load_kwargs["device_map"] = {"": torch.cuda.current_device()}
         elif load_in_4bit or load_in_8bit:
             load_kwargs["device_map"] = "cpu"
+        notes_from = mark()  # the summary lists every fastft note from here on
         model = AutoModelForCausalLM.from_pretrained(model_name, **load_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(model_name, **hub)
         if tokenizer.pad_token is None:
@@ -183,6 +184,8 @@ class FastModel:
         if load_in_4bit:
             _keep_nf4_layout_on_cpu(model)
         report = patch_model(model, tiled_mlp=tiled_mlp)
+        model._fastft_patch_report = report  # read by the start-of-training summary (fastft.summary)
+        model._fastft_notes_from = notes_from
         model.max_seq_length = max_seq_length
         model._fastft_asked_max_seq_length = asked_length
         model._fastft_full_finetuning = full_finetuning
@@ -242,6 +245,7 @@ class FastModel:
         torch.manual_seed(random_state)
         peft_model = peft.get_peft_model(model, config)
         fused = enable_fused_lora(peft_model)
+        peft_model._fastft_fused_lora = fused
         if any(fused.values()):
             logger.info("fastft: fused LoRA on %d MLPs and %d attention projections (each falls back to PEFT, logged, "
                         "when inexact)", fused["mlp"], fused["attention"])

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections import Counter
 from typing import Any
 
 import torch
@@ -414,19 +415,28 @@ def can_fuse(layer: nn.Module) -> tuple[bool, str]:
 
 def _input_ok(layer: nn.Module, x: torch.Tensor) -> tuple[bool, str]:
     base = layer.get_base_layer()
+    device = x.device.type
+    cast_to = torch.get_autocast_dtype(device) if autocast_enabled(device) else None
     if _is_bnb_4bit(base):
         cdt = base.compute_dtype
         if cdt is not None and cdt != x.dtype:
             return False, f"Linear4bit compute_dtype {cdt} differs from the input dtype {x.dtype}"
-    elif base.weight.dtype != x.dtype:
-        return False, f"base weight dtype {base.weight.dtype} differs from the input dtype {x.dtype}"
-    if autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) != x.dtype:
-        # An fp32 model under the Trainer's bf16/fp16 autocast (TRL's default bf16 on CPU): a dense projection runs
-        # fused on the casts autocast would make (_autocast_input). A 4-bit base is left to bitsandbytes' own rules.
-        if _is_bnb_4bit(base) or x.dtype != torch.float32:
-            return False, (f"autocast to {torch.get_autocast_dtype(x.device.type)} with a {x.dtype} input and a "
-                           f"{'4-bit' if _is_bnb_4bit(base) else str(x.dtype)} base (fused only for a dense fp32 "
-                           "base or when the model already computes in the autocast dtype)")
+        if cast_to is not None and cast_to != x.dtype:  # a 4-bit base is left to bitsandbytes' own autocast rules
+            return False, (f"autocast to {cast_to} with a {x.dtype} input and a 4-bit base (fused only when the "
+                           "model already computes in the autocast dtype)")
+        return True, ""
+    weight = base.weight.dtype
+    if cast_to is None:
+        if weight != x.dtype:
+            return False, f"base weight dtype {weight} differs from the input dtype {x.dtype}"
+        return True, ""
+    # Under the Trainer's bf16/fp16 autocast, F.linear computes in the autocast dtype whichever of fp32 / that dtype
+    # its input and weight are (an fp32 model's norm output is fp32, its attention output already bf16): the fused
+    # path makes the same casts (_autocast_input, and the base weight follows the input inside the fused function).
+    allowed = (torch.float32, cast_to)
+    if x.dtype not in allowed or weight not in allowed:
+        return False, (f"autocast to {cast_to} with a {x.dtype} input and a {weight} base (fused only for inputs and "
+                       f"base weights in float32 or {cast_to})")
     return True, ""
 
 
@@ -458,6 +468,11 @@ def _adapter(layer: nn.Module) -> AdapterParts:
             _is_bnb_4bit(layer.get_base_layer()))
 
 
+#: (kind: "mlp" | "qkv" | "o" | "linear", "fused" | "peft") -> calls of the patched LoRA forwards, by the path they
+#: took; the start-of-training summary reports step 1's (a layer installed as fused can still fall back per call).
+lora_path_counts: Counter[tuple[str, str]] = Counter()
+
+
 def _check_layers(kind: str, layers: dict[str, nn.Module], x: torch.Tensor) -> bool:
     for attr, layer in layers.items():
         ok, reason = can_fuse(layer)
@@ -466,7 +481,9 @@ def _check_layers(kind: str, layers: dict[str, nn.Module], x: torch.Tensor) -> b
         if not ok:
             info_once(f"fastft: fused LoRA {kind} not used for {attr}: {reason}; running PEFT's path",
                       key=f"lora-{kind}-{attr}-{reason}")
+            lora_path_counts[(kind, "peft")] += 1
             return False
+    lora_path_counts[(kind, "fused")] += 1
     return True
 
 

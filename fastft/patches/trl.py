@@ -56,7 +56,7 @@ from typing import Any
 
 import torch
 
-from fastft._log import info_once, logger, warn_once
+from fastft._log import info_once, logger, mark, warn_once
 from fastft.distributed import direct_read_problem, full_bias, full_weight, is_dtensor, is_plain_linear
 from fastft.patches.architectures import logits_required
 from fastft.patches.base import Patch, parameters_guard
@@ -339,6 +339,7 @@ def _hook_create_optimizer(original: Callable) -> Callable:
         if optimizer is None:
             return original(self, *args, **kwargs)
         self.optimizer = optimizer
+        optimizer._fastft_built = True  # read by the start-of-training summary
         logger.info("fastft: optimizer %s from fastft.optim", type(optimizer).__name__)
         return self.optimizer
 
@@ -553,9 +554,13 @@ def _hook_init(original: Callable) -> Callable:
             arguments = _named_arguments(signature, self, *args, **kwargs)
         except TypeError:
             arguments = {}
+        from fastft import summary
+
+        since = mark()
         _apply_max_seq_length(arguments.get("model"), arguments.get("args"))
         _apply_checkpointing(arguments.get("model"), arguments.get("args"))
         original(self, *args, **kwargs)
+        summary.attach(self, since=getattr(arguments.get("model"), "_fastft_notes_from", since))
 
     return __init__
 
@@ -592,24 +597,50 @@ def _apply_checkpointing(model: Any, args: Any) -> None:
 
 
 def _apply_max_seq_length(model: Any, args: Any) -> None:
+    """A ``max_seq_length`` the user gave FastModel sizes what TRL left at its defaults: SFT/DPO ``max_length``;
+    GRPO's prompt + completion (``max_completion_length`` capped to fit, and ``max_prompt_length``, where the
+    installed TRL has one, given the rest). An explicit TRL value always wins; each change is said once."""
     # Only a length the user gave FastModel: its default (the model's own context, 128K on Llama 3.1) is no request
     # to train on longer examples than TRL's default would.
     wanted = getattr(model, "_fastft_asked_max_seq_length", None)
     if not isinstance(wanted, int) or args is None or not dataclasses.is_dataclass(args):
         return
     fields = {f.name: f for f in dataclasses.fields(args)}
-    if "max_length" not in fields or not isinstance(args.max_length, int):
+    config = type(args).__name__
+
+    def left_default(name: str) -> bool:
+        return name in fields and getattr(args, name) == fields[name].default
+
+    if "max_length" in fields and isinstance(args.max_length, int):
+        default = fields["max_length"].default
+        if left_default("max_length") and wanted != default:
+            args.max_length = wanted
+            warn_once(f"fastft: {config}.max_length was TRL's default {default}; using FastModel's "
+                      f"max_seq_length {wanted} (set max_length to choose another)", key=f"max-length:{wanted}",
+                      category=_Note)
+        elif args.max_length < wanted:
+            info_once(f"fastft: {config}.max_length={args.max_length} is shorter than FastModel's "
+                      f"max_seq_length {wanted}: examples are truncated to {args.max_length} tokens",
+                      key=f"max-length-short:{args.max_length}")
         return
-    default = fields["max_length"].default
-    if args.max_length == default and wanted != default:
-        args.max_length = wanted
-        warn_once(f"fastft: {type(args).__name__}.max_length was TRL's default {default}; using FastModel's "
-                  f"max_seq_length {wanted} (set max_length to choose another)", key=f"max-length:{wanted}",
-                  category=_Note)
-    elif args.max_length < wanted:
-        info_once(f"fastft: {type(args).__name__}.max_length={args.max_length} is shorter than FastModel's "
-                  f"max_seq_length {wanted}: examples are truncated to {args.max_length} tokens",
-                  key=f"max-length-short:{args.max_length}")
+    if not isinstance(getattr(args, "max_completion_length", None), int):
+        return
+    # GRPO and other generating trainers: prompt + completion must fit in max_seq_length.
+    completion = args.max_completion_length
+    if left_default("max_completion_length") and completion > wanted:
+        args.max_completion_length = completion = wanted
+        warn_once(f"fastft: {config}.max_completion_length was TRL's default {fields['max_completion_length'].default}"
+                  f", longer than FastModel's max_seq_length {wanted}; using {wanted} (set it to choose another)",
+                  key=f"max-completion:{wanted}", category=_Note)
+    prompt = getattr(args, "max_prompt_length", None)
+    if left_default("max_prompt_length") and wanted - completion > 0 and prompt != wanted - completion:
+        args.max_prompt_length = prompt = wanted - completion
+        warn_once(f"fastft: {config}.max_prompt_length was TRL's default {fields['max_prompt_length'].default}; "
+                  f"using FastModel's max_seq_length {wanted} minus max_completion_length {completion} = {prompt}",
+                  key=f"max-prompt:{prompt}", category=_Note)
+    if isinstance(prompt, int) and prompt + completion > wanted:
+        info_once(f"fastft: {config}: max_prompt_length {prompt} + max_completion_length {completion} exceeds "
+                  f"FastModel's max_seq_length {wanted}", key=f"grpo-lengths:{prompt}:{completion}:{wanted}")
 
 
 class _Note(UserWarning):

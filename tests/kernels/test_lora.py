@@ -200,11 +200,13 @@ def test_under_autocast_matches_peft_under_autocast(nf4):
     assert block.gate_proj.lora_A["default"].weight.dtype == torch.float32
 
 
-def test_fp32_model_under_bf16_autocast_runs_fused_and_matches_peft():
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16], ids=["fp32_input", "bf16_input"])
+def test_fp32_model_under_bf16_autocast_runs_fused_and_matches_peft(input_dtype):
     """TRL's default bf16=True on CPU: an fp32 model under bf16 autocast. The fused MLP and projections run on the
-    casts autocast makes (input and base weight to bf16) and give PEFT-under-autocast's outputs and gradients."""
+    casts autocast makes (input and base weight to bf16) and give PEFT-under-autocast's outputs and gradients. The
+    input is fp32 (a norm's output) or already bf16 (attention's output under autocast, o_proj's input)."""
     _, block = _peft_block(torch.float32)
-    x = torch.randn(2, 5, HIDDEN, requires_grad=True)
+    x = torch.randn(2, 5, HIDDEN).to(input_dtype).requires_grad_(True)
     mlp_params = [x, *_lora_params(block, ["gate_proj", "up_proj", "down_proj"])]
     qkv_params = [x, *_lora_params(block, ["q_proj", "k_proj", "v_proj", "o_proj"])]
     before = path_counts[("swiglu", "triton")] + path_counts[("swiglu", "torch")]
@@ -223,7 +225,7 @@ def test_fp32_model_under_bf16_autocast_runs_fused_and_matches_peft():
         assert out.dtype == ref.dtype
         assert_close(out, ref, FORWARD, torch.bfloat16, "projection forward, fp32 model under bf16 autocast")
     _check(_grads(outs, qkv_params, dys), _grads(refs, qkv_params, dys), torch.bfloat16, "qkvo, fp32 under autocast")
-    assert x.grad is None or x.grad.dtype == torch.float32
+    assert x.grad is None or x.grad.dtype == input_dtype
 
 
 def test_autocast_over_a_4bit_fp32_base_falls_back_with_the_reason(caplog):

@@ -315,3 +315,45 @@ def test_trl_default_bf16_on_cpu_runs_the_fused_lora(tmp_path, monkeypatch):
     trainer.train()
     assert calls["mlp"] > 0 and calls["projections"] > 0, calls
     assert trainer.state.log_history[0]["loss"] > 0
+
+
+def test_max_seq_length_sizes_grpo_generation_unless_set_explicitly(tmp_path):
+    """GRPO: a max_seq_length shorter than TRL's default max_completion_length (512) caps it; an explicit value
+    wins; FastModel's default hands nothing over."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    from fastft.model import FastModel
+    from fastft.offline import save_tiny_model
+
+    model_dir = save_tiny_model(str(tmp_path / "m"), "llama")
+    assert fastft.PatchFastRL("GRPO") == {"GRPO": True}
+    prompts = Dataset.from_list([{"prompt": "What is 1+2?"}] * 4)
+    for asked, explicit, expected in ((256, None, 256), (256, 64, 64), (None, None, 512)):
+        model, tokenizer = FastModel.from_pretrained(model_dir, max_seq_length=asked)
+        extra = {} if explicit is None else {"max_completion_length": explicit}
+        args = GRPOConfig(**common_args(tmp_path / f"{asked}-{explicit}", max_steps=1, num_generations=2,
+                                        per_device_train_batch_size=2, **extra))
+        trainer = GRPOTrainer(model=model, args=args, train_dataset=prompts, processing_class=tokenizer,
+                              reward_funcs=lambda completions, **_: [0.0] * len(completions))
+        assert trainer.args.max_completion_length == expected
+
+
+def test_max_seq_length_gives_the_prompt_the_rest_where_trl_has_max_prompt_length():
+    """Releases whose GRPOConfig has max_prompt_length (left at its default): prompt = max_seq_length - completion;
+    an explicit prompt length is kept, and a sum over max_seq_length is logged."""
+    import dataclasses
+
+    from fastft.patches.trl import _apply_max_seq_length
+
+    @dataclasses.dataclass
+    class Config:
+        max_prompt_length: int | None = 512
+        max_completion_length: int = 256
+
+    model = type("M", (), {"_fastft_asked_max_seq_length": 4096})()
+    args = Config()
+    _apply_max_seq_length(model, args)
+    assert (args.max_prompt_length, args.max_completion_length) == (3840, 256)
+    args = Config(max_prompt_length=4000)
+    _apply_max_seq_length(model, args)
+    assert (args.max_prompt_length, args.max_completion_length) == (4000, 256)
