@@ -51,6 +51,10 @@ if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
 
+    # The gradient's fp32 -> bf16 store rounds to nearest even under the interpreter too (a plain .to() truncates
+    # there), so interpreter parity with the torch path means GPU parity.
+    from fastft.kernels.glu import cast_rne
+
     @triton.jit
     def _tanh(u):
         # tanh(u) = sign(u) * (1 - e^{-2|u|}) / (1 + e^{-2|u|}); e^{-2|u|} <= 1, so no overflow for any u.
@@ -136,7 +140,7 @@ if TRITON_AVAILABLE:
             g = a * (p - tl.where(idx == label, 1.0, 0.0))
             if ENTROPY:
                 g -= g_ent * p * (f - ef)
-            tl.store(dx_ptr + cols, (g * d).to(DX.dtype.element_ty), mask=mask)
+            tl.store(dx_ptr + cols, cast_rne(g * d, DX.dtype.element_ty), mask=mask)
             x_ptr += BLOCK
             dx_ptr += BLOCK
 

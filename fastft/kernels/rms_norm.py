@@ -36,6 +36,10 @@ if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
 
+    # Every fp32 -> bf16 rounding goes through cast_rne: the interpreter truncates a plain ``.to(tl.bfloat16)``
+    # while a GPU rounds to nearest even, so with it an interpreter bit-parity test also means GPU bit parity.
+    from fastft.kernels.glu import cast_rne
+
     @triton.jit
     def _rms_norm_forward_kernel(
         Y, X, W, RSTD,
@@ -59,8 +63,8 @@ if TRITON_AVAILABLE:
             y = xn * (1.0 + w[None, :])
         else:
             # Llama: round the normalized value to the input dtype before the weight multiply, as HF does.
-            y = xn.to(x.dtype).to(tl.float32) * w[None, :]
-        tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+            y = cast_rne(xn, x.dtype).to(tl.float32) * w[None, :]
+        tl.store(Y + rows[:, None] * stride_y + cols[None, :], cast_rne(y, Y.dtype.element_ty), mask=mask)
         tl.store(RSTD + rows, rstd, mask=row_mask)
 
     @triton.jit
@@ -91,12 +95,12 @@ if TRITON_AVAILABLE:
             xn = x.to(tl.float32) * rstd[:, None]
             g = dy * w[None, :]
             dx = rstd[:, None] * (g - xn * (tl.sum(g * xn, axis=1) / n_cols)[:, None])
-            tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+            tl.store(DX + rows[:, None] * stride_dx + cols[None, :], cast_rne(dx, DX.dtype.element_ty), mask=mask)
             if COMPUTE_DW:
                 if GEMMA:
                     dw_acc += tl.sum(dy * xn, axis=0)
                 else:
-                    dw_acc += tl.sum(dy * xn.to(x.dtype).to(tl.float32), axis=0)
+                    dw_acc += tl.sum(dy * cast_rne(xn, x.dtype).to(tl.float32), axis=0)
             rows += ROWS
         if COMPUTE_DW:
             tl.store(DW_PARTIAL + pid * n_cols + cols, dw_acc, mask=col_mask)
