@@ -1,9 +1,12 @@
-"""PatchFastRL: TRL's SFT, DPO and GRPO trainers with fastft's lean LM-head losses, optimizer and generation hooks.
+"""PatchFastRL: TRL's SFT, DPO, GRPO, KTO and RLOO trainers with fastft's lean LM-head losses, optimizer, generation.
 
 How TRL (>= 1.15) computes its losses, and where we step in
 -----------------------------------------------------------
-Every one of the three trainers calls ``add_fused_lm_head(model, ...)`` in ``__init__``, which sets ``model.forward``
-(on the transformers model inside any PEFT wrapper, and on a separate reference model) to a closure; calling
+Every one of these trainers calls ``add_fused_lm_head(model, ...)`` in ``__init__``, which sets ``model.forward``
+(on the transformers model inside any PEFT wrapper, and on a separate reference model) to a closure (under bf16/fp16
+mixed precision, accelerate's ``prepare_model`` then wraps a non-PEFT model's ``forward`` in
+``convert_outputs_to_fp32(autocast(...))``: :func:`_trl_fused_function` sees through that, and the fast forward runs
+under the same autocast); calling
 ``model(..., labels=labels, fused_lm_head=True)`` then runs the backbone and returns per-token log-probs (plus the
 entropy / top-1 / mean-logit fields the trainer asked for) from TRL's own chunked projection. On CPU (and any
 non-Triton device) TRL scores *every* position, prompt and padding included, through a ``[tokens, 32768]`` tile.
@@ -60,6 +63,7 @@ from fastft._log import info_once, logger, mark, warn_once
 from fastft.distributed import direct_read_problem, full_bias, full_weight, is_dtensor, is_plain_linear
 from fastft.patches.architectures import logits_required
 from fastft.patches.base import Patch, parameters_guard
+from fastft.patches.trl_config import _apply_checkpointing, _apply_max_seq_length
 
 #: ``model(..., fused_lm_head=LOSS_ONLY)`` asks the fast head for the loss alone (linear cross-entropy, no per-token
 #: log-probs). TRL's own fused forward treats any truthy value as ``True``, so a fallback still returns ``loss``.
@@ -245,12 +249,34 @@ def _fallback_reason(head: Any, text_config: Any, kwargs: dict, labels: Any, shi
     return None
 
 
-def _is_trl_fused_forward(forward: Any) -> bool:
-    """True for the bound closure TRL 1.16's ``add_fused_lm_head`` installs (``functools.wraps`` hides its name)."""
-    func = getattr(forward, "__func__", None)
+def _is_trl_fused_code(func: Any) -> bool:
     code = getattr(func, "__code__", None)
     return code is not None and code.co_name == "_fused_forward" and code.co_filename.endswith(
         os.path.join("trl", "trainer", "utils.py"))
+
+
+def _trl_fused_function(forward: Any) -> tuple[Any, bool]:
+    """``(TRL's _fused_forward function, wrapped)`` behind ``forward``, or ``(None, False)``.
+
+    ``wrapped`` is True when accelerate's mixed-precision wrapper (``convert_outputs_to_fp32(autocast(...))``, set by
+    ``Accelerator.prepare_model`` on a model that is not a PEFT wrapper) stands in front of it: the wrappers keep the
+    chain in ``__wrapped__``. We stop at TRL's closure, whose own ``__wrapped__`` (functools.wraps) is the plain
+    transformers forward."""
+    func = getattr(forward, "__func__", None)
+    wrapped = False
+    for _ in range(8):  # accelerate stacks two wrappers; a bound keeps a cycle from looping
+        if func is None:
+            return None, False
+        if _is_trl_fused_code(func):
+            return func, wrapped
+        func, wrapped = getattr(func, "__wrapped__", None), True
+    return None, False
+
+
+def _is_trl_fused_forward(forward: Any) -> bool:
+    """True for the bound closure TRL 1.16's ``add_fused_lm_head`` installs (``functools.wraps`` hides its name), also
+    behind accelerate's mixed-precision wrapper."""
+    return _trl_fused_function(forward)[0] is not None
 
 
 def _fused_target(trainer: Any, model: Any) -> Any:
@@ -269,7 +295,7 @@ _ALL_HEAD_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_
 def _trl_head_outputs(forward: Any) -> tuple[str, ...]:
     """The ``outputs`` TRL's ``add_fused_lm_head`` was called with for this model (read from its closure), so the
     fast head fills exactly the fields TRL's loss and metrics read; all of them if that cannot be read."""
-    func = getattr(forward, "__func__", None)
+    func = _trl_fused_function(forward)[0]
     cells = dict(zip(getattr(getattr(func, "__code__", None), "co_freevars", ()), getattr(func, "__closure__", None)
                      or ()))
     try:
@@ -277,6 +303,21 @@ def _trl_head_outputs(forward: Any) -> tuple[str, ...]:
     except (KeyError, ValueError):
         return _ALL_HEAD_OUTPUTS
     return tuple(outputs) if isinstance(outputs, (tuple, list)) else _ALL_HEAD_OUTPUTS
+
+
+def _under_mixed_precision(trainer: Any, fast: Callable) -> Callable:
+    """``fast`` run as accelerate's wrapper ran TRL's forward: under the accelerator's autocast, outputs in fp32.
+
+    The fast forward replaces the whole wrapped ``forward`` (its fallbacks call the wrapped one, autocast included)."""
+    from accelerate.utils.operations import convert_to_fp32
+
+    def forward(self, *args, **kwargs):
+        with trainer.accelerator.autocast():
+            outputs = fast(self, *args, **kwargs)
+        return convert_to_fp32(outputs)
+
+    forward._fastft_fast_head = True  # type: ignore[attr-defined]
+    return forward
 
 
 @contextlib.contextmanager
@@ -301,6 +342,8 @@ def _fast_heads(trainer: Any, *, temperature: float, policy_outputs: tuple[str, 
         if outputs is None:
             outputs = _trl_head_outputs(current)
         fast = _make_fast_forward(current, temperature=temperature, outputs=outputs, cast_fp32=cast_fp32)
+        if _trl_fused_function(current)[1]:
+            fast = _under_mixed_precision(trainer, fast)
         target.forward = types.MethodType(fast, target)
         installed.append((target, current))
     try:
@@ -478,12 +521,17 @@ _GRPO_TEXT_ARGS = frozenset({"self", "model", "input_ids", "attention_mask", "lo
                              "compute_entropy", "compute_aux_loss"})
 
 
-def _hook_grpo_log_probs(original: Callable) -> Callable:
+def _hook_policy_log_probs(algorithm: str) -> Callable[[Callable], Callable]:
+    """``_get_per_token_logps_and_entropies`` of GRPO-shaped trainers (GRPO, RLOO: the same method and arguments)."""
+    return functools.partial(_hook_grpo_log_probs, algorithm=algorithm)
+
+
+def _hook_grpo_log_probs(original: Callable, algorithm: str = "GRPO") -> Callable:
     signature = inspect.signature(original)
     takes_entropy_flag = "compute_entropy" in signature.parameters
 
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
-        if _without_fused_head("GRPO"):
+        if _without_fused_head(algorithm):
             with logits_required():  # TRL < 1.15 reads outputs.logits: FastModel's loss steps aside
                 return original(self, *args, **kwargs)
         try:
@@ -495,7 +543,8 @@ def _hook_grpo_log_probs(original: Callable) -> Callable:
         if arguments.get("compute_aux_loss") or other or temperature is None:
             reason = "an MoE aux loss" if arguments.get("compute_aux_loss") else (
                 f"inputs {', '.join(other)}" if other else "no temperature on the trainer")
-            info_once(f"fastft: GRPO log-probs use TRL's path ({reason})", key=f"grpo-fallback:{reason}")
+            info_once(f"fastft: {algorithm} log-probs use TRL's path ({reason})",
+                      key=f"{algorithm}-fallback:{reason}")
             return original(self, *args, **kwargs)
         # The old-policy and reference passes need no entropy: don't compute one (TRL's head always does).
         wants_entropy = arguments.get("compute_entropy") if takes_entropy_flag else True
@@ -565,88 +614,6 @@ def _hook_init(original: Callable) -> Callable:
     return __init__
 
 
-def _apply_checkpointing(model: Any, args: Any) -> None:
-    """The one checkpointing rule: ``FastModel.get_peft_model(use_gradient_checkpointing=...)`` given explicitly wins;
-    left at its default (None), TRL's ``gradient_checkpointing`` decides whether (True: fastft's mode, offloaded on
-    CUDA; False: off). Either way fastft owns the mechanism, so TRL's flag is set to False afterwards: the Trainer
-    would otherwise replace fastft's checkpoint function with its own."""
-    follows = getattr(model, "_fastft_checkpointing_follows_trainer", None)
-    # transformers 5.24 renamed the flag activation_checkpointing (gradient_checkpointing stays as an alias)
-    flags = [name for name in ("activation_checkpointing", "gradient_checkpointing") if hasattr(args, name)]
-    if follows is None or args is None or not flags:
-        return  # not a FastModel LoRA model: TRL's own rule
-    from fastft.patches.checkpointing import enable_checkpointing
-
-    asked = bool(getattr(args, flags[0]))
-    if follows:
-        mode = "fastft" if asked else False
-        ran = enable_checkpointing(model, mode)
-        model._fastft_checkpointing = mode
-        why = f"TRL's gradient_checkpointing={asked}"
-    else:
-        ran, why = model._fastft_checkpointing, "set by FastModel.get_peft_model(use_gradient_checkpointing=...)"
-    warn_once(f"fastft: gradient checkpointing: {ran or 'off'} ({why})", key=f"checkpointing:{ran}:{why}",
-              category=_Note)
-    if asked:
-        for name in flags:
-            setattr(args, name, False)
-    if ran and ran != "off" and getattr(args, "ddp_find_unused_parameters", False) is None:
-        # transformers turns find_unused_parameters off under checkpointing only for a bare PreTrainedModel (not a
-        # PEFT wrapper); under DDP a checkpointed layer's recompute needs it off (LoRA uses every adapter each step).
-        args.ddp_find_unused_parameters = False
-
-
-def _apply_max_seq_length(model: Any, args: Any) -> None:
-    """A ``max_seq_length`` the user gave FastModel sizes what TRL left at its defaults: SFT/DPO ``max_length``;
-    GRPO's prompt + completion (``max_completion_length`` capped to fit, and ``max_prompt_length``, where the
-    installed TRL has one, given the rest). An explicit TRL value always wins; each change is said once."""
-    # Only a length the user gave FastModel: its default (the model's own context, 128K on Llama 3.1) is no request
-    # to train on longer examples than TRL's default would.
-    wanted = getattr(model, "_fastft_asked_max_seq_length", None)
-    if not isinstance(wanted, int) or args is None or not dataclasses.is_dataclass(args):
-        return
-    fields = {f.name: f for f in dataclasses.fields(args)}
-    config = type(args).__name__
-
-    def left_default(name: str) -> bool:
-        return name in fields and getattr(args, name) == fields[name].default
-
-    if "max_length" in fields and isinstance(args.max_length, int):
-        default = fields["max_length"].default
-        if left_default("max_length") and wanted != default:
-            args.max_length = wanted
-            warn_once(f"fastft: {config}.max_length was TRL's default {default}; using FastModel's "
-                      f"max_seq_length {wanted} (set max_length to choose another)", key=f"max-length:{wanted}",
-                      category=_Note)
-        elif args.max_length < wanted:
-            info_once(f"fastft: {config}.max_length={args.max_length} is shorter than FastModel's "
-                      f"max_seq_length {wanted}: examples are truncated to {args.max_length} tokens",
-                      key=f"max-length-short:{args.max_length}")
-        return
-    if not isinstance(getattr(args, "max_completion_length", None), int):
-        return
-    # GRPO and other generating trainers: prompt + completion must fit in max_seq_length.
-    completion = args.max_completion_length
-    if left_default("max_completion_length") and completion > wanted:
-        args.max_completion_length = completion = wanted
-        warn_once(f"fastft: {config}.max_completion_length was TRL's default {fields['max_completion_length'].default}"
-                  f", longer than FastModel's max_seq_length {wanted}; using {wanted} (set it to choose another)",
-                  key=f"max-completion:{wanted}", category=_Note)
-    prompt = getattr(args, "max_prompt_length", None)
-    if left_default("max_prompt_length") and wanted - completion > 0 and prompt != wanted - completion:
-        args.max_prompt_length = prompt = wanted - completion
-        warn_once(f"fastft: {config}.max_prompt_length was TRL's default {fields['max_prompt_length'].default}; "
-                  f"using FastModel's max_seq_length {wanted} minus max_completion_length {completion} = {prompt}",
-                  key=f"max-prompt:{prompt}", category=_Note)
-    if isinstance(prompt, int) and prompt + completion > wanted:
-        info_once(f"fastft: {config}: max_prompt_length {prompt} + max_completion_length {completion} exceeds "
-                  f"FastModel's max_seq_length {wanted}", key=f"grpo-lengths:{prompt}:{completion}:{wanted}")
-
-
-class _Note(UserWarning):
-    """A visible one-time note about a choice fastft made for the user (not a problem)."""
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # PatchFastRL
 # --------------------------------------------------------------------------------------------------------------------
@@ -680,11 +647,26 @@ _TRAINERS: dict[str, _TrainerSpec] = {
         _OPTIMIZER_HOOK, _INIT_HOOK,
     )),
     "GRPO": _TrainerSpec("trl.trainer.grpo_trainer", "GRPOTrainer", (
-        _Hook("_get_per_token_logps_and_entropies", _hook_grpo_log_probs, ("model",)),
+        _Hook("_get_per_token_logps_and_entropies", _hook_policy_log_probs("GRPO"), ("model",)),
+        _Hook("_generate_single_turn", _hook_grpo_generation),
+        _OPTIMIZER_HOOK, _INIT_HOOK,
+    )),
+    # KTO: compute_loss covers the policy, KL and in-step reference passes; compute_ref_log_probs the precomputed one.
+    "KTO": _TrainerSpec("trl.trainer.kto_trainer", "KTOTrainer", (
+        _Hook("compute_loss", _hook_per_token_head("KTO"), ("model", "inputs")),
+        _Hook("compute_ref_log_probs", _hook_per_token_head("KTO"), ("model", "inputs")),
+        _OPTIMIZER_HOOK, _INIT_HOOK,
+    )),
+    # RLOO shares GRPO's log-prob method and generation seam (same arguments).
+    "RLOO": _TrainerSpec("trl.trainer.rloo_trainer", "RLOOTrainer", (
+        _Hook("_get_per_token_logps_and_entropies", _hook_policy_log_probs("RLOO"), ("model",)),
         _Hook("_generate_single_turn", _hook_grpo_generation),
         _OPTIMIZER_HOOK, _INIT_HOOK,
     )),
 }
+# Not rows, and why: RewardTrainer scores a sequence-classification head (one scalar per sequence), never the LM
+# head; ORPO / CPO / Online DPO (trl.experimental in TRL 1.16) compute full logits in their own forward, with no
+# add_fused_lm_head seam to carry a lean head (it would take a rewrite of their loss, which we do not copy).
 
 SUPPORTED_ALGORITHMS = tuple(_TRAINERS)
 
@@ -693,6 +675,8 @@ _FUSED_OUTPUT_FIELDS = ("loss", "log_probs", "entropy", "log_sum_sq_probs", "mea
 
 #: algorithm -> its Patch objects, built once so PatchFastRL is idempotent and unpatch/re-patch reuse them.
 _PATCHES: dict[str, list[Patch]] = {}
+#: algorithm -> why the installed TRL has no such trainer (it stays unpatched; PatchFastRL returns False for it).
+_ABSENT: dict[str, str] = {}
 
 
 def _common_problem() -> str | None:
@@ -725,7 +709,13 @@ def _patches_for(algorithm: str) -> list[Patch]:
     import importlib
 
     spec = _TRAINERS[algorithm]
-    cls = getattr(importlib.import_module(spec.module), spec.class_name)
+    try:
+        cls = getattr(importlib.import_module(spec.module), spec.class_name)
+    except (ImportError, AttributeError) as exc:
+        import trl
+
+        _ABSENT[algorithm] = f"TRL {trl.__version__} has no {spec.module}.{spec.class_name} ({exc})"
+        return []
     patches = [Patch(name=f"trl {algorithm}: {spec.class_name}.{hook.method}", owner=cls, attribute=hook.method,
                      replacement=hook.make, wrap=True, tested=("trl",),
                      guard=parameters_guard(*hook.needs) if hook.needs else None)
@@ -738,8 +728,8 @@ def _patches_for(algorithm: str) -> list[Patch]:
 
 
 def patched_algorithm(trainer_or_class: Any) -> str | None:
-    """"SFT" / "DPO" / "GRPO" when ``trainer_or_class`` (a trainer or a trainer class, a user's subclass included)
-    runs fastft's hooks, else None."""
+    """The algorithm name ("SFT", "DPO", "GRPO", "KTO", "RLOO") when ``trainer_or_class`` (a trainer or a trainer
+    class, a user's subclass included) runs fastft's hooks, else None."""
     cls = trainer_or_class if isinstance(trainer_or_class, type) else type(trainer_or_class)
     return getattr(cls, "_fastft_algorithm", None)
 
@@ -762,13 +752,15 @@ def PatchFastRL(algorithm: str | None = None, FastModel: Any = None) -> dict[str
     it (anything before ``.train()``), run the fast paths too.
 
     Args:
-        algorithm: "SFT", "DPO" or "GRPO" (any case), or None for all of them.
+        algorithm: one of ``SUPPORTED_ALGORITHMS`` ("SFT", "DPO", "GRPO", "KTO", "RLOO"; any case), or None for
+            all of them.
         FastModel: accepted for Unsloth compatibility; when it has ``for_inference``/``for_training``, GRPO calls them
             around generation (default: ``fastft.model.FastModel``).
 
     Returns:
-        ``{algorithm: patched}``; False means a method fastft hooks no longer has the parameters it relies on, a
-        warning said which, and that trainer is TRL's, untouched. Idempotent; ``fastft.unpatch()`` reverts.
+        ``{algorithm: patched}``; False means a method fastft hooks no longer has the parameters it relies on, or
+        the installed TRL has no such trainer; a warning said which, and that trainer is TRL's, untouched.
+        Idempotent; ``fastft.unpatch()`` reverts.
     """
     global _FAST_MODEL
     algorithms = SUPPORTED_ALGORITHMS if algorithm is None else (_normalize(algorithm),)
@@ -777,6 +769,10 @@ def PatchFastRL(algorithm: str | None = None, FastModel: Any = None) -> dict[str
     result = {}
     for name in algorithms:
         patches = _patches_for(name)
+        if not patches:
+            warn_once(f"fastft: PatchFastRL({name!r}) skipped: {_ABSENT[name]}", key=f"absent:{name}")
+            result[name] = False
+            continue
         applied = []
         for patch in patches:
             if not patch.apply():  # it warned (once)

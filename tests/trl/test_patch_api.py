@@ -14,11 +14,29 @@ from fastft.patches import trl as fast_trl
 from fastft.patches.trl import patched_algorithm
 from tests.trl._common import common_args, lora_config
 
-NAMES = {"SFT": "sft_trainer", "DPO": "dpo_trainer", "GRPO": "grpo_trainer"}
+ALL_NAMES = {"SFT": "sft_trainer", "DPO": "dpo_trainer", "GRPO": "grpo_trainer", "KTO": "kto_trainer",
+             "RLOO": "rloo_trainer"}
+
+
+def _present(algorithm: str) -> bool:
+    # The oldest TRL leg may lack a trainer: PatchFastRL() then reports it False (tested below), never crashes.
+    try:
+        return hasattr(importlib.import_module(f"trl.trainer.{ALL_NAMES[algorithm]}"), f"{algorithm}Trainer")
+    except ImportError:
+        return False
+
+
+NAMES = {alg: module for alg, module in ALL_NAMES.items() if _present(alg)}
+#: what PatchFastRL() with no argument returns on this TRL
+ALL_PATCHED = {alg: alg in NAMES for alg in ALL_NAMES}
+_GENERATING = ("_get_per_token_logps_and_entropies", "_generate_single_turn", "create_optimizer", "__init__")
 #: methods each trainer's hooks replace (create_optimizer is inherited from transformers.Trainer)
-HOOKED = {"SFT": ("compute_loss", "create_optimizer", "__init__"),
-          "DPO": ("compute_loss", "compute_ref_log_probs", "create_optimizer", "__init__"),
-          "GRPO": ("_get_per_token_logps_and_entropies", "_generate_single_turn", "create_optimizer", "__init__")}
+HOOKED = {alg: hooked for alg, hooked in {
+    "SFT": ("compute_loss", "create_optimizer", "__init__"),
+    "DPO": ("compute_loss", "compute_ref_log_probs", "create_optimizer", "__init__"),
+    "GRPO": _GENERATING,
+    "KTO": ("compute_loss", "compute_ref_log_probs", "create_optimizer", "__init__"),
+    "RLOO": _GENERATING}.items() if alg in NAMES}
 
 
 def _all_names(algorithm):
@@ -47,7 +65,7 @@ def test_patch_in_place_reaches_names_bound_before_then_unpatch():
 
     classes = {alg: _all_names(alg)[0] for alg in NAMES}
     before = {alg: _own_methods(cls) for alg, cls in classes.items()}
-    assert fastft.PatchFastRL() == {"SFT": True, "DPO": True, "GRPO": True}
+    assert fastft.PatchFastRL() == ALL_PATCHED
     for alg, cls in classes.items():
         assert all(name is cls for name in _all_names(alg)), "a name was rebound instead of patched in place"
         assert patched_algorithm(cls) == alg
@@ -70,10 +88,29 @@ def test_idempotent_and_case_insensitive():
 
 
 def test_unknown_algorithm_says_did_you_mean_and_lists_supported():
-    with pytest.raises(ValueError, match=r"did you mean 'GRPO'\?.*SFT, DPO, GRPO"):
+    with pytest.raises(ValueError, match=r"did you mean 'GRPO'\?.*SFT, DPO, GRPO, KTO, RLOO"):
         fastft.PatchFastRL("GPRO")
-    with pytest.raises(ValueError, match="SFT, DPO, GRPO"):
+    with pytest.raises(ValueError, match=r"did you mean 'RLOO'\?"):
+        fastft.PatchFastRL("RLO")
+    with pytest.raises(ValueError, match="SFT, DPO, GRPO, KTO, RLOO"):
         fastft.PatchFastRL("PPO")
+
+
+def test_a_trainer_absent_from_this_trl_is_reported_not_raised(monkeypatch):
+    import dataclasses
+
+    from fastft.patches import trl as fast_trl
+
+    spec = fast_trl._TRAINERS["KTO"]
+    monkeypatch.setitem(fast_trl._TRAINERS, "KTO", dataclasses.replace(spec, module="trl.trainer.no_such_trainer"))
+    monkeypatch.delitem(fast_trl._PATCHES, "KTO", raising=False)
+    monkeypatch.setattr(fast_trl, "_ABSENT", {})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fastft.PatchFastRL()
+    assert result == {**ALL_PATCHED, "KTO": False}
+    messages = [str(w.message) for w in caught if "PatchFastRL('KTO') skipped" in str(w.message)]
+    assert len(messages) == 1 and "no trl.trainer.no_such_trainer.KTOTrainer" in messages[0]
 
 
 def test_patch_before_trl_import_in_fresh_interpreter():
@@ -149,7 +186,7 @@ def test_a_renamed_parameter_leaves_trainer_unpatched_and_working(tmp_path, monk
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = fastft.PatchFastRL()
-    assert result == {"SFT": False, "DPO": True, "GRPO": True}
+    assert result == {**ALL_PATCHED, "SFT": False}
     messages = [str(w.message) for w in caught if "SFTTrainer.compute_loss" in str(w.message)]
     assert len(messages) == 1 and "no longer takes inputs" in messages[0], [str(w.message) for w in caught]
     cls = _all_names("SFT")[0]

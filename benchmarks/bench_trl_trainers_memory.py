@@ -1,0 +1,141 @@
+"""Peak live bytes of one training step per TRL trainer (SFT, DPO, KTO, GRPO, RLOO), TRL vs fastft, on the CPU path.
+
+What is measured: ``fastft.memory.LiveBytesTracker`` around ``trainer.train()`` with ``max_steps=1`` (the forward,
+backward and optimizer step; for DPO/KTO the in-step reference pass; for GRPO/RLOO the scoring of fixed completions,
+made at TRL's ``_generate_single_turn`` seam so no sampling is mixed in). Tensors that exist before (weights) are not
+counted. Model: a random tiny-but-wide Llama (hidden --hidden, 2 layers, vocab --vocab), fp32, LoRA r=8. Runs on CPU
+without TRITON_INTERPRET: fastft's kernels take their torch path (same chunked algorithm), TRL's fused head its torch
+fallback, which scores every position (on CUDA TRL scores only labelled ones: see bench_grpo_memory.py for that row).
+These are CPU measurements of live tensor bytes, not GPU figures.
+
+    python benchmarks/bench_trl_trainers_memory.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import tempfile
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+import fastft  # noqa: E402
+from fastft.memory import LiveBytesTracker  # noqa: E402
+from fastft.offline import build_tiny_model, build_tokenizer  # noqa: E402
+from fastft.patches.trl import patched_algorithm  # noqa: E402
+
+PROMPTS = ["What is 12 plus 7?", "Name a fast animal.", "Why checkpoint?", "Count:"]
+ANSWERS = [" The answer is 19, as anyone can check by counting.", " The quick brown fox jumps over the dog.",
+           " It trades compute for memory in the backward pass.", " 0 1 2 3 4 5 6 7 8 9 10 11 12"]
+
+
+def _completions(length: int):
+    def generate(self, prompt_ids, *rest, **kwargs):
+        return [[(31 * sum(ids) + 7 * row + 3 * i) % 300 + 20 for i in range(length)]
+                for row, ids in enumerate(prompt_ids)]
+
+    return generate
+
+
+def _dataset(algorithm: str, tag: str):
+    from datasets import Dataset
+
+    if algorithm == "SFT":
+        rows = [{"prompt": p, "completion": a} for p, a in zip(PROMPTS, ANSWERS, strict=True)]
+    elif algorithm == "DPO":
+        rows = [{"prompt": p, "chosen": a, "rejected": ANSWERS[i - 1]} for i, (p, a) in enumerate(zip(PROMPTS, ANSWERS,
+                                                                                                    strict=True))]
+    elif algorithm == "KTO":
+        rows = [{"prompt": p, "completion": a, "label": i % 2 == 0} for i, (p, a) in enumerate(zip(PROMPTS, ANSWERS,
+                                                                                                 strict=True))]
+    else:
+        rows = [{"prompt": p} for p in PROMPTS]
+    # a fingerprint per run: TRL caches per-dataset work (e.g. reference log-probs) by fingerprint
+    return Dataset.from_list(rows * 2).map(lambda row: row, new_fingerprint=f"bench-{algorithm}-{tag}")
+
+
+def measure(algorithm: str, patched: bool, args: argparse.Namespace) -> tuple[int, float]:
+    import trl
+    from peft import LoraConfig
+
+    fastft.unpatch()
+    if patched:
+        assert fastft.PatchFastRL(algorithm) == {algorithm: True}
+    generating = algorithm in ("GRPO", "RLOO")
+    module = importlib.import_module(f"trl.trainer.{algorithm.lower()}_trainer")
+    cls = getattr(module, f"{algorithm}Trainer")
+    original = vars(cls).get("_generate_single_turn")
+    if generating:
+        seam = _completions(args.completion_length)
+        if algorithm == "GRPO":
+            cls._generate_single_turn = lambda self, *a, **k: (seam(self, *a, **k), None)
+        else:
+            cls._generate_single_turn = seam
+    try:
+        model = build_tiny_model("llama", vocab_size=args.vocab, hidden_size=args.hidden,
+                                 intermediate_size=2 * args.hidden, num_hidden_layers=2,
+                                 num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 128,
+                                 head_dim=64, max_position_embeddings=1024)
+        torch.manual_seed(0)
+        with tempfile.TemporaryDirectory() as out:
+            common = dict(output_dir=out, use_cpu=True, report_to="none", bf16=False, max_steps=1, logging_steps=1,
+                          save_strategy="no", disable_tqdm=True, seed=0, per_device_train_batch_size=4)
+            extra: dict = {}
+            if generating:
+                common.update(num_generations=4, max_completion_length=args.completion_length)
+                extra = dict(reward_funcs=lambda completions, **kw: [float(len(c) % 7) for c in completions])
+            else:
+                common.update(max_length=128)
+            config = getattr(trl, f"{algorithm}Config")(**common)
+            trainer = cls(model=model, args=config, processing_class=build_tokenizer(),
+                          train_dataset=_dataset(algorithm, f"{patched}"), **extra,
+                          peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"]))
+            assert patched_algorithm(trainer) == (algorithm if patched else None)
+            tracker = LiveBytesTracker()
+            with tracker:
+                trainer.train()
+            loss = [row for row in trainer.state.log_history if "loss" in row][0]["loss"]
+        return tracker.peak_bytes, loss
+    finally:
+        if generating:
+            if original is None:
+                del cls._generate_single_turn
+            else:
+                cls._generate_single_turn = original
+        fastft.unpatch()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--completion-length", type=int, default=64)
+    parser.add_argument("--trainers", default="SFT,DPO,KTO,GRPO,RLOO")
+    args = parser.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("run without TRITON_INTERPRET=1: this measures the CPU torch path")
+    torch.set_num_threads(1)
+    import trl
+
+    print(f"command: python benchmarks/bench_trl_trainers_memory.py --hidden {args.hidden} --vocab {args.vocab} "
+          f"--completion-length {args.completion_length} --trainers {args.trainers}")
+    print(f"CPU, fp32, torch path, TRL {trl.__version__}; peak live tensor bytes of one training step (weights "
+          "excluded); measured, not modeled\n")
+    print("| trainer | TRL peak MiB | fastft peak MiB | fastft / TRL | step-1 loss TRL | step-1 loss fastft |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for algorithm in args.trainers.split(","):
+        slow, slow_loss = measure(algorithm, False, args)
+        fast, fast_loss = measure(algorithm, True, args)
+        print(f"| {algorithm} | {slow / 2**20:.1f} | {fast / 2**20:.1f} | {fast / slow:.1%} | {slow_loss:.6g} | "
+              f"{fast_loss:.6g} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
