@@ -32,6 +32,7 @@ KERNEL_MODULES = [
     "fastft.kernels.glu",
     "fastft.kernels.rope",
     "fastft.kernels.nf4",
+    "fastft.kernels.grouped_gemm",
 ]
 
 
