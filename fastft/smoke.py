@@ -1,8 +1,9 @@
-"""A CPU smoke run of every fused kernel through both of its paths, printing what ran.
+"""``fastft smoke``: a CPU smoke run of four fused kernels (RMSNorm, RoPE, SwiGLU, GeGLU) through both paths.
 
-Until the full offline demo lands, this is what ``fastft demo`` runs: each kernel on small CPU tensors through the
-torch path and through its Triton kernel under the Triton interpreter (in a child process, because the interpreter
-must be switched on before triton is imported), compared with its reference.
+Each runs on small CPU tensors through the torch path and through its Triton kernel under the Triton interpreter
+(in a child process, because the interpreter must be switched on before triton is imported), compared with its
+reference. The other ops (cross-entropy, linear cross-entropy, selective log-softmax, LoRA, NF4) are covered by
+tests/kernels, not here.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         with torch.no_grad():
             out = function(hidden, *extra)
         ctx.tuple_out = isinstance(out, tuple)
-        return out if not ctx.tuple_out else out
+        return out
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
