@@ -35,7 +35,11 @@ def test_doctor_reports_every_row_patched_and_exits_zero(capsys):
     assert set(rows) == set(ARCHITECTURES)
     for row in rows.values():
         assert {name.split(":")[0] for name in row["applied"]} == {"rope", "rms_norm", "mlp", "fused_loss"}, row
-    assert [row["trainer"] for row in result["trainers"]] == ["SFTTrainer", "DPOTrainer", "GRPOTrainer"]
+    from fastft.patches.trl import SUPPORTED_ALGORITHMS
+
+    # every row of PatchFastRL's table (SFT, DPO, GRPO, KTO, RLOO), each patched on the installed TRL
+    assert [row["trainer"] for row in result["trainers"]] == [f"{name}Trainer" for name in SUPPORTED_ALGORITHMS]
+    assert {"SFTTrainer", "DPOTrainer", "GRPOTrainer"} <= {row["trainer"] for row in result["trainers"]}
     assert all(row["patched"] for row in result["trainers"])
     # the host check compares bitsandbytes' native CPU dequantization with fastft's on this very machine
     assert result["host"]["bitsandbytes_cpu_dequantize_4bit"].split()[0] in ("correct", "WRONG")
