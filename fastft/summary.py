@@ -161,11 +161,12 @@ def summary_block(trainer: Any, delta: Counter, since: int, lora_delta: Counter 
 
 def attach(trainer: Any, since: int | None = None) -> None:
     """Print :func:`summary_block` once, when ``trainer``'s first optimizer step ends (a TrainerCallback; the
-    block also goes to the ``fastft`` logger at INFO)."""
+    block also goes to the ``fastft`` logger at INFO). Notes are listed from FastModel's load of the model, else
+    from ``since`` (the trainer's construction), else from now."""
     from transformers import TrainerCallback
 
     model_mark = _attr(_chain(getattr(trainer, "model", None)), "_fastft_notes_from")
-    since = since if since is not None else (model_mark if model_mark is not None else mark())
+    since = model_mark if model_mark is not None else (since if since is not None else mark())
 
     class _Summary(TrainerCallback):
         def __init__(self) -> None:

@@ -609,7 +609,7 @@ def _hook_init(original: Callable) -> Callable:
         _apply_max_seq_length(arguments.get("model"), arguments.get("args"))
         _apply_checkpointing(arguments.get("model"), arguments.get("args"))
         original(self, *args, **kwargs)
-        summary.attach(self, since=getattr(arguments.get("model"), "_fastft_notes_from", since))
+        summary.attach(self, since=since)
 
     return __init__
 
