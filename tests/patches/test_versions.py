@@ -10,8 +10,7 @@ from packaging.version import Version
 from fastft.versions import TRACKED, declared_ranges, untested_note
 
 PINS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), ".ci", "pins")
-#: Pinned on every leg but not a patched library (GGUF export: the ``gguf`` dev/extra, llama-cpp-python's extra).
-EXPORT_PINS = ("gguf", "llama-cpp-python")
+
 
 
 def _pins(name: str) -> dict[str, Version]:
@@ -29,23 +28,30 @@ def test_every_leg_pins_every_tracked_package_inside_its_range():
     ranges = declared_ranges()
     assert set(ranges) == set(TRACKED)
     for leg in ("default", "oldest", "newest-torch"):
-        pins = {p: v for p, v in _pins(leg).items() if p not in EXPORT_PINS}
+        pins = {p: v for p, v in _pins(leg).items() if p in TRACKED}
         assert set(pins) == set(TRACKED), leg
         for package, version in pins.items():
             assert version in ranges[package], f"{leg}: {package} {version} outside {ranges[package]}"
 
 
-def test_export_pins_are_on_every_leg_inside_the_gguf_extra():
+def test_every_other_pin_is_a_declared_requirement_inside_its_ranges():
+    """Pins of untracked packages (gguf, llama-cpp-python, ...) are requirements of pyproject (base or an extra),
+    each inside every range declared for it, on every leg."""
     import tomllib
     from packaging.requirements import Requirement
 
-    with open(os.path.join(os.path.dirname(PINS), "..", "pyproject.toml"), "rb") as handle:
-        requirements = tomllib.load(handle)["project"]["optional-dependencies"]["gguf"]
-    extra = {r.name: r.specifier for r in map(Requirement, requirements)}
-    assert set(extra) == set(EXPORT_PINS)
+    with open(os.path.join(os.path.dirname(os.path.dirname(PINS)), "pyproject.toml"), "rb") as handle:
+        project = tomllib.load(handle)["project"]
+    declared: dict[str, list] = {}
+    for text in [*project["dependencies"], *sum(project["optional-dependencies"].values(), [])]:
+        req = Requirement(text)
+        declared.setdefault(req.name.lower(), []).append(req.specifier)
     for leg in ("default", "oldest", "newest-torch"):
-        for package in EXPORT_PINS:
-            assert _pins(leg)[package] in extra[package], (leg, package)
+        for package, version in _pins(leg).items():
+            if package in TRACKED:
+                continue
+            assert package in declared, f"{leg}: {package} is pinned but no requirement of pyproject.toml"
+            assert all(version in spec for spec in declared[package]), f"{leg}: {package} {version} outside"
 
 
 def test_lower_bounds_are_the_oldest_leg_and_upper_bounds_the_next_minor_after_the_newest():
