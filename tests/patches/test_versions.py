@@ -12,7 +12,6 @@ from fastft.versions import TRACKED, declared_ranges, untested_note
 PINS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), ".ci", "pins")
 
 
-
 def _pins(name: str) -> dict[str, Version]:
     pins = {}
     with open(os.path.join(PINS, f"{name}.txt"), encoding="utf-8") as handle:
