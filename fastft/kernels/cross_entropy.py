@@ -14,11 +14,18 @@ host folds the factors into two numbers so the kernel does at most one multiply,
     softcap off: f = scale * x               with scale = logit_scale / temperature (SCALE=False when that is 1)
 tanh is written with tl.exp (libdevice tanh is a stub under the interpreter).
 
+Loss options (see cross_entropy_math for the algebra): ``label_smoothing`` (torch's), ``class_weight`` (torch's
+``weight``) and the z-loss ``lse_square_scale * lse^2``. The kernels only ever see three per-row gradient coefficients
+computed on the host, so the options cost one extra per-row accumulator (smoothing's sum_j w_j f_j) and nothing else.
+
 Kernels (shared with linear_cross_entropy and selective_log_softmax, which call them on chunks of logits)
-    stats: per row lse = logsumexp(f), tgt = f[label] (0 for ignored rows) and, with ENTROPY, E_p[f] (the entropy is
-           lse - E_p[f]). Online: a running max and a rescaled running sum, one pass over the vocab.
-    grad:  per row, with a = dL/dloss_row (loss_row = lse - f[label]) and e = dL/dentropy_row (ENTROPY only):
-           df_j = a * (p_j - [j == label]) - e * p_j * (f_j - E_p[f]),  dx_j = df_j * df/dx_j,
+    stats: per row lse = logsumexp(f), tgt = f[label] (0 for ignored rows) and, each behind a constexpr, E_p[f]
+           (ENTROPY: the entropy is lse - E_p[f]), sum_j w_j f_j (SMOOTH, w_j from CLASS_WEIGHT or 1) and
+           argmax(f) == label (ARGMAX, argmax's first-maximum rule: TRL's ``mean_token_accuracy``). Online: a running
+           max and a rescaled running sum, one pass over the vocab.
+    grad:  per row, with coefficients a, b, c (cross_entropy_math.grad_coefficients; without options a = b =
+           dL/dloss_row, c = 0) and e = dL/dentropy_row (ENTROPY only):
+           df_j = a p_j - b [j == label] - c w_j - e p_j (f_j - E_p[f]),  dx_j = df_j * df/dx_j,
            df/dx = scale (or cap * scale * (1 - tanh^2) with softcap). p is recomputed from lse, not stored.
 
 Saved for backward: the logits (they already exist: the caller made them) and lse, one fp32 per row. This file's
@@ -37,6 +44,8 @@ at least 1.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from fastft.kernels._launch import (
@@ -45,6 +54,19 @@ from fastft.kernels._launch import (
     launch,
     next_power_of_2,
     use_triton,
+)
+from fastft.kernels.cross_entropy_math import (  # noqa: F401  (re-exported: the family's shared host-side math)
+    CrossEntropyOptions,
+    GradCoefficients,
+    check_class_weight,
+    check_labels,
+    check_reduction,
+    fold_transform,
+    grad_coefficients,
+    loss_reference,
+    row_losses,
+    row_weights,
+    transform_reference,
 )
 
 if TRITON_AVAILABLE:
@@ -79,26 +101,40 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _ce_stats_kernel(
-        LSE, TGT, EF, X, LABELS,
+        LSE, TGT, EF, SUMF, TOP1, X, LABELS, CW,
         stride_x, n_cols, ignore_index, scale, cap,
-        SCALE: tl.constexpr, SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr, BLOCK: tl.constexpr,
+        SCALE: tl.constexpr, SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr, SMOOTH: tl.constexpr,
+        CLASS_WEIGHT: tl.constexpr, ARGMAX: tl.constexpr, BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         label = tl.load(LABELS + row)
         cols = tl.arange(0, BLOCK)
         x_ptr = X + row * stride_x
-        # 0-d fp32 accumulators made by reductions, so the loop-carried types never change.
+        # 0-d accumulators made by reductions, so the loop-carried types never change.
         m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
         s = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
         t_acc = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
         tgt = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
+        sf = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
+        best = tl.sum(tl.zeros([BLOCK], tl.int32), axis=0)  # first column holding the running max
         for start in range(0, n_cols, BLOCK):
             idx = start + cols
             mask = idx < n_cols
             x = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             f, _ = _transform(x, scale, cap, SCALE, SOFTCAP)
+            if SMOOTH:  # sum_j w_j f_j for label smoothing (w_j = 1 without class weights)
+                if CLASS_WEIGHT:
+                    w = tl.load(CW + idx, mask=mask, other=0.0)
+                    sf += tl.sum(tl.where(mask, f * w, 0.0), axis=0)
+                else:
+                    sf += tl.sum(tl.where(mask, f, 0.0), axis=0)
             f = tl.where(mask, f, float("-inf"))  # after the transform: tanh would map -inf to a finite -cap
-            m_new = tl.maximum(m, tl.max(f, axis=0))
+            b_max = tl.max(f, axis=0)
+            if ARGMAX:
+                # argmax's first-index tie rule: a later block takes over only with a strictly larger maximum.
+                first = tl.min(tl.where(f == b_max, idx, n_cols), axis=0)
+                best = tl.where(b_max > m, first, best)
+            m_new = tl.maximum(m, b_max)
             alpha = tl.exp(m - m_new)
             e = tl.exp(f - m_new)
             s = s * alpha + tl.sum(e, axis=0)
@@ -112,18 +148,27 @@ if TRITON_AVAILABLE:
         tl.store(TGT + row, tl.where(label == ignore_index, 0.0, tgt))
         if ENTROPY:
             tl.store(EF + row, t_acc / s)
+        if SMOOTH:
+            tl.store(SUMF + row, sf)
+        if ARGMAX:
+            tl.store(TOP1 + row, ((best == label) & (label != ignore_index)).to(tl.int8))
 
     @triton.jit
     def _ce_grad_kernel(
-        DX, X, LABELS, LSE, DLOSS, DENT, EF,
+        DX, X, LABELS, LSE, DP, DTGT, DSMOOTH, CW, DENT, EF,
         stride_dx, stride_x, n_cols, ignore_index, scale, cap,
-        SCALE: tl.constexpr, SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr, BLOCK: tl.constexpr,
+        SCALE: tl.constexpr, SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr, SMOOTH: tl.constexpr,
+        CLASS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         label = tl.load(LABELS + row)
         lse = tl.load(LSE + row)
-        a = tl.load(DLOSS + row)
-        a = tl.where(label == ignore_index, 0.0, a)
+        ignored = label == ignore_index
+        # df_j = a p_j - b [j == label] - c w_j (see cross_entropy_math); ignored rows get no loss gradient.
+        a = tl.where(ignored, 0.0, tl.load(DP + row))
+        b = tl.where(ignored, 0.0, tl.load(DTGT + row))
+        if SMOOTH:
+            c = tl.where(ignored, 0.0, tl.load(DSMOOTH + row))
         if ENTROPY:
             g_ent = tl.load(DENT + row)
             ef = tl.load(EF + row)
@@ -137,7 +182,12 @@ if TRITON_AVAILABLE:
             x = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             f, d = _transform(x, scale, cap, SCALE, SOFTCAP)
             p = tl.exp(f - lse)
-            g = a * (p - tl.where(idx == label, 1.0, 0.0))
+            g = a * p - tl.where(idx == label, b, 0.0)
+            if SMOOTH:
+                if CLASS_WEIGHT:
+                    g -= c * tl.load(CW + idx, mask=mask, other=0.0)
+                else:
+                    g -= c
             if ENTROPY:
                 g -= g_ent * p * (f - ef)
             tl.store(dx_ptr + cols, cast_rne(g * d, DX.dtype.element_ty), mask=mask)
@@ -148,20 +198,6 @@ if TRITON_AVAILABLE:
 # ----------------------------------------------------------------------------------------------------------------
 # Reference: the plain math on full fp32 logits, differentiable by autograd. The test oracle.
 # ----------------------------------------------------------------------------------------------------------------
-def transform_reference(
-    logits: torch.Tensor, softcap: float | None = None, logit_scale: float | None = None, temperature: float = 1.0
-) -> torch.Tensor:
-    """Upcast to fp32, then scale, softcap and temperature in the order Hugging Face / TRL apply them."""
-    z = logits.float()
-    if logit_scale is not None:
-        z = z * logit_scale
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    if temperature != 1.0:
-        z = z / temperature
-    return z
-
-
 def cross_entropy_reference(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -171,88 +207,34 @@ def cross_entropy_reference(
     logit_scale: float | None = None,
     reduction: str = "mean",
     n_items: int | torch.Tensor | None = None,
+    class_weight: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
 ) -> torch.Tensor:
-    """``F.cross_entropy`` on the transformed fp32 logits (transformers' ForCausalLMLoss semantics for n_items).
+    """``F.cross_entropy`` (+ the z-loss term) on the transformed fp32 logits (transformers' semantics for n_items).
 
     All-ignored "mean" gives NaN here, as in torch; the fused op returns 0 (see the module docstring).
     """
     z = transform_reference(logits, softcap, logit_scale)
-    if n_items is not None:
-        return torch.nn.functional.cross_entropy(z, labels, ignore_index=ignore_index, reduction="sum") / n_items
-    return torch.nn.functional.cross_entropy(z, labels, ignore_index=ignore_index, reduction=reduction)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Shared helpers: folding the transform, validating labels, turning a reduction into per-row weights
-# ----------------------------------------------------------------------------------------------------------------
-def fold_transform(
-    softcap: float | None, logit_scale: float | None, temperature: float = 1.0
-) -> tuple[bool, bool, float, float]:
-    """(SOFTCAP, SCALE, scale, cap) for the kernels; see the module docstring."""
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be positive, got {softcap}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    s = 1.0 if logit_scale is None else float(logit_scale)
-    if softcap is not None:
-        return True, False, s / float(softcap), float(softcap) / temperature
-    s = s / temperature
-    return False, s != 1.0, s, 1.0
-
-
-def check_labels(name: str, labels: torch.Tensor, n_classes: int, ignore_index: int | None) -> torch.Tensor:
-    """int64 labels; raises (before any kernel runs) if one lies outside [0, n_classes) and is not ignore_index.
-
-    The kernels never read outside a row anyway (the target is picked up by comparison, not a gather), but a bad label
-    would silently yield a wrong loss, so it is an error. This check syncs with the GPU once per call; it is skipped
-    on meta tensors and while torch.compile traces (a data-dependent branch would break the graph).
-    """
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor, got {labels.dtype}")
-    labels = labels.long()
-    if labels.device.type != "meta" and labels.numel() and not torch.compiler.is_compiling():
-        bad = (labels < 0) | (labels >= n_classes)
-        if ignore_index is not None:
-            bad &= labels != ignore_index
-        if bool(bad.any()):
-            first = labels[bad][0].item()
-            raise ValueError(
-                f"{name} holds {int(bad.sum())} value(s) outside [0, {n_classes}) that are not ignore_index="
-                f"{ignore_index} (first: {first})"
-            )
-    return labels
-
-
-def row_weights(
-    labels: torch.Tensor, ignore_index: int, reduction: str, n_items: int | float | torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(valid [N] bool, weight [N] fp32): d(reduced loss)/d(loss_row) for "mean"/"sum"; ignored rows weigh 0."""
-    valid = labels != ignore_index
-    weight = valid.float()
-    if n_items is not None:
-        if reduction == "none":
-            raise ValueError("n_items divides a summed loss; it has no meaning with reduction='none'")
-        if isinstance(n_items, torch.Tensor):
-            denom = n_items.to(device=labels.device, dtype=torch.float32).clamp_min(1.0)
-        else:
-            if n_items <= 0:
-                raise ValueError(f"n_items must be positive, got {n_items}")
-            denom = float(n_items)
-        weight = weight / denom
-    elif reduction == "mean":
-        weight = weight / valid.sum().clamp_min(1).float()  # all ignored -> 0 / 1 = 0, not NaN
-    return valid, weight
-
-
-def check_reduction(reduction: str) -> None:
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    return loss_reference(z, labels, ignore_index=ignore_index, reduction=reduction, n_items=n_items,
+                          class_weight=class_weight, label_smoothing=label_smoothing,
+                          lse_square_scale=lse_square_scale)
 
 
 def vocab_block(n_cols: int) -> tuple[int, int]:
     """Vocab block and warps: at most 4,096 columns per step (16 fp32 per thread at 8 warps, no spills)."""
     block = min(next_power_of_2(n_cols), 4096)
     return max(block, 16), (8 if block >= 2048 else 4)
+
+
+class RowStats(NamedTuple):
+    """What the stats pass returns per row, fp32 [N] unless noted; each is empty when not asked for."""
+
+    lse: torch.Tensor  #: logsumexp f
+    tgt: torch.Tensor  #: f[label] (0 at ignored rows)
+    ef: torch.Tensor  #: E_p[f] (entropy = lse - ef)
+    sumf: torch.Tensor  #: sum_j w_j f_j (label smoothing)
+    top1: torch.Tensor  #: bool: argmax f == label (first maximum; False at ignored rows)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -273,39 +255,51 @@ def _transform_torch(x: torch.Tensor, scale: float, cap: float, scale_on: bool, 
     return x, None
 
 
-def _stats_torch(x2, labels, ignore_index, scale, cap, scale_on, softcap_on, entropy):
-    n = x2.shape[0]
-    lse = torch.empty(n, dtype=torch.float32, device=x2.device)
-    tgt = torch.empty(n, dtype=torch.float32, device=x2.device)
-    ef = torch.empty(n if entropy else 0, dtype=torch.float32, device=x2.device)
+def _empty_stats(n: int, device: torch.device, entropy: bool, smooth: bool, top1: bool) -> RowStats:
+    f32 = dict(dtype=torch.float32, device=device)
+    return RowStats(torch.empty(n, **f32), torch.empty(n, **f32), torch.empty(n if entropy else 0, **f32),
+                    torch.empty(n if smooth else 0, **f32),
+                    torch.empty(n if top1 else 0, dtype=torch.bool, device=device))
+
+
+def _stats_torch(x2, labels, options, class_weight, entropy, top1) -> RowStats:
+    softcap_on, scale_on, scale, cap = options.fold
+    out = _empty_stats(x2.shape[0], x2.device, entropy, options.smoothing, top1)
     step = _rows_per_piece(x2.shape[1])
-    for r0 in range(0, n, step):
-        r1 = min(r0 + step, n)
+    for r0 in range(0, x2.shape[0], step):
+        r1 = min(r0 + step, x2.shape[0])
         f, _ = _transform_torch(x2[r0:r1], scale, cap, scale_on, softcap_on)
-        lse[r0:r1] = torch.logsumexp(f, dim=-1)
+        out.lse[r0:r1] = torch.logsumexp(f, dim=-1)
         lab = labels[r0:r1]
-        valid = lab != ignore_index
+        valid = lab != options.ignore_index
         picked = f.gather(1, torch.where(valid, lab, 0)[:, None])[:, 0]
-        tgt[r0:r1] = torch.where(valid, picked, 0.0)
+        out.tgt[r0:r1] = torch.where(valid, picked, 0.0)
         if entropy:
-            p = torch.softmax(f, dim=-1)
-            ef[r0:r1] = (p * f).sum(-1)
-    return lse, tgt, ef
+            out.ef[r0:r1] = (torch.softmax(f, dim=-1) * f).sum(-1)
+        if options.smoothing:
+            out.sumf[r0:r1] = (f if class_weight is None else f * class_weight).sum(-1)
+        if top1:
+            out.top1[r0:r1] = (f.argmax(-1) == lab) & valid  # argmax returns the first maximum
+    return out
 
 
-def _grad_torch(dx, x2, labels, lse, dloss, dent, ef, ignore_index, scale, cap, scale_on, softcap_on):
+def _grad_torch(dx, x2, labels, lse, coef, options, class_weight, dent, ef):
+    softcap_on, scale_on, scale, cap = options.fold
     step = _rows_per_piece(x2.shape[1])
     for r0 in range(0, x2.shape[0], step):
         r1 = min(r0 + step, x2.shape[0])
         f, d = _transform_torch(x2[r0:r1], scale, cap, scale_on, softcap_on)
         lab = labels[r0:r1]
-        valid = lab != ignore_index
+        valid = lab != options.ignore_index
         p = (f - lse[r0:r1, None]).exp_()
-        a = torch.where(valid, dloss[r0:r1], 0.0)[:, None]
         if dent is not None:
             ent_term = (f - ef[r0:r1, None]).mul_(p).mul_(dent[r0:r1, None])
-        g = p.mul_(a)
-        g.scatter_add_(1, torch.where(valid, lab, 0)[:, None], -a)
+        # the kernel's order of operations: a p - b [j == y] - c w - entropy term
+        g = p.mul_(torch.where(valid, coef.p[r0:r1], 0.0)[:, None])
+        g.scatter_add_(1, torch.where(valid, lab, 0)[:, None], -torch.where(valid, coef.target[r0:r1], 0.0)[:, None])
+        if coef.smooth is not None:
+            c = torch.where(valid, coef.smooth[r0:r1], 0.0)[:, None]
+            g.sub_(c if class_weight is None else c * class_weight)
         if dent is not None:
             g.sub_(ent_term)
         if d is not None:
@@ -319,40 +313,58 @@ def _grad_torch(dx, x2, labels, lse, dloss, dent, ef, ignore_index, scale, cap, 
 # ----------------------------------------------------------------------------------------------------------------
 # Triton launchers
 # ----------------------------------------------------------------------------------------------------------------
-def _stats_triton(x2, labels, ignore_index, scale, cap, scale_on, softcap_on, entropy):
+def _stats_triton(x2, labels, options, class_weight, entropy, top1) -> RowStats:
+    softcap_on, scale_on, scale, cap = options.fold
     n, v = x2.shape
     lse = torch.empty(n, dtype=torch.float32, device=x2.device)
-    tgt = torch.empty(n, dtype=torch.float32, device=x2.device)
+    tgt = torch.empty_like(lse)
+    # outputs not asked for get a 1-element stand-in (never written: their constexpr is off)
     ef = torch.empty(n if entropy else 1, dtype=torch.float32, device=x2.device)
+    sumf = torch.empty(n if options.smoothing else 1, dtype=torch.float32, device=x2.device)
+    top = torch.empty(n if top1 else 1, dtype=torch.int8, device=x2.device)
     block, num_warps = vocab_block(v)
     launch(
         _ce_stats_kernel, (n,),
-        lse, tgt, ef, x2, labels, x2.stride(0), v, int(ignore_index), float(scale), float(cap),
-        SCALE=scale_on, SOFTCAP=softcap_on, ENTROPY=entropy, BLOCK=block, num_warps=num_warps,
+        lse, tgt, ef, sumf, top, x2, labels, (lse if class_weight is None else class_weight),
+        x2.stride(0), v, options.ignore_index, float(scale), float(cap),
+        SCALE=scale_on, SOFTCAP=softcap_on, ENTROPY=entropy, SMOOTH=options.smoothing,
+        CLASS_WEIGHT=options.smoothing and class_weight is not None, ARGMAX=top1, BLOCK=block, num_warps=num_warps,
     )
-    return lse, tgt, (ef if entropy else ef[:0])
+    return RowStats(lse, tgt, ef if entropy else ef[:0], sumf if options.smoothing else sumf[:0],
+                    top.view(torch.bool) if top1 else top[:0].view(torch.bool))
 
 
-def _grad_triton(dx, x2, labels, lse, dloss, dent, ef, ignore_index, scale, cap, scale_on, softcap_on):
+def _grad_triton(dx, x2, labels, lse, coef, options, class_weight, dent, ef):
+    softcap_on, scale_on, scale, cap = options.fold
     n, v = x2.shape
-    entropy = dent is not None
+    entropy, smooth = dent is not None, coef.smooth is not None
     block, num_warps = vocab_block(v)
     launch(
         _ce_grad_kernel, (n,),
-        dx, x2, labels, lse, dloss, (dent if entropy else dloss), (ef if entropy else dloss),
-        dx.stride(0), x2.stride(0), v, int(ignore_index), float(scale), float(cap),
-        SCALE=scale_on, SOFTCAP=softcap_on, ENTROPY=entropy, BLOCK=block, num_warps=num_warps,
+        dx, x2, labels, lse, coef.p, coef.target, (coef.smooth if smooth else lse),
+        (class_weight if smooth and class_weight is not None else lse),
+        (dent if entropy else lse), (ef if entropy else lse),
+        dx.stride(0), x2.stride(0), v, options.ignore_index, float(scale), float(cap),
+        SCALE=scale_on, SOFTCAP=softcap_on, ENTROPY=entropy, SMOOTH=smooth,
+        CLASS_WEIGHT=smooth and class_weight is not None, BLOCK=block, num_warps=num_warps,
     )
     return dx
 
 
 def ce_stats(
-    x2: torch.Tensor, labels: torch.Tensor, ignore_index: int, fold: tuple[bool, bool, float, float], entropy: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(lse [N], tgt [N], E_p[f] [N] or empty) in fp32 for logits x2 [N, V] (last dim contiguous), labels [N] int64."""
-    softcap_on, scale_on, scale, cap = fold
+    x2: torch.Tensor,
+    labels: torch.Tensor,
+    options: CrossEntropyOptions,
+    *,
+    class_weight: torch.Tensor | None = None,
+    entropy: bool = False,
+    top1: bool = False,
+) -> RowStats:
+    """Row statistics of logits x2 [N, V] (last dim contiguous), labels [N] int64, class_weight fp32 [V] or None:
+    lse and f[label] always, E_p[f] with ``entropy``, sum_j w_j f_j when ``options`` smooth labels, argmax == label
+    with ``top1``."""
     fn = _stats_triton if use_triton("cross_entropy", x2) else _stats_torch
-    return fn(x2, labels, ignore_index, scale, cap, scale_on, softcap_on, entropy)
+    return fn(x2, labels, options, class_weight, entropy, top1)
 
 
 def ce_grad(
@@ -360,20 +372,22 @@ def ce_grad(
     x2: torch.Tensor,
     labels: torch.Tensor,
     lse: torch.Tensor,
-    dloss: torch.Tensor,
-    dent: torch.Tensor | None,
-    ef: torch.Tensor | None,
-    ignore_index: int,
-    fold: tuple[bool, bool, float, float],
+    coef: GradCoefficients,
+    options: CrossEntropyOptions,
+    *,
+    class_weight: torch.Tensor | None = None,
+    dent: torch.Tensor | None = None,
+    ef: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Write d(sum_i dloss_i * loss_i + dent_i * entropy_i)/dx into ``dx`` [N, V] (which may be ``x2`` itself)."""
-    softcap_on, scale_on, scale, cap = fold
+    """Write ``d/dx`` of ``sum_i (loss terms with coefficients coef) + dent_i * entropy_i`` into ``dx`` [N, V] (which may
+    be ``x2`` itself); see cross_entropy_math for the coefficients."""
     fn = _grad_triton if use_triton("cross_entropy_backward", x2) else _grad_torch
-    return fn(dx, x2, labels, lse, dloss, dent, ef, ignore_index, scale, cap, scale_on, softcap_on)
+    return fn(dx, x2, labels, lse, coef, options, class_weight, dent, ef)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Custom ops (fake impls let torch.compile and the meta-tensor memory model trace them) and autograd
+# Custom ops (fake impls let torch.compile and the meta-tensor memory model trace them) and autograd. The ops take
+# the options one by one (a schema cannot hold a dataclass); Python callers pass ``**options.op_kwargs()``.
 # ----------------------------------------------------------------------------------------------------------------
 def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
@@ -381,40 +395,60 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("fastft::cross_entropy_forward", mutates_args=())
 def cross_entropy_forward(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, softcap: float | None, logit_scale: float | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row loss [N] fp32 (0 at ignored rows) and lse [N] fp32, for logits [N, V] and int64 labels [N]."""
-    x2 = _rows(logits)
-    lse, tgt, _ = ce_stats(x2, labels, ignore_index, fold_transform(softcap, logit_scale), False)
-    loss = torch.where(labels != ignore_index, lse - tgt, 0.0)
-    return loss, lse
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    *,
+    ignore_index: int,
+    softcap: float | None,
+    logit_scale: float | None,
+    temperature: float,
+    label_smoothing: float,
+    lse_square_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lse [N], f[label] [N] (0 at ignored rows), sum_j w_j f_j [N] or empty without smoothing), fp32, for logits
+    [N, V], int64 labels [N] and fp32 class weights [V] or None."""
+    options = CrossEntropyOptions(ignore_index, softcap, logit_scale, temperature, label_smoothing, lse_square_scale)
+    stats = ce_stats(_rows(logits), labels, options, class_weight=class_weight)
+    return stats.lse, stats.tgt, stats.sumf
 
 
 @cross_entropy_forward.register_fake
-def _(logits, labels, ignore_index, softcap, logit_scale):
+def _(logits, labels, class_weight, *, ignore_index, softcap, logit_scale, temperature, label_smoothing,
+      lse_square_scale):
     n = logits.shape[0]
-    return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
+    f32 = dict(dtype=torch.float32)
+    return logits.new_empty(n, **f32), logits.new_empty(n, **f32), logits.new_empty(n if label_smoothing else 0, **f32)
 
 
 @torch.library.custom_op("fastft::cross_entropy_backward", mutates_args=())
 def cross_entropy_backward(
-    dloss: torch.Tensor,
     logits: torch.Tensor,
     labels: torch.Tensor,
     lse: torch.Tensor,
+    d_p: torch.Tensor,
+    d_target: torch.Tensor,
+    d_smooth: torch.Tensor | None,
+    class_weight: torch.Tensor | None,
+    *,
     ignore_index: int,
     softcap: float | None,
     logit_scale: float | None,
+    temperature: float,
+    label_smoothing: float,
+    lse_square_scale: float,
 ) -> torch.Tensor:
-    """dlogits [N, V] in logits.dtype, a fresh buffer (never the logits: the caller may still hold them)."""
+    """dlogits [N, V] in logits.dtype from the gradient coefficients (cross_entropy_math.grad_coefficients), a fresh
+    buffer (never the logits: the caller may still hold them)."""
+    options = CrossEntropyOptions(ignore_index, softcap, logit_scale, temperature, label_smoothing, lse_square_scale)
     x2 = _rows(logits)
-    dx = torch.empty_like(x2)
-    return ce_grad(dx, x2, labels, lse, dloss.float().contiguous(), None, None, ignore_index,
-                   fold_transform(softcap, logit_scale))
+    return ce_grad(torch.empty_like(x2), x2, labels, lse, GradCoefficients(d_p, d_target, d_smooth), options,
+                   class_weight=class_weight)
 
 
 @cross_entropy_backward.register_fake
-def _(dloss, logits, labels, lse, ignore_index, softcap, logit_scale):
+def _(logits, labels, lse, d_p, d_target, d_smooth, class_weight, *, ignore_index, softcap, logit_scale, temperature,
+      label_smoothing, lse_square_scale):
     return torch.empty_like(logits)
 
 
@@ -422,27 +456,29 @@ class CrossEntropyFunction(torch.autograd.Function):
     """Saves logits, labels, lse and the per-row weights; the backward recomputes p from lse."""
 
     @staticmethod
-    def forward(ctx, logits, labels, ignore_index, softcap, logit_scale, reduction, n_items):
-        loss_rows, lse = torch.ops.fastft.cross_entropy_forward(logits, labels, ignore_index, softcap, logit_scale)
-        weight = None
-        if reduction != "none":
-            _, weight = row_weights(labels, ignore_index, reduction, n_items)
-            loss = (loss_rows * weight).sum()
+    def forward(ctx, logits, labels, class_weight, options, reduction, n_items):
+        lse, tgt, sumf = torch.ops.fastft.cross_entropy_forward(logits, labels, class_weight, **options.op_kwargs())
+        ce, z = row_losses(lse, tgt, sumf, labels, options, class_weight, logits.shape[1])
+        if reduction == "none":
+            weights = None
+            loss = ce if z is None else ce + z
         else:
-            loss = loss_rows
-        ctx.save_for_backward(logits, labels, lse, weight)
-        ctx.args = (ignore_index, softcap, logit_scale, reduction)
+            weights = row_weights(labels, options.ignore_index, reduction, n_items, class_weight)
+            loss = (ce * weights.ce).sum() + (0.0 if z is None else (z * weights.z).sum())
+        ctx.save_for_backward(logits, labels, lse, class_weight, *(() if weights is None else weights[1:]))
+        ctx.args = (options, reduction)
         return loss
 
     @staticmethod
     def backward(ctx, dloss):
-        logits, labels, lse, weight = ctx.saved_tensors
-        ignore_index, softcap, logit_scale, reduction = ctx.args
-        drows = dloss * weight if reduction != "none" else dloss
-        dlogits = torch.ops.fastft.cross_entropy_backward(
-            drows, logits, labels, lse, ignore_index, softcap, logit_scale
-        )
-        return dlogits, None, None, None, None, None, None
+        logits, labels, lse, class_weight, *weights = ctx.saved_tensors
+        options, reduction = ctx.args
+        d_ce = dloss.float() * weights[0] if weights else dloss.float()
+        d_z = dloss.float() * weights[1] if weights else dloss.float()
+        coef = grad_coefficients(lse, labels, d_ce, d_z, options, class_weight, logits.shape[1])
+        dlogits = torch.ops.fastft.cross_entropy_backward(logits, labels, lse, *coef, class_weight,
+                                                          **options.op_kwargs())
+        return dlogits, None, None, None, None, None
 
 
 def cross_entropy(
@@ -454,6 +490,9 @@ def cross_entropy(
     logit_scale: float | None = None,
     reduction: str = "mean",
     n_items: int | torch.Tensor | None = None,
+    class_weight: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
 ) -> torch.Tensor:
     """Fused cross-entropy on precomputed logits, vocab-chunked inside the kernel.
 
@@ -462,8 +501,13 @@ def cross_entropy(
         labels: [N] integer; values in [0, V) or ``ignore_index``.
         softcap: Gemma-2 final-logit softcap (``softcap * tanh(logits / softcap)``), applied after ``logit_scale``.
         logit_scale: Cohere/Granite multiplier on the logits.
-        reduction: "mean" (over non-ignored labels, or ``/ n_items``), "sum" (``/ n_items`` if given) or "none".
+        reduction: "mean" (over non-ignored labels -- weighted by their class weight --, or ``/ n_items``), "sum"
+            (``/ n_items`` if given) or "none".
         n_items: the target-token count across gradient-accumulation steps (transformers' ``num_items_in_batch``).
+        class_weight: [V] floating, ``F.cross_entropy``'s ``weight`` (not differentiated).
+        label_smoothing: ``F.cross_entropy``'s, in [0, 1].
+        lse_square_scale: z-loss weight: adds ``lse_square_scale * logsumexp^2`` per non-ignored row (unweighted;
+            "mean" divides its sum by the number of non-ignored rows).
     Returns:
         fp32 scalar, or fp32 [N] for "none" (0 at ignored rows). "mean" with every label ignored is 0.0 (zero grads).
     """
@@ -478,28 +522,40 @@ def cross_entropy(
     if logits.shape[1] == 0:
         raise ValueError("cross_entropy: vocab size is 0")
     labels = check_labels("labels", labels, logits.shape[1], ignore_index)
-    fold_transform(softcap, logit_scale)  # validate now, not inside the op
+    options = CrossEntropyOptions(ignore_index, softcap, logit_scale, 1.0, label_smoothing, lse_square_scale)
+    class_weight = check_class_weight(class_weight, logits.shape[1], logits.device)
     if n_items is not None and reduction == "none":
         raise ValueError("n_items divides a summed loss; it has no meaning with reduction='none'")
     if logits.shape[0] == 0:
         # nothing to launch; keep the graph connected so .backward() still works
         return logits.new_zeros(0, dtype=torch.float32) if reduction == "none" else logits.float().sum() * 0.0
-    return CrossEntropyFunction.apply(
-        logits, labels, int(ignore_index), softcap, logit_scale, reduction, n_items
-    )
+    return CrossEntropyFunction.apply(logits, labels, class_weight, options, reduction, n_items)
 
 
 def compile_cases() -> None:
-    """Every launch variant: dtypes x {plain, scale, softcap} x entropy or not x small/large vocab block."""
+    """Every launch variant the code makes: dtypes x {plain, scale, softcap, both} (small and large vocab block in
+    fp32); and, per dtype, entropy (selective_log_softmax), argmax (token accuracy), label smoothing with and without
+    class weights. The flags guard independent code blocks, so each is compiled in every dtype, not in every
+    combination."""
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for softcap, scale in ((None, None), (None, 0.5), (30.0, None), (30.0, 0.5)):
-            fold = fold_transform(softcap, scale)
             # the 1,024-column block (vocab < 4,096) only in fp32: it differs from the 4,096 block in size alone
             for vocab in ((1000, 32001) if dtype == torch.float32 else (32001,)):
                 x = torch.empty(3, vocab, dtype=dtype)
                 labels = torch.zeros(3, dtype=torch.long)
-                loss, lse = cross_entropy_forward(x, labels, -100, softcap, scale)
-                cross_entropy_backward(loss, x, labels, lse, -100, softcap, scale)
-                # the entropy variants that selective_log_softmax launches
-                lse, _, ef = ce_stats(x, labels, -100, fold, True)
-                ce_grad(x, x, labels, lse, lse, lse, ef, -100, fold)
+                ones = torch.ones(3)
+                opts = CrossEntropyOptions(softcap=softcap, logit_scale=scale)
+                lse, _, _ = cross_entropy_forward(x, labels, None, **opts.op_kwargs())
+                cross_entropy_backward(x, labels, lse, ones, ones, None, None, **opts.op_kwargs())
+        x = torch.empty(3, 32001, dtype=dtype)
+        labels = torch.zeros(3, dtype=torch.long)
+        ones = torch.ones(3)
+        cw = torch.ones(32001)
+        plain = CrossEntropyOptions()
+        stats = ce_stats(x, labels, plain, entropy=True, top1=True)  # entropy + argmax
+        ce_grad(x, x, labels, stats.lse, GradCoefficients(ones, ones, None), plain, dent=ones, ef=stats.ef)
+        for softcap in (None, 30.0):
+            smooth = CrossEntropyOptions(softcap=softcap, label_smoothing=0.1, lse_square_scale=1e-4)
+            for weight in (None, cw):
+                lse, _, _ = cross_entropy_forward(x, labels, weight, **smooth.op_kwargs())
+                cross_entropy_backward(x, labels, lse, ones, ones, ones, weight, **smooth.op_kwargs())

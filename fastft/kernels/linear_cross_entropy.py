@@ -31,24 +31,29 @@ labels (the recompute inputs).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
+from typing import NamedTuple
 
 import torch
 
 from fastft.kernels._launch import check_floating, next_power_of_2
-from fastft.kernels.cross_entropy import (
-    ce_grad,
-    ce_stats,
+from fastft.kernels.cross_entropy import ce_grad, ce_stats
+from fastft.kernels.cross_entropy_math import (
+    CrossEntropyOptions,
+    check_class_weight,
     check_labels,
     check_reduction,
-    fold_transform,
+    grad_coefficients,
+    loss_reference,
+    row_losses,
     row_weights,
     transform_reference,
 )
 
-#: What the chunk loop did: "chunks", "dweight_chunks", "dbias_chunks". Tests read it to prove a frozen weight
-#: costs no weight-gradient work.
+#: What the chunk loop did: "chunks" (one logits GEMM each), "dweight_chunks", "dbias_chunks". Tests read it to prove
+#: a frozen weight costs no weight-gradient work.
 chunk_counts: Counter[str] = Counter()
 
 
@@ -66,15 +71,37 @@ def linear_cross_entropy_reference(
     logit_scale: float | None = None,
     reduction: str = "mean",
     n_items: int | torch.Tensor | None = None,
+    class_weight: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
 ) -> torch.Tensor:
-    """``F.cross_entropy`` on the full fp32-upcast logits ``hidden @ weight.T + bias`` (transformers' semantics)."""
+    """``F.cross_entropy`` (+ z-loss) on the full fp32-upcast logits ``hidden @ weight.T + bias`` (transformers'
+    semantics for n_items)."""
     logits = torch.nn.functional.linear(hidden, weight, bias)
     z = transform_reference(logits.reshape(-1, logits.shape[-1]), softcap, logit_scale)
-    flat = labels.reshape(-1)
-    if n_items is not None:
-        return torch.nn.functional.cross_entropy(z, flat, ignore_index=ignore_index, reduction="sum") / n_items
-    loss = torch.nn.functional.cross_entropy(z, flat, ignore_index=ignore_index, reduction=reduction)
-    return loss.reshape(labels.shape) if reduction == "none" else loss
+    loss = loss_reference(z, labels.reshape(-1), ignore_index=ignore_index, reduction=reduction, n_items=n_items,
+                          class_weight=class_weight, label_smoothing=label_smoothing,
+                          lse_square_scale=lse_square_scale)
+    return loss.reshape(labels.shape) if reduction == "none" and n_items is None else loss
+
+
+def token_stats_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(entropy fp32 [...], is_top1 bool [...]) from the full logits, 0 / False at ignored rows: what
+    ``return_token_stats`` computes without them."""
+    z = transform_reference(torch.nn.functional.linear(hidden, weight, bias), softcap, logit_scale)
+    log_p = z.log_softmax(-1)
+    valid = labels != ignore_index
+    entropy = torch.where(valid, -(log_p.exp() * log_p).sum(-1), 0.0)
+    return entropy, (z.argmax(-1) == labels) & valid
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -94,59 +121,90 @@ def choose_chunk_size(n_rows: int, hidden_size: int, vocab: int, dtype: torch.dt
     return max(1, min(rows, n_rows))
 
 
+@dataclasses.dataclass(frozen=True)
+class ChunkPlan:
+    """What the chunk loop computes besides lse and f[label]: E_p[f] (``entropy``), argmax == label (``top1``), and
+    which gradients (when it is given per-row loss gradients); ``chunk_size`` tokens per chunk."""
+
+    chunk_size: int
+    entropy: bool = False
+    top1: bool = False
+    compute_dh: bool = False
+    compute_dw: bool = False
+    compute_db: bool = False
+
+    def op_kwargs(self) -> dict:
+        return dict(chunk_size=self.chunk_size, entropy=self.entropy, top1=self.top1, compute_dh=self.compute_dh,
+                    compute_dw=self.compute_dw, compute_db=self.compute_db)
+
+
+class ChunkResult(NamedTuple):
+    """fp32 [N] row statistics (each empty unless asked for: ef with entropy, sumf with label smoothing, top1 bool
+    with top1) and the gradients dhidden [N, H], dweight [V, H], dbias [V] (empty unless computed)."""
+
+    lse: torch.Tensor
+    tgt: torch.Tensor
+    ef: torch.Tensor
+    sumf: torch.Tensor
+    top1: torch.Tensor
+    dh: torch.Tensor
+    dw: torch.Tensor
+    db: torch.Tensor
+
+
 def _chunk_loop(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     labels: torch.Tensor,
-    dloss: torch.Tensor | None,
-    dent: torch.Tensor | None,
-    ignore_index: int,
-    softcap: float | None,
-    logit_scale: float | None,
-    temperature: float,
-    entropy: bool,
-    compute_dh: bool,
-    compute_dw: bool,
-    compute_db: bool,
-    chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    n, _ = hidden.shape
-    fold = fold_transform(softcap, logit_scale, temperature)
-    grads = dloss is not None
+    *,
+    options: CrossEntropyOptions,
+    plan: ChunkPlan,
+    class_weight: torch.Tensor | None = None,
+    d_ce: torch.Tensor | None = None,
+    d_z: torch.Tensor | None = None,
+    d_entropy: torch.Tensor | None = None,
+) -> ChunkResult:
+    n, vocab = hidden.shape[0], weight.shape[0]
+    grads = d_ce is not None
     f32 = dict(dtype=torch.float32, device=hidden.device)
-    lse = torch.empty(n, **f32)
-    tgt = torch.empty(n, **f32)
-    ef = torch.empty(n if entropy else 0, **f32)
-    dh = torch.empty_like(hidden) if grads and compute_dh else hidden.new_empty(0)
-    dw = torch.zeros_like(weight) if grads and compute_dw else weight.new_empty(0)
-    db = torch.zeros(weight.shape[0], **f32) if grads and compute_db else hidden.new_empty(0, dtype=torch.float32)
+    lse, tgt = torch.empty(n, **f32), torch.empty(n, **f32)
+    ef = torch.empty(n if plan.entropy else 0, **f32)
+    sumf = torch.empty(n if options.smoothing else 0, **f32)
+    top1 = torch.empty(n if plan.top1 else 0, dtype=torch.bool, device=hidden.device)
+    dh = torch.empty_like(hidden) if grads and plan.compute_dh else hidden.new_empty(0)
+    dw = torch.zeros_like(weight) if grads and plan.compute_dw else weight.new_empty(0)
+    compute_db = grads and plan.compute_db
+    db = torch.zeros(vocab, **f32) if compute_db else hidden.new_empty(0, dtype=torch.float32)
     wt = weight.t()
-    for r0 in range(0, n, chunk_size):
-        r1 = min(r0 + chunk_size, n)
+    for r0 in range(0, n, plan.chunk_size):
+        r1 = min(r0 + plan.chunk_size, n)
         h_c = hidden[r0:r1]
+        # The one forward GEMM of the LM head for these tokens: loss, gradients and token metrics all come from it.
         logits = torch.addmm(bias, h_c, wt) if bias is not None else torch.mm(h_c, wt)
         lab = labels[r0:r1]
-        lse_c, tgt_c, ef_c = ce_stats(logits, lab, ignore_index, fold, entropy)
-        lse[r0:r1] = lse_c
-        tgt[r0:r1] = tgt_c
-        if entropy:
-            ef[r0:r1] = ef_c
+        st = ce_stats(logits, lab, options, class_weight=class_weight, entropy=plan.entropy, top1=plan.top1)
+        lse[r0:r1], tgt[r0:r1] = st.lse, st.tgt
+        for buf, part in ((ef, st.ef), (sumf, st.sumf), (top1, st.top1)):
+            if buf.numel():
+                buf[r0:r1] = part
         chunk_counts["chunks"] += 1
         if grads:
+            coef = grad_coefficients(st.lse, lab, d_ce[r0:r1], None if d_z is None else d_z[r0:r1], options,
+                                     class_weight, vocab)
             # dlogits overwrite the chunk's logits: nothing else references this private buffer.
-            ce_grad(logits, logits, lab, lse_c, dloss[r0:r1], None if dent is None else dent[r0:r1], ef_c,
-                    ignore_index, fold)
-            if compute_dh:
+            ce_grad(logits, logits, lab, st.lse, coef, options, class_weight=class_weight,
+                    dent=None if d_entropy is None else d_entropy[r0:r1], ef=st.ef if plan.entropy else None)
+            if plan.compute_dh:
                 torch.mm(logits, weight, out=dh[r0:r1])
-            if compute_dw:
+            if plan.compute_dw:
                 dw.addmm_(logits.t(), h_c)
                 chunk_counts["dweight_chunks"] += 1
             if compute_db:
                 db += logits.sum(0, dtype=torch.float32)
                 chunk_counts["dbias_chunks"] += 1
-        del logits, lse_c, tgt_c, ef_c
-    return lse, tgt, ef, dh, dw, db.to(bias.dtype) if (grads and compute_db) else db
+        del logits, st
+    return ChunkResult(lse, tgt, ef, sumf, top1, dh, dw, db.to(bias.dtype) if compute_db else db)
 
 
 @torch.library.custom_op("fastft::linear_cross_entropy_chunks", mutates_args=())
@@ -155,86 +213,132 @@ def linear_cross_entropy_chunks(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     labels: torch.Tensor,
-    dloss: torch.Tensor | None,
-    dent: torch.Tensor | None,
+    class_weight: torch.Tensor | None,
+    d_ce: torch.Tensor | None,
+    d_z: torch.Tensor | None,
+    d_entropy: torch.Tensor | None,
+    *,
     ignore_index: int,
     softcap: float | None,
     logit_scale: float | None,
     temperature: float,
+    label_smoothing: float,
+    lse_square_scale: float,
+    chunk_size: int,
     entropy: bool,
+    top1: bool,
     compute_dh: bool,
     compute_dw: bool,
     compute_db: bool,
-    chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Chunked ``hidden [N, H] @ weight.T`` + log-softmax statistics, and optionally the gradients.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    """Chunked ``hidden [N, H] @ weight.T`` + log-softmax statistics, and optionally the gradients: a
+    :class:`ChunkResult` as a tuple. Options are keyword-only: the CrossEntropyOptions and ChunkPlan fields.
 
-    Returns (lse [N], tgt [N], E_p[f] [N] or empty) in fp32 and, when ``dloss`` (d/d loss_row, loss_row =
-    lse - tgt) is given, (dhidden [N, H], dweight [V, H], dbias [V]) of ``sum(dloss * loss_row + dent * entropy_row)``,
-    each empty unless its ``compute_*`` flag is set.
+    With ``d_ce`` (d/d ce_row, and ``d_z`` d/d z_row under z-loss, see cross_entropy_math) the gradients of
+    ``sum(d_ce * ce_row + d_z * z_row + d_entropy * entropy_row)`` are computed per chunk from the same logits.
     """
-    return _chunk_loop(hidden, weight, bias, labels, dloss, dent, ignore_index, softcap, logit_scale, temperature,
-                       entropy, compute_dh, compute_dw, compute_db, chunk_size)
+    options = CrossEntropyOptions(ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale,
+                                  temperature=temperature, label_smoothing=label_smoothing,
+                                  lse_square_scale=lse_square_scale)
+    plan = ChunkPlan(chunk_size=chunk_size, entropy=entropy, top1=top1, compute_dh=compute_dh,
+                     compute_dw=compute_dw, compute_db=compute_db)
+    return tuple(_chunk_loop(hidden, weight, bias, labels, options=options, plan=plan, class_weight=class_weight,
+                             d_ce=d_ce, d_z=d_z, d_entropy=d_entropy))
 
 
 @linear_cross_entropy_chunks.register_fake
-def _(hidden, weight, bias, labels, dloss, dent, ignore_index, softcap, logit_scale, temperature, entropy,
-      compute_dh, compute_dw, compute_db, chunk_size):
+def _(hidden, weight, bias, labels, class_weight, d_ce, d_z, d_entropy, *, ignore_index, softcap, logit_scale,
+      temperature, label_smoothing, lse_square_scale, chunk_size, entropy, top1, compute_dh, compute_dw, compute_db):
     n = hidden.shape[0]
-    grads = dloss is not None
+    grads = d_ce is not None
     f32 = dict(dtype=torch.float32)
     return (
         hidden.new_empty(n, **f32), hidden.new_empty(n, **f32), hidden.new_empty(n if entropy else 0, **f32),
+        hidden.new_empty(n if label_smoothing else 0, **f32), hidden.new_empty(n if top1 else 0, dtype=torch.bool),
         torch.empty_like(hidden) if grads and compute_dh else hidden.new_empty(0),
         torch.empty_like(weight) if grads and compute_dw else weight.new_empty(0),
         (bias.new_empty(weight.shape[0]) if grads and compute_db else hidden.new_empty(0, **f32)),
     )
 
 
-def _run_chunks(*args):
-    """One indirection so the memory benchmark can run the torch-path loop itself on meta tensors (the fake impl only
-    models the op's outputs, not the chunk temporaries inside)."""
-    return torch.ops.fastft.linear_cross_entropy_chunks(*args)
+def _run_chunks(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    options: CrossEntropyOptions,
+    plan: ChunkPlan,
+    class_weight: torch.Tensor | None = None,
+    d_ce: torch.Tensor | None = None,
+    d_z: torch.Tensor | None = None,
+    d_entropy: torch.Tensor | None = None,
+) -> ChunkResult:
+    """The chunk op, called by keyword. Same signature as :func:`_chunk_loop`, so the memory benchmark can swap in
+    the loop itself on meta tensors (the fake impl only models the op's outputs, not the chunk temporaries inside)."""
+    out = torch.ops.fastft.linear_cross_entropy_chunks(
+        hidden, weight, bias, labels, class_weight, d_ce, d_z, d_entropy, **options.op_kwargs(), **plan.op_kwargs())
+    return ChunkResult(*out)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Autograd
 # ----------------------------------------------------------------------------------------------------------------
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, n_items, ignore_index, softcap, logit_scale, reduction, chunk,
-                need_dh, need_dw, need_db):
-        ctx.args = (ignore_index, softcap, logit_scale, reduction, chunk, need_dh, need_dw, need_db)
-        if reduction == "none":
-            lse, tgt, _, _, _, _ = _run_chunks(hidden, weight, bias, labels, None, None, ignore_index, softcap,
-                                               logit_scale, 1.0, False, False, False, False, chunk)
-            ctx.save_for_backward(hidden, weight, bias, labels)
-            return torch.where(labels != ignore_index, lse - tgt, 0.0)
-        valid, w = row_weights(labels, ignore_index, reduction, n_items)
-        any_grad = need_dh or need_dw or need_db
-        lse, tgt, _, dh, dw, db = _run_chunks(hidden, weight, bias, labels, w if any_grad else None, None,
-                                              ignore_index, softcap, logit_scale, 1.0, False,
-                                              need_dh, need_dw, need_db, chunk)
-        ctx.save_for_backward(dh, dw, db)
-        return (torch.where(valid, lse - tgt, 0.0) * w).sum()
+    """Outputs (loss, entropy [N], is_top1 [N]); the token statistics are empty unless asked for and carry no
+    gradient."""
 
     @staticmethod
-    def backward(ctx, dloss):
-        ignore_index, softcap, logit_scale, reduction, chunk, need_dh, need_dw, need_db = ctx.args
+    def forward(ctx, hidden, weight, bias, labels, class_weight, n_items, options, reduction, plan):
+        vocab = weight.shape[0]
+        ctx.args = (options, reduction, plan)
         if reduction == "none":
-            hidden, weight, bias, labels = ctx.saved_tensors
-            drows = torch.where(labels != ignore_index, dloss.float(), 0.0)
-            _, _, _, dh, dw, db = _run_chunks(hidden, weight, bias, labels, drows, None, ignore_index, softcap,
-                                              logit_scale, 1.0, False, need_dh, need_dw, need_db, chunk)
+            r = _run_chunks(hidden, weight, bias, labels, options=options, plan=plan, class_weight=class_weight)
+            ctx.save_for_backward(hidden, weight, bias, labels, class_weight)
+            ce, z = row_losses(r.lse, r.tgt, r.sumf, labels, options, class_weight, vocab)
+            loss = ce if z is None else ce + z
+        else:
+            weights = row_weights(labels, options.ignore_index, reduction, n_items, class_weight)
+            any_grad = plan.compute_dh or plan.compute_dw or plan.compute_db
+            r = _run_chunks(hidden, weight, bias, labels, options=options, plan=plan, class_weight=class_weight,
+                            d_ce=weights.ce if any_grad else None,
+                            d_z=weights.z if any_grad and options.z_loss else None)
+            ctx.save_for_backward(r.dh, r.dw, r.db)
+            ce, z = row_losses(r.lse, r.tgt, r.sumf, labels, options, class_weight, vocab)
+            loss = (ce * weights.ce).sum() + (0.0 if z is None else (z * weights.z).sum())
+        entropy = torch.where(labels != options.ignore_index, r.lse - r.ef, 0.0) if plan.entropy else r.ef
+        ctx.mark_non_differentiable(entropy, r.top1)
+        return loss, entropy, r.top1
+
+    @staticmethod
+    def backward(ctx, dloss, _dentropy, _dtop1):
+        options, reduction, plan = ctx.args
+        if reduction == "none":
+            hidden, weight, bias, labels, class_weight = ctx.saved_tensors
+            drows = torch.where(labels != options.ignore_index, dloss.float(), 0.0)
+            r = _run_chunks(hidden, weight, bias, labels, options=options, class_weight=class_weight, d_ce=drows,
+                            d_z=drows if options.z_loss else None,
+                            plan=dataclasses.replace(plan, entropy=False, top1=False))
+            dh, dw, db = r.dh, r.dw, r.db
         else:
             dh, dw, db = ctx.saved_tensors
             # Scale in place: dweight can be 0.5+ GB and an out-of-place multiply would double it. A second
             # backward through the same graph then fails autograd's saved-tensor version check (a clear error).
-            for t, need in ((dh, need_dh), (dw, need_dw), (db, need_db)):
+            for t, need in ((dh, plan.compute_dh), (dw, plan.compute_dw), (db, plan.compute_db)):
                 if need:
                     t.mul_(dloss.to(t.dtype))
-        return (dh if need_dh else None, dw if need_dw else None, db if need_db else None,
-                None, None, None, None, None, None, None, None, None, None)
+        return (dh if plan.compute_dh else None, dw if plan.compute_dw else None, db if plan.compute_db else None,
+                None, None, None, None, None, None)
+
+
+class TokenStats(NamedTuple):
+    """``linear_cross_entropy(..., return_token_stats=True)``: the loss and, per token (labels' shape, no gradient),
+    the entropy of softmax(f) in nats (fp32) and whether argmax f is the label (bool); 0 / False at ignored tokens."""
+
+    loss: torch.Tensor
+    entropy: torch.Tensor
+    is_top1: torch.Tensor
 
 
 def autocast_inputs(
@@ -288,8 +392,12 @@ def linear_cross_entropy(
     logit_scale: float | None = None,
     reduction: str = "mean",
     n_items: int | torch.Tensor | None = None,
+    class_weight: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    return_token_stats: bool = False,
     chunk_size: int | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | TokenStats:
     """Cross-entropy of ``hidden @ weight.T + bias`` without materializing the logits.
 
     Args:
@@ -299,11 +407,18 @@ def linear_cross_entropy(
         labels: [...] integer, hidden's leading shape; values in [0, V) or ``ignore_index``.
         bias: optional [V].
         softcap, logit_scale: Gemma-2 softcap and Cohere/Granite scale (see cross_entropy).
-        reduction: "mean" (non-ignored labels, or ``/ n_items``), "sum" (``/ n_items`` if given) or "none".
+        reduction: "mean" (non-ignored labels -- weighted by their class weight --, or ``/ n_items``), "sum"
+            (``/ n_items`` if given) or "none".
         n_items: target-token count across gradient-accumulation micro-batches (transformers' num_items_in_batch).
+        class_weight: [V] floating, ``F.cross_entropy``'s ``weight`` (not differentiated).
+        label_smoothing: ``F.cross_entropy``'s, in [0, 1].
+        lse_square_scale: z-loss weight (``s * logsumexp^2`` per non-ignored token; see cross_entropy).
+        return_token_stats: also return per-token entropy and top-1 correctness (TRL's ``entropy`` and
+            ``mean_token_accuracy``), computed from the same chunk logits as the loss: no second LM-head GEMM.
         chunk_size: tokens per chunk (default: :func:`choose_chunk_size`).
     Returns:
-        fp32 scalar, or fp32 [...] for "none". "mean" with every label ignored is 0.0 with zero gradients.
+        fp32 scalar, or fp32 [...] for "none"; with ``return_token_stats`` a :class:`TokenStats`. "mean" with every
+        label ignored is 0.0 with zero gradients.
     """
     hidden, weight, bias = autocast_inputs(hidden, weight, bias)
     check_linear_inputs("linear_cross_entropy", hidden, weight, bias)
@@ -313,34 +428,51 @@ def linear_cross_entropy(
                          f"{tuple(hidden.shape[:-1])}")
     if labels.device != hidden.device:
         raise ValueError(f"linear_cross_entropy: labels on {labels.device} but hidden on {hidden.device}")
-    fold_transform(softcap, logit_scale)
+    options = CrossEntropyOptions(ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale,
+                                  label_smoothing=label_smoothing, lse_square_scale=lse_square_scale)
     if n_items is not None and reduction == "none":
         raise ValueError("n_items divides a summed loss; it has no meaning with reduction='none'")
+    class_weight = check_class_weight(class_weight, weight.shape[0], hidden.device)
     flat = check_labels("labels", labels.reshape(-1), weight.shape[0], ignore_index)
     h2 = hidden.reshape(-1, hidden.shape[-1])
     n = h2.shape[0]
     if n == 0:
         zero = hidden.float().sum() * 0.0 + weight.float().sum() * 0.0
-        return hidden.new_zeros(labels.shape, dtype=torch.float32) if reduction == "none" else zero
+        loss = hidden.new_zeros(labels.shape, dtype=torch.float32) if reduction == "none" else zero
+        if return_token_stats:
+            return TokenStats(loss, hidden.new_zeros(labels.shape, dtype=torch.float32),
+                              torch.zeros(labels.shape, dtype=torch.bool, device=hidden.device))
+        return loss
     h2 = h2.contiguous()
     grad_on = torch.is_grad_enabled()
     need = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
-    out = LinearCrossEntropyFunction.apply(
-        h2, weight, bias, flat, n_items, int(ignore_index), softcap, logit_scale, reduction,
-        resolve_chunk(chunk_size, n, h2, weight.shape[0]), *need,
-    )
-    return out.reshape(labels.shape) if reduction == "none" else out
+    plan = ChunkPlan(chunk_size=resolve_chunk(chunk_size, n, h2, weight.shape[0]), entropy=return_token_stats,
+                     top1=return_token_stats, compute_dh=need[0], compute_dw=need[1], compute_db=need[2])
+    loss, entropy, top1 = LinearCrossEntropyFunction.apply(h2, weight, bias, flat, class_weight, n_items, options,
+                                                           reduction, plan)
+    if reduction == "none":
+        loss = loss.reshape(labels.shape)
+    if return_token_stats:
+        return TokenStats(loss, entropy.reshape(labels.shape), top1.reshape(labels.shape))
+    return loss
 
 
 def compile_cases() -> None:
-    """The kernels this op launches are cross_entropy's (stats + in-place grad, entropy off), for every dtype and
-    transform; run the chunk op so the gate sees the launches with contiguous chunk buffers."""
+    """The kernels this op launches are cross_entropy's (stats + in-place grad) on contiguous chunk buffers: every
+    dtype and transform, then per dtype the loss options (smoothing, z-loss, class weights) and the token metrics
+    (entropy + argmax in the stats kernel, entropy off in the grad kernel)."""
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        h = torch.empty(5, 64, dtype=dtype)
+        w = torch.empty(32001, 64, dtype=dtype)
+        b = torch.empty(32001, dtype=dtype)
+        labels = torch.zeros(5, dtype=torch.long)
+        ones = torch.ones(5)
+        grads = ChunkPlan(chunk_size=4, compute_dh=True, compute_dw=True, compute_db=True)
         for softcap, scale in ((None, None), (None, 0.5), (30.0, None)):
-            h = torch.empty(5, 64, dtype=dtype)
-            w = torch.empty(32001, 64, dtype=dtype)
-            b = torch.empty(32001, dtype=dtype)
-            labels = torch.zeros(5, dtype=torch.long)
-            dloss = torch.ones(5)
-            linear_cross_entropy_chunks(h, w, b, labels, dloss, None, -100, softcap, scale, 1.0, False,
-                                        True, True, True, 4)
+            options = CrossEntropyOptions(softcap=softcap, logit_scale=scale)
+            _run_chunks(h, w, b, labels, options=options, plan=grads, d_ce=ones)
+        metrics = dataclasses.replace(grads, entropy=True, top1=True)
+        _run_chunks(h, w, b, labels, options=CrossEntropyOptions(), plan=metrics, d_ce=ones)
+        for cw in (None, torch.ones(32001)):
+            options = CrossEntropyOptions(label_smoothing=0.1, lse_square_scale=1e-4)
+            _run_chunks(h, w, b, labels, options=options, plan=metrics, class_weight=cw, d_ce=ones, d_z=ones)

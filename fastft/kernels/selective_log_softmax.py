@@ -22,14 +22,16 @@ Saved for backward: hidden, weight, bias, token_ids (inputs that exist anyway).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from fastft.kernels.cross_entropy import check_labels, fold_transform, transform_reference
+from fastft.kernels.cross_entropy_math import CrossEntropyOptions, check_labels, transform_reference
 from fastft.kernels.linear_cross_entropy import (
+    ChunkPlan,
     _run_chunks,
     autocast_inputs,
     check_linear_inputs,
-    linear_cross_entropy_chunks,
     resolve_chunk,
 )
 
@@ -58,31 +60,29 @@ def selective_log_softmax_reference(
 
 class SelectiveLogSoftmaxFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, temperature, logit_scale, softcap, entropy, chunk, need_dh, need_dw,
-                need_db):
-        lse, tgt, ef, _, _, _ = _run_chunks(hidden, weight, bias, ids, None, None, _NO_IGNORE, softcap, logit_scale,
-                                            temperature, entropy, False, False, False, chunk)
+    def forward(ctx, hidden, weight, bias, ids, options, plan):
+        r = _run_chunks(hidden, weight, bias, ids, options=options, plan=dataclasses.replace(
+            plan, compute_dh=False, compute_dw=False, compute_db=False))
         ctx.save_for_backward(hidden, weight, bias, ids)
-        ctx.args = (temperature, logit_scale, softcap, chunk, need_dh, need_dw, need_db)
-        logp = tgt - lse
-        if entropy:
-            return logp, lse - ef
+        ctx.args = (options, plan)
+        logp = r.tgt - r.lse
+        if plan.entropy:
+            return logp, r.lse - r.ef
         return logp
 
     @staticmethod
     def backward(ctx, *grads):
         hidden, weight, bias, ids = ctx.saved_tensors
-        temperature, logit_scale, softcap, chunk, need_dh, need_dw, need_db = ctx.args
+        options, plan = ctx.args
         g_logp = grads[0]
         g_ent = grads[1] if len(grads) > 1 else None
         # loss_row = lse - tgt = -logp, so d/d loss_row = -d/d logp.
-        dloss = torch.zeros(ids.shape[0], device=ids.device) if g_logp is None else -g_logp.float()
-        dent = None if g_ent is None else g_ent.float().contiguous()
-        _, _, _, dh, dw, db = _run_chunks(hidden, weight, bias, ids, dloss.contiguous(), dent, _NO_IGNORE, softcap,
-                                          logit_scale, temperature, dent is not None, need_dh, need_dw, need_db,
-                                          chunk)
-        return (dh if need_dh else None, dw if need_dw else None, db if need_db else None,
-                None, None, None, None, None, None, None, None, None)
+        d_ce = torch.zeros(ids.shape[0], device=ids.device) if g_logp is None else -g_logp.float()
+        d_entropy = None if g_ent is None else g_ent.float().contiguous()
+        r = _run_chunks(hidden, weight, bias, ids, options=options, d_ce=d_ce.contiguous(), d_entropy=d_entropy,
+                        plan=dataclasses.replace(plan, entropy=d_entropy is not None))
+        return (r.dh if plan.compute_dh else None, r.dw if plan.compute_dw else None,
+                r.db if plan.compute_db else None, None, None, None)
 
 
 def selective_log_softmax(
@@ -119,7 +119,8 @@ def selective_log_softmax(
                          f"{tuple(hidden.shape)} and {tuple(token_ids.shape)}")
     if token_ids.device != hidden.device:
         raise ValueError(f"selective_log_softmax: token_ids on {token_ids.device} but hidden on {hidden.device}")
-    fold_transform(softcap, logit_scale, temperature)
+    options = CrossEntropyOptions(ignore_index=_NO_IGNORE, softcap=softcap, logit_scale=logit_scale,
+                                  temperature=temperature)
     ids = check_labels("token_ids", token_ids.reshape(-1), weight.shape[0], None)
     h2 = hidden.reshape(-1, hidden.shape[-1])
     n = h2.shape[0]
@@ -129,10 +130,9 @@ def selective_log_softmax(
     h2 = h2.contiguous()
     grad_on = torch.is_grad_enabled()
     need = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
-    out = SelectiveLogSoftmaxFunction.apply(
-        h2, weight, bias, ids, float(temperature), logit_scale, softcap, bool(return_entropy),
-        resolve_chunk(chunk_size, n, h2, weight.shape[0]), *need,
-    )
+    plan = ChunkPlan(chunk_size=resolve_chunk(chunk_size, n, h2, weight.shape[0]), entropy=bool(return_entropy),
+                     compute_dh=need[0], compute_dw=need[1], compute_db=need[2])
+    out = SelectiveLogSoftmaxFunction.apply(h2, weight, bias, ids, options, plan)
     if return_entropy:
         return out[0].view(token_ids.shape), out[1].view(token_ids.shape)
     return out.view(token_ids.shape)
@@ -142,12 +142,14 @@ def compile_cases() -> None:
     """Entropy on and off, temperature (SCALE), softcap, all dtypes: forward stats and recomputed grads."""
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for softcap, scale, temperature in ((None, None, 1.0), (None, None, 0.7), (30.0, 1.5, 0.7)):
+            options = CrossEntropyOptions(ignore_index=_NO_IGNORE, softcap=softcap, logit_scale=scale,
+                                          temperature=temperature)
             for entropy in (False, True):
                 h = torch.empty(5, 64, dtype=dtype)
                 w = torch.empty(32001, 64, dtype=dtype)
                 ids = torch.zeros(5, dtype=torch.long)
                 g = torch.ones(5)
-                linear_cross_entropy_chunks(h, w, None, ids, None, None, _NO_IGNORE, softcap, scale, temperature,
-                                            entropy, False, False, False, 4)
-                linear_cross_entropy_chunks(h, w, None, ids, g, g if entropy else None, _NO_IGNORE, softcap, scale,
-                                            temperature, entropy, True, True, False, 4)
+                plan = ChunkPlan(chunk_size=4, entropy=entropy)
+                _run_chunks(h, w, None, ids, options=options, plan=plan)
+                _run_chunks(h, w, None, ids, options=options, d_ce=g, d_entropy=g if entropy else None,
+                            plan=dataclasses.replace(plan, compute_dh=True, compute_dw=True))

@@ -212,16 +212,17 @@ def test_bf16_grad_rounds_like_the_torch_path():
     """The bf16 dlogits store rounds to nearest even under the interpreter (cast_rne), as on a GPU and in torch.
     At the same lse the only difference left is the fp32 exp (numpy vs torch's vectorized one, an ulp at most):
     >= 99.9% of gradients are bit-identical (a truncating store leaves about half) and none is off by > 1 ulp."""
-    from fastft.kernels.cross_entropy import cross_entropy_backward, cross_entropy_forward
+    from fastft.kernels.cross_entropy import CrossEntropyOptions, cross_entropy_backward, cross_entropy_forward
 
     logits, labels = _inputs(16, 4099, torch.bfloat16)
     dloss = torch.full((16,), 1 / 16)
     for softcap in (None, 30.0):
+        opts = CrossEntropyOptions(softcap=softcap).op_kwargs()
         with force_path("triton"):
-            _, lse = cross_entropy_forward(logits, labels, -100, softcap, None)
-            dx = cross_entropy_backward(dloss, logits, labels, lse, -100, softcap, None)
+            lse, _, _ = cross_entropy_forward(logits, labels, None, **opts)
+            dx = cross_entropy_backward(logits, labels, lse, dloss, dloss, None, None, **opts)
         with force_path("torch"):
-            dx_t = cross_entropy_backward(dloss, logits, labels, lse, -100, softcap, None)
+            dx_t = cross_entropy_backward(logits, labels, lse, dloss, dloss, None, None, **opts)
         same = (dx == dx_t).float().mean().item()
         assert same >= 0.999, f"softcap={softcap}: only {same:.2%} of bf16 gradients are bit-identical"
         ordered = [torch.where(i < 0, -32768 - i, i) for i in (dx.view(torch.int16).int(), dx_t.view(torch.int16).int())]
