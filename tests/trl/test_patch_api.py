@@ -264,7 +264,9 @@ def test_generation_hooks_restore_the_mode_they_found(monkeypatch):
                               "training"]
             assert trainer.model.training is training
     finally:
-        monkeypatch.setattr(fast_trl, "_FAST_MODEL", None)
+        from fastft.patches import trl_hooks
+
+        monkeypatch.setattr(trl_hooks, "_FAST_MODEL", None)
 
 
 def test_max_seq_length_reaches_trl_unless_set_explicitly(tmp_path):
