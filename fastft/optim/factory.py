@@ -35,7 +35,14 @@ import torch
 from torch import nn
 
 from fastft._log import info_once, warn_once
-from fastft.optim.galore import PROJ_TYPES, SVD_METHODS, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from fastft.optim.galore import (
+    GALORE_DEFAULTS,
+    PROJ_TYPES,
+    SVD_METHODS,
+    GaLoreAdafactor,
+    GaLoreAdamW,
+    GaLoreAdamW8bit,
+)
 
 GALORE_OPTIMIZERS: dict[str, type] = {
     "galore_adamw": GaLoreAdamW,
@@ -44,15 +51,13 @@ GALORE_OPTIMIZERS: dict[str, type] = {
 }
 GALORE_OPTIMIZERS.update({f"{k}_layerwise": v for k, v in list(GALORE_OPTIMIZERS.items())})
 
-# optim_args keys each GaLore optimizer accepts (values are strings in optim_args; converted here).
-_GALORE_ARG_TYPES: dict[str, Any] = {"rank": int, "update_proj_gap": int, "scale": float, "proj_type": str,
-                                     "svd": str}
+# optim_args keys each GaLore optimizer accepts (values are strings in optim_args; converted to the default's type).
+_GALORE_ARG_TYPES: dict[str, Any] = {k: type(v) for k, v in GALORE_DEFAULTS.items()}
 _EXTRA_ARG_TYPES: dict[type, dict[str, Any]] = {
     GaLoreAdamW: {},
     GaLoreAdamW8bit: {"min_8bit_size": int, "embedding_bits": int},
     GaLoreAdafactor: {"beta1": float, "clip_threshold": float, "decay_rate": float},
 }
-_GALORE_DEFAULTS = {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std", "svd": "auto"}
 
 
 @dataclasses.dataclass
@@ -212,7 +217,7 @@ def _galore_kwargs(cls: type, optim: str, args: Any) -> tuple[dict[str, Any], di
     if unknown:
         raise ValueError(f"optim_args keys {unknown} are not understood by {optim!r}; accepted: {sorted(allowed)}")
     parsed = {k: allowed[k](v) for k, v in raw.items()}
-    galore = {k: parsed.pop(k, _GALORE_DEFAULTS[k]) for k in _GALORE_ARG_TYPES}
+    galore = {k: parsed.pop(k, default) for k, default in GALORE_DEFAULTS.items()}
     if galore["proj_type"] not in PROJ_TYPES:
         raise ValueError(f"optim_args proj_type must be one of {PROJ_TYPES}, got {galore['proj_type']!r}")
     if galore["svd"] not in SVD_METHODS:

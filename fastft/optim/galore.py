@@ -41,6 +41,11 @@ from fastft._log import info_once, warn_once
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 SVD_METHODS = ("auto", "exact", "randomized")
+#: GaLore's hyperparameters and their defaults, the one place they are declared: transformers' for its galore_*
+#: optims (rank 128, refresh every 200 steps, scale 0.25, "std" projection), plus fastft's SVD choice. The factory
+#: reads them for ``optim_args``; a param group without ``rank`` (or rank None) is a plain, unprojected group.
+GALORE_DEFAULTS: dict[str, Any] = {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std",
+                                   "svd": "auto"}
 _OVERSAMPLE = 8
 _POWER_ITERS = 2
 
@@ -99,8 +104,9 @@ class GaLoreProjector:
     before the increment, so the first step always builds a basis).
     """
 
-    def __init__(self, rank: int, update_proj_gap: int = 200, scale: float = 0.25, proj_type: str = "std",
-                 svd: str = "auto") -> None:
+    def __init__(self, rank: int, update_proj_gap: int = GALORE_DEFAULTS["update_proj_gap"],
+                 scale: float = GALORE_DEFAULTS["scale"], proj_type: str = GALORE_DEFAULTS["proj_type"],
+                 svd: str = GALORE_DEFAULTS["svd"]) -> None:
         if proj_type not in PROJ_TYPES:
             raise ValueError(f"GaLore proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
         if svd not in SVD_METHODS:
@@ -196,15 +202,14 @@ class GaLoreProjector:
 # Base class: projection bookkeeping, layer-wise hooks, dtype-preserving checkpoint load
 # ----------------------------------------------------------------------------------------------------------------------
 
-_GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type", "svd")
+_GALORE_KEYS = tuple(GALORE_DEFAULTS)
 
 
 class _GaLoreBase(torch.optim.Optimizer):
     """Shared machinery. Groups with ``rank`` set (not None) are GaLore groups; their params must be 2-D."""
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], layerwise: bool = False) -> None:
-        defaults = {"rank": None, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std", "svd": "auto",
-                    **defaults}
+        defaults = {**GALORE_DEFAULTS, "rank": None, **defaults}
         super().__init__(params, defaults)
         for group in self.param_groups:
             if group["rank"] is not None:
@@ -227,6 +232,10 @@ class _GaLoreBase(torch.optim.Optimizer):
         raise NotImplementedError
 
     _update_includes_lr = False  # Adafactor's update already carries lr (its clipping acts on the lr-free RMS)
+
+    def _decay_after_step(self, group: dict[str, Any]) -> bool:
+        """Whether decoupled weight decay scales the weight after the step (galore-torch's AdamW) or before (torch)."""
+        return False
 
     # -- state -----------------------------------------------------------------------------------------------------
     @staticmethod
@@ -274,10 +283,13 @@ class _GaLoreBase(torch.optim.Optimizer):
         state["step"] += 1
         update = self._unit_update(r, group, state, step + 1)
         lr, wd = group["lr"], group["weight_decay"]
-        if wd:
+        decay_after = self._decay_after_step(group)
+        if wd and not decay_after:
             p.mul_(1.0 - lr * wd)  # decoupled, on the full weight
         full = proj.project_back(update, state, p.dtype) if proj is not None else update.to(p.dtype)
         p.add_(full, alpha=-1.0 if self._update_includes_lr else -lr)
+        if wd and decay_after:
+            p.mul_(1.0 - lr * wd)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -347,11 +359,16 @@ def _check_common(lr: float, weight_decay: float) -> None:
 
 
 class GaLoreAdamW(_GaLoreBase):
-    """AdamW whose ``rank`` groups keep their moments in GaLore's projected space.
+    """AdamW whose ``rank`` groups keep their moments in GaLore's projected space: galore-torch 1.0's update.
 
-    Per step on a GaLore weight: ``R = project(G)``; Adam moments on ``R``; ``W *= 1 - lr*wd``;
-    ``W -= lr * scale * project_back(m_hat / (sqrt(v_hat) + eps))`` with torch.optim.AdamW's bias-correction and eps
-    placement, so a plain group (rank None) takes exactly torch's AdamW step.
+    Registered under transformers' name ``galore_adamw`` (transformers builds ``galore_torch.GaLoreAdamW`` for it), so
+    it takes the same step, on every group: ``R = project(G)``; Adam moments ``m, v`` on ``R``;
+    ``W -= lr * sqrt(1 - beta2^t) / (1 - beta1^t) * scale * project_back(m / (sqrt(v) + eps))``; then
+    ``W -= lr * wd * W``. That is transformers' (deprecated) AdamW, which galore-torch copies: eps is added to the
+    uncorrected ``sqrt(v)`` and the bias corrections are folded into the step size -- unlike torch.optim.AdamW, which
+    adds eps to ``sqrt(v_hat)`` and decays before the step. The two differ by ``eps * (1 / sqrt(1 - beta2^t) - 1)`` in
+    the denominator (largest in the first steps, and when ``v`` is near eps) and by a second-order decay term.
+    tests/optim/test_galore_reference.py compares step by step with galore-torch.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -370,20 +387,33 @@ class GaLoreAdamW(_GaLoreBase):
     def _store_moments(self, state, exp_avg, exp_avg_sq):
         pass
 
+    _eps_on_corrected_root = False  # galore-torch / transformers' AdamW: eps on the uncorrected sqrt(v)
+
+    def _decay_after_step(self, group):
+        return True  # galore-torch's AdamW decays every group after its step
+
     def _unit_update(self, r, group, state, step):
         beta1, beta2 = group["betas"]
         exp_avg, exp_avg_sq = self._moments(state)
-        exp_avg.lerp_(r, 1.0 - beta1)
+        exp_avg.mul_(beta1).add_(r, alpha=1.0 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(r, r, value=1.0 - beta2)
         bc1, bc2 = 1.0 - beta1**step, 1.0 - beta2**step
-        denom = (exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(group["eps"])
-        update = exp_avg / denom / bc1
+        if self._eps_on_corrected_root:  # torch.optim.AdamW / bitsandbytes: m_hat / (sqrt(v_hat) + eps)
+            update = exp_avg / (exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(group["eps"]) / bc1
+        else:  # galore-torch: m / (sqrt(v) + eps), bias corrections folded into the step size
+            update = (exp_avg / exp_avg_sq.sqrt().add_(group["eps"])).mul_(math.sqrt(bc2) / bc1)
         self._store_moments(state, exp_avg, exp_avg_sq)
         return update
 
 
 class GaLoreAdamW8bit(GaLoreAdamW):
     """GaLore AdamW with both moments stored 8-bit, blockwise-quantized (bitsandbytes dynamic maps, blocks of 256).
+
+    The update follows galore-torch 1.0's ``GaLoreAdamW8bit`` (transformers' ``galore_adamw_8bit``), which runs
+    bitsandbytes' 8-bit Adam on the projected gradient: bitsandbytes places eps as torch.optim.AdamW does
+    (``sqrt(v_hat) + eps``) and decays plain groups before the step, while galore-torch decays projected weights after
+    the back-projected step. (galore-torch's 8-bit optimizer calls ``torch.cuda.synchronize`` every step, so it is
+    not run as a CPU test oracle; the fp32 math it shares with :class:`GaLoreAdamW` is.)
 
     Each step dequantizes a parameter's moments to fp32, runs the AdamW math, and requantizes -- the same storage
     format as bitsandbytes' blockwise 8-bit Adam (signed map for m, unsigned for v, one fp32 absmax per block).
@@ -395,6 +425,10 @@ class GaLoreAdamW8bit(GaLoreAdamW):
 
     BLOCKSIZE = 256
     _codes: dict[tuple[str, bool], torch.Tensor] = {}
+    _eps_on_corrected_root = True  # bitsandbytes' Adam kernels
+
+    def _decay_after_step(self, group):
+        return group["rank"] is not None  # projected weights after the step (galore-torch), plain ones before (bnb)
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, layerwise: bool = False, min_8bit_size: int = 4096,

@@ -27,13 +27,16 @@ def _grads(shape, steps, seed=1):
 @pytest.mark.parametrize("proj_type,shape", [("left", (5, 7)), ("right", (7, 5)), ("full", (6, 6)),
                                               ("std", (7, 5))])
 def test_identity_projector_matches_adamw_step_for_step(monkeypatch, proj_type, shape):
-    # rank = min(shape) makes the (forced) identity basis square, so P^T G = G and P @ R = R exactly
+    # rank = min(shape) makes the (forced) identity basis square, so P^T G = G and P @ R = R exactly; the plain AdamW
+    # galore_adamw stands for is transformers' (galore-torch's base: eps on the uncorrected sqrt(v), decay after)
+    from galore_torch import GaLoreAdamW as ReferenceAdamW
+
     monkeypatch.setattr(galore_mod, "orthogonal_basis", _identity_basis)
     w0 = torch.randn(shape)
     b0 = torch.randn(shape[1])
     ref_w, ref_b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
     our_w, our_b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
-    ref = torch.optim.AdamW([ref_w, ref_b], lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, foreach=False)
+    ref = ReferenceAdamW([ref_w, ref_b], lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, no_deprecation_warning=True)
     ours = GaLoreAdamW([{"params": [our_w], "rank": min(shape), "proj_type": proj_type, "scale": 1.0,
                          "update_proj_gap": 2},
                         {"params": [our_b]}], lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
@@ -67,9 +70,9 @@ def test_one_step_equals_hand_computed_projection(proj_type, shape, side):
     torch.testing.assert_close((p.T @ top).abs(), torch.eye(rank), atol=1e-5, rtol=0)
     r = p.T @ g if side == "left" else g @ p
     m, v = (1 - BETAS[0]) * r, (1 - BETAS[1]) * r * r
-    adam = (m / (1 - BETAS[0])) / ((v / (1 - BETAS[1])).sqrt() + EPS)
+    adam = m / (v.sqrt() + EPS) * math.sqrt(1 - BETAS[1]) / (1 - BETAS[0])  # galore-torch's step-1 AdamW direction
     back = p @ adam if side == "left" else adam @ p.T
-    expected = w0 * (1 - LR * WD) - LR * scale * back
+    expected = (w0 - LR * scale * back) * (1 - LR * WD)  # decoupled decay after the step, as galore-torch does
     torch.testing.assert_close(w.detach(), expected, rtol=1e-5, atol=1e-6)
 
 
