@@ -19,6 +19,10 @@ forward and full logits, PEFT LoRA, fastft's checkpointing), and the output says
 
 Memory sizes need a unit ("16" is refused: 16 bytes is never what was meant, and GB and GiB differ by 7%).
 
+``--gpu NAME`` also prints the modeled (roofline) step time and tokens/s of each variant on that GPU
+(:mod:`fastft.memory.speed_model`: FLOPs and bytes of every op of the same meta step, priced at the GPU's published
+peaks -- an optimistic bound, labelled so), and with ``--tokens N`` the modeled time to train N tokens.
+
 Not modelled: the tokenizer / dataloader, eval passes, and packing (sequences are assumed padded to ``seq_len``).
 """
 
@@ -34,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fastft.memory import speed_model
 from fastft.memory.step_model import LINEAR_NAMES, StepModel, StepResult, StepSpec, linear_names
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "data" / "configs"
@@ -71,8 +76,9 @@ def parse_size(text: str, flag: str | None = None) -> int:
     return int(float(number) * _UNITS[unit])
 
 
-#: Memory as nvidia-smi reports it (MiB, before the CUDA context), for ``--gpu-memory T4`` and the like.
-GPU_PRESETS = {"T4": 15_360 * 2**20, "L4": 23_034 * 2**20, "A100-40GB": 40_960 * 2**20, "A100-80GB": 81_920 * 2**20}
+#: Memory as nvidia-smi reports it (MiB, before the CUDA context), for ``--gpu-memory T4`` and the like; the GPU
+#: table (with its sources) is fastft.memory.speed_model.GPUS.
+GPU_PRESETS = {name: gpu.memory_bytes for name, gpu in speed_model.GPUS.items()}
 
 
 def parse_gpu_memory(text: str) -> int:
@@ -88,6 +94,18 @@ def parse_gpu_memory(text: str) -> int:
         raise ValueError(f"--gpu-memory {text}: cannot parse memory size {text!r} and it is not a known GPU; "
                          f"{hint}known GPUs: {', '.join(GPU_PRESETS)}; sizes look like 16GB or 16GiB")
     return parse_size(text, "--gpu-memory")
+
+
+def parse_tokens(text: str) -> int:
+    """"1e9", "2B", "500M", "1,000,000", "250k" -> a token count (K/M/B/T = 10^3/10^6/10^9/10^12)."""
+    match = re.fullmatch(r"\s*([0-9][0-9_,]*\.?[0-9]*(?:e[0-9]+)?)\s*([kmbt]?)\s*", str(text).lower())
+    if not match:
+        raise ValueError(f"--tokens {text}: not a token count; write e.g. 1000000, 1e9, 500M or 2B")
+    value = float(match.group(1).replace(",", "").replace("_", "")) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9,
+                                                                          "t": 1e12}[match.group(2)]
+    if value < 1:
+        raise ValueError(f"--tokens {text}: must be at least 1 token")
+    return int(value)
 
 
 def format_bytes(n: int | float) -> str:
@@ -204,6 +222,13 @@ class Planner:
         self.model = StepModel(config, spec)
         self.batch_size = batch_size
         self.cache: dict[int, StepResult] = {}
+        self.counts: dict[int, speed_model.OpCounter] = {}
+
+    def count(self, seq_len: int) -> speed_model.OpCounter:
+        """FLOPs and bytes of every op of one step at ``seq_len`` (every layer run: a few seconds at 8B)."""
+        if seq_len not in self.counts:
+            self.counts[seq_len] = speed_model.count_step(self.model, seq_len, self.batch_size)[1]
+        return self.counts[seq_len]
 
     def step(self, seq_len: int) -> StepResult:
         if seq_len not in self.cache:
@@ -255,6 +280,7 @@ class VariantPlan:
     seconds: float
     steps_run: int
     notes: list[str]
+    speed: dict | None = None  # modeled (roofline) step time on --gpu: a speed_model.SpeedEstimate as a dict
 
 
 def tensor_budget(gpu_memory: int | None, reserve: int) -> int | None:
@@ -268,8 +294,10 @@ def tensor_budget(gpu_memory: int | None, reserve: int) -> int | None:
 
 
 def plan_variant(config: Any, spec: StepSpec, seq_len: int, batch_size: int, budget: int | None,
-                 host_budget: int | None = None, planner: Planner | None = None) -> VariantPlan:
-    """Model ``seq_len`` and, given a tensor ``budget`` (bytes, reserve already taken off), search the max context."""
+                 host_budget: int | None = None, planner: Planner | None = None,
+                 gpu: speed_model.GPU | None = None, train_tokens: int | None = None) -> VariantPlan:
+    """Model ``seq_len`` and, given a tensor ``budget`` (bytes, reserve already taken off), search the max context;
+    given a ``gpu``, the modeled (roofline) step time there (and the time for ``train_tokens``)."""
     t0 = time.perf_counter()
     planner = planner or Planner(config, spec, batch_size)
     result = planner.step(seq_len)
@@ -285,8 +313,33 @@ def plan_variant(config: Any, spec: StepSpec, seq_len: int, batch_size: int, bud
         else:
             limited = "gpu"
     fits = None if budget is None else planner.fits(seq_len, budget, host_budget)
+    speed = None
+    if gpu is not None:
+        estimate = speed_model.roofline(planner.count(seq_len), gpu, seq_len * batch_size)
+        speed = dataclasses.asdict(estimate)
+        if train_tokens is not None:
+            steps, seconds = speed_model.training_time(estimate.step_seconds, seq_len * batch_size, train_tokens)
+            speed["train"] = {"tokens": train_tokens, "steps": steps, "seconds": seconds}
     return VariantPlan(spec.variant, seq_len, result.peak_bytes, fits, result.breakdown, result.host_bytes, best, host,
-                       limited, time.perf_counter() - t0, len(planner.cache), result.notes)
+                       limited, time.perf_counter() - t0, len(planner.cache), result.notes, speed)
+
+
+def _print_speed(p: VariantPlan) -> None:
+    s = p.speed
+    if not s:
+        return
+    print(f"{s['label']} step time on {s['gpu']}: {s['step_seconds']:.3g} s/step, {s['tokens_per_s']:,.0f} tokens/s "
+          f"({s['flops'] / 1e12:,.1f} TFLOP, {s['bytes'] / 1e9:,.1f} GB moved, {s['launches']:,} kernel launches)")
+    print(f"  compute-bound ops {s['compute_bound_seconds']:.3g} s + memory-bound ops {s['memory_bound_seconds']:.3g} s "
+          f"+ launch overhead {s['overhead_seconds']:.3g} s ({s['launch_overhead_s'] * 1e6:.0f} us each)")
+    top = ", ".join(f"{o['op']} {o['seconds'] / s['step_seconds']:.0%}" for o in s["top_ops"][:4])
+    print(f"  largest shares: {top}")
+    if "train" in s:
+        t = s["train"]
+        print(f"{s['label']} time to train {t['tokens']:,} tokens on {s['gpu']}: "
+              f"{speed_model.format_duration(t['seconds'])} ({t['steps']:,} steps)")
+    for note in s["notes"]:
+        print(f"  note: {note}")
 
 
 def _print_plan(p: VariantPlan, args: argparse.Namespace, gpu_memory: int | None, reserve: int,
@@ -316,6 +369,7 @@ def _print_plan(p: VariantPlan, args: argparse.Namespace, gpu_memory: int | None
                       "it, the model was not trained for it")
         else:
             print(f"largest sequence length that fits {where}: none (even 128 tokens exceeds it)")
+    _print_speed(p)
     for note in p.notes:
         print(f"  note: {note}")
     if p.variant == "fastft" and args.tiled_mlp is None and p.seq_len > 4096:
@@ -343,6 +397,10 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--optim", default="adamw", choices=["adamw", "adamw_8bit", "sgd"])
     parser.add_argument("--gpu-memory", default=None, help="e.g. 16GB, 16GiB, 16000MB (a unit is required), or a GPU "
                         f"name: {', '.join(GPU_PRESETS)}; enables the max-length search")
+    parser.add_argument("--gpu", default=None, metavar="NAME", help="modeled (roofline) step time and tokens/s on this "
+                        f"GPU: {', '.join(speed_model.GPUS)}; also its memory unless --gpu-memory is given")
+    parser.add_argument("--tokens", default=None, metavar="N", help="with a GPU: the modeled time to train N tokens "
+                        "(e.g. 1e9, 500M, 2B)")
     parser.add_argument("--reserve", default="1GiB", help="GPU memory set aside for the CUDA context, workspaces and "
                         "allocator slack before tensors (default 1GiB; 0 for the tensor-only answer)")
     parser.add_argument("--host-memory", default=None, help="host RAM free for offloaded tensors, with a unit, e.g. 9GB "
@@ -361,7 +419,10 @@ def add_parser(sub: Any) -> None:
 
 def run_plan(args: argparse.Namespace) -> int:
     try:
+        gpu, train_tokens = speed_gpu(args)
         gpu_memory = parse_gpu_memory(args.gpu_memory) if args.gpu_memory is not None else None
+        if gpu is not None and args.gpu is not None and gpu_memory is None:
+            gpu_memory = gpu.memory_bytes
         reserve = parse_size(args.reserve, "--reserve")
         host_budget = parse_size(args.host_memory, "--host-memory") if args.host_memory is not None else None
         budget = tensor_budget(gpu_memory, reserve)
@@ -386,7 +447,8 @@ def run_plan(args: argparse.Namespace) -> int:
                       tiled_mlp=tiled, offload_embeddings=args.offload_embeddings, **common)]
     if args.baseline:
         specs.append(StepSpec(variant="baseline", **common))
-    plans = [plan_variant(config, spec, args.seq_len, args.batch_size, budget, host_budget) for spec in specs]
+    plans = [plan_variant(config, spec, args.seq_len, args.batch_size, budget, host_budget, gpu=gpu,
+                          train_tokens=train_tokens) for spec in specs]
     max_positions = getattr(config, "max_position_embeddings", None)
     if args.json:
         print(json.dumps({"model": args.model, "modeled": True, "model_type": config.model_type,
@@ -415,4 +477,33 @@ def run_plan(args: argparse.Namespace) -> int:
     embedding_bytes = 0 if tied else config.vocab_size * config.hidden_size * 2
     for p in plans:
         _print_plan(p, args, gpu_memory, reserve, host_budget, max_positions, embedding_bytes)
+    if gpu is not None:
+        _print_speedup(plans, gpu)
     return 0
+
+
+def speed_gpu(args: argparse.Namespace) -> tuple[speed_model.GPU | None, int | None]:
+    """(the GPU whose roofline to print, the --tokens count): --gpu NAME, else a --gpu-memory that names a GPU."""
+    gpu = speed_model.find_gpu(args.gpu) if args.gpu is not None else None
+    if gpu is None and args.gpu_memory is not None and str(args.gpu_memory).strip().lower() in \
+            {k.lower() for k in speed_model.GPUS}:
+        gpu = speed_model.find_gpu(args.gpu_memory, "--gpu-memory")
+    tokens = parse_tokens(args.tokens) if args.tokens is not None else None
+    if tokens is not None and gpu is None:
+        raise ValueError(f"--tokens {args.tokens}: the time to train depends on the GPU; add --gpu NAME "
+                         f"({', '.join(speed_model.GPUS)})")
+    return gpu, tokens
+
+
+def _print_speedup(plans: list[VariantPlan], gpu: speed_model.GPU) -> None:
+    by_variant = {p.variant: p.speed for p in plans if p.speed}
+    fast = by_variant.get("fastft") or by_variant.get("unpatched")
+    base = by_variant.get("baseline")
+    print()
+    if fast and base:
+        print(f"{speed_model.LABEL} speedup over the baseline on {gpu.name}: "
+              f"{base['step_seconds'] / fast['step_seconds']:.2f}x ({fast['tokens_per_s']:,.0f} vs "
+              f"{base['tokens_per_s']:,.0f} tokens/s); a bound from published peaks, not a measurement")
+    else:
+        print(f"({speed_model.LABEL} figures are bounds from published peaks, not measurements; add --baseline for "
+              "the modeled speedup over transformers + PEFT)")

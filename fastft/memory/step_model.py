@@ -706,13 +706,19 @@ class StepModel:
                 projections += 1
         self.notes.append(f"fused LoRA (fastft.kernels.lora): {mlps} MLPs, {projections} attention projections")
 
-    def step(self, seq_len: int, batch_size: int = 1, replay_layers: bool | None = None) -> StepResult:
+    def step(self, seq_len: int, batch_size: int = 1, replay_layers: bool | None = None,
+             counter: Any = None) -> StepResult:
         """Measure one training step at [batch_size, seq_len] (all tokens real, labels = inputs).
 
-        ``replay_layers`` (default: on for meta) replays identical checkpointed layers instead of re-running them.
+        ``replay_layers`` (default: on for meta without a counter) replays identical checkpointed layers instead of
+        re-running them. ``counter``: a TorchDispatchMode (fastft.memory.speed_model.OpCounter) entered inside the
+        tracker, so it sees every op (fastft's custom ops as one op each); replayed layers dispatch nothing, so it
+        needs every layer run.
         """
         if replay_layers is None:
-            replay_layers = self.device == "meta"
+            replay_layers = self.device == "meta" and counter is None
+        if counter is not None and replay_layers:
+            raise ValueError("a counter needs replay_layers=False: replayed layers dispatch no ops")
         memo: dict | None = {} if replay_layers else None
         t0 = time.perf_counter()
         model, spec = self.model, self.spec
@@ -733,7 +739,10 @@ class StepModel:
                  for p in self.trainable]
         self.ledger.live = self.ledger.peak = 0
         try:
-            with _module_patches(spec.variant == "fastft" and spec.fused_kernels), tracker:
+            if counter is not None:
+                counter.phase_of = lambda: tracker.phase
+            with _module_patches(spec.variant == "fastft" and spec.fused_kernels), tracker, \
+                    (counter if counter is not None else contextlib.nullcontext()):
                 tracker.add_existing(list(model.parameters()) + list(model.buffers()), "weights")
                 tracker.add_existing(self.state_tensors, "optimizer_state")
                 tracker.add_existing([ids, labels], "inputs")
