@@ -28,16 +28,18 @@ and gradient checkpointing. Everything else -- the loss variants (GRPO ``loss_ty
 DPO ``loss_type`` sigmoid/ipo/...), advantages, KL, clipping, metrics -- is TRL's own code, so values match unpatched
 TRL to float rounding (the tests check per-step loss and grad norm).
 
-Metrics that need the full distribution (SFT ``mean_token_accuracy`` and ``entropy``; DPO ``logits/*``,
-``mean_token_accuracy``, WPO's ``log_sum_sq_probs``) are computed exactly, without gradient, by one extra chunked
-projection of the valid tokens (:func:`_token_stats`, at most ``_STATS_CHUNK_ELEMENTS`` logits alive at once). That
-costs one more forward GEMM of the LM head per step; set ``trainer.fastft_token_metrics = False`` to skip it for SFT
-(the two metrics are then not logged, with a one-time note).
+SFT's ``mean_token_accuracy`` and ``entropy`` come out of the loss pass itself (``linear_cross_entropy(...,
+return_token_stats=True)``: argmax == label and lse - E_p[f] from the same logits chunks, one LM-head GEMM per chunk);
+set ``trainer.fastft_token_metrics = False`` to skip even that (the two metrics are then not logged, with a one-time
+note). SFT label smoothing (transformers' ``LabelSmoother``) is the fused loss's ``label_smoothing``. The other
+metrics that need the full distribution (DPO ``logits/*``, ``mean_token_accuracy``, WPO's ``log_sum_sq_probs``) are
+computed exactly, without gradient, by one extra chunked projection of the valid tokens (:func:`_token_stats`, at most
+``_STATS_CHUNK_ELEMENTS`` logits alive at once).
 
 Anything the fast path does not cover falls back to TRL's forward for that call (logged once): MoE router logits,
 an LM head that is not a plain ``nn.Linear`` (e.g. LoRA on ``lm_head``), DeepSpeed ZeRO-3 placeholder heads (FSDP2
-DTensor heads are gathered by ``fastft.distributed.full_weight``); SFT with ``compute_loss_func``, label smoothing,
-``return_outputs`` or DeepSpeed sequence parallelism; GRPO with vision inputs or an MoE aux loss. TRL 1.14 has no
+DTensor heads are gathered by ``fastft.distributed.full_weight``); SFT with ``compute_loss_func``, a custom label
+smoother, ``return_outputs`` or DeepSpeed sequence parallelism; GRPO with vision inputs or an MoE aux loss. TRL 1.14 has no
 fused-head hook: there the losses run TRL's own code (said once, visibly) and the optimizer / generation hooks apply.
 """
 
@@ -122,11 +124,18 @@ def _token_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
             for name, chunks in parts.items()}
 
 
+class FastHeadDeclined(Exception):
+    """Raised (before the backbone runs) when a loss-only call asks for what only fastft's head computes (label
+    smoothing) but this call cannot take the fast path: the caller runs TRL's own loss instead."""
+
+
 def _make_fast_forward(trl_forward: Callable, *, temperature: float, outputs: tuple[str, ...],
-                       cast_fp32: bool) -> Callable:
+                       cast_fp32: bool, label_smoothing: float = 0.0) -> Callable:
     """A drop-in for TRL's ``_fused_forward`` closure (same keyword contract) computed with fastft's kernels.
 
     ``trl_forward`` is the bound TRL forward it replaces; calls the fast path does not cover are passed to it.
+    ``label_smoothing`` applies to the loss-only (SFT) call, which TRL's head cannot smooth: such a call that cannot
+    take the fast path raises :class:`FastHeadDeclined`.
     """
 
     def fused_forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
@@ -138,6 +147,8 @@ def _make_fast_forward(trl_forward: Callable, *, temperature: float, outputs: tu
         if reason is None and cast_fp32 and head.weight.dtype != torch.float32:
             reason = "cast_lm_head_to_fp32 with a non-fp32 LM head weight"
         if not fused_lm_head or reason:
+            if reason and label_smoothing and not wants_log_probs:
+                raise FastHeadDeclined(reason)
             if fused_lm_head and reason:
                 info_once(f"fastft: TRL's fused LM head used for this call ({reason})", key=f"trl-head:{reason}")
             return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
@@ -171,14 +182,21 @@ def _make_fast_forward(trl_forward: Callable, *, temperature: float, outputs: tu
         denominator = torch.as_tensor(n_valid if num_items_in_batch is None else num_items_in_batch).clamp(min=1)
 
         log_probs = entropy = None
+        in_pass: dict[str, torch.Tensor] = {}  # token metrics the loss pass computed from its own logits chunks
         with autocast:
             if h.shape[0] == 0:
                 # Keep the graph connected so an all-masked micro-batch backpropagates a zero, like TRL.
                 lp = h.new_zeros(0, dtype=torch.float32) + hidden.float().sum() * 0.0
                 ent = lp if "entropy" in outputs else None
             elif not wants_log_probs:
-                loss_sum = kernels.linear_cross_entropy(h, weight, targets, bias=bias, softcap=softcap,
-                                                        logit_scale=scale, reduction="sum")
+                # SFT's entropy / mean_token_accuracy come out of the loss's own chunks: no second LM-head GEMM.
+                metrics = "entropy" in outputs or "is_top1" in outputs
+                result = kernels.linear_cross_entropy(h, weight, targets, bias=bias, softcap=softcap,
+                                                      logit_scale=scale, reduction="sum",
+                                                      label_smoothing=label_smoothing, return_token_stats=metrics)
+                loss_sum = result.loss if metrics else result
+                if metrics:
+                    in_pass = {"entropy": result.entropy, "is_top1": result.is_top1}
                 lp = ent = None
             else:
                 want_entropy = "entropy" in outputs
@@ -194,10 +212,11 @@ def _make_fast_forward(trl_forward: Callable, *, temperature: float, outputs: tu
                 loss_sum = -log_probs.sum()
                 if ent is not None:
                     entropy = ent.new_zeros(mask.shape).masked_scatter(mask, ent)
-            extra = tuple(name for name in outputs if name in ("is_top1", "mean_logits", "log_sum_sq_probs")
-                          or (name == "entropy" and entropy is None))
+            extra = tuple(name for name in outputs if name not in in_pass and (
+                name in ("is_top1", "mean_logits", "log_sum_sq_probs") or (name == "entropy" and entropy is None)))
             stats = _token_stats(h.detach(), weight.detach(), None if bias is None else bias.detach(), targets,
                                  extra, softcap, scale, temperature) if extra else {}
+            stats.update(in_pass)
 
         def scatter(name: str) -> torch.Tensor | None:
             if name not in stats:
@@ -310,7 +329,7 @@ def _under_mixed_precision(trainer: Any, fast: Callable) -> Callable:
 
 @contextlib.contextmanager
 def _fast_heads(trainer: Any, *, temperature: float, policy_outputs: tuple[str, ...] | None,
-                ref_outputs: tuple[str, ...] = ("log_probs",)) -> Iterator[bool]:
+                ref_outputs: tuple[str, ...] = ("log_probs",), label_smoothing: float = 0.0) -> Iterator[bool]:
     """While active, the policy's (and reference model's) TRL fused forward is fastft's; yields whether any was.
 
     ``policy_outputs=None``: the per-token fields TRL configured the policy's head with."""
@@ -329,7 +348,8 @@ def _fast_heads(trainer: Any, *, temperature: float, policy_outputs: tuple[str, 
             continue
         if outputs is None:
             outputs = _trl_head_outputs(current)
-        fast = _make_fast_forward(current, temperature=temperature, outputs=outputs, cast_fp32=cast_fp32)
+        fast = _make_fast_forward(current, temperature=temperature, outputs=outputs, cast_fp32=cast_fp32,
+                                  label_smoothing=label_smoothing)
         if _trl_fused_function(current)[1]:
             fast = _under_mixed_precision(trainer, fast)
         target.forward = types.MethodType(fast, target)

@@ -14,7 +14,7 @@ import torch
 from fastft._log import info_once, logger, mark
 from fastft.patches.architectures import logits_required
 from fastft.patches.trl_config import _apply_checkpointing, _apply_max_seq_length
-from fastft.patches.trl_heads import LOSS_ONLY, _fast_heads, _without_fused_head
+from fastft.patches.trl_heads import LOSS_ONLY, FastHeadDeclined, _fast_heads, _without_fused_head
 
 #: The ``FastModel`` passed to PatchFastRL (Unsloth compatibility); None -> ``fastft.model.FastModel`` if it exists.
 _FAST_MODEL: Any = None
@@ -87,8 +87,8 @@ def _sft_fast_loss_problem(trainer: Any, inputs: dict, return_outputs: bool) -> 
         return "a custom compute_loss_func"
     if trainer.aux_loss_enabled:
         return "an MoE aux loss"
-    if trainer.label_smoother is not None:
-        return "label smoothing"
+    if _label_smoothing(trainer) is None:
+        return "label smoothing by a custom label smoother"
     if getattr(trainer.args, "loss_type", "nll") != "nll":
         return f"loss_type={trainer.args.loss_type!r}"
     if "shift_labels" in inputs:
@@ -96,6 +96,19 @@ def _sft_fast_loss_problem(trainer: Any, inputs: dict, return_outputs: bool) -> 
     parallelism = getattr(trainer.accelerator, "parallelism_config", None)
     if parallelism is not None and getattr(parallelism, "sp_enabled", False):
         return "sequence parallelism"
+    return None
+
+
+def _label_smoothing(trainer: Any) -> float | None:
+    """The epsilon of transformers' own LabelSmoother (0.0 without one), which the fused loss computes exactly (its
+    ``label_smoothing``); None for any other smoother."""
+    smoother = trainer.label_smoother
+    if smoother is None:
+        return 0.0
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    if type(smoother) is LabelSmoother and smoother.ignore_index == -100:
+        return float(smoother.epsilon)
     return None
 
 
@@ -115,8 +128,17 @@ def _hook_sft_compute_loss(original: Callable) -> Callable:
         mode = "train" if self.model.training else "eval"
         inputs["use_cache"] = False
         outputs_wanted = _SFT_METRIC_OUTPUTS if getattr(self, "fastft_token_metrics", True) else ()
-        with _fast_heads(self, temperature=1.0, policy_outputs=outputs_wanted) as fast:
-            outputs = model(**inputs, fused_lm_head=LOSS_ONLY if fast else True, num_items_in_batch=num_items_in_batch)
+        smoothing = _label_smoothing(self)
+        try:
+            with _fast_heads(self, temperature=1.0, policy_outputs=outputs_wanted, label_smoothing=smoothing) as fast:
+                if smoothing and not fast:
+                    raise FastHeadDeclined("no fastft head installed")
+                outputs = model(**inputs, fused_lm_head=LOSS_ONLY if fast else True,
+                                num_items_in_batch=num_items_in_batch)
+        except FastHeadDeclined as exc:  # label smoothing needs fastft's head (TRL's has none): TRL's own loss
+            info_once(f"fastft: SFT loss with label smoothing runs TRL's code ({exc})", key=f"sft-smoothing:{exc}")
+            with _fast_heads(self, temperature=1.0, policy_outputs=None):
+                return original(self, model, inputs, return_outputs, num_items_in_batch, **kwargs)
         # `outputs.loss` is sum(-log p) / max(num_items_in_batch or #valid, 1): TRL's reduction exactly.
         loss = outputs.loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -139,7 +161,7 @@ def _log_sft_metrics(trainer: Any, mode: str, inputs: dict, outputs: Any) -> Non
         metrics["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
     else:
         info_once("fastft: fastft_token_metrics is False on this trainer: entropy and mean_token_accuracy are not "
-                  "logged (they need one extra LM-head pass)", key="sft-no-metrics")
+                  "logged (skips their argmax / entropy terms in the loss pass)", key="sft-no-metrics")
     if mode == "train":
         if "attention_mask" in inputs:
             num_tokens = gather(inputs["attention_mask"].sum()).sum().item()

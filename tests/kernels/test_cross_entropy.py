@@ -227,3 +227,114 @@ def test_bf16_grad_rounds_like_the_torch_path():
         assert same >= 0.999, f"softcap={softcap}: only {same:.2%} of bf16 gradients are bit-identical"
         ordered = [torch.where(i < 0, -32768 - i, i) for i in (dx.view(torch.int16).int(), dx_t.view(torch.int16).int())]
         assert int((ordered[0] - ordered[1]).abs().max()) <= 1, f"softcap={softcap}: a gradient is off by > 1 ulp"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loss options (Liger's fused-CE options): label smoothing, z-loss (lse_square_scale), class weights
+# ---------------------------------------------------------------------------------------------------------------------
+# (rows, vocab, label_smoothing, lse_square_scale, class weights, softcap): odd vocabs, one across the 4,096 block
+OPTION_CASES = [
+    (7, 1000, 0.1, 0.0, False, None),
+    (5, 4099, 0.0, 1e-3, False, None),
+    (6, 3001, 0.0, 0.0, True, None),
+    (4, 5003, 0.2, 1e-2, True, 30.0),  # all three together, with a softcap
+]
+
+
+def _class_weight(vocab):
+    return torch.rand(vocab) * 2 + 0.1
+
+
+@pytest.mark.parametrize("path", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", OPTION_CASES, ids=str)
+def test_loss_options_match_torch(case, dtype, path):
+    """F.cross_entropy(weight=, label_smoothing=) + the z-loss term is the oracle, forward and backward."""
+    rows, vocab, smoothing, z_scale, weighted, softcap = case
+    logits, labels = _inputs(rows, vocab, dtype)
+    kw = dict(label_smoothing=smoothing, lse_square_scale=z_scale, softcap=softcap,
+              class_weight=_class_weight(vocab) if weighted else None)
+    for reduction in ("mean", "sum", "none"):
+        dloss = torch.randn(rows) if reduction == "none" else torch.tensor(0.37)
+        with force_path(path):
+            before = path_counts[("cross_entropy_backward", path)]
+            loss, dx = _run(cross_entropy, logits, labels, dloss, reduction=reduction, **kw)
+            assert path_counts[("cross_entropy_backward", path)] == before + 1
+        ref, dx_ref = _run(cross_entropy_reference, logits, labels, dloss, reduction=reduction, **kw)
+        assert loss.shape == ref.shape and dx.dtype == dtype
+        assert_close(loss, ref, FORWARD, torch.float32, f"{reduction} loss")
+        assert_close(dx, dx_ref, BACKWARD, dtype, f"{reduction} dlogits")
+        assert dx[1].abs().max() == 0  # the ignored row: no smoothing, z-loss or weight reaches it
+
+
+def test_loss_options_with_n_items_and_all_ignored():
+    logits, labels = _inputs(8, 2001, torch.float32, ignore_rows=(1, 4))
+    kw = dict(label_smoothing=0.1, lse_square_scale=1e-3, class_weight=_class_weight(2001))
+    loss, dx = _run(cross_entropy, logits, labels, n_items=torch.tensor(11), **kw)
+    ref, dx_ref = _run(cross_entropy_reference, logits, labels, n_items=11, **kw)
+    assert_close(loss, ref, FORWARD, torch.float32, "loss / n_items")
+    assert_close(dx, dx_ref, BACKWARD, torch.float32, "dlogits / n_items")
+    # every row ignored, or every target weighing 0: 0 with zero gradients, never NaN
+    for labels_, weight in ((torch.full((8,), -100), kw["class_weight"]), (labels, torch.zeros(2001))):
+        loss, dx = _run(cross_entropy, logits, labels_, **{**kw, "class_weight": weight, "lse_square_scale": 0.0})
+        assert loss.item() == 0.0 and dx.abs().max() == 0
+
+
+@settings(max_examples=10, deadline=None)
+@given(rows=st.integers(1, 5), vocab=st.integers(1, 5000), smoothing=st.sampled_from([0.0, 0.05, 1.0]),
+       z_scale=st.sampled_from([0.0, 1e-4]), weighted=st.booleans(), reduction=st.sampled_from(["mean", "sum"]))
+def test_fuzz_options(rows, vocab, smoothing, z_scale, weighted, reduction):
+    logits = torch.randn(rows, vocab) * 3
+    labels = torch.randint(0, vocab, (rows,))
+    kw = dict(label_smoothing=smoothing, lse_square_scale=z_scale, reduction=reduction,
+              class_weight=_class_weight(vocab) if weighted else None)
+    loss, dx = _run(cross_entropy, logits, labels, **kw)
+    ref, dx_ref = _run(cross_entropy_reference, logits, labels, **kw)
+    assert_close(loss, ref, FORWARD, torch.float32, "loss")
+    assert_close(dx, dx_ref, BACKWARD, torch.float32, "dlogits")
+
+
+def test_bad_options_raise_before_any_kernel():
+    before = sum(path_counts.values())
+    logits, labels = torch.randn(3, 100), torch.zeros(3, dtype=torch.long)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        cross_entropy(logits, labels, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="lse_square_scale"):
+        cross_entropy(logits, labels, lse_square_scale=-1e-4)
+    with pytest.raises(ValueError, match=r"class_weight must be \[100\]"):
+        cross_entropy(logits, labels, class_weight=torch.ones(99))
+    with pytest.raises(TypeError, match="floating"):
+        cross_entropy(logits, labels, class_weight=torch.ones(100, dtype=torch.long))
+    with pytest.raises(ValueError, match="requires grad"):
+        cross_entropy(logits, labels, class_weight=torch.ones(100, requires_grad=True))
+    assert sum(path_counts.values()) == before, "a kernel ran before the input was rejected"
+
+
+@pytest.mark.parametrize("path", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_row_stats_top1_and_entropy_follow_argmax_and_softmax(dtype, path):
+    """The stats pass's token metrics against the full logits: argmax's first-maximum rule (ties within a block and
+    across the 4,096-column block boundary), entropy = lse - E_p[f]."""
+    from fastft.kernels.cross_entropy import CrossEntropyOptions, ce_stats
+
+    vocab = 9001
+    logits = torch.randn(8, vocab).to(dtype)
+    labels = torch.randint(0, vocab, (8,))
+    top = (logits.float().max() + 1).to(dtype)
+    logits[0, [5, 7000]] = top  # tie across blocks: the first column wins
+    labels[0] = 5
+    logits[1, [5, 7000]] = top
+    labels[1] = 7000  # the later tie is not top-1
+    logits[2, [4095, 4096]] = top  # tie at the block boundary
+    labels[2] = 4095
+    logits[3, 100] = top
+    labels[3] = 100
+    labels[4] = -100  # ignored: never top-1
+    labels[5] = logits[5].float().argmax()
+    with force_path(path):
+        stats = ce_stats(logits, labels, CrossEntropyOptions(), entropy=True, top1=True)
+    z = logits.float()
+    expected = (z.argmax(-1) == labels) & (labels != -100)
+    assert torch.equal(stats.top1, expected) and expected[[0, 2, 3, 5]].all() and not expected[[1, 4]].any()
+    log_p = z.log_softmax(-1)
+    torch.testing.assert_close(stats.lse - stats.ef, -(log_p.exp() * log_p).sum(-1), rtol=1e-5, atol=1e-5)

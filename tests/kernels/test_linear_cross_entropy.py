@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fastft.kernels import force_path, linear_cross_entropy, linear_cross_entropy_reference, path_counts
-from fastft.kernels.linear_cross_entropy import choose_chunk_size, chunk_counts
+from fastft.kernels.linear_cross_entropy import choose_chunk_size, chunk_counts, token_stats_reference
 from fastft.memory import LiveBytesTracker
 from tests.tolerances import BACKWARD, FORWARD, assert_close
 
@@ -287,3 +287,93 @@ def test_second_backward_through_same_graph_fails_loudly():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="inplace"):
         loss.backward()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loss options and token statistics
+# ---------------------------------------------------------------------------------------------------------------------
+# (leading shape, hidden, vocab, bias, label_smoothing, lse_square_scale, class weights, softcap, chunk)
+OPTION_CASES = [
+    ((2, 5), 48, 1001, False, 0.1, 0.0, False, None, 3),
+    ((7,), 32, 4099, True, 0.0, 1e-3, False, None, 4),
+    ((3, 3), 24, 3001, False, 0.0, 0.0, True, None, 4),
+    ((2, 4), 40, 2003, True, 0.2, 1e-2, True, 10.0, 5),  # everything together, with a softcap and a bias
+]
+
+
+@pytest.mark.parametrize("path", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", OPTION_CASES, ids=str)
+def test_loss_options_match_torch(case, dtype, path):
+    """F.cross_entropy(weight=, label_smoothing=) + z-loss on the full logits is the oracle, every reduction."""
+    lead, hidden, vocab, bias, smoothing, z_scale, weighted, softcap, chunk = case
+    h, w, b, labels = _inputs(lead, hidden, vocab, dtype, bias)
+    kw = dict(label_smoothing=smoothing, lse_square_scale=z_scale, softcap=softcap,
+              class_weight=(torch.rand(vocab) * 2 + 0.1) if weighted else None)
+    for reduction in ("mean", "sum", "none"):
+        dloss = torch.randn(lead) if reduction == "none" else torch.tensor(0.37)
+        with force_path(path):
+            before = path_counts[("cross_entropy", path)]
+            loss, grads = _run(linear_cross_entropy, h, w, b, labels, dloss, reduction=reduction, chunk_size=chunk,
+                               **kw)
+            assert path_counts[("cross_entropy", path)] > before
+        ref, ref_grads = _run(linear_cross_entropy_reference, h, w, b, labels, dloss, reduction=reduction, **kw)
+        assert loss.shape == ref.shape
+        assert_close(loss, ref, FORWARD, dtype, f"{reduction} loss")
+        _close_grads(grads, ref_grads, dtype)
+
+
+def test_loss_options_n_items_micro_batches_equal_one_large_batch():
+    h, w, b, labels = _inputs((4, 5), 32, 2001, torch.float32, bias=True, ignore=(1, 6, 7, 15, 19))
+    kw = dict(label_smoothing=0.1, lse_square_scale=1e-3)
+    n_items = torch.tensor(int((labels != -100).sum()))
+    big, big_grads = _run(linear_cross_entropy, h, w, b, labels, chunk_size=3, **kw)
+    hs, ws, bs = (t.detach().requires_grad_() for t in (h, w, b))
+    total = 0.0
+    for i in range(4):
+        loss = linear_cross_entropy(hs[i], ws, labels[i], bias=bs, n_items=n_items, chunk_size=3, **kw)
+        loss.backward()
+        total = total + loss.detach()
+    assert_close(total, big, FORWARD, torch.float32, "accumulated loss")
+    _close_grads([hs.grad, ws.grad, bs.grad], big_grads, torch.float32)
+
+
+@pytest.mark.parametrize("path", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_token_stats_equal_full_logits_in_the_same_pass(dtype, path):
+    """return_token_stats: entropy and top-1 from the loss's own chunks (no extra chunk pass), equal to the full-logits
+    reference; the loss and its gradients are unchanged by asking for them."""
+    h, w, b, labels = _inputs((3, 7), 32, 3001, dtype, bias=True, ignore=(1, 8, 20))
+    labels[0, 3] = (h[0, 3].float() @ w.float().T + b.float()).argmax()  # a sure top-1 hit
+    with force_path(path):
+        before = chunk_counts["chunks"]
+        out, grads = _run(lambda *a, **k: linear_cross_entropy(*a, **k, return_token_stats=True).loss, h, w, b,
+                          labels, chunk_size=4)
+        stats = linear_cross_entropy(h, w, labels, bias=b, chunk_size=4, return_token_stats=True)
+        assert chunk_counts["chunks"] - before == 2 * 6  # 21 tokens / 4 per chunk, twice: one GEMM per chunk each
+        plain, plain_grads = _run(linear_cross_entropy, h, w, b, labels, chunk_size=4)
+    entropy, top1 = token_stats_reference(h, w, labels, bias=b)
+    assert stats.entropy.shape == labels.shape and stats.is_top1.dtype == torch.bool
+    assert torch.equal(stats.is_top1, top1) and top1[0, 3] and not stats.is_top1.view(-1)[[1, 8, 20]].any()
+    torch.testing.assert_close(stats.entropy, entropy, rtol=1e-5, atol=1e-5)
+    assert stats.entropy.view(-1)[[1, 8, 20]].eq(0).all() and not stats.entropy.requires_grad
+    assert torch.equal(out, plain) and all(torch.equal(a, c) for a, c in zip(grads, plain_grads))
+
+
+def test_loss_options_bad_input_and_meta():
+    h, w, _, labels = _inputs((2, 3), 16, 100, torch.float32)
+    before = sum(path_counts.values()), chunk_counts["chunks"]
+    with pytest.raises(ValueError, match="label_smoothing"):
+        linear_cross_entropy(h, w, labels, label_smoothing=-0.1)
+    with pytest.raises(ValueError, match="lse_square_scale"):
+        linear_cross_entropy(h, w, labels, lse_square_scale=float("nan"))
+    with pytest.raises(ValueError, match="class_weight"):
+        linear_cross_entropy(h, w, labels, class_weight=torch.ones(101))
+    assert (sum(path_counts.values()), chunk_counts["chunks"]) == before
+    hm = torch.empty(2, 64, 32, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    wm = torch.empty(50000, 32, device="meta", dtype=torch.bfloat16)
+    out = linear_cross_entropy(hm, wm, torch.empty(2, 64, device="meta", dtype=torch.long), label_smoothing=0.1,
+                               lse_square_scale=1e-4, class_weight=torch.empty(50000, device="meta"),
+                               return_token_stats=True)
+    out.loss.backward()
+    assert out.entropy.shape == (2, 64) and out.is_top1.dtype == torch.bool and hm.grad.shape == hm.shape
