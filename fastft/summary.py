@@ -124,7 +124,13 @@ def _fused_lora(chain: list[Any], lora_delta: Counter) -> str:
 
 
 def _loss_head(delta: Counter, algorithm: str | None) -> str:
+    from fastft.patches.trl import lean_head_absent
+
     calls = sum(n for (op, _), n in delta.items() if op in _HEAD_OPS)
+    absent = lean_head_absent(algorithm)
+    if absent:  # a row without a lean head: say why, and what ran instead
+        return f"{absent}; the loss is TRL's {algorithm} code as written" + (
+            f" (fastft cross-entropy ran {calls} chunk calls elsewhere)" if calls else "")
     if calls:
         return f"fastft chunked cross-entropy ({calls} chunk calls in step 1): only scored tokens, no full logits"
     who = f"TRL's {algorithm} code" if algorithm else "transformers' code"

@@ -4,6 +4,13 @@ Where the losses step in is described in :mod:`fastft.patches.trl_heads` (the fa
 ``add_fused_lm_head`` seam); the hooks each trainer gets are in :mod:`fastft.patches.trl_hooks`. This module
 holds the table of rows (which TRL class, which methods) and PatchFastRL itself.
 
+Rows: SFT, DPO, GRPO, KTO and RLOO score tokens through TRL's fused-head seam and get fastft's lean head (only scored
+positions reach the LM head; no full logits). Reward, ORPO, CPO and Online DPO (the last three from
+``trl.experimental``) get the rest -- fastft.optim's optimizer, the checkpointing rule, the step-1 summary -- and
+their loss runs TRL's code as written: RewardTrainer has a sequence-classification head, and the other three read
+``model(...).logits`` in their own methods with no seam a lean head could take without copying them (each row's
+``no_lean_head`` says exactly where; the step-1 summary prints it).
+
 Safety: each hook checks, at PatchFastRL time, that the method it wraps still takes the parameters the hook reads;
 everything else is passed through untouched. When one fails, that trainer is left unpatched with one warning.
 ``fastft.unpatch()`` restores the classes.
@@ -51,9 +58,14 @@ class _Hook:
 
 @dataclasses.dataclass(frozen=True)
 class _TrainerSpec:
+    """One row: ``module.class_name`` gets ``hooks``. ``no_lean_head``, when set, is why this row has no lean LM
+    head (its loss runs TRL's code; the row still gets the optimizer, the checkpointing rule and the step-1 summary),
+    said in the summary's ``loss head`` row and by :func:`lean_head_absent`."""
+
     module: str
     class_name: str
     hooks: tuple[_Hook, ...]
+    no_lean_head: str = ""
 
 
 _OPTIMIZER_HOOK = _Hook("create_optimizer", _hook_create_optimizer)
@@ -86,12 +98,26 @@ _TRAINERS: dict[str, _TrainerSpec] = {
         _Hook("_generate_single_turn", _hook_grpo_generation),
         _OPTIMIZER_HOOK, _INIT_HOOK,
     )),
+    # Rows without a lean head (see each reason): fastft's optimizer, the checkpointing rule and the step-1 summary.
+    "Reward": _TrainerSpec("trl.trainer.reward_trainer", "RewardTrainer", (_OPTIMIZER_HOOK, _INIT_HOOK), (
+        "no LM head to fuse: RewardTrainer scores a sequence-classification head (one scalar per sequence)")),
+    "ORPO": _TrainerSpec("trl.experimental.orpo.orpo_trainer", "ORPOTrainer", (_OPTIMIZER_HOOK, _INIT_HOOK), (
+        "no lean head: ORPOTrainer.concatenated_forward calls model(...) without labels and reads the full "
+        "outputs.logits itself (NLL over the chosen sequences, get_batch_logps, and logits/chosen|rejected: means "
+        "over every position and the whole vocabulary); there is no seam without copying that method")),
+    "CPO": _TrainerSpec("trl.experimental.cpo.cpo_trainer", "CPOTrainer", (_OPTIMIZER_HOOK, _INIT_HOOK), (
+        "no lean head: CPOTrainer.concatenated_forward calls model(...) without labels and reads the full "
+        "outputs.logits itself (NLL, get_batch_logps, and logits/chosen|rejected: means over every position and the "
+        "whole vocabulary); there is no seam without copying that method")),
+    "OnlineDPO": _TrainerSpec("trl.experimental.online_dpo.online_dpo_trainer", "OnlineDPOTrainer", (
+        _OPTIMIZER_HOOK, _INIT_HOOK), (
+        "no lean head: OnlineDPOTrainer._forward calls model(...) without labels and takes log_softmax of "
+        "output.logits itself; there is no seam without copying that method")),
 }
-# Not rows, and why: RewardTrainer scores a sequence-classification head (one scalar per sequence), never the LM
-# head; ORPO / CPO / Online DPO (trl.experimental in TRL 1.16) compute full logits in their own forward, with no
-# add_fused_lm_head seam to carry a lean head (it would take a rewrite of their loss, which we do not copy).
 
 SUPPORTED_ALGORITHMS = tuple(_TRAINERS)
+#: spelling-free key ("onlinedpo", "reward") -> the row's name
+_KEYS = {name.upper(): name for name in _TRAINERS}
 
 
 #: algorithm -> its Patch objects, built once so PatchFastRL is idempotent and unpatch/re-patch reuse them.
@@ -125,20 +151,27 @@ def _patches_for(algorithm: str) -> list[Patch]:
 
 
 def patched_algorithm(trainer_or_class: Any) -> str | None:
-    """The algorithm name ("SFT", "DPO", "GRPO", "KTO", "RLOO") when ``trainer_or_class`` (a trainer or a trainer
+    """The row name (one of ``SUPPORTED_ALGORITHMS``) when ``trainer_or_class`` (a trainer or a trainer
     class, a user's subclass included) runs fastft's hooks, else None."""
     cls = trainer_or_class if isinstance(trainer_or_class, type) else type(trainer_or_class)
     return getattr(cls, "_fastft_algorithm", None)
 
 
+def lean_head_absent(algorithm: str | None) -> str | None:
+    """Why ``algorithm``'s row has no lean LM head (its loss is TRL's code as written), or None when it has one."""
+    spec = _TRAINERS.get(algorithm or "")
+    return None if spec is None or not spec.no_lean_head else spec.no_lean_head
+
+
 def _normalize(algorithm: str) -> str:
-    key = str(algorithm).upper()
-    if key not in _TRAINERS:
-        close = difflib.get_close_matches(key, SUPPORTED_ALGORITHMS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+    key = str(algorithm).upper().replace("_", "").replace("-", "").replace(" ", "")
+    key = key.removesuffix("TRAINER") if key.removesuffix("TRAINER") in _KEYS else key
+    if key not in _KEYS:
+        close = difflib.get_close_matches(key, list(_KEYS), n=1)
+        hint = f"; did you mean {_KEYS[close[0]]!r}?" if close else ""
         raise ValueError(f"PatchFastRL: unknown algorithm {algorithm!r}{hint} Supported: "
                          f"{', '.join(SUPPORTED_ALGORITHMS)} (or None for all)")
-    return key
+    return _KEYS[key]
 
 
 def PatchFastRL(algorithm: str | None = None, FastModel: Any = None) -> dict[str, bool]:  # noqa: N802, N803 (Unsloth's names)
@@ -149,8 +182,9 @@ def PatchFastRL(algorithm: str | None = None, FastModel: Any = None) -> dict[str
     it (anything before ``.train()``), run the fast paths too.
 
     Args:
-        algorithm: one of ``SUPPORTED_ALGORITHMS`` ("SFT", "DPO", "GRPO", "KTO", "RLOO"; any case), or None for
-            all of them.
+        algorithm: one of ``SUPPORTED_ALGORITHMS`` ("SFT", "DPO", "GRPO", "KTO", "RLOO" with fastft's lean LM head;
+            "Reward", "ORPO", "CPO", "OnlineDPO" with the rest: optimizer, checkpointing rule, step-1 summary; any
+            case, ``_``/``-`` ignored), or None for all of them.
         FastModel: accepted for Unsloth compatibility; when it has ``for_inference``/``for_training``, GRPO calls them
             around generation (default: ``fastft.model.FastModel``).
 
@@ -178,9 +212,9 @@ def PatchFastRL(algorithm: str | None = None, FastModel: Any = None) -> dict[str
         if not result[name]:
             for patch in reversed(applied):  # never leave a trainer half-patched
                 patch.revert()
-        else:
+        elif not _TRAINERS[name].no_lean_head:
             _without_fused_head(name)  # says once, visibly, when this TRL runs the losses its own way
     return result
 
 
-__all__ = ["LOSS_ONLY", "PatchFastRL", "SUPPORTED_ALGORITHMS", "patched_algorithm"]
+__all__ = ["LOSS_ONLY", "PatchFastRL", "SUPPORTED_ALGORITHMS", "lean_head_absent", "patched_algorithm"]

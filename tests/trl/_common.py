@@ -52,19 +52,24 @@ def trainer_class(algorithm: str, patched: bool) -> type:
     fastft.unpatch()
     if patched:
         assert fastft.PatchFastRL(algorithm) == {algorithm: True}
+    from fastft.patches.trl import _TRAINERS
+
+    spec = _TRAINERS[algorithm]  # trl.<X>Trainer, or trl.experimental.<x>.<X>Trainer
     trl = importlib.import_module("trl")
-    cls = getattr(trl, f"{algorithm}Trainer")
-    assert cls.__name__ == f"{algorithm}Trainer"  # patched in place: the very class users imported
+    cls = getattr(trl, spec.class_name, None) or getattr(importlib.import_module(spec.module), spec.class_name)
+    assert cls.__name__ == spec.class_name  # patched in place: the very class users imported
     assert patched_algorithm(cls) == (algorithm if patched else None)
     return cls
 
 
 def run(algorithm: str, patched: bool, make: Callable[[type], Any], model_type: str = "llama",
+        build: Callable[[], Any] | None = None, keep: list | None = None,
         **model_kwargs: Any) -> tuple[list[dict[str, float]], int]:
-    """Train a fresh tiny model for STEPS steps; return the logged rows and how many fastft LM-head kernel calls ran."""
+    """Train a fresh tiny model (``build()``, default a causal LM of ``model_type``) for STEPS steps; return the
+    logged rows and how many fastft LM-head kernel calls ran. ``keep``: the trainer is appended to it."""
     cls = trainer_class(algorithm, patched)
     try:
-        model = build_tiny_model(model_type, **model_kwargs)
+        model = build() if build is not None else build_tiny_model(model_type, **model_kwargs)
         torch.manual_seed(0)
         before = _kernel_calls()  # from construction on: DPO can precompute reference log-probs in __init__
         trainer = make(cls, model, build_tokenizer())
@@ -74,6 +79,8 @@ def run(algorithm: str, patched: bool, make: Callable[[type], Any], model_type: 
         fastft.unpatch()
     rows = [row for row in trainer.state.log_history if "loss" in row]
     assert len(rows) == STEPS, rows
+    if keep is not None:
+        keep.append(trainer)
     return rows, calls
 
 

@@ -10,18 +10,20 @@ from datasets import Dataset
 import fastft
 from fastft._log import reset_once
 from fastft.offline import build_tiny_model, build_tokenizer
-from fastft.patches import trl as fast_trl
 from fastft.patches.trl import patched_algorithm
 from tests.trl._common import common_args, lora_config
 
-ALL_NAMES = {"SFT": "sft_trainer", "DPO": "dpo_trainer", "GRPO": "grpo_trainer", "KTO": "kto_trainer",
-             "RLOO": "rloo_trainer"}
+#: every row -> the module that defines its trainer (trl.experimental's for ORPO, CPO, Online DPO)
+ALL_NAMES = {"SFT": "trl.trainer.sft_trainer", "DPO": "trl.trainer.dpo_trainer", "GRPO": "trl.trainer.grpo_trainer",
+             "KTO": "trl.trainer.kto_trainer", "RLOO": "trl.trainer.rloo_trainer",
+             "Reward": "trl.trainer.reward_trainer", "ORPO": "trl.experimental.orpo.orpo_trainer",
+             "CPO": "trl.experimental.cpo.cpo_trainer", "OnlineDPO": "trl.experimental.online_dpo.online_dpo_trainer"}
 
 
 def _present(algorithm: str) -> bool:
     # The oldest TRL leg may lack a trainer: PatchFastRL() then reports it False (tested below), never crashes.
     try:
-        return hasattr(importlib.import_module(f"trl.trainer.{ALL_NAMES[algorithm]}"), f"{algorithm}Trainer")
+        return hasattr(importlib.import_module(ALL_NAMES[algorithm]), f"{algorithm}Trainer")
     except ImportError:
         return False
 
@@ -36,13 +38,17 @@ HOOKED = {alg: hooked for alg, hooked in {
     "DPO": ("compute_loss", "compute_ref_log_probs", "create_optimizer", "__init__"),
     "GRPO": _GENERATING,
     "KTO": ("compute_loss", "compute_ref_log_probs", "create_optimizer", "__init__"),
-    "RLOO": _GENERATING}.items() if alg in NAMES}
+    "RLOO": _GENERATING,
+    **{alg: ("create_optimizer", "__init__") for alg in ("Reward", "ORPO", "CPO", "OnlineDPO")}}.items()
+    if alg in NAMES}
 
 
 def _all_names(algorithm):
     trl = importlib.import_module("trl")
-    module = importlib.import_module(f"trl.trainer.{NAMES[algorithm]}")
+    module = importlib.import_module(NAMES[algorithm])
     cls = f"{algorithm}Trainer"
+    if not module.__name__.startswith("trl.trainer."):  # trl.experimental: one public name, its own module's
+        return getattr(module, cls), getattr(importlib.import_module(module.__name__.rsplit(".", 1)[0]), cls)
     return getattr(trl, cls), getattr(trl.trainer, cls), getattr(module, cls)
 
 
@@ -92,8 +98,15 @@ def test_unknown_algorithm_says_did_you_mean_and_lists_supported():
         fastft.PatchFastRL("GPRO")
     with pytest.raises(ValueError, match=r"did you mean 'RLOO'\?"):
         fastft.PatchFastRL("RLO")
-    with pytest.raises(ValueError, match="SFT, DPO, GRPO, KTO, RLOO"):
+    with pytest.raises(ValueError, match="SFT, DPO, GRPO, KTO, RLOO, Reward, ORPO, CPO, OnlineDPO"):
         fastft.PatchFastRL("PPO")
+    with pytest.raises(ValueError, match=r"did you mean 'Reward'\?"):
+        fastft.PatchFastRL("Rewrd")
+    with pytest.raises(ValueError, match=r"did you mean 'OnlineDPO'\?"):
+        fastft.PatchFastRL("online_dp")
+    # spelling-free: any case, "_" / "-" ignored, a trailing "Trainer" allowed
+    for spelling, row in (("reward", "Reward"), ("online_dpo", "OnlineDPO"), ("ORPOTrainer", "ORPO")):
+        assert fastft.PatchFastRL(spelling) == {row: True}
 
 
 def test_a_trainer_absent_from_this_trl_is_reported_not_raised(monkeypatch):
