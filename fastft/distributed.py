@@ -40,9 +40,14 @@ def is_dtensor(t: Any) -> bool:
     return isinstance(t, DTensor)
 
 
+def is_zero3_param(t: Any) -> bool:
+    """True for any parameter DeepSpeed ZeRO-3 manages (it carries a ``ds_id``), gathered on this rank or not."""
+    return hasattr(t, "ds_id")
+
+
 def is_zero3_partitioned(t: Any) -> bool:
     """True for a DeepSpeed ZeRO-3 parameter whose data is not gathered on this rank (an empty placeholder)."""
-    if not hasattr(t, "ds_id"):
+    if not is_zero3_param(t):
         return False
     status = getattr(t, "ds_status", None)
     return getattr(status, "name", str(status)) != "AVAILABLE" or t.numel() == 0

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from fastft._log import logger
+from fastft.distributed import is_dtensor, is_zero3_param
 from fastft.patches.base import Patch
 
 
@@ -108,9 +109,9 @@ def _refusal(model: nn.Module, embedding: nn.Module | None) -> str | None:
         return "the embedding is tied to the LM head, which needs it on the GPU"
     if weight.requires_grad:
         return "the embedding is trainable (modules_to_save or full fine-tuning): its gradient belongs on the GPU"
-    if type(weight).__name__ == "DTensor":
+    if is_dtensor(weight):
         return "the embedding is sharded (FSDP2): each rank holds only a shard"
-    if weight.numel() == 0 or hasattr(weight, "ds_id"):
+    if weight.numel() == 0 or is_zero3_param(weight):  # gathered or not: ZeRO-3 owns where it lives
         return "the embedding is partitioned by DeepSpeed ZeRO-3"
     return None
 

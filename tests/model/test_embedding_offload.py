@@ -83,6 +83,32 @@ def test_refusals_are_explained(caplog):
     assert "stays on" in caplog.text
 
 
+def test_sharded_or_zero3_embeddings_are_refused_as_fastft_distributed_detects_them():
+    """A frozen embedding that is an FSDP2 shard (a real DTensor, on a one-process gloo group) or a DeepSpeed ZeRO-3
+    parameter -- even one gathered on this rank -- stays where its engine put it."""
+    import types
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    model = build_tiny_model("llama")
+    embedding = model.get_input_embeddings()
+    frozen = embedding.weight.detach()
+    zero3 = torch.nn.Parameter(frozen.clone(), requires_grad=False)
+    zero3.ds_id, zero3.ds_status = 7, types.SimpleNamespace(name="AVAILABLE")  # gathered, still ZeRO-3's
+    embedding.weight = zero3
+    assert "DeepSpeed ZeRO-3" in offload_input_embeddings(model)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        embedding.weight = torch.nn.Parameter(distribute_tensor(frozen, mesh, [Shard(0)]), requires_grad=False)
+        assert "sharded (FSDP2)" in offload_input_embeddings(model)
+    finally:
+        dist.destroy_process_group()
+    assert not isinstance(model.get_input_embeddings(), HostEmbedding)
+
+
 def test_idempotent_and_reverted_by_unpatch():
     model = build_tiny_model("llama")
     model.requires_grad_(False)
