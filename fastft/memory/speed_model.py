@@ -152,10 +152,11 @@ def _custom_flops(name: str, args: tuple, kwargs: dict) -> int | None:
     if name == "fastft_memmodel::flash_attention_backward":
         return _attention_flops(a[1], a[2], a[3], backward=True)
     if name == "fastft::linear_cross_entropy_chunks":
-        hidden, weight, dloss = a[0], a[1], a[4]
+        # (hidden, weight, bias, labels, class_weight, d_ce, d_z, d_entropy, *, options by keyword)
+        hidden, weight, d_ce = args[0], args[1], args[5]
         per = 2 * hidden.shape[0] * hidden.shape[1] * weight.shape[0]
-        grads = dloss is not None
-        return per * (1 + (grads and bool(a[11])) + (grads and bool(a[12])))  # logits, dhidden, dweight
+        grads = d_ce is not None
+        return per * (1 + (grads and bool(kwargs["compute_dh"])) + (grads and bool(kwargs["compute_dw"])))
     if name == "fastft::grouped_gemm_forward":
         x, w, transpose_w = a[0], a[1], a[3]
         n = w.shape[2] if transpose_w else w.shape[1]
