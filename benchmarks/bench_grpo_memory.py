@@ -31,12 +31,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
+import torch
 
-import fastft  # noqa: E402
-from fastft.memory import LiveBytesTracker  # noqa: E402
-from fastft.offline import build_tiny_model, build_tokenizer  # noqa: E402
-from fastft.patches.trl import patched_algorithm  # noqa: E402
+import fastft
+from fastft.memory import LiveBytesTracker
+from fastft.offline import build_tiny_model, build_tokenizer
+from fastft.patches.trl import patched_algorithm
 
 
 def fixed_generations(length: int):

@@ -20,14 +20,14 @@ import time
 
 os.environ.pop("TRITON_INTERPRET", None)  # plain torch path: what a CPU user runs
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
 
-from fastft.kernels import path_counts  # noqa: E402
-from fastft.kernels.lora import lora_mlp  # noqa: E402
-from fastft.memory import LiveBytesTracker  # noqa: E402
+from fastft.kernels import path_counts
+from fastft.kernels.lora import lora_mlp
+from fastft.memory import LiveBytesTracker
 
 
 class LlamaMLP(nn.Module):
@@ -102,7 +102,7 @@ def main(argv=None) -> None:
 
     rows = [measure("PEFT eager (HF LlamaMLP)", mlp, x, dy, params)]
     for mode in ("activation", "projections"):
-        fused = lambda t, mode=mode: lora_mlp(mlp, t, "silu", recompute=mode)  # noqa: E731
+        fused = lambda t, mode=mode: lora_mlp(mlp, t, "silu", recompute=mode)
         rows.append(measure(f"fused, recompute={mode}", fused, x, dy, params))
     assert path_counts[("swiglu", "torch")] > 0 and path_counts[("swiglu", "triton")] == 0  # plain torch path ran
     mib = 2**20

@@ -35,13 +35,13 @@ import time
 
 os.environ.pop("TRITON_INTERPRET", None)  # plain CPU path: the interpreter would run the kernels ~100x slower
 
-import importlib  # noqa: E402
+import importlib
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from fastft.kernels import _launch, linear_cross_entropy, path_counts, selective_log_softmax  # noqa: E402
-from fastft.memory import LiveBytesTracker  # noqa: E402
+from fastft.kernels import _launch, linear_cross_entropy, path_counts, selective_log_softmax
+from fastft.memory import LiveBytesTracker
 
 # the package re-exports functions under the modules' names, so fetch the modules themselves
 lce = importlib.import_module("fastft.kernels.linear_cross_entropy")

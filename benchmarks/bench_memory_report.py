@@ -89,8 +89,8 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(OUT / "max_context_per_gpu.png", dpi=120)
 
-    gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
-    num = lambda n: "OOM" if not n else f"{n:,}"  # noqa: E731
+    gib = lambda b: f"{b / 2**30:.2f}"
+    num = lambda n: "OOM" if not n else f"{n:,}"
     notes = sorted({n for p in planners.values() for n in p.model.notes})
     lines = [
         f"# Memory report: {MODEL}, 4-bit QLoRA r={R} on all linear layers, batch 1, {OPTIM} (MODELED)",

@@ -11,7 +11,7 @@ import sys
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
 torch.set_num_threads(1)
 sys.path.insert(0, os.path.dirname(__file__))
