@@ -6,7 +6,9 @@
    there, outside the tested ranges: the report says what imported, what came from the carried wheels);
 2. the CUDA suite, in time-limited tiers (pass/fail/skip counts; logs beside the report);
 3. per-kernel speed at Llama-3.1-8B shapes (kernel_bench);
-4. the end-to-end LoRA / QLoRA SFT step on ~1B and 8B Llama-shaped random-weight configs (step_bench);
+4. the end-to-end LoRA / QLoRA SFT step on ~1B and 8B Llama-shaped random-weight configs (step_bench), with the
+   modeled (roofline) step of fastft.memory.speed_model for the same rows beside it (benchmarks/gpu/modeled.py, on
+   the CPU in the background from the start, so it costs no GPU time);
 5. results.json and report.md.
 Every stage has a time budget; what did not fit is listed as skipped, never left out silently.
 ``--dry-run``: the same code end to end on CPU (Triton interpreter, tiny shapes, CPU-collected suite) -- a CI test.
@@ -114,6 +116,41 @@ def run_steps(out: Path, dry_run: bool, deadline: float, notes: list[str]) -> li
     return runs
 
 
+def start_modeled(out: Path, dry_run: bool, gpu_name: str, notes: list[str]) -> tuple | None:
+    """Start benchmarks/gpu/modeled.py in the background (CPU only, niced) -> (process, json path), or None."""
+    from fastft.memory.speed_model import gpu_from_device_name
+
+    gpu = "H200" if dry_run else getattr(gpu_from_device_name(gpu_name), "name", None)
+    if gpu is None:
+        notes.append(f"no modeled (roofline) step: GPU {gpu_name!r} is not in fastft.memory.speed_model.GPUS")
+        return None
+    path = out / "modeled.json"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
+    cmd = [sys.executable, "-m", "benchmarks.gpu.modeled", "--gpu", gpu, "--json", str(path)]
+    log = open(out / "modeled.log", "w")  # noqa: SIM115 - the child writes it until finish_modeled
+    proc = subprocess.Popen(cmd + (["--dry-run"] if dry_run else []), cwd=REPO, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, preexec_fn=lambda: os.nice(10))
+    return proc, path, log
+
+
+def finish_modeled(started: tuple | None, wait_s: float, notes: list[str]) -> dict | None:
+    """Wait up to ``wait_s`` for the modeled rows, stop the process, and return what it wrote."""
+    if started is None:
+        return None
+    proc, path, log = started
+    try:
+        proc.wait(timeout=max(1.0, wait_s))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        notes.append("modeled (roofline) rows: stopped at the check's deadline; rows not reached are blank")
+    log.close()
+    if proc.returncode not in (0, None) and not path.exists():
+        notes.append(f"modeled (roofline) rows failed (exit {proc.returncode}): see modeled.log")
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="fastft's prepared GPU check")
     ap.add_argument("outdir")
@@ -141,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                                      else [])),
                     "notes": []}
     result["environment"] = environment([w for w in args.carried.split(",") if w])
+    modeled = start_modeled(out, args.dry_run, result["environment"]["gpu"], result["notes"])
     device = "cpu" if args.dry_run else "cuda"
     if args.dry_run:
         # On CPU the CUDA tests must collect and skip cleanly; that is what the dry run checks.
@@ -161,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                 out, device=device, limit_s=left, workers=4))
         else:
             result["notes"].append("tier models+trl+memory not run: no time left in the budget")
+    result["modeled"] = finish_modeled(modeled, min(60.0, end + 20 - time.perf_counter()), result["notes"])
     result["seconds"] = time.perf_counter() - start
     (out / "results.json").write_text(json.dumps(result, indent=1, default=str))
     (out / "report.md").write_text(report.render(result))

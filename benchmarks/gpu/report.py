@@ -21,12 +21,24 @@ def _kernel_table(k: dict) -> list[str]:
     return out
 
 
-def _step_table(runs: list[dict]) -> list[str]:
-    out = ["| config | mode | impl | tokens | s/step | tokens/s | peak GiB | losses | note |",
-           "|---|---|---|---|---|---|---|---|---|"]
+def _modeled_cells(modeled: dict | None, run: dict, row: dict) -> str:
+    """The modeled (roofline) s/step, its peak GiB and measured/modeled for one measured row ('' where none)."""
+    found = [m for m in (modeled or {}).get("rows", []) if (m["config"], m["mode"], m["impl"], m["tokens"]) ==
+             (run["config"], run["mode"], run["impl"], row["tokens"])]
+    if not found or "seconds_per_step" not in found[0]:
+        return " | | |" if not found else f" {found[0].get('error', '')[:80]} | | |"
+    m = found[0]
+    measured = row.get("seconds_per_step")
+    ratio = f"{measured / m['seconds_per_step']:.2f}" if measured else ""
+    return f" {m['seconds_per_step']:.4f} | {m['peak_gib']:.2f} | {ratio} |"
+
+
+def _step_table(runs: list[dict], modeled: dict | None = None) -> list[str]:
+    out = ["| config | mode | impl | tokens | s/step | tokens/s | peak GiB | losses | modeled (roofline) s/step | "
+           "modeled peak GiB | measured / modeled | note |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         if run.get("error") or not run.get("rows"):
-            out.append(f"| {run['config']} | {run['mode']} | {run['impl']} | | | | | | "
+            out.append(f"| {run['config']} | {run['mode']} | {run['impl']} | | | | | | | | | "
                        f"{run.get('error', 'no rows')[:200]} |")
             continue
         for r in run["rows"]:
@@ -34,8 +46,19 @@ def _step_table(runs: list[dict]) -> list[str]:
             peak = "" if r.get("peak_gib") is None else r["peak_gib"]  # None on CPU (dry run)
             out.append(f"| {run['config']} | {run['mode']} | {run['impl']} | {r['tokens']} | "
                        f"{r.get('seconds_per_step', '')} | {r.get('tokens_per_s', '')} | {peak} | "
-                       f"{losses} | {r.get('error', '')} |")
+                       f"{losses} |{_modeled_cells(modeled, run, r)} {r.get('error', '')} |")
     return out
+
+
+def _modeled_note(modeled: dict | None, dry_run: bool) -> list[str]:
+    if not modeled:
+        return ["", "No modeled (roofline) figures (see Notes)."]
+    where = "the H200 this check is prepared for (DRY RUN: the measured column is CPU time, so the ratio means " \
+            "nothing here)" if dry_run else modeled["gpu"]
+    return ["", f"Modeled (roofline) columns: fastft.memory.speed_model priced for {where} -- published dense peaks, "
+            f"HBM bandwidth, {modeled['launch_overhead_s'] * 1e6:.0f} us per launch; the step model's figures for "
+            "the same config (a bound: real kernels reach neither peak). measured / modeled > 1 is the model's "
+            "optimism; Liger has no model. Modeled peak memory is tensors only (measured: max_memory_allocated)."]
 
 
 def _last_line(text: str) -> str:
@@ -63,7 +86,8 @@ def render(result: dict) -> str:
         lines += [f"- `{f['test']}`: {_last_line(f['message'])}" for f in fails]
     lines += ["", "## Kernels", "", *_kernel_table(result["kernels"])] if result.get("kernels") else []
     lines += ["", "## End-to-end SFT step (batch 1, LoRA r16 on all linear layers, AdamW)", "",
-              *_step_table(result["steps"])]
+              *_step_table(result["steps"], result.get("modeled")),
+              *_modeled_note(result.get("modeled"), result["dry_run"])]
     if result.get("notes"):
         lines += ["", "## Notes", "", *[f"- {n}" for n in result["notes"]]]
     return "\n".join(lines) + "\n"

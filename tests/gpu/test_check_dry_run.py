@@ -38,3 +38,7 @@ def test_gpu_check_dry_run_end_to_end(tmp_path):
     assert "liger" in steps  # imported and measured, or a stated reason
     assert steps["liger"].get("rows") or steps["liger"].get("error")
     assert "| tiny | lora | fastft | 32 |" in report
+    # the modeled (roofline) step for the same rows sits beside the measured one (fastft and the baseline)
+    modeled = {(r["impl"], r["tokens"]): r for r in result["modeled"]["rows"]}
+    assert modeled[("fastft", 32)]["seconds_per_step"] > 0 and modeled[("baseline", 32)]["seconds_per_step"] > 0
+    assert "modeled (roofline) s/step" in report
