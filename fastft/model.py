@@ -123,6 +123,7 @@ class FastModel:
         trust_remote_code: bool = False,
         token: str | None = None,
         revision: str | None = None,
+        tiled_mlp: bool | int = False,
         **kwargs: Any,
     ) -> tuple[nn.Module, Any]:
         """Load ``model_name`` (a local directory or a hub name) with fastft's kernels in place.
@@ -142,7 +143,6 @@ class FastModel:
             raise ValueError("full_finetuning trains every weight and cannot train quantized weights; "
                              "drop load_in_4bit/load_in_8bit or use LoRA")
         _check_max_seq_length(max_seq_length)
-        tiled_mlp = kwargs.pop("tiled_mlp", False)
         is_local = _check_model_source(model_name)
         on_cuda = torch.cuda.is_available() and device_map != "cpu"
         torch_dtype = _resolve_dtype(dtype, on_cuda)

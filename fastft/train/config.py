@@ -2,14 +2,19 @@
 
 One file maps 1:1 to what it builds::
 
-    model:    FastModel.from_pretrained(...) arguments, plus `lora:` (get_peft_model arguments, or null for none)
+    model:    FastModel.from_pretrained(...) and FastModel.for_training(...) arguments, plus `lora:`
+              (FastModel.get_peft_model arguments and the peft.LoraConfig fields it passes on, or null for none)
     data:     where the examples come from and how they are formatted
     trainer:  `type: sft|dpo|grpo` plus fields of trl.SFTConfig / DPOConfig / GRPOConfig, checked against the dataclass
     optim:    optimizer fields (optim, learning_rate, ...), forwarded to the same TRL config
     rewards:  GRPO reward functions: built-in names or "pkg.module:function"
     output_dir, resume (false | true | auto | a checkpoint dir), max_minutes
 
-Every problem is reported at once, each naming its dotted key and, for a misspelt key, the nearest valid one.
+The keys and types of model:, lora: and trainer: are read from those signatures and dataclasses themselves (names
+from ``inspect.signature``, types from their annotations, checked by pydantic in strict mode), so a parameter added
+there is accepted here with nothing to copy. YAML 1.2 floats (``1e-4``, which PyYAML's YAML 1.1 reads as a string)
+load as floats. Every problem is reported at once, each naming its dotted key and, for a misspelt key, the nearest
+valid one.
 Model and data paths are checked here too (fastft.train.sources: file system only, no hub call); formats and
 columns need the data itself and are checked by fastft.train.data, still before any model loads.
 """
@@ -18,13 +23,16 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import enum
+import functools
+import inspect
 import os
+import re
 import types
 import typing
 from typing import Any
 
 import yaml
+from pydantic import ConfigDict, PydanticUserError, TypeAdapter, ValidationError
 
 from fastft.sources import (
     ACCEPTED_DATA_FILES,
@@ -44,61 +52,33 @@ FORMATS_FOR_TRAINER = {
     "grpo": ("prompt",),
 }
 
-_OPT_STR = (str, type(None))
-_LIST_OR_STR = (list, str, type(None))
-
-#: model: key -> accepted Python types (after YAML parsing). "lora" is checked against LORA_SCHEMA.
-MODEL_SCHEMA: dict[str, tuple[type, ...]] = {
-    "name": (str,),
-    "max_seq_length": (int,),
-    "dtype": _OPT_STR,
-    "load_in_4bit": (bool,),
-    "load_in_8bit": (bool,),
-    "full_finetuning": (bool,),
-    "device_map": (str, dict, type(None)),
-    "attn_implementation": _OPT_STR,
-    "trust_remote_code": (bool,),
-    "revision": _OPT_STR,
-    "tiled_mlp": (bool, int),
-    "use_gradient_checkpointing": (bool, str),
-    "lora": (dict, bool, type(None)),
+#: The top level: section -> annotation. model:, data: and trainer: are checked key by key below.
+TOP_SCHEMA: dict[str, Any] = {
+    "model": dict,
+    "data": dict,
+    "trainer": dict,
+    "optim": dict | None,
+    "rewards": list | None,
+    "output_dir": str,
+    "resume": bool | str,
+    "max_minutes": float | None,
 }
-LORA_SCHEMA: dict[str, tuple[type, ...]] = {
-    "r": (int,),
-    "lora_alpha": (int, float),
-    "lora_dropout": (float, int),
-    "target_modules": _LIST_OR_STR,
-    "bias": (str,),
-    "use_rslora": (bool,),
-    "modules_to_save": (list, type(None)),
-    "random_state": (int,),
-    "offload_embeddings": (bool,),
-}
-DATA_SCHEMA: dict[str, tuple[type, ...]] = {
-    "path": (str,),                # local .jsonl/.json/.csv/.parquet, a datasets name, or builtin:arithmetic
-    "name": _OPT_STR,              # datasets config name
-    "split": (str,),
-    "eval_path": _OPT_STR,         # a local eval file
-    "eval_split": _OPT_STR,        # a split of the same dataset
-    "eval_size": (float, int, type(None)),  # hold out this fraction (<1) or count (>=1) of the train split
-    "format": (str,),
-    "rename": (dict, type(None)),  # {old column: new column}, e.g. {question: prompt} for GSM8K
-    "text_field": (str,),
-    "chat_template": _OPT_STR,     # a Jinja template string or a path to a .jinja file
-    "train_on_responses_only": (bool,),
-    "packing": (bool,),
-    "max_samples": (int, type(None)),
-    "seed": (int,),
-}
-TOP_SCHEMA: dict[str, tuple[type, ...]] = {
-    "model": (dict,),
-    "data": (dict,),
-    "trainer": (dict,),
-    "optim": (dict, type(None)),
-    "rewards": (list, type(None)),
-    "output_dir": (str,),
-    "resume": (bool, str),
-    "max_minutes": (float, int, type(None)),
+#: data: is fastft's own (read by fastft.train.data): key -> annotation.
+DATA_SCHEMA: dict[str, Any] = {
+    "path": str,                 # local .jsonl/.json/.csv/.parquet, a datasets name, or builtin:arithmetic
+    "name": str | None,          # datasets config name
+    "split": str,
+    "eval_path": str | None,     # a local eval file
+    "eval_split": str | None,    # a split of the same dataset
+    "eval_size": int | float | None,  # hold out this fraction (<1) or count (>=1) of the train split
+    "format": str,
+    "rename": dict | None,       # {old column: new column}, e.g. {question: prompt} for GSM8K
+    "text_field": str,
+    "chat_template": str | None,  # a Jinja template string or a path to a .jinja file
+    "train_on_responses_only": bool,
+    "packing": bool,
+    "max_samples": int | None,
+    "seed": int,
 }
 #: optim: fields of TrainingArguments that choose and tune the optimizer and schedule.
 OPTIM_FIELDS = (
@@ -132,20 +112,8 @@ def _suggest(key: str, valid: typing.Iterable[str]) -> str:
     return f"; did you mean `{close[0]}`?" if close else ""
 
 
-def _type_names(types_: tuple[type, ...]) -> str:
-    return " or ".join("null" if t is type(None) else t.__name__ for t in types_)
-
-
 def _describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}" if value is not None else "null"
-
-
-def _check_simple(value: Any, accepted: tuple[type, ...]) -> bool:
-    if isinstance(value, bool):  # YAML `yes` is a bool; a bool is never an int/float here
-        return bool in accepted
-    if isinstance(value, int) and float in accepted:
-        return True
-    return isinstance(value, accepted)
 
 
 def _check_at_least_one(section: dict, key: str, prefix: str, errors: list[str]) -> None:
@@ -154,75 +122,137 @@ def _check_at_least_one(section: dict, key: str, prefix: str, errors: list[str])
         errors.append(f"{prefix}{key}: must be >= 1, got {value}")
 
 
-def _check_section(section: dict, schema: dict[str, tuple[type, ...]], prefix: str, errors: list[str]) -> None:
-    for key, value in section.items():
-        if key not in schema:
-            errors.append(f"{prefix}{key}: unknown key{_suggest(str(key), schema)} (valid: {', '.join(schema)})")
-        elif not _check_simple(value, schema[key]):
-            errors.append(f"{prefix}{key}: expected {_type_names(schema[key])}, got {_describe(value)}")
+# ---------------------------------------------------------------------------------------------------------------------
+# Types: a value against an annotation (strict: no str -> int, no bool -> int; an int is a valid float)
+# ---------------------------------------------------------------------------------------------------------------------
+_STRICT = ConfigDict(strict=True, arbitrary_types_allowed=True)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Dataclass field types (TRL configs annotate with real types: int, float | None, list[str], Enum | str, ...)
-# ---------------------------------------------------------------------------------------------------------------------
-def _coerce(value: Any, annotation: Any) -> tuple[bool, Any]:
-    """(ok, value) for ``value`` against ``annotation``; YAML reads ``1e-4`` as a string, so numeric strings convert."""
-    if annotation is Any or annotation is dataclasses.MISSING:
-        return True, value
-    if annotation is type(None) or annotation is None:
-        return value is None, value
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        arms = typing.get_args(annotation)
-        for arm in arms:  # exact matches first, so "steps" stays a str for `SaveStrategy | str`
-            ok, out = _coerce(value, arm)
-            if ok and not (isinstance(value, str) and arm in (int, float)):
-                return True, out
-        for arm in arms:
-            ok, out = _coerce(value, arm)
-            if ok:
-                return True, out
+def _new_adapter(annotation: Any) -> TypeAdapter:
+    try:
+        return TypeAdapter(annotation, config=_STRICT)
+    except PydanticUserError:  # a dataclass / model type carries its own config (e.g. peft's LoraRuntimeConfig)
+        return TypeAdapter(annotation)
+
+
+_cached_adapter = functools.cache(_new_adapter)
+
+
+def _adapter(annotation: Any) -> TypeAdapter:
+    try:
+        return _cached_adapter(annotation)
+    except TypeError:  # an unhashable annotation (Annotated metadata): build it each time
+        return _new_adapter(annotation)
+
+
+def check_value(value: Any, annotation: Any) -> tuple[bool, Any]:
+    """(ok, value) for ``value`` against a type annotation; the value comes back as validated (an int for a float
+    field as a float, a dict for a dataclass field as that dataclass)."""
+    try:
+        return True, _adapter(annotation).validate_python(value)
+    except ValidationError:
         return False, value
-    if origin is typing.Literal:
-        return value in typing.get_args(annotation), value
-    if annotation is bool:
-        return isinstance(value, bool), value
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
-        if isinstance(value, str):
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, value
-        return False, value
-    if annotation is str:
-        return isinstance(value, str), value
-    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-        values = {m.value for m in annotation}
-        return (value in values) or isinstance(value, annotation), value
-    if origin in (list, tuple) or annotation in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            return False, value
-        args = typing.get_args(annotation)
-        if args and args[0] in (int, float, str, bool):
-            converted = []
-            for item in value:
-                ok, out = _coerce(item, args[0])
-                if not ok:
-                    return False, value
-                converted.append(out)
-            return True, converted
-        return True, list(value)
-    if origin is dict or annotation is dict:
-        return isinstance(value, dict), value
-    return True, value  # anything exotic: the dataclass's own __post_init__ has the last word
 
 
 def _annotation_name(annotation: Any) -> str:
-    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+    """``int | None`` -> "int or null"; ``torch.dtype`` -> "torch.dtype"; ``Literal['a', 'b']`` -> "'a' or 'b'"."""
+    if annotation is type(None) or annotation is None:
+        return "null"
+    if annotation is Any:
+        return "any value"
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_annotation_name(arm) for arm in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return " or ".join(repr(v) for v in typing.get_args(annotation))
+    if isinstance(annotation, type) and origin is None:
+        module = annotation.__module__.split(".")[0]
+        return annotation.__qualname__ if module == "builtins" else f"{module}.{annotation.__qualname__}"
+    return str(annotation).replace("typing.", "")
+
+
+def signature_fields(func: Any, skip: typing.Iterable[str] = ()) -> dict[str, Any]:
+    """``{parameter: annotation}`` for the named parameters of ``func`` (not ``*args``/``**kwargs``, not ``skip``)."""
+    hints = typing.get_type_hints(func)
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {name: hints.get(name, Any) for name, param in inspect.signature(func).parameters.items()
+            if param.kind in named and name not in set(skip)}
+
+
+def dataclass_fields(cls: type, skip: typing.Iterable[str] = ()) -> dict[str, Any]:
+    """``{field: annotation}`` for the ``__init__`` fields of a dataclass (TRL configs, peft.LoraConfig)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init and f.name not in set(skip)}
+
+
+def _check_fields(section: dict, fields: dict[str, Any], prefix: str, errors: list[str], out: dict | None = None, *,
+                  unknown: str = "unknown key", valid: str | None = None) -> None:
+    """Check each key of ``section`` against ``fields`` (name -> annotation); validated values go to ``out``."""
+    for key, value in section.items():
+        if key not in fields:
+            listing = valid if valid is not None else f" (valid: {', '.join(fields)})"
+            errors.append(f"{prefix}{key}: {unknown}{_suggest(str(key), fields)}{listing}")
+            continue
+        ok, checked = check_value(value, fields[key])
+        if not ok:
+            errors.append(f"{prefix}{key}: expected {_annotation_name(fields[key])}, got {_describe(value)}")
+        elif out is not None:
+            out[key] = checked
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# model: and model.lora: -- the signatures `fastft train` calls (fastft.train.run.load_model)
+# ---------------------------------------------------------------------------------------------------------------------
+#: What `fastft train` passes to FastModel.for_training / get_peft_model when model: does not say: checkpointing on,
+#: fastft's mode (the API's own default, None, defers to TRL's gradient_checkpointing, which run.py turns off so
+#: that FastModel owns it).
+TRAINING_DEFAULTS: dict[str, Any] = {"use_gradient_checkpointing": "fastft"}
+#: model.lora: keys set elsewhere: naming them there is an error pointing to the right place.
+_LORA_OWNED_ELSEWHERE = {"use_gradient_checkpointing": "`model.use_gradient_checkpointing` (it applies with or "
+                                                       "without LoRA)",
+                         "task_type": "fastft (always CAUSAL_LM)"}
+
+
+@functools.lru_cache(maxsize=1)
+def model_fields() -> tuple[dict[str, Any], dict[str, Any]]:
+    """(from_pretrained fields, for_training fields): model: takes both; ``name`` is ``model_name``."""
+    from fastft.model import FastModel
+
+    load = {"name": str, **signature_fields(FastModel.from_pretrained, skip=("model_name",))}
+    return load, signature_fields(FastModel.for_training, skip=("model",))
+
+
+@functools.lru_cache(maxsize=1)
+def lora_fields() -> tuple[dict[str, Any], dict[str, Any]]:
+    """(get_peft_model's own parameters, the peft.LoraConfig fields its ``**kwargs`` reach)."""
+    from fastft.model import FastModel
+
+    own = signature_fields(FastModel.get_peft_model, skip=("model", *_LORA_OWNED_ELSEWHERE))
+    import peft
+
+    return own, dataclass_fields(peft.LoraConfig, skip=(*own, *_LORA_OWNED_ELSEWHERE))
+
+
+def split_model_section(model: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A validated model: section -> (``FastModel.from_pretrained`` kwargs without the name, the kwargs for
+    ``for_training`` / ``get_peft_model``, defaults from TRAINING_DEFAULTS filled in)."""
+    load, training = model_fields()
+    return ({k: v for k, v in model.items() if k in load and k != "name"},
+            {**TRAINING_DEFAULTS, **{k: v for k, v in model.items() if k in training}})
+
+
+def _check_model(model: dict, errors: list[str]) -> None:
+    load, training = model_fields()
+    _check_fields(model, {**load, **training, "lora": dict | bool | None}, "model.", errors, model)
+
+
+def _check_lora(lora: dict, errors: list[str]) -> None:
+    own, passed_on = lora_fields()
+    for key in [k for k in lora if k in _LORA_OWNED_ELSEWHERE]:
+        errors.append(f"model.lora.{key}: set by {_LORA_OWNED_ELSEWHERE[key]}, not under model.lora")
+        del lora[key]
+    _check_fields(lora, {**own, **passed_on}, "model.lora.", errors, lora,
+                  valid=f" (valid: {', '.join(own)}, or a peft.LoraConfig field)")
 
 
 def trainer_config_class(trainer_type: str) -> type:
@@ -232,34 +262,41 @@ def trainer_config_class(trainer_type: str) -> type:
     return {"sft": trl.SFTConfig, "dpo": trl.DPOConfig, "grpo": trl.GRPOConfig}[trainer_type]
 
 
+@functools.cache
+def trainer_fields(cls: type) -> dict[str, Any]:
+    """The fields trainer: and optim: may set: the TRL config's, plus fastft's ``embedding_learning_rate``
+    (declared by fastft.optim's EmbeddingLRMixin; set as an attribute after construction by fastft.train.run)."""
+    from fastft.optim.factory import EmbeddingLRMixin
+
+    return {**dataclass_fields(cls), **dataclass_fields(EmbeddingLRMixin)}
+
+
 def _check_trainer_fields(section: dict, cls: type, prefix: str, errors: list[str], out: dict) -> None:
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    for key, value in section.items():
-        if key == "type":
-            continue
-        if key in _OWNED_ELSEWHERE:
-            errors.append(f"{prefix}{key}: set it with {_OWNED_ELSEWHERE[key]}, not under {prefix.rstrip('.')}")
-            continue
-        if key == "embedding_learning_rate":  # fastft.optim reads it as an attribute (not a TRL field)
-            ok, out_value = _coerce(value, float)
-            if not ok:
-                errors.append(f"{prefix}{key}: expected float, got {_describe(value)}")
-            out[key] = out_value
-            continue
-        if key not in fields:
-            errors.append(f"{prefix}{key}: not a field of {cls.__name__}{_suggest(str(key), fields)}")
-            continue
-        ok, out_value = _coerce(value, fields[key].type)
-        if not ok:
-            errors.append(f"{prefix}{key}: expected {_annotation_name(fields[key].type)}, got {_describe(value)}")
-        out[key] = out_value
+    owned = [k for k in section if k in _OWNED_ELSEWHERE]
+    for key in owned:
+        errors.append(f"{prefix}{key}: set it with {_OWNED_ELSEWHERE[key]}, not under {prefix.rstrip('.')}")
+    rest = {k: v for k, v in section.items() if k != "type" and k not in owned}
+    _check_fields(rest, trainer_fields(cls), prefix, errors, out, unknown=f"not a field of {cls.__name__}", valid="")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Loading and overrides
 # ---------------------------------------------------------------------------------------------------------------------
+class _Loader(yaml.SafeLoader):
+    """yaml.safe_load plus YAML 1.2's exponent floats: PyYAML implements YAML 1.1, where ``1e-4`` (no dot) is a
+    string -- the usual way to write a learning rate."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
+def _yaml(stream: Any) -> Any:
+    return yaml.load(stream, Loader=_Loader)  # a SafeLoader subclass: no Python objects
+
+
 def apply_override(raw: dict, assignment: str) -> None:
-    """Apply one ``--set dotted.key=value`` (value parsed with ``yaml.safe_load``) to ``raw`` in place."""
+    """Apply one ``--set dotted.key=value`` (value parsed as YAML, safely) to ``raw`` in place."""
     if "=" not in assignment:
         raise ConfigError([f"--set {assignment!r}: expected KEY=VALUE, e.g. --set trainer.learning_rate=1e-4"])
     key, _, text = assignment.partition("=")
@@ -267,7 +304,7 @@ def apply_override(raw: dict, assignment: str) -> None:
     if not key.strip() or any(not p for p in parts):
         raise ConfigError([f"--set {assignment!r}: empty key segment in {key!r}"])
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = _yaml(text) if text.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError([f"--set {key}: value {text!r} is not valid YAML ({exc.__class__.__name__})"]) from None
     node = raw
@@ -282,10 +319,10 @@ def apply_override(raw: dict, assignment: str) -> None:
 
 
 def load_raw(path: str | os.PathLike, overrides: typing.Sequence[str] = ()) -> dict:
-    """Read a YAML config (safe_load only) and apply ``--set`` overrides."""
+    """Read a YAML config (safe loading only) and apply ``--set`` overrides."""
     try:
         with open(path, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh)
+            raw = _yaml(fh)
     except FileNotFoundError:
         raise ConfigError([f"config file {str(path)!r} does not exist"]) from None
     except yaml.YAMLError as exc:
@@ -317,7 +354,7 @@ class TrainConfig:
 def validate(raw: dict) -> TrainConfig:
     """Check every section; raise :class:`ConfigError` listing all problems. Imports trl's config classes only."""
     errors: list[str] = []
-    _check_section(raw, TOP_SCHEMA, "", errors)
+    _check_fields(raw, TOP_SCHEMA, "", errors)
     for required in ("model", "data", "trainer", "output_dir"):
         if required not in raw:
             errors.append(f"{required}: required section is missing")
@@ -326,7 +363,7 @@ def validate(raw: dict) -> TrainConfig:
     trainer = dict(raw.get("trainer") or {}) if isinstance(raw.get("trainer"), dict) else {}
     optim = dict(raw.get("optim") or {}) if isinstance(raw.get("optim"), dict) else {}
 
-    _check_section(model, MODEL_SCHEMA, "model.", errors)
+    _check_model(model, errors)
     if "name" not in model and isinstance(raw.get("model"), dict):
         errors.append(f"model.name: required ({MODEL_NAME_FORMS})")
     elif isinstance(model.get("name"), str):
@@ -344,7 +381,7 @@ def validate(raw: dict) -> TrainConfig:
         lora = {}
     else:
         lora = dict(lora_raw) if isinstance(lora_raw, dict) else {}
-        _check_section(lora, LORA_SCHEMA, "model.lora.", errors)
+        _check_lora(lora, errors)
         _check_at_least_one(lora, "r", "model.lora.", errors)
     if model.get("full_finetuning") and lora is not None and isinstance(raw.get("model"), dict) \
             and "lora" in raw["model"]:
@@ -352,7 +389,7 @@ def validate(raw: dict) -> TrainConfig:
     if model.get("full_finetuning"):
         lora = None
 
-    _check_section(data, DATA_SCHEMA, "data.", errors)
+    _check_fields(data, DATA_SCHEMA, "data.", errors, data)
     if "path" not in data and isinstance(raw.get("data"), dict):
         errors.append(f"data.path: required (a local {ACCEPTED_DATA_FILES} file, a datasets name, "
                       "or builtin:arithmetic)")
@@ -439,7 +476,8 @@ def _check_rewards(rewards: Any, trainer_type: str | None, errors: list[str]) ->
                 errors.append(f"{key}.{sub}: unknown key{_suggest(str(sub), ('function', 'weight'))} "
                               "(valid: function, weight)")
         weight = entry.get("weight", 1.0)
-        if not _check_simple(weight, (float,)):
+        weight_ok, weight = check_value(weight, float)
+        if not weight_ok:
             errors.append(f"{key}.weight: expected float, got {_describe(weight)}")
         name = entry.get("function")
         if not isinstance(name, str):
@@ -450,7 +488,7 @@ def _check_rewards(rewards: Any, trainer_type: str | None, errors: list[str]) ->
         except (ImportError, AttributeError, ValueError) as exc:
             errors.append(f"{key}.function: {exc}")
             continue
-        out.append({"function": name, "weight": float(weight) if _check_simple(weight, (float,)) else 1.0})
+        out.append({"function": name, "weight": weight if weight_ok else 1.0})
     return out
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from fastft import sources
-from fastft.train.config import ConfigError, TrainConfig, trainer_config_class
+from fastft.train.config import ConfigError, TrainConfig, split_model_section, trainer_config_class
 from fastft.train.report import RunStats, write_report
 
 TINY_PREFIX = sources.TINY_PREFIX
@@ -190,13 +190,12 @@ def build_training_args(cfg: TrainConfig, data_fields: dict[str, Any] | None = N
 def load_model(cfg: TrainConfig, model_name: str) -> tuple[Any, Any]:
     from fastft.model import FastModel
 
-    kwargs = {k: v for k, v in cfg.model.items() if k not in ("name", "use_gradient_checkpointing")}
-    model, tokenizer = FastModel.from_pretrained(model_name, **kwargs)
-    checkpointing = cfg.model.get("use_gradient_checkpointing", "fastft")
+    load, training = split_model_section(cfg.model)  # model: keys, by the signature each belongs to
+    model, tokenizer = FastModel.from_pretrained(model_name, **load)
     if cfg.lora is not None:
-        model = FastModel.get_peft_model(model, **cfg.lora, use_gradient_checkpointing=checkpointing)
+        model = FastModel.get_peft_model(model, **cfg.lora, **training)
     else:
-        FastModel.for_training(model, use_gradient_checkpointing=checkpointing)
+        FastModel.for_training(model, **training)
     return model, tokenizer
 
 

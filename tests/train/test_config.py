@@ -34,7 +34,7 @@ def test_valid_config_maps_sections():
     assert cfg.lora == {"r": 4}
     assert cfg.model == {"name": "tiny:llama", "max_seq_length": 64}
     assert cfg.trainer_args == {"max_steps": 2, "learning_rate": 1e-4, "per_device_train_batch_size": 2}
-    assert isinstance(cfg.trainer_args["learning_rate"], float)  # YAML reads "1e-4" as a string; coerced
+    assert isinstance(cfg.trainer_args["learning_rate"], float)  # YAML 1.1 would read 1e-4 as a string
     assert validate(_base(**{"model.lora.offload_embeddings": True})).lora == {"r": 4, "offload_embeddings": True}
     assert "model.lora.offload_embeddings" in " ".join(_errors(_base(**{"model.lora.offload_embeddings": "yes"})))
 
@@ -54,7 +54,7 @@ def test_unknown_key_names_it_and_suggests(dotted, value, expect):
 
 
 @pytest.mark.parametrize("dotted, value, expect", [
-    ("model.max_seq_length", "long", "model.max_seq_length: expected int, got str 'long'"),
+    ("model.max_seq_length", "long", "model.max_seq_length: expected int or null, got str 'long'"),
     ("model.load_in_4bit", "yes please", "model.load_in_4bit: expected bool"),
     ("trainer.max_steps", 2.5, "trainer.max_steps: expected int, got float 2.5"),
     ("trainer.learning_rate", "fast", "trainer.learning_rate: expected float, got str 'fast'"),
@@ -78,7 +78,7 @@ def test_all_problems_reported_at_once_and_owned_fields_redirect():
     joined = "\n".join(errors)
     assert "trainer.packing: set it with `data.packing`" in joined
     assert "trainer.output_dir: set it with the top-level `output_dir`" in joined
-    assert "model.dtype: expected str or null, got int 3" in joined
+    assert "model.dtype: expected torch.dtype or str or null, got int 3" in joined
     assert "rewards: only trainer.type grpo uses reward functions (this is dpo)" in joined
     assert len(errors) == 4
 
