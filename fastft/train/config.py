@@ -8,6 +8,7 @@ One file maps 1:1 to what it builds::
     trainer:  `type: sft|dpo|grpo` plus fields of trl.SFTConfig / DPOConfig / GRPOConfig, checked against the dataclass
     optim:    optimizer fields (optim, learning_rate, ...), forwarded to the same TRL config
     rewards:  GRPO reward functions: built-in names or "pkg.module:function"
+    export:   {gguf: q8_0 | q4_k_m | ...}: the trained model as a GGUF file under output_dir/gguf (fastft.export)
     output_dir, resume (false | true | auto | a checkpoint dir), max_minutes
 
 The keys and types of model:, lora: and trainer: are read from those signatures and dataclasses themselves (names
@@ -62,6 +63,7 @@ TOP_SCHEMA: dict[str, Any] = {
     "output_dir": str,
     "resume": bool | str,
     "max_minutes": float | None,
+    "export": dict | None,  # {gguf: <quantization>}: written after training (fastft.export.train_hook)
 }
 #: data: is fastft's own (read by fastft.train.data): key -> annotation.
 DATA_SCHEMA: dict[str, Any] = {
@@ -349,6 +351,7 @@ class TrainConfig:
     resume: bool | str
     max_minutes: float | None
     raw: dict[str, Any]
+    export: dict[str, str] = dataclasses.field(default_factory=dict)  # checked ``export:`` (fastft.export)
 
 
 def validate(raw: dict) -> TrainConfig:
@@ -438,6 +441,7 @@ def validate(raw: dict) -> TrainConfig:
                           f"{', '.join(FORMATS_FOR_TRAINER[trainer_type])}")
 
     rewards = _check_rewards(raw.get("rewards"), trainer_type, errors)
+    export = _check_export(raw.get("export"), errors)
 
     resume = raw.get("resume", False)
     if isinstance(resume, str) and resume != "auto" and not os.path.isdir(resume):
@@ -448,7 +452,7 @@ def validate(raw: dict) -> TrainConfig:
     return TrainConfig(
         trainer_type=trainer_type, model=model, lora=lora, data=data, trainer_args=trainer_args, rewards=rewards,
         output_dir=str(raw["output_dir"]), resume=resume,
-        max_minutes=float(max_minutes) if max_minutes is not None else None, raw=raw,
+        max_minutes=float(max_minutes) if max_minutes is not None else None, raw=raw, export=export,
     )
 
 
@@ -490,6 +494,24 @@ def _check_rewards(rewards: Any, trainer_type: str | None, errors: list[str]) ->
             continue
         out.append({"function": name, "weight": weight if weight_ok else 1.0})
     return out
+
+
+def _check_export(section: Any, errors: list[str]) -> dict[str, str]:
+    """fastft.export's own check of ``export:``; a k-quant also needs llama.cpp now, not after the training."""
+    if not isinstance(section, dict):
+        return {}  # null, or already reported as not a mapping
+    from fastft.export.errors import ExportError
+    from fastft.export.quantize import needs_llama_cpp, require_llama_cpp, resolve_quantization
+    from fastft.export.train_hook import check_export_section
+
+    try:
+        checked = check_export_section(section)
+        if "gguf" in checked and needs_llama_cpp(resolve_quantization(checked["gguf"])):
+            require_llama_cpp()
+    except ExportError as exc:
+        errors.append(f"export.gguf: {exc}" if set(section) == {"gguf"} else f"export: {exc}")
+        return {}
+    return checked
 
 
 def load_config(path: str | os.PathLike, overrides: typing.Sequence[str] = ()) -> TrainConfig:

@@ -40,6 +40,7 @@ class RunResult:
     resumed_from: str | None
     report_path: str
     trainer_class: str
+    exported: list[str] = dataclasses.field(default_factory=list)  # files written by the config's ``export:``
     trainer: Any = dataclasses.field(default=None, repr=False)  # the trainer (its .model is the trained model)
 
 
@@ -281,10 +282,15 @@ def run(cfg: TrainConfig, *, max_minutes: float | None = None, resume: bool | st
     counts = {k: v for k, v in counts.items() if v > 0}
 
     checkpoint = None
+    exported: list[str] = []
     if stop.reason is not None and stop.stopped_at is not None:
         checkpoint = os.path.join(cfg.output_dir, f"checkpoint-{stop.stopped_at}")
     else:
         trainer.save_model(cfg.output_dir)  # the final adapters (or model) + tokenizer
+        if cfg.export:  # an early stop exports nothing: the run resumes and exports at its end
+            from fastft.export.train_hook import export_after_training
+
+            exported = export_after_training(trainer.model, tokenizer, cfg.output_dir, cfg.export)
 
     device = "CUDA" if torch.cuda.is_available() else "CPU"
     summary = {
@@ -296,6 +302,8 @@ def run(cfg: TrainConfig, *, max_minutes: float | None = None, resume: bool | st
         "resumed from": resume_from or "no (fresh run)",
         "stopped": f"early: {stop.reason}; checkpoint {checkpoint}" if stop.reason else "ran to the end",
     }
+    if cfg.export:
+        summary["export"] = ", ".join(exported) if exported else f"{cfg.export} not written (stopped early)"
     report_path = write_report(
         cfg.output_dir, title=f"fastft {cfg.trainer_type.upper()} run report", summary=summary,
         log_history=trainer.state.log_history, stats=stats, trainer_type=cfg.trainer_type,
@@ -304,4 +312,4 @@ def run(cfg: TrainConfig, *, max_minutes: float | None = None, resume: bool | st
     return RunResult(output_dir=cfg.output_dir, global_step=trainer.state.global_step,
                      log_history=list(trainer.state.log_history), stopped_reason=stop.reason, checkpoint=checkpoint,
                      resumed_from=resume_from, report_path=report_path, trainer_class=class_note,
-                     trainer=trainer)
+                     exported=exported, trainer=trainer)
