@@ -4,7 +4,7 @@
 #   ./run.sh demo            - the main job (offline, CPU)
 #   ./run.sh test            - the test suite (Triton kernels under the interpreter) and the compile gate
 #   ./run.sh doctor          - versions vs tested ranges, and which patches apply here
-#   ./run.sh lint            - ruff
+#   ./run.sh lint            - ruff check and ruff format --check
 #   ./run.sh leg NAME [ARGS] - the patch / model / TRL tests on another version leg (.ci/pins/NAME.txt), in a cached
 #                              venv under ${FASTFT_VENV_CACHE:-~/.cache/fastft/venvs}; offline after its first install
 set -euo pipefail
@@ -57,7 +57,12 @@ case $cmd in
     setup) setup ;;
     demo) setup; exec .venv/bin/python -m fastft demo "$@" ;;
     doctor) setup; exec .venv/bin/python -m fastft doctor "$@" ;;
-    lint) setup; exec .venv/bin/ruff check fastft tests benchmarks "$@" ;;
+    lint)
+        setup
+        # Both must pass: the rules, and the formatter's style (one `ruff format fastft tests benchmarks` applies it).
+        .venv/bin/ruff check fastft tests benchmarks "$@"
+        exec .venv/bin/ruff format --check fastft tests benchmarks
+        ;;
     test)
         setup
         # Two xdist workers on two cores; the compile gate runs as its own test inside the suite.
