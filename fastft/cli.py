@@ -63,5 +63,8 @@ def main(argv: list[str] | None = None) -> int:
 
     _add_plan_parser(sub)
     _add_doctor_parser(sub)
+    from fastft.export.adapter import add_parser as _add_export_parser
+
+    _add_export_parser(sub)
     args = parser.parse_args(argv if argv is not None else sys.argv[1:])
     return args.func(args)

@@ -327,6 +327,7 @@ def _base_model(model: nn.Module) -> nn.Module:
 
 def _attach_methods(model: nn.Module) -> None:
     model.save_pretrained_merged = types.MethodType(save_pretrained_merged, model)
+    model.save_pretrained_gguf = types.MethodType(save_pretrained_gguf, model)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -433,3 +434,11 @@ def save_pretrained_merged(
         tokenizer.save_pretrained(save_directory)
     logger.info("fastft: saved %s to %s", save_method, save_directory)
     return save_directory
+
+
+def save_pretrained_gguf(self: nn.Module, save_directory: str, tokenizer: Any = None, quantization: str = "q8_0",
+                         **kwargs: Any) -> str:
+    """Save as one GGUF file (adapters merged in fp32) plus an Ollama Modelfile; see ``fastft.export.save_gguf``."""
+    from fastft.export import save_gguf
+
+    return save_gguf(self, save_directory, tokenizer, quantization, **kwargs)

@@ -1,0 +1,215 @@
+"""Per-architecture GGUF metadata: one table row per transformers ``model_type`` llama.cpp runs.
+
+A row says which llama.cpp architecture the model is written as, whether Q/K rows are permuted (llama.cpp's
+``llama`` arch rotates adjacent pairs where transformers rotates halves; its ``qwen2``/``qwen3``/``gemma*`` archs
+rotate halves like transformers), whether RMSNorm weights are stored as ``w + 1`` (Gemma's norms scale by ``1 + w``;
+llama.cpp's by ``w``; the embedding scale ``sqrt(hidden)`` is applied by llama.cpp's Gemma graphs themselves), and
+which extra keys it carries (softcapping, sliding windows). Everything else is shared: sizes, heads, RoPE base and
+scaling, norm epsilon. A config feature llama.cpp would silently compute differently is refused here, before writing.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fastft.export.errors import ExportError
+
+logger = logging.getLogger("fastft")
+
+
+@dataclass(frozen=True)
+class ArchitectureRow:
+    model_type: str
+    gguf_arch: str                  # llama.cpp's name (gguf.MODEL_ARCH_NAMES value)
+    permute_qk: bool = False        # llama.cpp "llama" arch: interleaved RoPE pairs
+    norm_plus_one: bool = False     # Gemma: RMSNorm scale stored as 1 + w
+    softcapping: bool = False       # Gemma 2/3: attention and/or final logit softcapping keys
+    sliding_window: bool = False    # Gemma 2/3: per-layer sliding-window pattern (llama.cpp reads it)
+    llama3_rope: bool = False       # the arch loads a rope_freqs tensor (Llama 3.1 "llama3" RoPE scaling)
+
+
+ARCHITECTURES: dict[str, ArchitectureRow] = {row.model_type: row for row in [
+    ArchitectureRow("llama", "llama", permute_qk=True, llama3_rope=True),
+    # llama.cpp converts Mistral as its llama arch (MistralForCausalLM is registered on its LlamaModel converter).
+    ArchitectureRow("mistral", "llama", permute_qk=True, llama3_rope=True),
+    ArchitectureRow("qwen2", "qwen2"),
+    ArchitectureRow("qwen3", "qwen3"),
+    ArchitectureRow("gemma", "gemma", norm_plus_one=True),
+    ArchitectureRow("gemma2", "gemma2", norm_plus_one=True, softcapping=True, sliding_window=True),
+    ArchitectureRow("gemma3_text", "gemma3", norm_plus_one=True, softcapping=True, sliding_window=True),
+]}
+
+#: Rows of fastft's architecture table that GGUF export does not cover yet, and why (named in the error).
+NOT_EXPORTED = {
+    "phi3": "fused qkv/gate_up and LongRoPE factor tensors are not mapped yet",
+    "olmo2": "post-norm layout not mapped yet", "olmo3": "post-norm layout not mapped yet",
+    "granite": "its four multipliers are not mapped yet", "smollm3": "its no-RoPE layers are not mapped yet",
+    "glm4": "partial interleaved RoPE not mapped yet", "ministral": "per-layer sliding window not mapped yet",
+    "ministral3": "not mapped yet", "qwen3_moe": "expert stacking not mapped yet",
+    "mixtral": "expert stacking not mapped yet", "gpt_oss": "MXFP4 experts and attention sinks not mapped yet",
+}
+
+
+def architecture_row(model_type: str) -> ArchitectureRow:
+    """The row for ``model_type``; an :class:`ExportError` naming the supported ones (with did-you-mean) if none."""
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    if model_type in NOT_EXPORTED:
+        raise ExportError(f"GGUF export does not cover model_type {model_type!r} yet ({NOT_EXPORTED[model_type]}). "
+                          f"Exported: {', '.join(ARCHITECTURES)}.")
+    close = difflib.get_close_matches(str(model_type), list(ARCHITECTURES), n=2, cutoff=0.6)
+    hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+    raise ExportError(f"GGUF export has no row for model_type {model_type!r} (no llama.cpp architecture known to "
+                      f"fastft for it).{hint} Exported: {', '.join(ARCHITECTURES)}.")
+
+
+def rope_parameters(config: Any) -> tuple[dict[str, Any], float | None]:
+    """(the full-attention layers' RoPE parameters with ``rope_type``/``rope_theta`` filled in, the sliding layers'
+    own theta or None). transformers 5 nests them per layer type for Gemma 3; older configs use ``rope_scaling``."""
+    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    local_theta = None
+    if "full_attention" in params or "sliding_attention" in params:
+        local_theta = (params.get("sliding_attention") or {}).get("rope_theta")
+        params = dict(params.get("full_attention") or {})
+    if "rope_theta" not in params and getattr(config, "rope_theta", None) is not None:
+        params["rope_theta"] = config.rope_theta
+    params.setdefault("rope_type", params.get("type", "default"))
+    return params, local_theta
+
+
+def head_dim_of(config: Any) -> int:
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
+def llama3_rope_factors(params: dict[str, Any], head_dim: int) -> torch.Tensor:
+    """Llama 3.1's per-frequency divisors (fp32, ``[head_dim // 2]``): llama.cpp divides each RoPE frequency by its
+    factor (``rope_freqs.weight``), so ``inv_freq / factors`` must equal transformers' llama3 ``inv_freq``."""
+    base = float(params.get("rope_theta", 10000.0))
+    factor = float(params["factor"])
+    low, high = float(params.get("low_freq_factor", 1.0)), float(params.get("high_freq_factor", 4.0))
+    old_ctx = float(params.get("original_max_position_embeddings", 8192))
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((old_ctx / wavelen - low) / (high - low)).clamp(0.0, 1.0)
+    # Between the two wavelengths transformers interpolates inv_freq: (1 - s) * f / factor + s * f.
+    factors = 1.0 / ((1.0 - smooth) / factor + smooth)
+    factors = torch.where(wavelen < old_ctx / high, torch.ones_like(factors), factors)
+    factors = torch.where(wavelen > old_ctx / low, torch.full_like(factors, factor), factors)
+    return factors.float()
+
+
+def extra_tensors(row: ArchitectureRow, config: Any) -> list[tuple[str, torch.Tensor]]:
+    """Tensors llama.cpp needs beyond the state dict (``rope_freqs.weight`` for Llama 3.1 RoPE scaling)."""
+    params, _ = rope_parameters(config)
+    if params["rope_type"] == "llama3":
+        return [("rope_freqs.weight", llama3_rope_factors(params, head_dim_of(config)))]
+    return []
+
+
+def _rope_keys(row: ArchitectureRow, config: Any) -> dict[str, Any]:
+    params, local_theta = rope_parameters(config)
+    meta: dict[str, Any] = {"rope.freq_base": float(params.get("rope_theta", 10000.0))}
+    if local_theta is not None:
+        meta["rope.freq_base_swa"] = float(local_theta)
+    if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ExportError(f"{row.model_type}: partial_rotary_factor={params['partial_rotary_factor']} is not exported")
+    kind = params["rope_type"]
+    if kind == "default":
+        return meta
+    if kind == "linear":
+        meta.update({"rope.scaling.type": "linear", "rope.scaling.factor": float(params["factor"])})
+    elif kind == "yarn":
+        orig = params.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings",
+                                                                         None)
+        if orig is None:
+            raise ExportError("YaRN RoPE scaling without original_max_position_embeddings cannot be written")
+        meta.update({"rope.scaling.type": "yarn", "rope.scaling.factor": float(params["factor"]),
+                     "rope.scaling.original_context_length": int(orig)})
+        # Only the values the config states: llama.cpp's defaults are transformers' (beta 32/1, mscale 0.1 ln s + 1).
+        for hf_key, gguf_key in (("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow"),
+                                 ("attention_factor", "yarn_attn_factor"), ("extrapolation_factor", "yarn_ext_factor")):
+            if params.get(hf_key) is not None:
+                meta[f"rope.scaling.{gguf_key}"] = float(params[hf_key])
+        if params.get("truncate") is False or params.get("mscale") or params.get("mscale_all_dim"):
+            raise ExportError(f"YaRN variant {params} (truncate=False / mscale) is not exported")
+    elif kind == "llama3":
+        if not row.llama3_rope:
+            raise ExportError(f"llama3 RoPE scaling on {row.model_type}: llama.cpp's {row.gguf_arch} arch does not "
+                              "load rope_freqs")
+    else:  # dynamic NTK grows the base with the sequence at run time; longrope needs factor tensors
+        raise ExportError(f"RoPE scaling {kind!r} is not exported to GGUF; supported: default, linear, yarn, llama3")
+    return meta
+
+
+def _sliding_keys(row: ArchitectureRow, config: Any) -> dict[str, Any]:
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if row.sliding_window:
+        meta: dict[str, Any] = {}
+        if window:
+            meta["attention.sliding_window"] = int(window)
+        if layer_types:  # llama.cpp's default patterns (every 2nd / 6th layer full) only hold for stock configs
+            meta["attention.sliding_window_pattern"] = [t == "sliding_attention" for t in layer_types]
+        return meta
+    if row.model_type in ("qwen2", "qwen3") and getattr(config, "use_sliding_window", False):
+        raise ExportError(f"{row.model_type} use_sliding_window=True: llama.cpp's {row.gguf_arch} arch attends the "
+                          "whole context; export a model with use_sliding_window=False")
+    if row.model_type == "mistral" and window and window < config.max_position_embeddings:
+        # llama.cpp runs Mistral as llama, with full attention: equal to transformers up to the window's length.
+        logger.warning("fastft: mistral sliding_window=%d: llama.cpp's llama arch has no sliding window, so the GGUF's "
+                       "context_length is set to %d (the length up to which both attend the same tokens)",
+                       window, window)
+        return {"context_length": int(window)}
+    return {}
+
+
+def _attention_scale_check(row: ArchitectureRow, config: Any, head_dim: int) -> None:
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    if not row.model_type.startswith("gemma") or scalar is None:
+        return
+    # llama.cpp scales Gemma 2/3 queries by 1/sqrt(head_dim); by hidden/heads only for its 27B types (46 / 62 layers)
+    allowed = {head_dim}
+    if config.num_hidden_layers == {"gemma2": 46, "gemma3_text": 62}.get(row.model_type):
+        allowed = {config.hidden_size // config.num_attention_heads}
+    if scalar not in allowed:
+        raise ExportError(f"{row.model_type} query_pre_attn_scalar={scalar} cannot be represented: llama.cpp scales "
+                          f"queries by 1/sqrt({sorted(allowed)[0]})")
+
+
+def architecture_metadata(row: ArchitectureRow, config: Any) -> dict[str, Any]:
+    """The ``{arch}.*`` GGUF keys for ``config`` (full key -> Python value: int -> uint32, float -> float32, str,
+    list[bool] -> array), checked for what llama.cpp can run."""
+    head_dim = head_dim_of(config)
+    meta: dict[str, Any] = {
+        "context_length": int(config.max_position_embeddings),
+        "embedding_length": int(config.hidden_size),
+        "block_count": int(config.num_hidden_layers),
+        "feed_forward_length": int(config.intermediate_size),
+        "attention.head_count": int(config.num_attention_heads),
+        "attention.head_count_kv": int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads),
+        "attention.layer_norm_rms_epsilon": float(config.rms_norm_eps),
+        "attention.key_length": head_dim,
+        "attention.value_length": head_dim,
+        "rope.dimension_count": head_dim,
+        "vocab_size": int(config.vocab_size),
+    }
+    meta.update(_rope_keys(row, config))
+    meta.update(_sliding_keys(row, config))
+    if row.softcapping:
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if getattr(config, key, None) is not None:
+                meta[key] = float(getattr(config, key))
+    if row.model_type == "gemma3_text" and getattr(config, "attn_logit_softcapping", None) is not None:
+        raise ExportError("gemma3 attn_logit_softcapping: llama.cpp's gemma3 graph has no attention softcapping")
+    _attention_scale_check(row, config, head_dim)
+    act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+    want = "gelu_pytorch_tanh" if row.model_type.startswith("gemma") else "silu"
+    if act not in (want, "gelu_new" if want.startswith("gelu") else "swish"):
+        raise ExportError(f"{row.model_type} activation {act!r}: llama.cpp's {row.gguf_arch} graph uses {want}")
+    return {f"{row.gguf_arch}.{key}": value for key, value in meta.items()}

@@ -1,0 +1,55 @@
+"""transformers state-dict names -> GGUF tensor names, and the value transforms llama.cpp expects.
+
+Names come from the ``gguf`` package's own map (``gguf.get_tensor_name_map``), so they are llama.cpp's. A tensor the
+map does not know raises before anything is written, rather than being dropped.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastft.export.architectures import ArchitectureRow
+from fastft.export.errors import ExportError
+
+#: llama.cpp archs whose graph has no output tensor of its own (the embedding is always the output layer).
+_TIED_ONLY = ("gemma", "gemma2")
+
+
+def _permute_for_llama_rope(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Reorder Q/K rows from transformers' rotate-half layout to llama.cpp's interleaved pairs (as its converter)."""
+    rows = weight.shape[0]
+    return weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def gguf_tensors(row: ArchitectureRow, config, state: dict[str, torch.Tensor]) -> list[tuple[str, str, torch.Tensor]]:
+    """``[(gguf_name, hf_name, fp32 tensor)]`` for a merged state dict; :class:`ExportError` on an unknown name."""
+    import gguf
+
+    arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == row.gguf_arch)
+    name_map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    n_head = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_head
+    out, unknown = [], []
+    for hf_name, tensor in state.items():
+        base, _, suffix = hf_name.rpartition(".")
+        mapped = name_map.get_name(base)
+        if mapped is None:
+            unknown.append(hf_name)
+            continue
+        data = tensor.float()
+        if row.permute_qk and suffix == "weight" and mapped.endswith(".attn_q"):
+            data = _permute_for_llama_rope(data, n_head)
+        elif row.permute_qk and suffix == "weight" and mapped.endswith(".attn_k"):
+            data = _permute_for_llama_rope(data, n_kv)
+        elif row.permute_qk and suffix == "bias" and mapped.endswith((".attn_q", ".attn_k")):
+            data = _permute_for_llama_rope(data, n_head if mapped.endswith(".attn_q") else n_kv)
+        if row.norm_plus_one and mapped.endswith("norm") and suffix == "weight":
+            data = data + 1.0
+        out.append((f"{mapped}.{suffix}", hf_name, data))
+    if row.gguf_arch in _TIED_ONLY and any(name == "output.weight" for name, _, _ in out):
+        raise ExportError(f"{row.model_type} with an untied lm_head: llama.cpp's {row.gguf_arch} arch always uses the "
+                          "token embedding as the output layer (a separate output.weight fails to load)")
+    if unknown:
+        raise ExportError(f"{len(unknown)} tensors have no llama.cpp name for arch {row.gguf_arch!r}: "
+                          f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+    return out

@@ -1,0 +1,110 @@
+"""Reading an exported GGUF back with an independent reader, for the export tests.
+
+transformers' GGUF loader (``from_pretrained(dir, gguf_file=...)``, built on the ``gguf`` package) is the reader. It
+does not read every key llama.cpp reads (transformers 5.24 + gguf 0.19), so the values it misses are taken from the
+file itself and passed as config overrides -- each is what llama.cpp derives from the same file:
+head_dim (``attention.key_length``; qwen3/gemma readers drop it), Gemma 2/3 ``query_pre_attn_scalar`` (not stored in
+GGUF: llama.cpp scales queries by 1/sqrt(key_length)), softcapping and the per-layer sliding pattern (gemma3's reader
+ignores them). Gemma (v1) has no transformers GGUF loader at all: its tensors are read with ``gguf.GGUFReader``,
+dequantized by gguf, and mapped back with gguf's own name table into a fresh model of the same config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+
+def file_fields(path: str) -> tuple[str, dict]:
+    """(architecture, {key without the ``arch.`` prefix: value}) of a GGUF file."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    arch = reader.fields["general.architecture"].contents()
+    return arch, {k[len(arch) + 1:]: f.contents() for k, f in reader.fields.items() if k.startswith(arch + ".")}
+
+
+def read_back(model_type: str, path: str) -> torch.nn.Module:
+    """The GGUF at ``path`` as a transformers model (fp32, eval)."""
+    from transformers import AutoModelForCausalLM
+
+    if model_type == "gemma":
+        return _read_back_by_names(model_type, path)
+    arch, fields = file_fields(path)
+    extra = {}
+    if arch in ("qwen3", "gemma2", "gemma3"):
+        extra["head_dim"] = fields["attention.key_length"]
+    if arch.startswith("gemma"):
+        extra["query_pre_attn_scalar"] = fields["attention.key_length"]
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if key in fields:
+            extra[key] = fields[key]
+    if "attention.sliding_window_pattern" in fields:
+        extra["layer_types"] = ["sliding_attention" if s else "full_attention"
+                                for s in fields["attention.sliding_window_pattern"]]
+    return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                dtype=torch.float32, **extra).eval()
+
+
+def _read_back_by_names(model_type: str, path: str) -> torch.nn.Module:
+    import gguf
+
+    from fastft.offline import build_tiny_model
+
+    reader = gguf.GGUFReader(path)
+    model = build_tiny_model(model_type, seed=123)  # same config, other weights: every one is overwritten below
+    arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == reader.fields["general.architecture"].contents())
+    name_map = gguf.get_tensor_name_map(arch, model.config.num_hidden_layers)
+    to_hf = {}
+    for hf_name in model.state_dict():
+        base, _, suffix = hf_name.rpartition(".")
+        if (g := name_map.get_name(base)) is not None:
+            to_hf.setdefault(f"{g}.{suffix}", hf_name)
+    state = {}
+    for t in reader.tensors:
+        data = gguf.dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
+        data = torch.from_numpy(np.array(data, dtype=np.float32))
+        state[to_hf[t.name]] = data - 1.0 if t.name.endswith("norm.weight") else data
+    missing = set(model.state_dict()) - set(state) - {"lm_head.weight"}
+    assert not missing, missing
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    return model.eval()
+
+
+def relative_logit_error(want: torch.Tensor, got: torch.Tensor) -> float:
+    """max |want - got| / max |want|: one number per comparison, scale-free across tiny random models."""
+    return ((want - got).abs().max() / want.abs().max()).item()
+
+
+def build_sentencepiece_tokenizer(vocab_size: int = 384):
+    """A Llama-2-style tokenizer built offline: BPE with byte fallback over ``<0x00>``..``<0xFF>``, Metaspace with a
+    prefix space, ``<unk>``/``<s>``/``</s>``, the same ChatML template as ``fastft.offline.build_tokenizer``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from fastft.offline import _CORPUS, CHAT_TEMPLATE
+
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    trainer_tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=True)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(byte_tokens), special_tokens=specials,
+                                  show_progress=False)
+    trainer_tok.train_from_iterator(_CORPUS * 20, trainer=trainer)
+    trained = json.loads(trainer_tok.to_str())["model"]
+    ordered = specials + byte_tokens + [t for t, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1])
+                                        if t not in specials]
+    bpe = models.BPE(vocab={t: i for i, t in enumerate(ordered)}, merges=[tuple(m) for m in trained["merges"]],
+                     unk_token="<unk>", byte_fallback=True, fuse_unk=True)
+    tok = Tokenizer(bpe)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                      additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped

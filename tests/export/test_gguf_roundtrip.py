@@ -1,0 +1,144 @@
+"""GGUF export read back by an independent reader (transformers' GGUF loader, via the gguf package; see
+``gguf_reader.py`` for the values it misses and how they are taken from the file): logits equal the merged model's
+within the quantization's bound, the tokenizer round-trips, the Modelfile is written.
+
+Bounds on max |logit difference| / max |logit| of the merged fp32 model (tiny random models, hidden 64, 13 tokens):
+f32 1e-5 (names, permutations and norm offsets exactly right); f16 0.5% and bf16 2% (measured up to 0.10% / 0.92%,
+gemma3 highest); q8_0 5% (measured 0.3% gemma .. 2.5% gemma3: 64-wide rows hold two 32-blocks, and the tiny models'
+logits are small, so this relative figure is far above a real model's).
+"""
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("gguf")
+
+from fastft.export import save_gguf  # noqa: E402
+from fastft.offline import build_tiny_model, build_tokenizer  # noqa: E402
+from tests.export.gguf_reader import file_fields, read_back, relative_logit_error  # noqa: E402
+
+BOUNDS = {"f32": 1e-5, "f16": 0.005, "bf16": 0.02, "q8_0": 0.05}
+PROMPT = "The quick brown fox: what is 12 plus 7? The answer is 19."
+ROWS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"]
+
+
+@pytest.mark.parametrize("quantization", list(BOUNDS))
+@pytest.mark.parametrize("model_type", ROWS)
+def test_logits_match_merged_model(model_type, quantization, tmp_path):
+    tok = build_tokenizer()
+    model = build_tiny_model(model_type)
+    path = save_gguf(model, str(tmp_path), tok, quantization)
+    assert os.path.basename(path) == f"model.{quantization.upper()}.gguf"
+    loaded = read_back(model_type, path)
+    ids = torch.tensor([tok(PROMPT)["input_ids"]])
+    assert ids.shape[1] > 5  # longer than gemma3's sliding window: the per-layer pattern matters
+    with torch.no_grad():
+        err = relative_logit_error(model(ids).logits, loaded(ids).logits)
+    assert err <= BOUNDS[quantization], f"{model_type} {quantization}: relative logit error {err:.5f}"
+    if quantization != "f32":
+        assert err > 0  # a real round trip through a lossy type, not the same tensors
+    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(path), "Modelfile"])  # no temporaries left
+
+
+def test_metadata_llama_cpp_reads(tmp_path):
+    """Keys llama.cpp needs that transformers' reader ignores: checked in the file itself."""
+    model = build_tiny_model("gemma2")
+    _, fields = file_fields(save_gguf(model, str(tmp_path), build_tokenizer(), "f16"))
+    config = model.config
+    assert fields["attention.sliding_window"] == config.sliding_window
+    assert fields["attention.sliding_window_pattern"] == [t == "sliding_attention" for t in config.layer_types]
+    assert fields["attn_logit_softcapping"] == pytest.approx(config.attn_logit_softcapping)
+    assert fields["final_logit_softcapping"] == pytest.approx(config.final_logit_softcapping)
+    assert fields["attention.layer_norm_rms_epsilon"] == pytest.approx(config.rms_norm_eps)
+    assert fields["attention.head_count_kv"] == config.num_key_value_heads
+    _, g3 = file_fields(save_gguf(build_tiny_model("gemma3_text"), str(tmp_path / "g3"), build_tokenizer(), "f16"))
+    assert g3["rope.freq_base"] == 1e6 and g3["rope.freq_base_swa"] == 1e4  # global vs sliding layers' theta
+
+
+def test_llama3_rope_scaling_written_as_llama_cpp_frequency_factors(tmp_path):
+    """Llama 3.1 RoPE scaling is a ``rope_freqs`` tensor of divisors: base frequencies / factors must equal the
+    inverse frequencies transformers computes for the same config."""
+    import gguf
+    import numpy as np
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    model = build_tiny_model("llama", rope_parameters=rope, max_position_embeddings=1024)
+    path = save_gguf(model, str(tmp_path), build_tokenizer(), "f16")
+    tensor = next(t for t in gguf.GGUFReader(path).tensors if t.name == "rope_freqs.weight")
+    factors = torch.from_numpy(np.array(tensor.data, dtype=np.float32)).double()
+    want, _ = ROPE_INIT_FUNCTIONS["llama3"](model.config, "cpu")
+    base = 1.0 / (500000.0 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16))
+    assert {1.0, 8.0} < set(factors.tolist())  # high, low and interpolated bands all present at these sizes
+    torch.testing.assert_close(base / factors, want.double(), rtol=1e-6, atol=0)
+
+
+def test_lora_adapters_are_merged_fastmodel_path(tmp_path):
+    """FastModel + LoRA with non-zero adapters: the GGUF holds base + B A * scale, merged in fp32."""
+    import fastft
+    from fastft import FastModel
+    from fastft.offline import save_tiny_model
+
+    model_dir = save_tiny_model(str(tmp_path / "base"), "qwen2")
+    model, tok = FastModel.from_pretrained(model_dir)
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=8, init_lora_weights=False)
+    model.eval()
+    ids = torch.tensor([tok(PROMPT)["input_ids"]])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    path = model.save_pretrained_gguf(str(tmp_path / "gguf"), tok, quantization="f32")
+    fastft.unpatch()
+    plain = build_tiny_model("qwen2")  # the same base weights (seed 0) without the adapters
+    with torch.no_grad():
+        got, base = read_back("qwen2", path)(ids).logits, plain(ids).logits
+    assert relative_logit_error(want, got) <= 1e-4  # fp32 merge: only summation order differs
+    assert relative_logit_error(want, base) > 0.05  # the adapters changed the model
+
+
+def test_qlora_nf4_base_is_dequantized_then_merged(tmp_path, bnb_default_cpu_kernels):
+    """A 4-bit base: the export dequantizes it and merges the adapters in fp32; the GGUF model equals the NF4 LoRA
+    model's own forward (f32 file, so only the merge's summation order differs)."""
+    import fastft
+    from fastft import FastModel
+    from fastft.offline import save_tiny_model
+
+    model_dir = save_tiny_model(str(tmp_path / "base"), "llama")
+    model, tok = FastModel.from_pretrained(model_dir, load_in_4bit=True)
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=8, init_lora_weights=False)
+    model.eval()
+    ids = torch.tensor([tok(PROMPT)["input_ids"]])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits.float()
+    path = model.save_pretrained_gguf(str(tmp_path / "gguf"), tok, quantization="f32")
+    fastft.unpatch()
+    with torch.no_grad():
+        got = read_back("llama", path)(ids).logits
+    assert relative_logit_error(want, got) <= 1e-3
+
+
+def test_tokenizer_round_trip(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = build_tokenizer()
+    path = save_gguf(build_tiny_model("qwen2"), str(tmp_path), tok, "q8_0")
+    back = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=os.path.basename(path))
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi, 12 plus 7?"}], tokenize=False,
+                                   add_generation_prompt=True)
+    for text in ["plain ASCII text, 12 + 7 = 19.", "héllo wörld – ünïcode 日本語 🙂", "<|im_start|>user<|im_end|>",
+                 chat]:
+        assert back(text)["input_ids"] == tok(text)["input_ids"], text
+        assert back.decode(tok(text)["input_ids"]) == tok.decode(tok(text)["input_ids"])
+    assert back.eos_token == tok.eos_token and back.bos_token == tok.bos_token
+
+
+def test_chat_template_stored_without_transformers_only_tags(tmp_path):
+    import gguf
+
+    path = save_gguf(build_tiny_model("llama"), str(tmp_path), build_tokenizer(), "f16", modelfile=False)
+    field = gguf.GGUFReader(path).fields["tokenizer.chat_template"]
+    template = field.contents()
+    assert "<|im_start|>" in template and "{% generation %}" not in template and "endgeneration" not in template
+    assert not (tmp_path / "Modelfile").exists()
