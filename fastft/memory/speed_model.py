@@ -144,27 +144,28 @@ def _attention_flops(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backward
     return forward * 5 // 2 if backward else forward
 
 
-def _custom_flops(name: str, args: tuple, kwargs: dict) -> int | None:
-    """FLOPs of a GEMM-bearing custom op; None when ``name`` has no formula here."""
-    a = list(args) + list(kwargs.values())
+def _bind(func: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The op's arguments by schema name (positional and keyword-only alike)."""
+    return {a.name: (args[i] if i < len(args) else kwargs.get(a.name))
+            for i, a in enumerate(func._schema.arguments)}
+
+
+def _custom_flops(name: str, a: dict[str, Any]) -> int | None:
+    """FLOPs of a GEMM-bearing custom op from its arguments by name; None when ``name`` has no formula here."""
     if name == "fastft_memmodel::flash_attention_forward":
-        return _attention_flops(a[0], a[1], a[2], backward=False)
+        return _attention_flops(a["q"], a["k"], a["v"], backward=False)
     if name == "fastft_memmodel::flash_attention_backward":
-        return _attention_flops(a[1], a[2], a[3], backward=True)
+        return _attention_flops(a["q"], a["k"], a["v"], backward=True)
     if name == "fastft::linear_cross_entropy_chunks":
-        # (hidden, weight, bias, labels, class_weight, d_ce, d_z, d_entropy, *, options by keyword)
-        hidden, weight, d_ce = args[0], args[1], args[5]
+        hidden, weight = a["hidden"], a["weight"]
         per = 2 * hidden.shape[0] * hidden.shape[1] * weight.shape[0]
-        grads = d_ce is not None
-        return per * (1 + (grads and bool(kwargs["compute_dh"])) + (grads and bool(kwargs["compute_dw"])))
-    if name == "fastft::grouped_gemm_forward":
-        x, w, transpose_w = a[0], a[1], a[3]
-        n = w.shape[2] if transpose_w else w.shape[1]
-        return 2 * x.shape[0] * x.shape[1] * n
-    if name == "fastft::grouped_gemm_backward":
-        x, w, transpose_w = a[1], a[2], a[4]
-        n = w.shape[2] if transpose_w else w.shape[1]
-        return 4 * x.shape[0] * x.shape[1] * n  # dx and dw
+        # gradients are computed when any upstream gradient is given (the argument names changed across versions)
+        grads = any(a.get(k) is not None for k in ("dloss", "d_ce", "d_z", "d_entropy", "dent"))
+        return per * (1 + (grads and bool(a.get("compute_dh"))) + (grads and bool(a.get("compute_dw"))))
+    if name in ("fastft::grouped_gemm_forward", "fastft::grouped_gemm_backward"):
+        x, w = a["x"], a["w"]
+        n = w.shape[2] if a["transpose_w"] else w.shape[1]
+        return 2 * x.shape[0] * x.shape[1] * n * (2 if name.endswith("backward") else 1)  # backward: dx and dw
     return None
 
 
@@ -240,7 +241,7 @@ class OpCounter(TorchDispatchMode):
         if packet in self._flops:
             flops = int(self._flops[packet](*args, **kwargs, out_val=out))
         elif func.namespace != "aten":
-            custom = _custom_flops(name, args, kwargs)
+            custom = _custom_flops(name, _bind(func, args, kwargs))
             if custom is None:
                 custom = 0
                 if name not in ELEMENTWISE_CUSTOM:

@@ -210,3 +210,37 @@ def test_gpu_memory_flag_wins_over_the_gpu_preset(tiny_dir, capsys):
 
     assert GPU_PRESETS["T4"] == GPUS["T4"].memory_bytes == 15_360 * 2**20
     assert parse_tokens("2B") == 2 * 10**9 and parse_tokens("1,000") == 1000 and parse_tokens("250k") == 250_000
+
+
+def test_custom_gemm_ops_have_their_flops():
+    import fastft.kernels.grouped_gemm  # noqa: F401  (registers fastft::grouped_gemm_*)
+    from fastft.memory.step_model import flash_attention_forward
+
+    m, k, n, e = 40, 32, 48, 4
+    x = torch.empty(m, k, device="meta", dtype=torch.bfloat16)
+    w = torch.empty(e, n, k, device="meta", dtype=torch.bfloat16)
+    offsets = torch.empty(e + 1, device="meta", dtype=torch.int64)
+    q = torch.empty(1, 6, 64, 16, device="meta", dtype=torch.bfloat16)
+    kv = torch.empty(1, 2, 64, 16, device="meta", dtype=torch.bfloat16)
+    with OpCounter() as c:
+        torch.ops.fastft.grouped_gemm_forward(x, w, offsets, False)
+        flash_attention_forward(q, kv, kv, 0.25, 0.0)
+    flops = {key.op: key.flops for key in c.calls}
+    assert flops["fastft::grouped_gemm_forward"] == 2 * m * k * n
+    assert flops["fastft_memmodel::flash_attention_forward"] == 6 * 64 * 64 * 2 * 16  # (QK^T + PV) / 2, causal
+    assert not c.no_flop_formula
+    lce = speed_model._custom_flops("fastft::linear_cross_entropy_chunks", {
+        "hidden": x, "weight": torch.empty(320, k, device="meta"), "d_ce": x, "compute_dh": True,
+        "compute_dw": False})
+    assert lce == 2 * (2 * m * k * 320)  # logits and dhidden
+
+
+def test_unknown_custom_op_is_reported_not_silently_free():
+    lib = torch.library.Library("fastft_speedtest", "FRAGMENT")  # noqa: TOR901
+    lib.define("mystery(Tensor x) -> Tensor")
+    lib.impl("mystery", lambda x: x.new_empty(x.shape), "Meta")
+    x = torch.empty(8, 8, device="meta")
+    with OpCounter() as c:
+        torch.ops.fastft_speedtest.mystery(x)
+    assert c.no_flop_formula == {"fastft_speedtest::mystery"}
+    assert "no FLOP formula for fastft_speedtest::mystery" in roofline(c, GPUS["H100"], 1).notes[0]
