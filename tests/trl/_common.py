@@ -78,7 +78,7 @@ def run(algorithm: str, patched: bool, make: Callable[[type], Any], model_type: 
     finally:
         fastft.unpatch()
     rows = [row for row in trainer.state.log_history if "loss" in row]
-    assert len(rows) == STEPS, rows
+    assert len(rows) == trainer.args.max_steps, rows
     if keep is not None:
         keep.append(trainer)
     return rows, calls
