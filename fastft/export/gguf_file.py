@@ -93,8 +93,10 @@ def save_gguf(model: torch.nn.Module, save_directory: str, tokenizer: Any, quant
     state = merged_state_dict(model, torch.float32)
     named = gguf_tensors(row, config, state) + [(n, n, t) for n, t in extra_tensors(row, config)]
     staged = "F16" if needs_llama_cpp(quant) else None
+    del state  # the fp32 tensors live in ``named`` only, and each is dropped once encoded (peak: one fp32 copy)
     tensors, fallbacks = [], []
-    for gguf_name, hf_name, data in named:
+    while named:
+        gguf_name, hf_name, data = named.pop(0)
         ttype = tensor_type_for(quant, hf_name, tuple(data.shape)) if staged is None else (
             "F32" if data.dim() <= 1 else staged)
         if quant.tensor_type not in (None, "F32") and data.dim() > 1 and ttype != quant.tensor_type:

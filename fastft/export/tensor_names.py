@@ -29,6 +29,9 @@ def gguf_tensors(row: ArchitectureRow, config, state: dict[str, torch.Tensor]) -
     name_map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     n_head = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
+    if row.gguf_arch in _TIED_ONLY and "lm_head.weight" in state:
+        raise ExportError(f"{row.model_type} with an untied lm_head: llama.cpp's {row.gguf_arch} arch always uses the "
+                          "token embedding as the output layer (it has no output.weight to load)")
     out, unknown = [], []
     for hf_name, tensor in state.items():
         base, _, suffix = hf_name.rpartition(".")
@@ -46,9 +49,6 @@ def gguf_tensors(row: ArchitectureRow, config, state: dict[str, torch.Tensor]) -
         if row.norm_plus_one and mapped.endswith("norm") and suffix == "weight":
             data = data + 1.0
         out.append((f"{mapped}.{suffix}", hf_name, data))
-    if row.gguf_arch in _TIED_ONLY and any(name == "output.weight" for name, _, _ in out):
-        raise ExportError(f"{row.model_type} with an untied lm_head: llama.cpp's {row.gguf_arch} arch always uses the "
-                          "token embedding as the output layer (a separate output.weight fails to load)")
     if unknown:
         raise ExportError(f"{len(unknown)} tensors have no llama.cpp name for arch {row.gguf_arch!r}: "
                           f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")

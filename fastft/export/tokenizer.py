@@ -141,13 +141,14 @@ def gguf_vocab(tokenizer: Any, vocab_size: int) -> GGUFVocab:
         if text is None:
             tokens.append(f"[PAD{i}]")
             types.append(UNUSED)
-        elif i in added:
-            tokens.append(text)
-            types.append(CONTROL if added[i].get("special") else USER_DEFINED)
         else:
             tokens.append(text)
-            types.append(UNKNOWN if sentencepiece and text == unk else
-                         BYTE if sentencepiece and _BYTE_TOKEN.fullmatch(text) else NORMAL)
+            if sentencepiece and text == unk:  # SentencePiece's own <unk> type, also when listed as added
+                types.append(UNKNOWN)
+            elif i in added:
+                types.append(CONTROL if added[i].get("special") else USER_DEFINED)
+            else:
+                types.append(BYTE if sentencepiece and _BYTE_TOKEN.fullmatch(text) else NORMAL)
     if sentencepiece and BYTE not in types:
         raise ExportError("byte-fallback tokenizer without <0x00>..<0xFF> byte tokens cannot be represented in GGUF")
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]

@@ -1,0 +1,173 @@
+"""Bad input to GGUF export fails with a clear error before anything is written; a failed write leaves no file under
+the final name (and an older file there intact); k-quants without llama-cpp-python name the extra to install."""
+
+import os
+import sys
+
+import pytest
+
+pytest.importorskip("gguf")
+
+from fastft.export import ExportError, save_gguf  # noqa: E402
+from fastft.offline import build_tiny_model, build_tokenizer  # noqa: E402
+
+
+def _assert_nothing_written(directory):
+    assert not os.path.exists(directory) or os.listdir(directory) == []
+
+
+def test_unknown_quantization_suggests_the_close_name(tmp_path):
+    with pytest.raises(ExportError, match=r"unknown GGUF quantization 'q4km'\. Did you mean 'q4_k_m'"):
+        save_gguf(build_tiny_model("llama"), str(tmp_path / "out"), build_tokenizer(), "q4km")
+    with pytest.raises(ExportError, match="Did you mean 'q8_0'"):
+        save_gguf(build_tiny_model("llama"), str(tmp_path / "out"), build_tokenizer(), "Q8-O")
+    _assert_nothing_written(tmp_path / "out")
+
+
+def test_architecture_llama_cpp_lacks_or_fastft_does_not_map(tmp_path):
+    model = build_tiny_model("llama")
+    model.config.model_type = "lama"  # a typo-like type nobody has
+    with pytest.raises(ExportError, match=r"no row for model_type 'lama'.*Did you mean 'llama'"):
+        save_gguf(model, str(tmp_path / "out"), build_tokenizer(), "f16")
+    with pytest.raises(ExportError, match=r"does not cover model_type 'mixtral' yet \(expert stacking"):
+        save_gguf(build_tiny_model("mixtral"), str(tmp_path / "out"), build_tokenizer(), "f16")
+    _assert_nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}, "RoPE scaling 'dynamic'"),
+    ({"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0}, "use_sliding_window=True"),
+    ({"hidden_act": "gelu"}, "activation 'gelu'"),
+])
+def test_config_llama_cpp_would_compute_differently(tmp_path, change, message):
+    with pytest.raises(ExportError, match=message):
+        save_gguf(build_tiny_model("qwen2", **change), str(tmp_path / "out"), build_tokenizer(), "f16")
+    _assert_nothing_written(tmp_path / "out")
+
+
+def test_untied_gemma_and_odd_query_scale_refused(tmp_path):
+    with pytest.raises(ExportError, match="untied lm_head"):
+        save_gguf(build_tiny_model("gemma", tie_word_embeddings=False), str(tmp_path / "out"), build_tokenizer(),
+                  "f16")
+    with pytest.raises(ExportError, match="query_pre_attn_scalar=32"):
+        save_gguf(build_tiny_model("gemma2", query_pre_attn_scalar=32), str(tmp_path / "out"), build_tokenizer(),
+                  "f16")
+    _assert_nothing_written(tmp_path / "out")
+
+
+def _tokenizer_with(tok, **backend_parts):
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+    for name, value in backend_parts.items():
+        setattr(backend, name, value)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=tok.eos_token)
+
+
+def test_tokenizer_llama_cpp_cannot_represent(tmp_path):
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+
+    tok = build_tokenizer()
+    split = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\d|\D+"), "isolated"),
+                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    cases = [
+        (_tokenizer_with(tok, pre_tokenizer=split), r"split regex '\\\\d\|\\\\D\+' is not one llama.cpp names"),
+        (_tokenizer_with(tok, normalizer=normalizers.Lowercase()), "normalizer 'Lowercase' cannot be represented"),
+        (_tokenizer_with(tok, pre_tokenizer=pre_tokenizers.Whitespace()), "pre-tokenizer .* cannot be represented"),
+    ]
+    wordpiece = Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    from transformers import PreTrainedTokenizerFast
+
+    cases.append((PreTrainedTokenizerFast(tokenizer_object=wordpiece), "tokenizer model 'WordPiece' is not supported"))
+    for bad, message in cases:
+        with pytest.raises(ExportError, match=message):
+            save_gguf(build_tiny_model("llama"), str(tmp_path / "out"), bad, "f16")
+    with pytest.raises(ExportError, match="needs the tokenizer"):
+        save_gguf(build_tiny_model("llama"), str(tmp_path / "out"), None, "f16")
+    with pytest.raises(ExportError, match="vocab_size is 100"):
+        save_gguf(build_tiny_model("llama", vocab_size=100), str(tmp_path / "out"), tok, "f16")
+    _assert_nothing_written(tmp_path / "out")
+
+
+def test_failed_write_leaves_no_half_written_file(tmp_path, monkeypatch):
+    import gguf
+
+    tok, model = build_tokenizer(), build_tiny_model("llama")
+    first = save_gguf(model, str(tmp_path), tok, "f16")  # an earlier export under the same name
+    before = open(first, "rb").read()
+    real = gguf.GGUFWriter.write_tensors_to_file
+    written = []
+
+    def fail_midway(self, *args, **kwargs):
+        self.fout[0].write(b"\0" * 4096)  # some tensor bytes reach the disk, then the writer dies
+        self.fout[0].flush()
+        written.append(os.path.getsize(self.path))
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", fail_midway)
+    with pytest.raises(OSError, match="simulated"):
+        save_gguf(build_tiny_model("llama", seed=1), str(tmp_path), tok, "f16")
+    assert written and written[0] > 4096  # the failure really happened mid-file
+    assert open(first, "rb").read() == before  # the earlier file is untouched
+    assert sorted(os.listdir(tmp_path)) == ["Modelfile", "model.F16.gguf"]  # no temporary left behind
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", real)
+    assert save_gguf(model, str(tmp_path), tok, "q8_0").endswith("model.Q8_0.gguf")
+
+
+def test_k_quant_without_llama_cpp_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if fastft[gguf]'s llama-cpp-python were missing
+    with pytest.raises(ExportError, match=r"pip install 'fastft\[gguf\]'"):
+        save_gguf(build_tiny_model("llama"), str(tmp_path / "out"), build_tokenizer(), "q4_k_m")
+    _assert_nothing_written(tmp_path / "out")
+
+
+def test_modelfile_content(tmp_path):
+    path = save_gguf(build_tiny_model("qwen2"), str(tmp_path), build_tokenizer(), "q8_0")
+    text = (tmp_path / "Modelfile").read_text()
+    lines = text.splitlines()
+    assert lines[0] == f"FROM ./{os.path.basename(path)}"
+    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    assert template == ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
+                        "<|im_start|>assistant\n")
+    assert [line for line in lines if line.startswith("PARAMETER stop")] == ['PARAMETER stop "<|im_end|>"']
+    assert "PARAMETER temperature" not in text  # greedy by default: no sampling defaults invented
+
+
+def test_modelfile_sampling_defaults_and_unknown_template(tmp_path):
+    from fastft.export.modelfile import modelfile_text
+
+    model = build_tiny_model("llama")
+    model.generation_config.do_sample, model.generation_config.temperature = True, 0.7
+    tok = build_tokenizer()
+    tok.chat_template = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    save_gguf(model, str(tmp_path), tok, "f16")
+    text = (tmp_path / "Modelfile").read_text()
+    assert "TEMPLATE" not in text.replace("# no TEMPLATE", "") and "# no TEMPLATE" in text
+    assert 'PARAMETER stop "<|im_end|>"' in text and "PARAMETER temperature 0.7" in text
+    gemma = modelfile_text("m.gguf", "<start_of_turn>user ...", "<eos>")
+    assert 'PARAMETER stop "<end_of_turn>"' in gemma and 'PARAMETER stop "<eos>"' in gemma
+    assert "model{{ else }}user{{ end }}" in gemma  # no system role in Gemma's format
+
+
+def test_sentencepiece_tokenizer_round_trip(tmp_path):
+    """A Llama-2-style tokenizer (byte fallback, Metaspace) is written as llama.cpp's SPM vocabulary: scores from
+    merge ranks and no merges, so transformers' reader rebuilds the merges from the scores alone."""
+    from transformers import AutoTokenizer
+
+    from tests.export.gguf_reader import build_sentencepiece_tokenizer, file_fields
+
+    tok = build_sentencepiece_tokenizer()
+    path = save_gguf(build_tiny_model("llama"), str(tmp_path), tok, "f16")
+    import gguf
+
+    fields = gguf.GGUFReader(path).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama" and "tokenizer.ggml.merges" not in fields
+    assert fields["tokenizer.ggml.add_space_prefix"].contents() is True
+    types = fields["tokenizer.ggml.token_type"].contents()
+    assert types[tok.convert_tokens_to_ids("<0x0A>")] == 6 and types[tok.unk_token_id] == 2
+    back = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=os.path.basename(path))
+    for text in ["The quick brown fox jumps over the lazy dog.", "plain ASCII, 12 + 7 = 19.", "  two  spaces",
+                 "héllo wörld – ünïcode 日本語 🙂", "<|im_start|>user\nhi<|im_end|>"]:
+        assert back(text)["input_ids"] == tok(text)["input_ids"], text
+    assert file_fields(path)[0] == "llama"
