@@ -215,7 +215,6 @@ _LORA_OWNED_ELSEWHERE = {"use_gradient_checkpointing": "`model.use_gradient_chec
                          "task_type": "fastft (always CAUSAL_LM)"}
 
 
-@functools.lru_cache(maxsize=1)
 def model_fields() -> tuple[dict[str, Any], dict[str, Any]]:
     """(from_pretrained fields, for_training fields): model: takes both; ``name`` is ``model_name``."""
     from fastft.model import FastModel
@@ -224,7 +223,6 @@ def model_fields() -> tuple[dict[str, Any], dict[str, Any]]:
     return load, signature_fields(FastModel.for_training, skip=("model",))
 
 
-@functools.lru_cache(maxsize=1)
 def lora_fields() -> tuple[dict[str, Any], dict[str, Any]]:
     """(get_peft_model's own parameters, the peft.LoraConfig fields its ``**kwargs`` reach)."""
     from fastft.model import FastModel

@@ -58,16 +58,18 @@ def test_token_reaches_from_pretrained_and_checkpointing_the_training_call(monke
         calls["get_peft_model"] = kwargs
         return model
 
-    monkeypatch.setattr(FastModel, "from_pretrained", staticmethod(fake_from_pretrained))
-    monkeypatch.setattr(FastModel, "get_peft_model", staticmethod(fake_get_peft_model))
     cfg = validate(_base(model={"token": "hf_abc", "max_seq_length": 64, "tiled_mlp": 512},
                          lora={"use_dora": True, "lora_dropout": 0}))
+    load, training = split_model_section({"name": "x", "use_gradient_checkpointing": False, "dtype": "bf16"})
+    assert load == {"dtype": "bf16"} and training == {"use_gradient_checkpointing": False}
+    split = split_model_section(cfg.model)  # by the real signatures, before the stand-ins below replace them
+    monkeypatch.setattr(FastModel, "from_pretrained", staticmethod(fake_from_pretrained))
+    monkeypatch.setattr(FastModel, "get_peft_model", staticmethod(fake_get_peft_model))
+    monkeypatch.setattr(run, "split_model_section", lambda model: split)
     run.load_model(cfg, "/some/dir")
     assert calls["from_pretrained"] == ("/some/dir", {"token": "hf_abc", "max_seq_length": 64, "tiled_mlp": 512})
     assert calls["get_peft_model"] == {"r": 4, "use_dora": True, "lora_dropout": 0.0,
                                        "use_gradient_checkpointing": "fastft"}  # train's default, stated once
-    load, training = split_model_section({"name": "x", "use_gradient_checkpointing": False, "dtype": "bf16"})
-    assert load == {"dtype": "bf16"} and training == {"use_gradient_checkpointing": False}
 
 
 def test_a_parameter_added_to_from_pretrained_is_accepted_with_its_type(monkeypatch):
@@ -77,13 +79,9 @@ def test_a_parameter_added_to_from_pretrained_is_accepted_with_its_type(monkeypa
         return original(model_name, max_seq_length=max_seq_length, **kwargs)
 
     monkeypatch.setattr(FastModel, "from_pretrained", staticmethod(from_pretrained))
-    config.model_fields.cache_clear()
-    try:
-        assert validate(_base(model={"new_knob": 3})).model["new_knob"] == 3
-        assert _errors(_base(model={"new_knob": "3"})) == ["model.new_knob: expected int, got str '3'"]
-        assert _errors(_base(model={"dtype": "bf16"}))[0].startswith("model.dtype: unknown key")  # gone with it
-    finally:
-        config.model_fields.cache_clear()
+    assert validate(_base(model={"new_knob": 3})).model["new_knob"] == 3
+    assert _errors(_base(model={"new_knob": "3"})) == ["model.new_knob: expected int, got str '3'"]
+    assert _errors(_base(model={"dtype": "bf16"}))[0].startswith("model.dtype: unknown key")  # gone with it
 
 
 @pytest.mark.parametrize("section, key, value, expect", [
