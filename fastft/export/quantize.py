@@ -91,12 +91,14 @@ def encode_tensor(data: np.ndarray, tensor_type: str) -> np.ndarray:
 
 def quantize_with_llama_cpp(source: str, destination: str, quant: Quantization, threads: int = 0) -> None:
     """Run llama.cpp's quantizer (``llama_model_quantize``) from the 16-bit GGUF ``source`` to ``destination``."""
+    import ctypes
+
     import gguf
 
     llama_cpp = require_llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(gguf.LlamaFileType[quant.file_type])
-    params.nthread = threads
-    rc = llama_cpp.llama_model_quantize(source.encode(), destination.encode(), params)
+    params.nthread = threads  # 0: llama.cpp picks the number of hardware threads
+    rc = llama_cpp.llama_model_quantize(source.encode(), destination.encode(), ctypes.byref(params))
     if rc != 0:
         raise ExportError(f"llama.cpp's quantizer failed (return code {rc}) making {quant.name} from {source}")

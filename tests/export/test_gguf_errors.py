@@ -171,3 +171,62 @@ def test_sentencepiece_tokenizer_round_trip(tmp_path):
                  "héllo wörld – ünïcode 日本語 🙂", "<|im_start|>user\nhi<|im_end|>"]:
         assert back(text)["input_ids"] == tok(text)["input_ids"], text
     assert file_fields(path)[0] == "llama"
+
+
+def _render_go(template: str, messages: list[dict]) -> str:
+    """A renderer for the subset of Go templates the Modelfile uses (range .Messages, .Role, .Content,
+    if eq .Role "x" / else / end, and "{{-" trimming): an oracle independent of fastft's code."""
+    import re
+
+    parts = re.split(r"(\{\{-?\s*.*?\s*\}\})", template)
+    tokens = []
+    for part in parts:
+        if part.startswith("{{"):
+            if part.startswith("{{-") and tokens and tokens[-1][0] == "text":
+                tokens[-1] = ("text", tokens[-1][1].rstrip())
+            tokens.append(("action", part.strip("{}- ").strip()))
+        elif part:
+            tokens.append(("text", part))
+
+    def run(i: int, scope: dict | None, out: list[str], stop=("end",)) -> int:
+        while i < len(tokens):
+            kind, value = tokens[i]
+            if kind == "text":
+                out.append(value)
+            elif value in stop or value == "else":
+                return i
+            elif value == "range .Messages":
+                start = i + 1
+                for message in messages:
+                    i = run(start, message, out)
+                if not messages:
+                    i = run(start, None, [])
+            elif value.startswith("if eq .Role"):
+                want = value.split('"')[1]
+                branch: list[str] = []
+                other: list[str] = []
+                i = run(i + 1, scope, branch)
+                if tokens[i][1] == "else":
+                    i = run(i + 1, scope, other)
+                out.extend(branch if scope["role"] == want else other)
+            elif value in (".Role", ".Content"):
+                out.append(scope[value[1:].lower()])
+            else:
+                raise AssertionError(f"unsupported action {value!r}")
+            i += 1
+        return i
+
+    out: list[str] = []
+    run(0, None, out)
+    return "".join(out)
+
+
+def test_modelfile_template_renders_like_the_chat_template(tmp_path):
+    """The Modelfile's Go template, rendered for a conversation, is the text the HF chat template renders."""
+    tok = build_tokenizer()
+    save_gguf(build_tiny_model("llama"), str(tmp_path), tok, "f16")
+    template = (tmp_path / "Modelfile").read_text().split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "12 plus 7?"},
+                {"role": "assistant", "content": "19"}, {"role": "user", "content": "and 8 more?"}]
+    want = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert _render_go(template, messages) == want

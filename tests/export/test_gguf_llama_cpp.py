@@ -1,0 +1,118 @@
+"""The real consumer: llama.cpp (through llama-cpp-python, the ``fastft[gguf]`` extra) loads the exported GGUF.
+
+A benchmark (``-m benchmark``), not in the default suite: llama-cpp-python compiles llama.cpp when installed (build
+time in docs/EXPORT.md). Checks, on tiny offline models:
+- llama.cpp's logits for a prompt equal the merged model's within the quantization's bound (BOUNDS: llama.cpp's CPU
+  matmuls also round the activations -- to f16 for f16 weights, to q8 blocks for quantized ones -- so its bounds are
+  wider than transformers' reading of the same file);
+- greedy generation of 20 tokens equals transformers' for f16; a split is accepted only at a near tie (top-2 logit
+  gap of transformers under the f16 bound), which random tiny models can have;
+- llama.cpp's tokenization of ASCII, multi-byte UTF-8, special tokens and chat-template text equals the HF
+  tokenizer's, for the byte-level BPE and the SentencePiece-style fixture;
+- k-quants (q4_k_m, q5_k_m, q6_k) made by llama.cpp's own quantizer load and stay within their bounds (a model with
+  256-wide rows, so llama.cpp's 256-element super-blocks apply rather than its fallbacks).
+"""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.benchmark
+llama_cpp = pytest.importorskip("llama_cpp")
+pytest.importorskip("gguf")
+
+from fastft.export import save_gguf  # noqa: E402
+from fastft.offline import build_tiny_model, build_tokenizer  # noqa: E402
+from tests.export.gguf_reader import build_sentencepiece_tokenizer, relative_logit_error  # noqa: E402
+
+#: max |logit difference| / max |logit| vs the merged fp32 model, llama.cpp CPU backend (measured: docs/EXPORT.md)
+BOUNDS = {"f32": 1e-3, "f16": 0.02, "q8_0": 0.08, "q6_k": 0.10, "q5_k_m": 0.15, "q4_k_m": 0.30}
+PROMPT = "The quick brown fox: what is 12 plus 7? The answer is 19."
+ROWS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"]
+
+
+def _load(path: str):
+    return llama_cpp.Llama(model_path=path, n_ctx=256, n_batch=256, logits_all=True, n_threads=2, verbose=False)
+
+
+def _llama_cpp_logits(llm, ids: list[int]) -> torch.Tensor:
+    llm.reset()
+    llm.eval(ids)
+    return torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+
+
+def _hf_logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+@pytest.mark.parametrize("quantization", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("model_type", ROWS)
+def test_llama_cpp_logits_match(model_type, quantization, tmp_path):
+    tok, model = build_tokenizer(), build_tiny_model(model_type)
+    llm = _load(save_gguf(model, str(tmp_path), tok, quantization))
+    ids = tok(PROMPT)["input_ids"]
+    err = relative_logit_error(_hf_logits(model, ids), _llama_cpp_logits(llm, ids))
+    print(f"llama.cpp {model_type} {quantization}: relative logit error {err:.5f}")
+    assert err <= BOUNDS[quantization], f"{model_type} {quantization}: {err:.5f}"
+
+
+@pytest.mark.parametrize("model_type", ROWS)
+def test_greedy_generation_equals_transformers_f16(model_type, tmp_path):
+    tok, model = build_tokenizer(), build_tiny_model(model_type)
+    llm = _load(save_gguf(model, str(tmp_path), tok, "f16"))
+    prompt = tok(PROMPT)["input_ids"]
+    want: list[int] = []
+    for _ in range(20):  # plain argmax decoding: no generation-config rules (EOS, min length) on either side
+        want.append(int(_hf_logits(model, prompt + want)[-1].argmax()))
+    llm.reset()
+    got = []
+    for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+        got.append(int(token))
+        if len(got) == 20:
+            break
+    if got != want:
+        split = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+        logits = _hf_logits(model, prompt + want[:split])[-1]
+        top2 = logits.topk(2).values
+        gap = ((top2[0] - top2[1]) / logits.abs().max()).item()
+        print(f"{model_type}: split at token {split}, transformers' top-2 relative gap {gap:.5f}")
+        assert gap <= BOUNDS["f16"], f"{model_type}: greedy outputs differ at {split} with a clear winner ({gap:.4f})"
+    else:
+        print(f"{model_type}: 20 greedy tokens equal")
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])
+def test_llama_cpp_tokenization_equals_hf(kind, tmp_path):
+    tok = build_tokenizer() if kind == "byte-level" else build_sentencepiece_tokenizer()
+    llm = _load(save_gguf(build_tiny_model("llama"), str(tmp_path), tok, "f16"))
+    chat = tok.apply_chat_template([{"role": "system", "content": "Be brief."},
+                                    {"role": "user", "content": "hi, 12 plus 7?"}], tokenize=False,
+                                   add_generation_prompt=True)
+    texts = ["plain ASCII text, 12 + 7 = 19.", "The quick brown fox jumps over the lazy dog.", "  two  spaces\n\nnl",
+             "héllo wörld – ünïcode 日本語 🙂", "<|im_start|>user\nhi<|im_end|>", chat]
+    for text in texts:
+        want = tok(text)["input_ids"]
+        got = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        assert got == want, (kind, text, got, want)
+        assert llm.detokenize(got, special=True).decode("utf-8") == tok.decode(want), (kind, text)
+
+
+@pytest.mark.parametrize("quantization", ["q4_k_m", "q5_k_m", "q6_k"])
+def test_k_quants_by_llama_cpp(quantization, tmp_path):
+    tok = build_tokenizer()
+    model = build_tiny_model("llama", hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=64)
+    path = save_gguf(model, str(tmp_path), tok, quantization)
+    assert os.path.basename(path) == f"model.{quantization.upper()}.gguf"
+    assert sorted(os.listdir(tmp_path)) == ["Modelfile", os.path.basename(path)]  # the F16 staging file is gone
+    import gguf
+
+    types = {t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert types & {"Q4_K", "Q5_K", "Q6_K"}, types  # llama.cpp's k-quant recipe, not a fallback everywhere
+    ids = tok(PROMPT)["input_ids"]
+    err = relative_logit_error(_hf_logits(model, ids), _llama_cpp_logits(_load(path), ids))
+    print(f"llama.cpp llama-256 {quantization}: relative logit error {err:.5f}, tensor types {sorted(types)}")
+    assert err <= BOUNDS[quantization], f"{quantization}: {err:.5f}"
