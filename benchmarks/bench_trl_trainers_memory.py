@@ -1,4 +1,4 @@
-"""Peak live bytes of one training step per TRL trainer (SFT, DPO, KTO, GRPO, RLOO), TRL vs fastft, on the CPU path.
+"""Peak live bytes of one training step per TRL trainer (every PatchFastRL row), TRL vs fastft, on the CPU path.
 
 What is measured: ``fastft.memory.LiveBytesTracker`` around ``trainer.train()`` with ``max_steps=1`` (the forward,
 backward and optimizer step; for DPO/KTO the in-step reference pass; for GRPO/RLOO the scoring of fixed completions,
@@ -7,6 +7,11 @@ counted. Model: a random tiny-but-wide Llama (hidden --hidden, 2 layers, vocab -
 without TRITON_INTERPRET: fastft's kernels take their torch path (same chunked algorithm), TRL's fused head its torch
 fallback, which scores every position (on CUDA TRL scores only labelled ones: see bench_grpo_memory.py for that row).
 These are CPU measurements of live tensor bytes, not GPU figures.
+
+Reward, ORPO, CPO and OnlineDPO have no lean head (see ``fastft.patches.trl``): their rows show what the rest of
+fastft (optimizer) does to the peak, with TRL's loss as written. Reward uses a sequence-classification model of the
+same dimensions; OnlineDPO samples its completions for real (``max_new_tokens`` = --completion-length, same seed both
+ways) and scores them with a length reward.
 
     python benchmarks/bench_trl_trainers_memory.py
 """
@@ -28,8 +33,8 @@ import torch
 
 import fastft
 from fastft.memory import LiveBytesTracker
-from fastft.offline import build_tiny_model, build_tokenizer
-from fastft.patches.trl import patched_algorithm
+from fastft.offline import build_tiny_model, build_tokenizer, tiny_config
+from fastft.patches.trl import _TRAINERS, patched_algorithm
 
 PROMPTS = ["What is 12 plus 7?", "Name a fast animal.", "Why checkpoint?", "Count:"]
 ANSWERS = [" The answer is 19, as anyone can check by counting.", " The quick brown fox jumps over the dog.",
@@ -49,7 +54,10 @@ def _dataset(algorithm: str, tag: str):
 
     if algorithm == "SFT":
         rows = [{"prompt": p, "completion": a} for p, a in zip(PROMPTS, ANSWERS, strict=True)]
-    elif algorithm == "DPO":
+    elif algorithm == "Reward":
+        rows = [{"chosen": p + a, "rejected": p + ANSWERS[i - 1]} for i, (p, a) in enumerate(zip(PROMPTS, ANSWERS,
+                                                                                                strict=True))]
+    elif algorithm in ("DPO", "ORPO", "CPO"):
         rows = [{"prompt": p, "chosen": a, "rejected": ANSWERS[i - 1]} for i, (p, a) in enumerate(zip(PROMPTS, ANSWERS,
                                                                                                     strict=True))]
     elif algorithm == "KTO":
@@ -69,8 +77,12 @@ def measure(algorithm: str, patched: bool, args: argparse.Namespace) -> tuple[in
     if patched:
         assert fastft.PatchFastRL(algorithm) == {algorithm: True}
     generating = algorithm in ("GRPO", "RLOO")
-    module = importlib.import_module(f"trl.trainer.{algorithm.lower()}_trainer")
-    cls = getattr(module, f"{algorithm}Trainer")
+    spec = _TRAINERS[algorithm]
+    module = importlib.import_module(spec.module)
+    cls = getattr(module, spec.class_name)
+    # trl.<X>Config, or the experimental trainer's package's
+    config_cls = getattr(trl, f"{algorithm}Config", None) or getattr(
+        importlib.import_module(spec.module.rsplit(".", 1)[0]), f"{algorithm}Config")
     original = vars(cls).get("_generate_single_turn")
     if generating:
         seam = _completions(args.completion_length)
@@ -79,24 +91,37 @@ def measure(algorithm: str, patched: bool, args: argparse.Namespace) -> tuple[in
         else:
             cls._generate_single_turn = seam
     try:
-        model = build_tiny_model("llama", vocab_size=args.vocab, hidden_size=args.hidden,
-                                 intermediate_size=2 * args.hidden, num_hidden_layers=2,
-                                 num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 128,
-                                 head_dim=64, max_position_embeddings=1024)
+        dims = dict(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+                    num_hidden_layers=2, num_attention_heads=args.hidden // 64,
+                    num_key_value_heads=args.hidden // 128, head_dim=64, max_position_embeddings=1024)
+        if algorithm == "Reward":
+            from transformers import AutoModelForSequenceClassification
+
+            config = tiny_config("llama", num_labels=1, pad_token_id=build_tokenizer().pad_token_id, **dims)
+            torch.manual_seed(0)
+            model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
+        else:
+            model = build_tiny_model("llama", **dims)
         torch.manual_seed(0)
         with tempfile.TemporaryDirectory() as out:
             common = dict(output_dir=out, use_cpu=True, report_to="none", bf16=False, max_steps=1, logging_steps=1,
                           save_strategy="no", disable_tqdm=True, seed=0, per_device_train_batch_size=4)
             extra: dict = {}
+            length_reward = dict(reward_funcs=lambda completions, **kw: [float(len(c) % 7) for c in completions])
+            task = "SEQ_CLS" if algorithm == "Reward" else None  # the other rows: as first measured
             if generating:
                 common.update(num_generations=4, max_completion_length=args.completion_length)
-                extra = dict(reward_funcs=lambda completions, **kw: [float(len(c) % 7) for c in completions])
+                extra = length_reward
+            elif algorithm == "OnlineDPO":
+                common.update(max_new_tokens=args.completion_length, max_length=128 + args.completion_length)
+                extra = length_reward
             else:
                 common.update(max_length=128)
-            config = getattr(trl, f"{algorithm}Config")(**common)
+            config = config_cls(**common)
             trainer = cls(model=model, args=config, processing_class=build_tokenizer(),
                           train_dataset=_dataset(algorithm, f"{patched}"), **extra,
-                          peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"]))
+                          peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"],
+                                                 task_type=task))
             assert patched_algorithm(trainer) == (algorithm if patched else None)
             tracker = LiveBytesTracker()
             with tracker:
@@ -117,7 +142,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--completion-length", type=int, default=64)
-    parser.add_argument("--trainers", default="SFT,DPO,KTO,GRPO,RLOO")
+    parser.add_argument("--trainers", default=",".join(_TRAINERS))
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("run without TRITON_INTERPRET=1: this measures the CPU torch path")

@@ -104,6 +104,14 @@ def run_file(workdir: Path, test_file: str, row: str | None, keyword: str | None
     return results
 
 
+def _collection_error(log: Path) -> str | None:
+    """The first ``E   ...`` line of a pytest log whose collection failed, else None."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    if "error during collection" not in text and "errors during collection" not in text:
+        return None
+    return next((line[1:].strip() for line in text.splitlines() if line.startswith("E ")), "see the log")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trainers", default="SFT,DPO,GRPO,KTO,RLOO", help="comma-separated PatchFastRL rows")
@@ -147,6 +155,10 @@ def main() -> int:
                                    "fails_unpatched_passes_patched": gains, "seconds": round(time.time() - start)}
         print(f"{row}: unpatched {count(plain)} | patched {count(fast)} | {len(regressions)} pass unpatched but "
               f"fail patched ({time.time() - start:.0f} s)", flush=True)
+        collection = _collection_error(workdir / f"{row}-unpatched.log")
+        if collection:  # these tests do not match the installed TRL: no test ran either way
+            report["trainers"][row]["collection_error"] = collection
+            print(f"    {test_file} did not collect: {collection}", flush=True)
         for test in regressions:
             print(f"    REGRESSION {test}", flush=True)
         for test in gains:
