@@ -8,7 +8,7 @@ Shapes and dtypes
 
 Algorithm, per chunk of C tokens (C from the problem, see :func:`choose_chunk_size`):
     logits_c = hidden_c @ weight.T (+ bias)           torch matmul (cuBLAS on GPU), [C, V] in hidden.dtype
-    lse, target logit                                 cross_entropy's stats kernel (vocab-chunked, online lse)
+    lse, target logit (+ options, metrics)            cross_entropy's stats kernel (vocab-chunked, online lse)
     dlogits_c, IN PLACE in logits_c                    cross_entropy's grad kernel: safe, logits_c is private
     dhidden_c = dlogits_c @ weight                    written into its rows of dhidden
     dweight += dlogits_c.T @ hidden_c                 only when weight requires grad
@@ -24,6 +24,14 @@ matmul for every chunk in the backward (+1/3 of the lm_head FLOPs) for no memory
 op of the forward. For reduction "none" the per-row incoming gradients are unknown in the forward and do not factor
 out of dweight, so that case recomputes the chunks in the backward (the same op, called again with the gradients).
 The same chunk op serves selective_log_softmax (with the entropy terms).
+
+Loss options (cross_entropy_math): ``label_smoothing``, ``class_weight`` (F.cross_entropy's ``weight``) and the z-loss
+``lse_square_scale``; they change the per-row statistics and gradient coefficients, never the GEMMs. Token metrics
+(``return_token_stats``: entropy and argmax == label, TRL's ``entropy`` / ``mean_token_accuracy``) come out of the same
+stats kernel on the same logits chunk, so they cost no second LM-head GEMM (a test counts the GEMMs).
+
+Non-tensor options travel as two frozen dataclasses, :class:`~fastft.kernels.cross_entropy_math.CrossEntropyOptions`
+(the loss) and :class:`ChunkPlan` (what to compute); the custom op takes their fields as keyword-only arguments.
 
 Saved for backward: mean/sum -> dhidden, dweight, dbias (what the backward returns); none -> hidden, weight, bias,
 labels (the recompute inputs).
