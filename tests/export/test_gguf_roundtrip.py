@@ -142,3 +142,20 @@ def test_chat_template_stored_without_transformers_only_tags(tmp_path):
     template = field.contents()
     assert "<|im_start|>" in template and "{% generation %}" not in template and "endgeneration" not in template
     assert not (tmp_path / "Modelfile").exists()
+
+
+def test_rope_scaling_and_mistral_window_keys(tmp_path):
+    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 1024,
+            "beta_fast": 16.0}
+    _, fields = file_fields(save_gguf(build_tiny_model("qwen2", rope_parameters=yarn), str(tmp_path / "y"),
+                                      build_tokenizer(), "f16"))
+    assert (fields["rope.scaling.type"], fields["rope.scaling.factor"]) == ("yarn", 4.0)
+    assert fields["rope.scaling.original_context_length"] == 1024 and fields["rope.scaling.yarn_beta_fast"] == 16.0
+    assert "rope.scaling.yarn_beta_slow" not in fields  # not in the config: llama.cpp's default is transformers'
+    linear = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
+    _, fields = file_fields(save_gguf(build_tiny_model("llama", rope_parameters=linear), str(tmp_path / "l"),
+                                      build_tokenizer(), "f16"))
+    assert (fields["rope.scaling.type"], fields["rope.scaling.factor"]) == ("linear", 2.0)
+    _, fields = file_fields(save_gguf(build_tiny_model("mistral", sliding_window=64), str(tmp_path / "m"),
+                                      build_tokenizer(), "f16"))
+    assert fields["context_length"] == 64  # llama.cpp's llama arch attends fully: equal only up to the window
