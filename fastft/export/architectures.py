@@ -43,11 +43,12 @@ ARCHITECTURES: dict[str, ArchitectureRow] = {row.model_type: row for row in [
     ArchitectureRow("gemma", "gemma", norm_plus_one=True),
     ArchitectureRow("gemma2", "gemma2", norm_plus_one=True, softcapping=True, sliding_window=True),
     ArchitectureRow("gemma3_text", "gemma3", norm_plus_one=True, softcapping=True, sliding_window=True),
+    # Phi-3: fused qkv_proj and gate_up_proj are llama.cpp's own attn_qkv / ffn_up layout; RoPE rotates halves.
+    ArchitectureRow("phi3", "phi3"),
 ]}
 
 #: Rows of fastft's architecture table that GGUF export does not cover yet, and why (named in the error).
 NOT_EXPORTED = {
-    "phi3": "fused qkv/gate_up and LongRoPE factor tensors are not mapped yet",
     "olmo2": "post-norm layout not mapped yet", "olmo3": "post-norm layout not mapped yet",
     "granite": "its four multipliers are not mapped yet", "smollm3": "its no-RoPE layers are not mapped yet",
     "glm4": "partial interleaved RoPE not mapped yet", "ministral": "per-layer sliding window not mapped yet",
@@ -160,11 +161,12 @@ def _sliding_keys(row: ArchitectureRow, config: Any) -> dict[str, Any]:
     if row.model_type in ("qwen2", "qwen3") and getattr(config, "use_sliding_window", False):
         raise ExportError(f"{row.model_type} use_sliding_window=True: llama.cpp's {row.gguf_arch} arch attends the "
                           "whole context; export a model with use_sliding_window=False")
-    if row.model_type == "mistral" and window and window < config.max_position_embeddings:
-        # llama.cpp runs Mistral as llama, with full attention: equal to transformers up to the window's length.
-        logger.warning("fastft: mistral sliding_window=%d: llama.cpp's llama arch has no sliding window, so the GGUF's "
+    if row.model_type in ("mistral", "phi3") and window and window < config.max_position_embeddings:
+        # llama.cpp runs Mistral as llama and Phi-3 with its sliding window disabled, i.e. full attention: equal to
+        # transformers up to the window's length.
+        logger.warning("fastft: %s sliding_window=%d: llama.cpp's %s arch attends the whole context, so the GGUF's "
                        "context_length is set to %d (the length up to which both attend the same tokens)",
-                       window, window)
+                       row.model_type, window, row.gguf_arch, window)
         return {"context_length": int(window)}
     return {}
 

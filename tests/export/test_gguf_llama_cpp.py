@@ -30,7 +30,7 @@ from tests.export.gguf_reader import build_sentencepiece_tokenizer, relative_log
 #: max |logit difference| / max |logit| vs the merged fp32 model, llama.cpp CPU backend (measured: docs/EXPORT.md)
 BOUNDS = {"f32": 1e-3, "f16": 0.02, "q8_0": 0.08, "q6_k": 0.10, "q5_k_m": 0.15, "q4_k_m": 0.30}
 PROMPT = "The quick brown fox: what is 12 plus 7? The answer is 19."
-ROWS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"]
+ROWS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"]
 
 
 def _load(path: str):

@@ -21,7 +21,7 @@ from tests.export.gguf_reader import file_fields, read_back, relative_logit_erro
 
 BOUNDS = {"f32": 1e-5, "f16": 0.005, "bf16": 0.02, "q8_0": 0.05}
 PROMPT = "The quick brown fox: what is 12 plus 7? The answer is 19."
-ROWS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"]
+ROWS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"]
 
 
 @pytest.mark.parametrize("quantization", list(BOUNDS))
