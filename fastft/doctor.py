@@ -84,8 +84,10 @@ def _architecture_rows(model: str | None) -> list[dict[str, Any]]:
         if row["supported"]:
             with _quiet():
                 report = patch_model(build())
+            by_design = dict(ARCHITECTURES[model_type].unfused)  # the row says these cannot be fused identically
             row.update(applied=report.applied, skipped={name: report.reasons.get(name, "not applied")
-                                                        for name in report.skipped})
+                                                        for name in report.skipped if name not in by_design},
+                       unfused_by_design=by_design)
             fastft.unpatch()
         rows.append(row)
     return rows

@@ -28,7 +28,9 @@ from fastft.patches.checkpointing import enable_checkpointing
 from fastft.patches.embedding_offload import HostEmbedding, offload_input_embeddings
 
 #: Every linear projection of the supported decoder layers.
-ALL_LINEAR_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+#: Default LoRA targets, those a model has: split projections, and Phi-3 / GLM-4's fused qkv_proj and gate_up_proj.
+ALL_LINEAR_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "gate_up_proj",
+                          "down_proj"]
 
 _FLOAT_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
                  "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -232,10 +234,22 @@ class FastModel:
                         or type(m).__name__ in ("Linear4bit", "Linear8bitLt", "Conv1D")]
         present = {name.rsplit(".", 1)[-1] for name in linear_names}
         if target_modules is None:
-            target_modules = [t for t in ALL_LINEAR_PROJECTIONS if t in present]
+            remapped = _peft_moe_remapped_names(model)
+            target_modules = [t for t in ALL_LINEAR_PROJECTIONS if t in present and t not in remapped]
+            if remapped & present:
+                warn_once(f"fastft: PEFT maps the target names {sorted(remapped & present)} of a "
+                          f"{model.config.model_type} model onto its stacked experts (its transformers v4 -> v5 "
+                          "conversion, which also doubles rank and alpha), so fastft's defaults leave them out: the "
+                          "experts get adapters through target_parameters, and a dense layer's MLP gets none")
             if not target_modules:
                 raise ValueError("found none of the usual projections "
                                  f"{ALL_LINEAR_PROJECTIONS}; pass target_modules explicitly")
+            # Never silently: a linear layer the defaults do not name gets no adapter, so say which.
+            uncovered = sorted(present - set(target_modules) - {"lm_head"} - remapped)
+            if uncovered:
+                warn_once(f"fastft: default LoRA targets {target_modules} leave these linear layers without an "
+                          f"adapter: {uncovered}; pass target_modules to include them")
+            kwargs.setdefault("target_parameters", _default_expert_targets(model))
         elif not isinstance(target_modules, str):  # a str is PEFT's regex (or "all-linear"): PEFT checks it
             _check_target_modules(list(target_modules), present, linear_names)
         config = peft.LoraConfig(
@@ -320,6 +334,50 @@ def _check_target_modules(target_modules: list[Any], present: set[str], linear_n
                      f"{', '.join(sorted(present))}")
 
 
+def _default_expert_targets(model: nn.Module) -> list[str] | None:
+    """MoE models: the stacked expert parameters (``experts.gate_up_proj``, ``experts.down_proj``) as PEFT
+    ``target_parameters``, so the default adapters cover the experts, not attention alone. None for dense models."""
+    from fastft.patches.moe import EXPERT_PARAMETERS, expert_modules
+
+    experts = expert_modules(model)
+    if not experts:
+        return None
+    targets = [f"experts.{name}" for name in EXPERT_PARAMETERS if hasattr(experts[0][1], name)]
+    logger.info("fastft: LoRA on the %d expert stacks too (PEFT target_parameters %s; PEFT's parametrized path)",
+                len(experts), targets)
+    return targets
+
+
+def _peft_moe_remapped_names(model: nn.Module) -> set[str]:
+    """Target-module names PEFT rewrites into expert ``target_parameters`` for this model type (PEFT >= 0.18's
+    v4 -> v5 MoE conversion: for qwen3_moe, ``gate_proj``/``up_proj``/``down_proj``). Read from PEFT's own table;
+    empty where PEFT has none (or moved it)."""
+    try:
+        from peft.utils import transformers_weight_conversion as conversion
+
+        pattern = conversion._MODEL_TO_CONVERSION_PATTERN.get(getattr(model.config, "model_type", None))
+        return set(conversion._MOE_TARGET_MODULE_MAPPING.get(pattern, {}))
+    except (ImportError, AttributeError):
+        return set()
+
+
+def _merged_param_wrapper(module: nn.Module, dtype: torch.dtype) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """PEFT's ``ParamWrapper`` chain (LoRA on ``nn.Parameter``s: one wrapper per targeted parameter, nested) ->
+    (the wrapped module, {parameter name: W + every active adapter's delta, merged in fp32, cast to ``dtype``})."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    deltas: dict[str, torch.Tensor] = {}
+    inner = module
+    while isinstance(inner, ParamWrapper):
+        for adapter in inner.active_adapters:
+            if adapter in inner.lora_A:
+                delta = inner.get_delta_weight(adapter).float()
+                deltas[inner.parameter_name] = deltas.get(inner.parameter_name, 0) + delta
+        inner = inner.base_layer
+    merged = {name: (getattr(inner, name).detach().float() + delta).to(dtype) for name, delta in deltas.items()}
+    return inner, merged
+
+
 def _base_model(model: nn.Module) -> nn.Module:
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
@@ -354,6 +412,7 @@ def _dequantized_weight(layer: nn.Module) -> torch.Tensor:
 def merged_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The plain transformers state dict of ``model`` with every LoRA adapter merged and 4/8-bit weights dequantized."""
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import ParamWrapper
     from peft.utils import ModulesToSaveWrapper
 
     base = _base_model(model)
@@ -367,6 +426,10 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.T
             trained = module.modules_to_save[module.active_adapters[0]] if module.modules_to_save else module.original_module
             visit(trained, prefix)
             return
+        merged: dict[str, torch.Tensor] = {}
+        if isinstance(module, ParamWrapper):  # LoRA on stacked expert parameters: merge, then visit the experts
+            module, merged = _merged_param_wrapper(module, dtype)
+            state.update({prefix + name: tensor for name, tensor in merged.items()})
         if isinstance(module, LoraLayer):
             base_layer = module.get_base_layer()
             weight = _dequantized_weight(base_layer).float()
@@ -383,7 +446,8 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.T
                 state[prefix + "bias"] = module.bias.detach().to(dtype)
             return
         for name, p in module.named_parameters(recurse=False):
-            state[prefix + name] = p.detach().to(dtype) if p.is_floating_point() else p.detach()
+            if name not in merged:
+                state[prefix + name] = p.detach().to(dtype) if p.is_floating_point() else p.detach()
         for name, b in module.named_buffers(recurse=False):
             if name not in module._non_persistent_buffers_set:
                 state[prefix + name] = b.detach()

@@ -3,7 +3,8 @@
 ``build_tokenizer()`` trains a byte-level BPE on a small built-in corpus (well under a second) and wraps it in a
 ``PreTrainedTokenizerFast`` with bos/eos/pad tokens and a ChatML-style chat template carrying ``{% generation %}``
 markers (so TRL's assistant-only loss works). ``build_tiny_model(model_type)`` builds a randomly initialized
-transformers model of that architecture with a few layers and odd sizes, so kernels meet non-power-of-two shapes.
+transformers model of that architecture with a few layers and odd sizes, so kernels meet non-power-of-two shapes, and
+each row's own features switched on (sliding windows shorter than the test sequences, no-RoPE layers, multipliers).
 """
 
 from __future__ import annotations
@@ -23,6 +24,35 @@ TINY_ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
     "gemma2": ("Gemma2Config", {"hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 16,
                                 "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0,
                                 "sliding_window": 64, "tie_word_embeddings": True}),
+    # Fused qkv_proj / gate_up_proj; full rotary (a partial one is handed to transformers' RoPE, see architectures).
+    "phi3": ("Phi3Config", {"sliding_window": None}),
+    # A sliding layer whose window (5) is shorter than the test sequences, then a global one; q/k norms; softcap.
+    "gemma3_text": ("Gemma3TextConfig", {"hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 16,
+                                         "final_logit_softcapping": 30.0, "sliding_window": 5,
+                                         "layer_types": ["sliding_attention", "full_attention"],
+                                         "tie_word_embeddings": True}),
+    "olmo2": ("Olmo2Config", {}),
+    "olmo3": ("Olmo3Config", {"sliding_window": 5, "layer_types": ["sliding_attention", "full_attention"]}),
+    # Every multiplier away from 1 so a head that ignores one shows.
+    "granite": ("GraniteConfig", {"embedding_multiplier": 12.0, "residual_multiplier": 0.22,
+                                  "attention_multiplier": 0.0625, "logits_scaling": 8.0}),
+    # Layer 0 with RoPE, layer 1 without (no_rope_layers[i] == 1 means layer i uses RoPE).
+    "smollm3": ("SmolLM3Config", {"no_rope_layers": [1, 0], "use_sliding_window": False}),
+    "glm4": ("Glm4Config", {"partial_rotary_factor": 0.5}),
+    "ministral": ("MinistralConfig", {"sliding_window": 5, "layer_types": ["sliding_attention", "full_attention"]}),
+    # Its YaRN defaults (factor 16 over 16,384 original positions) imply this many positions.
+    "ministral3": ("Ministral3Config", {"sliding_window": None, "max_position_embeddings": 262144}),
+    # MoE: 5 experts, top-2, odd expert width; random routers give uneven counts per expert. The router aux loss is on
+    # (output_router_logits) so every training loss includes it. qwen3_moe's layer 1 is dense (mlp_only_layers).
+    "qwen3_moe": ("Qwen3MoeConfig", {"num_experts": 5, "num_experts_per_tok": 2, "moe_intermediate_size": 44,
+                                     "mlp_only_layers": [1], "norm_topk_prob": True, "output_router_logits": True,
+                                     "router_aux_loss_coef": 0.02}),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 5, "num_experts_per_tok": 2, "intermediate_size": 44,
+                                  "sliding_window": None, "output_router_logits": True, "router_aux_loss_coef": 0.02}),
+    # gpt-oss: biased experts with the clamped interleaved gate, attention sinks, a sliding layer then a full one.
+    "gpt_oss": ("GptOssConfig", {"num_local_experts": 5, "num_experts_per_tok": 2, "intermediate_size": 44,
+                                 "sliding_window": 5, "layer_types": ["sliding_attention", "full_attention"],
+                                 "output_router_logits": True, "router_aux_loss_coef": 0.02}),
 }
 
 CHAT_TEMPLATE = (

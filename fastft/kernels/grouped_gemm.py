@@ -307,7 +307,7 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, tra
         y: [M, N] in x.dtype. Differentiable in x and w.
     """
     _check(x, w, offsets, transpose_w)
-    if int(offsets[-1]) != x.shape[0] or int(offsets[0]) != 0:
+    if offsets.device.type != "meta" and (int(offsets[-1]) != x.shape[0] or int(offsets[0]) != 0):
         raise ValueError(f"grouped_gemm: offsets must run from 0 to M={x.shape[0]}, got {offsets.tolist()}")
     return GroupedGemmFunction.apply(x, w, offsets, bool(transpose_w))
 

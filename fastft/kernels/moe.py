@@ -81,16 +81,20 @@ def fused_experts(
     num_experts = experts.num_experts
     t, k = top_k_index.shape
     flat = top_k_index.reshape(-1)
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= num_experts):
+    meta = hidden.device.type == "meta"  # the memory model (fastft.memory.step_model): shapes only, no routing values
+    if flat.numel() and not meta and (int(flat.min()) < 0 or int(flat.max()) >= num_experts):
         raise ValueError(f"fused MoE: expert indices must lie in [0, {num_experts}), got "
                          f"[{int(flat.min())}, {int(flat.max())}]")  # fmt: skip
     # Stable sort: within one expert, rows keep token order (as the model's torch.where does).
     order = torch.argsort(flat, stable=True)
     token = order // k
     expert_of_row = flat[order]
-    counts = torch.bincount(flat, minlength=num_experts)
-    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=hidden.device)
-    offsets[1:] = torch.cumsum(counts, 0)
+    if meta:  # every buffer's size is T*k rows whatever the routing; the grouped GEMM's fake impl needs no offsets
+        offsets = torch.empty(num_experts + 1, dtype=torch.int64, device=hidden.device)
+    else:
+        counts = torch.bincount(flat, minlength=num_experts)
+        offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=hidden.device)
+        offsets[1:] = torch.cumsum(counts, 0)
     x = hidden[token]  # [T*k, H]
     weights = top_k_weights.reshape(-1)[order, None]
     if layout == "concatenated":

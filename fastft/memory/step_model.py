@@ -52,7 +52,8 @@ from fastft.memory.tracker import LiveBytesTracker
 ATTENTION_NAME = "fastft_meta_sdpa_free"
 QUANT_BLOCK = 64  # bitsandbytes' default 4-bit blocksize
 NESTED_BLOCK = 256  # double quantization: one fp32 scale per 256 quantized absmax values
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: FastModel.get_peft_model's default targets (fastft.model.ALL_LINEAR_PROJECTIONS): Phi-3's fused ones included
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj")
 VARIANTS = ("fastft", "baseline", "unpatched")
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -602,6 +603,10 @@ class StepModel:
             p.requires_grad_(False)
         self.ledger = HostLedger()
         self._replace_linears(model)
+        from fastft.memory.moe_model import replace_experts  # MoE: the stacked experts (see moe_model's docstring)
+
+        self.notes += replace_experts(model, spec.lora_r, spec.lora_alpha if spec.lora_alpha is not None else
+                                      2 * spec.lora_r, spec.variant == "fastft" and spec.fused_kernels, device)
         if spec.fp32_embeddings_enabled:
             self._upcast_embeddings(model)
         if spec.variant == "fastft" and spec.fused_kernels:

@@ -1,7 +1,10 @@
 """Per-architecture support as data: one table row per ``model_type``, one generic patcher.
 
 A row says where the architecture's pieces live and how they behave (norm class and its casting style, the rotary
-function, the MLP class and the config field naming its activation, logit softcapping / scaling fields). The patcher
+function, the MLP class, its layout -- separate gate/up projections or Phi-3's one gate_up_proj -- and the config
+field naming its activation, logit softcapping / scaling / divisor fields), and which pieces fastft cannot compute
+identically for it (``unfused``: OLMo 2's weight-in-fp32 RMSNorm, GLM-4's interleaved partial RoPE), which are then
+left as transformers wrote them, with the reason in the report, while the rest is patched. The patcher
 applies fastft's kernels from the row; nothing is a copied forward, so a new architecture is a row plus a test.
 
 What gets patched, and at which scope:
@@ -49,11 +52,26 @@ class Architecture:
     module: str  # transformers modeling module
     norm_class: str
     norm_style: str  # "llama": normalize, cast, * weight | "gemma": * (1 + weight) in fp32
-    mlp_class: str
+    mlp_class: str | None  # the dense MLP class (None: every layer is MoE)
     activation_field: str  # config field naming the MLP activation
     rope_function: str = "apply_rotary_pos_emb"
     final_logit_softcapping_field: str | None = None
-    logit_scale_field: str | None = None
+    logit_scale_field: str | None = None  # logits * config.<field>
+    logit_divisor_field: str | None = None  # logits / config.<field> (Granite's logits_scaling)
+    #: "gated": gate_proj / up_proj / down_proj | "gate_up": one gate_up_proj whose output halves are (gate, up)
+    mlp_style: str = "gated"
+    #: (piece, why) pairs: pieces fastft cannot compute identically for this row, left as transformers wrote them
+    unfused: tuple[tuple[str, str], ...] = ()
+    #: MoE: the stacked experts class that gets the grouped-GEMM forward (fastft.patches.moe)
+    experts_class: str | None = None
+
+
+_OLMO2_NORM = ("rms_norm", "its RMSNorm multiplies the weight in fp32 before casting back; fastft's kernel casts "
+               "first (Llama) or scales by 1 + weight (Gemma), which rounds differently in half precision")
+_GPT_OSS_ROPE = ("rope", "gpt-oss passes half-width cos/sin and rotates the head's two halves itself; fastft's RoPE "
+                 "kernel takes full-width cos/sin")
+_GLM4_ROPE = ("rope", "GLM-4 rotates interleaved pairs of a partial rotary slice; fastft's RoPE kernel rotates "
+              "the two halves of the whole head")
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -71,6 +89,37 @@ ARCHITECTURES: dict[str, Architecture] = {
                      "hidden_activation"),
         Architecture("gemma2", "transformers.models.gemma2.modeling_gemma2", "Gemma2RMSNorm", "gemma", "Gemma2MLP",
                      "hidden_activation", final_logit_softcapping_field="final_logit_softcapping"),
+        # Phi-3 / 3.5 / 4: fused qkv_proj (attention untouched) and gate_up_proj, split by the MLP patch.
+        Architecture("phi3", "transformers.models.phi3.modeling_phi3", "Phi3RMSNorm", "llama", "Phi3MLP",
+                     "hidden_act", mlp_style="gate_up"),
+        # Gemma 3 text: q/k norms and the four norms per layer are Gemma3RMSNorm instances; sliding and global
+        # layers share apply_rotary_pos_emb (different cos/sin); the embedding scale stays in transformers' code.
+        Architecture("gemma3_text", "transformers.models.gemma3.modeling_gemma3", "Gemma3RMSNorm", "gemma",
+                     "Gemma3MLP", "hidden_activation", final_logit_softcapping_field="final_logit_softcapping"),
+        Architecture("olmo2", "transformers.models.olmo2.modeling_olmo2", "Olmo2RMSNorm", "llama", "Olmo2MLP",
+                     "hidden_act", unfused=(_OLMO2_NORM,)),
+        Architecture("olmo3", "transformers.models.olmo3.modeling_olmo3", "Olmo3RMSNorm", "llama", "Olmo3MLP",
+                     "hidden_act", unfused=(_OLMO2_NORM,)),
+        # Granite: embedding / residual / attention multipliers stay in transformers' forwards; logits_scaling
+        # divides the logits, so the fused loss head applies it.
+        Architecture("granite", "transformers.models.granite.modeling_granite", "GraniteRMSNorm", "llama",
+                     "GraniteMLP", "hidden_act", logit_divisor_field="logits_scaling"),
+        # SmolLM3: attention skips apply_rotary_pos_emb on its no-RoPE layers; nothing else differs here.
+        Architecture("smollm3", "transformers.models.smollm3.modeling_smollm3", "SmolLM3RMSNorm", "llama",
+                     "SmolLM3MLP", "hidden_act"),
+        Architecture("glm4", "transformers.models.glm4.modeling_glm4", "Glm4RMSNorm", "llama", "Glm4MLP",
+                     "hidden_act", mlp_style="gate_up", unfused=(_GLM4_ROPE,)),
+        Architecture("ministral", "transformers.models.ministral.modeling_ministral", "MinistralRMSNorm", "llama",
+                     "MinistralMLP", "hidden_act"),
+        Architecture("ministral3", "transformers.models.ministral3.modeling_ministral3", "Ministral3RMSNorm",
+                     "llama", "Ministral3MLP", "hidden_act"),
+        # MoE: the experts stack runs the grouped GEMM; router, aux loss and the block's forward stay transformers'.
+        Architecture("qwen3_moe", "transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeRMSNorm", "llama",
+                     "Qwen3MoeMLP", "hidden_act", experts_class="Qwen3MoeExperts"),
+        Architecture("mixtral", "transformers.models.mixtral.modeling_mixtral", "MixtralRMSNorm", "llama", None,
+                     "hidden_act", experts_class="MixtralExperts"),
+        Architecture("gpt_oss", "transformers.models.gpt_oss.modeling_gpt_oss", "GptOssRMSNorm", "llama", None,
+                     "hidden_act", unfused=(_OLMO2_NORM, _GPT_OSS_ROPE), experts_class="GptOssExperts"),
     ]
 }
 
@@ -87,6 +136,10 @@ def logit_transform(config: Any) -> tuple[float | None, float | None]:
         return None, None
     softcap = getattr(config, row.final_logit_softcapping_field, None) if row.final_logit_softcapping_field else None
     scale = getattr(config, row.logit_scale_field, None) if row.logit_scale_field else None
+    divisor = getattr(config, row.logit_divisor_field, None) if row.logit_divisor_field else None
+    if divisor is not None and divisor != 1:
+        # x / d and x * (1 / d) differ by at most one fp32 rounding of the logits (inside the loss tolerance)
+        scale = (1.0 if scale is None else scale) / float(divisor)
     return softcap, scale
 
 
@@ -110,7 +163,7 @@ def _make_norm_forward(gemma: bool):
     return forward
 
 
-def _make_mlp_forward(kernel: str, approximate: str):
+def _make_mlp_forward(kernel: str, approximate: str, style: str = "gated"):
     from fastft.kernels import geglu, swiglu
 
     def activation(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -132,7 +185,25 @@ def _make_mlp_forward(kernel: str, approximate: str):
             return fused
         return self.down_proj(activation(self.gate_proj(x), self.up_proj(x)))
 
-    return forward, mlp_once
+    def gate_up_once(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        # Phi-3 / GLM-4: one [.., 2 * I] projection whose halves are (gate, up), as the model's own chunk(2) splits
+        # it. With LoRA on, each projection takes the fused LoRA projection (one x read for base + adapter).
+        gate_up = _lora_projection(self, "gate_up_proj", x)
+        gate, up = gate_up.chunk(2, dim=-1)  # strided halves: the GLU kernels read them in place, no copy
+        return _lora_projection(self, "down_proj", activation(gate, up))
+
+    return forward, (gate_up_once if style == "gate_up" else mlp_once)
+
+
+def _lora_projection(mlp: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    layer = getattr(mlp, name)
+    if getattr(mlp, "_fastft_fuse_lora", False):
+        from fastft.kernels.lora import fused_linear_forward
+
+        out = fused_linear_forward(layer, x)
+        if out is not None:
+            return out
+    return layer(x)
 
 
 def _fused_lora_mlp(mlp: nn.Module, x: torch.Tensor, kernel: str, approximate: str) -> torch.Tensor | None:
@@ -178,14 +249,15 @@ def logits_required() -> Iterator[None]:
         _LOGITS_REQUIRED.reset(token)
 
 
-def _make_causal_lm_forward(original_forward):
+def _make_causal_lm_forward(original_forward, moe_modeling: Any = None):
     """One generic training forward for every row: with labels in training mode, the loss comes from the last hidden
     state through ``linear_cross_entropy`` and the logits are never built (``logits`` is None in the output). Any
     other call (inference, evaluation, no labels, an lm_head it cannot read directly) runs the original forward.
 
     Arguments are bound against the original's own signature and everything but the labels and the loss options is
     handed to the backbone under the name the caller used, so a renamed pass-through parameter (transformers 5.24's
-    ``past_key_values`` -> ``cache``) needs no change here."""
+    ``past_key_values`` -> ``cache``) needs no change here. ``moe_modeling``: an MoE row's modeling module; the
+    router aux loss is then added as the model adds it (``fastft.patches.moe.router_aux_output``)."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     from fastft.distributed import direct_read_problem, full_bias, full_weight, is_plain_linear
@@ -219,6 +291,9 @@ def _make_causal_lm_forward(original_forward):
         n_items = arguments.pop("num_items_in_batch", None)
         shift_labels = arguments.pop("shift_labels", None)
         ignore_index = arguments.pop("ignore_index", -100)
+        if moe_modeling is not None:  # resolved as the model's forward resolves it, and handed to the backbone
+            wanted = arguments.get("output_router_logits")
+            arguments["output_router_logits"] = self.config.output_router_logits if wanted is None else wanted
         outputs = getattr(self, self.base_model_prefix)(**arguments)
         hidden = outputs.last_hidden_state
         if shift_labels is None:
@@ -230,6 +305,11 @@ def _make_causal_lm_forward(original_forward):
             softcap=softcap, logit_scale=scale, reduction="mean", n_items=n_items)
         info_once("fastft: training loss computed from hidden states with linear_cross_entropy; logits are not "
                   "materialized (outputs.logits is None in training mode with labels)")
+        if moe_modeling is not None:
+            from fastft.patches.moe import router_aux_output
+
+            return router_aux_output(self, moe_modeling, outputs, loss, arguments.get("attention_mask"),
+                                     bool(arguments["output_router_logits"]))
         # The backbone's cache / hidden states / attentions, under whatever names this release gives them.
         passed = {name: value for name, value in outputs.items() if name in output_fields and name != "logits"}
         return CausalLMOutputWithPast(loss=loss, logits=None, **passed)
@@ -374,23 +454,29 @@ def patch_model(model: nn.Module, *, tiled_mlp: bool | int = False) -> PatchRepo
 
     # RoPE: module function, process-wide, guarded on its contract (parameters + a numerical probe); one Patch per
     # module so loading a second model neither stacks wrappers nor loses the original.
+    # A piece the row marks unfused is left as transformers wrote it, said once, and the rest is still patched.
+    unfused = dict(row.unfused)
+    for piece, why in unfused.items():
+        info_once(f"fastft: {model_type}: {piece} left unpatched: {why}", key=f"unfused:{model_type}:{piece}")
     rope = _MODULE_PATCHES.get(row.module)
-    if rope is None:
+    if rope is None and "rope" not in unfused:
         rope = _MODULE_PATCHES[row.module] = Patch(
             f"{model_type} rotary embedding", modeling, row.rope_function, _make_rope, wrap=True,
             tested=("transformers",), guard=_rope_contract)
-    report.record("rope", rope.apply(), rope.problem)
+    if "rope" in unfused:
+        report.record("rope", False, unfused["rope"])
+    else:
+        report.record("rope", rope.apply(), rope.problem)
 
     # RMSNorm instances: the class's forward vs fastft's rms_norm on a fresh CPU instance, once per call.
     norm_cls = getattr(modeling, row.norm_class, None)
     norms = [m for m in model.modules() if norm_cls is not None and type(m) is norm_cls]
     todo = [m for m in norms if not getattr(vars(m).get("forward"), "_fastft_norm", False)]
-    problem = None if norms else f"no {row.norm_class} modules found"
-    if todo:
+    problem = unfused.get("rms_norm") or (None if norms else f"no {row.norm_class} modules found")
+    if todo and not problem:
         problem = all_guards(lambda _: _norm_contract(norm_cls, todo[0], row.norm_style == "gemma"))(norm_cls)
-        if problem:
-            warn_once(f"fastft: not applying '{model_type} RMSNorm' ({problem}); norms run as transformers wrote them",
-                      key=f"skip:{model_type} RMSNorm")
+        if problem:  # through Patch._skip, like RoPE's: warned once and listed among the skipped patches
+            Patch(f"{model_type} RMSNorm", norm_cls, "forward", None, guard=lambda _: problem).apply()
         else:
             norm_forward = _make_norm_forward(row.norm_style == "gemma")
             for module in todo:
@@ -400,21 +486,22 @@ def patch_model(model: nn.Module, *, tiled_mlp: bool | int = False) -> PatchRepo
 
     # MLP instances: the class's forward vs the patched forward on a small CPU instance, once per call.
     act_name = getattr(config, row.activation_field, None)
-    mlp_cls = getattr(modeling, row.mlp_class, None)
+    mlp_cls = getattr(modeling, row.mlp_class, None) if row.mlp_class else None
     mlps = [m for m in model.modules() if mlp_cls is not None and type(m) is mlp_cls]
-    if act_name not in ACTIVATIONS:
+    if row.experts_class and not mlps:
+        pass  # an MoE model without dense layers: its experts are the MLPs (below)
+    elif act_name not in ACTIVATIONS:
         report.record("mlp", False, f"activation {act_name!r} has no fused kernel")
     elif not mlps:
         report.record("mlp", False, f"no {row.mlp_class} modules found")
     else:
         kernel, approximate = ACTIVATIONS[act_name]
-        forward, mlp_once = _make_mlp_forward(kernel, approximate)
+        forward, mlp_once = _make_mlp_forward(kernel, approximate, row.mlp_style)
         tile = None if tiled_mlp is False else (4096 if tiled_mlp is True else int(tiled_mlp))
         todo = [m for m in mlps if not getattr(vars(m).get("forward"), "_fastft_mlp", False)]  # not ours now
         problem = all_guards(lambda _: _mlp_contract(mlp_cls, config, forward, mlp_once))(mlp_cls) if todo else None
-        if problem:
-            warn_once(f"fastft: not applying '{model_type} MLP' ({problem}); MLPs run as transformers wrote them",
-                      key=f"skip:{model_type} MLP")
+        if problem:  # through Patch._skip, like RoPE's: warned once and listed among the skipped patches
+            Patch(f"{model_type} MLP", mlp_cls, "forward", None, guard=lambda _: problem).apply()
         else:
             for module in mlps:
                 if tile is not None:
@@ -423,6 +510,10 @@ def patch_model(model: nn.Module, *, tiled_mlp: bool | int = False) -> PatchRepo
                 module._fastft_mlp_once = types.MethodType(mlp_once, module)
                 _instance_patch(f"{model_type} MLP ({kernel})", module, "forward", forward).apply()
         report.record(f"mlp:{kernel}" + (f" tiled({tile})" if tile else ""), not problem, problem, piece="mlp")
+    if row.experts_class:
+        from fastft.patches.moe import patch_experts
+
+        patch_experts(model, row, modeling, report)
 
     # The loss head: on the causal-LM instance, guarded on its forward's contract.
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -431,7 +522,12 @@ def patch_model(model: nn.Module, *, tiled_mlp: bool | int = False) -> PatchRepo
     else:
         original = lm.forward
         problem = _causal_lm_contract(lm, original)
-        replacement = None if problem else types.MethodType(_make_causal_lm_forward(original), lm)
+        moe_modeling = modeling if row.experts_class else None
+        if moe_modeling is not None and not problem:
+            from fastft.patches.moe import router_aux_contract
+
+            problem = router_aux_contract(lm, modeling)
+        replacement = None if problem else types.MethodType(_make_causal_lm_forward(original, moe_modeling), lm)
         loss_patch = Patch(f"{model_type} causal-LM loss", lm, "forward", replacement, tested=("transformers",),
                            guard=lambda _: problem)
         report.record("fused_loss", loss_patch.apply(), loss_patch.problem)
@@ -442,7 +538,7 @@ def patch_model(model: nn.Module, *, tiled_mlp: bool | int = False) -> PatchRepo
 
 #: Attention projections that get the fused LoRA projection (each on its own: fusing q/k/v into one input read would
 #: mean rewriting attention forwards, which this module never does).
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
 
 
 def _make_lora_projection_forward(original):

@@ -159,7 +159,8 @@ def _make_fast_forward(trl_forward: Callable, *, temperature: float, outputs: tu
         from fastft import kernels
 
         kwargs["use_cache"] = False
-        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        backbone_out = self.base_model(*args, **kwargs)
+        hidden = backbone_out.last_hidden_state
         if shift_labels is None:
             hidden, labels = hidden[:, :-1], labels[:, 1:]
         else:
@@ -232,6 +233,8 @@ def _make_fast_forward(trl_forward: Callable, *, temperature: float, outputs: tu
             mean_logits=scatter("mean_logits"),
             is_top1=scatter("is_top1"),
             label_mask=mask,
+            # MoE rows: the model's own load-balancing loss of this pass (TRL weights and adds it)
+            **_router_aux(self, text_config, backbone_out, kwargs),
         )
 
     fused_forward._fastft_fast_head = True  # type: ignore[attr-defined]
@@ -242,7 +245,8 @@ def _fallback_reason(head: Any, text_config: Any, kwargs: dict, labels: Any, shi
                      wants_log_probs: bool, temperature: float) -> str | None:
     if labels is None and shift_labels is None:
         return "no labels"
-    if kwargs.get("output_router_logits") or getattr(text_config, "output_router_logits", False):
+    if (kwargs.get("output_router_logits") or getattr(text_config, "output_router_logits", False)) and not \
+            _router_aux_modeling(text_config):
         return "MoE router logits requested"
     if not is_plain_linear(head):  # FSDP2's FSDPLinear counts as plain
         return f"the LM head is a {type(head).__name__}, not a plain nn.Linear"
@@ -254,6 +258,28 @@ def _fallback_reason(head: Any, text_config: Any, kwargs: dict, labels: Any, shi
     if not wants_log_probs and temperature != 1.0:
         return "linear_cross_entropy takes no temperature"
     return None
+
+
+def _router_aux_modeling(text_config: Any) -> Any:
+    """The modeling module of an MoE row of fastft's table (its load_balancing_loss_func), else None."""
+    from fastft.patches.architectures import ARCHITECTURES
+
+    row = ARCHITECTURES.get(getattr(text_config, "model_type", None))
+    if row is None or not row.experts_class:
+        return None
+    import importlib
+
+    return importlib.import_module(row.module)
+
+
+def _router_aux(lm: Any, text_config: Any, backbone_out: Any, kwargs: dict) -> dict:
+    """``{"aux_loss": ...}`` exactly as the model's forward computes it when router logits were requested."""
+    wanted = kwargs.get("output_router_logits")
+    if not (getattr(text_config, "output_router_logits", False) if wanted is None else wanted):
+        return {}
+    modeling = _router_aux_modeling(text_config)
+    return {"aux_loss": modeling.load_balancing_loss_func(backbone_out.router_logits, lm.num_experts,
+                                                          lm.num_experts_per_tok, kwargs.get("attention_mask"))}
 
 
 def _is_trl_fused_code(func: Any) -> bool:

@@ -48,10 +48,82 @@ def test_every_row_targets_exist_and_every_contract_holds(model_type):
     import importlib
 
     modeling = importlib.import_module(row.module)
-    for name in (row.norm_class, row.mlp_class, row.rope_function):
-        assert hasattr(modeling, name), f"{row.module} has no {name}"
-    report = patch_model(build_tiny_model(model_type))
-    assert _pieces(report) == EVERY_PIECE and not report.skipped, str(report)
+    for name in (row.norm_class, row.mlp_class, row.rope_function, row.experts_class):
+        assert name is None or hasattr(modeling, name), f"{row.module} has no {name}"
+    model = build_tiny_model(model_type)
+    report = patch_model(model)
+    unfused = {piece for piece, _ in row.unfused}
+    # MoE rows: the experts piece, and the dense MLP piece only where the model has dense layers (qwen3_moe's fixture)
+    expected = EVERY_PIECE | ({"experts"} if row.experts_class else set())
+    if row.experts_class and not any(type(m).__name__ == row.mlp_class for m in model.modules()):
+        expected = expected - {"mlp"}
+    assert _pieces(report) == expected - unfused and set(report.skipped) == unfused, str(report)
+
+
+@pytest.mark.parametrize("model_type,piece", [("glm4", "rope"), ("olmo2", "rms_norm"), ("olmo3", "rms_norm")])
+def test_a_piece_the_row_marks_unfused_is_left_as_written_and_the_rest_patched(model_type, piece):
+    """GLM-4's interleaved partial RoPE and OLMo 2/3's weight-in-fp32 RMSNorm cannot be computed identically by
+    fastft's kernels: that piece keeps transformers' code (with the reason in the report), the others are patched,
+    and the model's logits are unchanged."""
+    import importlib
+
+    row = ARCHITECTURES[model_type]
+    modeling = importlib.import_module(row.module)
+    original_rope = getattr(modeling, row.rope_function)
+    ids, _ = _batch()
+    plain = build_tiny_model(model_type)
+    with torch.no_grad():
+        want = plain(input_ids=ids).logits
+    model = build_tiny_model(model_type)
+    report = patch_model(model)
+    assert report.skipped == [piece] and report.reasons[piece] == dict(row.unfused)[piece], str(report)
+    assert _pieces(report) == EVERY_PIECE - {piece}
+    norms = [m for m in model.modules() if type(m).__name__ == row.norm_class]
+    if piece == "rope":
+        assert getattr(modeling, row.rope_function) is original_rope
+        assert all("forward" in vars(m) for m in norms)
+    else:
+        assert norms and not any("forward" in vars(m) for m in norms)
+        assert getattr(modeling, row.rope_function) is not original_rope
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_changed_fused_gate_up_mlp_is_caught_by_its_probe(monkeypatch):
+    """Phi-3's MLP splits one gate_up_proj; an upstream that swapped the halves (act(up) * gate) is caught by the probe
+    and that MLP keeps its own forward, the rest patched."""
+    import transformers.models.phi3.modeling_phi3 as phi3
+
+    def swapped(self, x):
+        up, gate = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(up * self.activation_fn(gate))
+
+    monkeypatch.setattr(phi3.Phi3MLP, "forward", swapped)
+    ids, _ = _batch()
+    plain = build_tiny_model("phi3")
+    with torch.no_grad():
+        want = plain(input_ids=ids).logits
+    model = build_tiny_model("phi3")
+    report = patch_model(model)
+    assert report.skipped == ["mlp"] and "probe mismatch" in report.reasons["mlp"], str(report)
+    assert _pieces(report) == EVERY_PIECE - {"mlp"}
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_granite_logits_scaling_reaches_the_fused_loss_head():
+    from fastft.patches.architectures import logit_transform
+
+    model = build_tiny_model("granite")
+    assert logit_transform(model.config) == (None, 1.0 / 8.0)
+    ids, labels = _batch()
+    with torch.no_grad():
+        want = model.train()(input_ids=ids, labels=labels).loss
+    assert "fused_loss" in patch_model(model).applied
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=labels)
+    assert out.logits is None  # the fused head ran
+    torch.testing.assert_close(out.loss, want, rtol=1e-5, atol=1e-5)
 
 
 def _patched_and_plain_logits():
@@ -180,3 +252,27 @@ def test_patch_unpatch_patch_again_on_the_same_model():
     assert not any("forward" in vars(m) for m in model.modules())  # every instance patch reverted
     assert _pieces(patch_model(model)) == EVERY_PIECE
     assert all("forward" in vars(m) for m in model.modules() if type(m).__name__ in ("LlamaMLP", "LlamaRMSNorm"))
+
+
+def test_a_changed_experts_forward_is_caught_by_its_probe(monkeypatch):
+    """The experts' probe compares the class's forward with fastft's grouped-GEMM experts on an uneven routing: an
+    upstream whose experts computed something else (here: routing weights ignored) keeps its own forward, the rest of
+    the model patched."""
+    import transformers.models.mixtral.modeling_mixtral as mixtral
+
+    original = mixtral.MixtralExperts.forward
+
+    def unweighted(self, hidden_states, top_k_index, top_k_weights):
+        return original(self, hidden_states, top_k_index, torch.ones_like(top_k_weights))
+
+    monkeypatch.setattr(mixtral.MixtralExperts, "forward", unweighted)
+    ids, _ = _batch()
+    with torch.no_grad():
+        want = build_tiny_model("mixtral")(input_ids=ids).logits
+    model = build_tiny_model("mixtral")
+    report = patch_model(model)
+    assert report.skipped == ["experts"] and "probe mismatch" in report.reasons["experts"], str(report)
+    assert _pieces(report) == {"rope", "rms_norm", "fused_loss"}
+    assert not [m for m in model.modules() if type(m).__name__ == "MixtralExperts" and "forward" in vars(m)]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)

@@ -34,7 +34,15 @@ def test_doctor_reports_every_row_patched_and_exits_zero(capsys):
     rows = {row["model_type"]: row for row in result["architectures"]}
     assert set(rows) == set(ARCHITECTURES)
     for row in rows.values():
-        assert {name.split(":")[0] for name in row["applied"]} == {"rope", "rms_norm", "mlp", "fused_loss"}, row
+        # every piece, but those the row marks as not fusable identically (reported apart, not a failure)
+        by_design = set(row["unfused_by_design"])
+        assert by_design == {piece for piece, _ in ARCHITECTURES[row["model_type"]].unfused}, row
+        arch = ARCHITECTURES[row["model_type"]]
+        # MoE rows: the experts too; the dense MLP only where the tiny model has dense layers (qwen3_moe)
+        pieces = {"rope", "rms_norm", "mlp", "fused_loss"} | ({"experts"} if arch.experts_class else set())
+        if arch.experts_class and row["model_type"] != "qwen3_moe":
+            pieces.discard("mlp")
+        assert {name.split(":")[0] for name in row["applied"]} == pieces - by_design and not row["skipped"], row
     from fastft.patches.trl import SUPPORTED_ALGORITHMS
 
     # every row of PatchFastRL's table (SFT, DPO, GRPO, KTO, RLOO), each patched on the installed TRL
