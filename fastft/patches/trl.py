@@ -5,11 +5,11 @@ Where the losses step in is described in :mod:`fastft.patches.trl_heads` (the fa
 holds the table of rows (which TRL class, which methods) and PatchFastRL itself.
 
 Rows: SFT, DPO, GRPO, KTO and RLOO score tokens through TRL's fused-head seam and get fastft's lean head (only scored
-positions reach the LM head; no full logits). Reward, ORPO, CPO and Online DPO (the last three from
-``trl.experimental``) get the rest -- fastft.optim's optimizer, the checkpointing rule, the step-1 summary -- and
-their loss runs TRL's code as written: RewardTrainer has a sequence-classification head, and the other three read
-``model(...).logits`` in their own methods with no seam a lean head could take without copying them (each row's
-``no_lean_head`` says exactly where; the step-1 summary prints it).
+positions reach the LM head; no full logits). ORPO, CPO and Online DPO (from ``trl.experimental``) have no such seam:
+:mod:`fastft.patches.trl_preference` replaces the method that reads ``model(...).logits`` with a lean implementation
+of its contract (guarded: TRL's method runs where the guard fails, and the summary says why). Every row gets
+fastft.optim's optimizer, the checkpointing rule and the step-1 summary; Reward's loss runs TRL's code as written (a
+sequence-classification head: its ``no_lean_head`` says so, and the step-1 summary prints it).
 
 Safety: each hook checks, at PatchFastRL time, that the method it wraps still takes the parameters the hook reads;
 everything else is passed through untouched. When one fails, that trainer is left unpatched with one warning.
@@ -42,6 +42,13 @@ from fastft.patches.trl_hooks import (
     _hook_policy_log_probs,
     _hook_sft_compute_loss,
 )
+from fastft.patches.trl_preference import (
+    _ONLINE_DPO_FORWARD_PARAMETERS,
+    _PAIR_FORWARD_PARAMETERS,
+    _hook_online_dpo_forward,
+    _hook_pair_forward,
+    contract_problem,
+)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -66,6 +73,8 @@ class _TrainerSpec:
     class_name: str
     hooks: tuple[_Hook, ...]
     no_lean_head: str = ""
+    #: fastft's own lean head (no TRL seam): why it cannot stand in for TRL's method on this TRL, or None.
+    lean_head_problem: Callable[[], str | None] | None = None
 
 
 _OPTIMIZER_HOOK = _Hook("create_optimizer", _hook_create_optimizer)
@@ -98,21 +107,19 @@ _TRAINERS: dict[str, _TrainerSpec] = {
         _Hook("_generate_single_turn", _hook_grpo_generation),
         _OPTIMIZER_HOOK, _INIT_HOOK,
     )),
-    # Rows without a lean head (see each reason): fastft's optimizer, the checkpointing rule and the step-1 summary.
+    # No lean head (see the reason): fastft's optimizer, the checkpointing rule and the step-1 summary.
     "Reward": _TrainerSpec("trl.trainer.reward_trainer", "RewardTrainer", (_OPTIMIZER_HOOK, _INIT_HOOK), (
         "no LM head to fuse: RewardTrainer scores a sequence-classification head (one scalar per sequence)")),
-    "ORPO": _TrainerSpec("trl.experimental.orpo.orpo_trainer", "ORPOTrainer", (_OPTIMIZER_HOOK, _INIT_HOOK), (
-        "no lean head: ORPOTrainer.concatenated_forward calls model(...) without labels and reads the full "
-        "outputs.logits itself (NLL over the chosen sequences, get_batch_logps, and logits/chosen|rejected: means "
-        "over every position and the whole vocabulary); there is no seam without copying that method")),
-    "CPO": _TrainerSpec("trl.experimental.cpo.cpo_trainer", "CPOTrainer", (_OPTIMIZER_HOOK, _INIT_HOOK), (
-        "no lean head: CPOTrainer.concatenated_forward calls model(...) without labels and reads the full "
-        "outputs.logits itself (NLL, get_batch_logps, and logits/chosen|rejected: means over every position and the "
-        "whole vocabulary); there is no seam without copying that method")),
+    # No fused-head seam: the method reading the full logits is replaced by a lean one (fastft.patches.trl_preference).
+    "ORPO": _TrainerSpec("trl.experimental.orpo.orpo_trainer", "ORPOTrainer", (
+        _Hook("concatenated_forward", _hook_pair_forward("ORPO"), _PAIR_FORWARD_PARAMETERS),
+        _OPTIMIZER_HOOK, _INIT_HOOK), lean_head_problem=lambda: contract_problem("ORPO")),
+    "CPO": _TrainerSpec("trl.experimental.cpo.cpo_trainer", "CPOTrainer", (
+        _Hook("concatenated_forward", _hook_pair_forward("CPO"), _PAIR_FORWARD_PARAMETERS),
+        _OPTIMIZER_HOOK, _INIT_HOOK), lean_head_problem=lambda: contract_problem("CPO")),
     "OnlineDPO": _TrainerSpec("trl.experimental.online_dpo.online_dpo_trainer", "OnlineDPOTrainer", (
-        _OPTIMIZER_HOOK, _INIT_HOOK), (
-        "no lean head: OnlineDPOTrainer._forward calls model(...) without labels and takes log_softmax of "
-        "output.logits itself; there is no seam without copying that method")),
+        _Hook("_forward", _hook_online_dpo_forward, _ONLINE_DPO_FORWARD_PARAMETERS),
+        _OPTIMIZER_HOOK, _INIT_HOOK), lean_head_problem=lambda: contract_problem("OnlineDPO")),
 }
 
 SUPPORTED_ALGORITHMS = tuple(_TRAINERS)
@@ -160,7 +167,9 @@ def patched_algorithm(trainer_or_class: Any) -> str | None:
 def lean_head_absent(algorithm: str | None) -> str | None:
     """Why ``algorithm``'s row has no lean LM head (its loss is TRL's code as written), or None when it has one."""
     spec = _TRAINERS.get(algorithm or "")
-    return None if spec is None or not spec.no_lean_head else spec.no_lean_head
+    if spec is None:
+        return None
+    return spec.no_lean_head or (spec.lean_head_problem() if spec.lean_head_problem else None)
 
 
 def _normalize(algorithm: str) -> str:
@@ -183,7 +192,8 @@ def PatchFastRL(algorithm: str | None = None, FastModel: Any = None) -> dict[str
 
     Args:
         algorithm: one of ``SUPPORTED_ALGORITHMS`` ("SFT", "DPO", "GRPO", "KTO", "RLOO" with fastft's lean LM head;
-            "Reward", "ORPO", "CPO", "OnlineDPO" with the rest: optimizer, checkpointing rule, step-1 summary; any
+            "ORPO", "CPO", "OnlineDPO" with the lean head of fastft.patches.trl_preference; "Reward" with the
+            rest: optimizer, checkpointing rule, step-1 summary; any
             case, ``_``/``-`` ignored), or None for all of them.
         FastModel: accepted for Unsloth compatibility; when it has ``for_inference``/``for_training``, GRPO calls them
             around generation (default: ``fastft.model.FastModel``).
@@ -212,7 +222,7 @@ def PatchFastRL(algorithm: str | None = None, FastModel: Any = None) -> dict[str
         if not result[name]:
             for patch in reversed(applied):  # never leave a trainer half-patched
                 patch.revert()
-        elif not _TRAINERS[name].no_lean_head:
+        elif not _TRAINERS[name].no_lean_head and _TRAINERS[name].lean_head_problem is None:
             _without_fused_head(name)  # says once, visibly, when this TRL runs the losses its own way
     return result
 

@@ -1,0 +1,174 @@
+"""The lean heads of PatchFastRL("ORPO" / "CPO" / "OnlineDPO") (fastft.patches.trl_preference) vs unpatched TRL.
+
+Per trainer, a few steps on a tiny offline model, patched and unpatched from the same seed: every logged metric
+(losses, grad norm, rewards, log-probs, the ``logits/*`` means, NLL, KL, ...) equal to fp32 rounding; the lean path
+ran (its own counter and fastft's head-kernel path counts); no ``[B, T, V]`` logits tensor was created in the patched
+run (a dispatch-mode watch over every aten op's output, which sees them in the unpatched run). Fallbacks (a subclass
+overriding ``get_batch_loss_metrics``; a TRL whose methods differ from the text the lean head implements) run TRL's
+code and say why.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from datasets import Dataset
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from fastft.patches import trl_preference
+from tests.trl._common import assert_same_run, common_args, lora_config, run
+from tests.trl.test_dpo import PAIRS
+
+VOCAB = 397  # the tiny models' vocabulary: no other dimension of theirs (hidden, positions, cache) equals it
+STEPS = 3
+MODULES = {"ORPO": "orpo", "CPO": "cpo", "OnlineDPO": "online_dpo"}
+
+pytestmark = pytest.mark.skipif(
+    any(importlib.util.find_spec(f"trl.experimental.{m}") is None for m in MODULES.values()),
+    reason="this TRL has no trl.experimental ORPO/CPO/OnlineDPO")
+
+
+class FullLogitsWatch(TorchDispatchMode):
+    """Records every aten op output shaped like full logits: 3-D, last dim = the vocabulary, more than one position
+    (OnlineDPO's generation makes one-position ``[B, 1, V]`` logits per sampled token; those are not the loss's)."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab, self.seen = vocab, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.is_view:  # views and expands allocate nothing
+            return out
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.dim() == 3 and t.shape[-1] == self.vocab and t.shape[1] > 1:
+                self.seen.append((str(func), tuple(t.shape)))
+        return out
+
+
+def _make(algorithm: str, tmp_path, trainer_base: type | None = None, **config):
+    def make(cls, model, tokenizer):
+        module = importlib.import_module(f"trl.experimental.{MODULES[algorithm]}")
+        config_cls = getattr(module, f"{algorithm}Config")
+        base = common_args(tmp_path, per_device_train_batch_size=2, max_steps=STEPS)
+        if algorithm == "OnlineDPO":
+            args = config_cls(**base, max_new_tokens=6, max_length=48, temperature=1.0, **config)
+            dataset = Dataset.from_list([{"prompt": row["prompt"]} for row in PAIRS])
+            extra = dict(reward_funcs=lambda completions, **_: [float(len(c)) for c in completions])
+        else:
+            args = config_cls(**base, max_length=48, **config)
+            dataset, extra = Dataset.from_list(PAIRS), {}
+        if trainer_base is not None:  # a user subclass of the (patched) TRL class
+            methods = {name: value for name, value in vars(trainer_base).items() if callable(value)}
+            cls = type(f"User{cls.__name__}", (cls,), methods)
+        return cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                   peft_config=lora_config(), **extra)
+
+    return make
+
+
+def _compare(algorithm: str, tmp_path, *, model_type: str = "llama", trainer_base: type | None = None,
+             **config) -> tuple[list[dict], list[dict], dict, FullLogitsWatch, FullLogitsWatch]:
+    before = dict(trl_preference.LEAN_CALLS)
+    with FullLogitsWatch(VOCAB) as fast_watch:
+        fast, _ = run(algorithm, True, _make(algorithm, tmp_path / "fast", trainer_base, **config), model_type,
+                      vocab_size=VOCAB)
+    calls = {path: trl_preference.LEAN_CALLS[algorithm, path] - before.get((algorithm, path), 0)
+             for path in ("lean", "trl")}
+    with FullLogitsWatch(VOCAB) as slow_watch:
+        slow, _ = run(algorithm, False, _make(algorithm, tmp_path / "slow", trainer_base, **config), model_type,
+                      vocab_size=VOCAB)
+    return fast, slow, calls, fast_watch, slow_watch
+
+
+def _all_keys(fast: list[dict], slow: list[dict]) -> tuple[str, ...]:
+    keys = tuple(key for key in slow[0] if isinstance(slow[0][key], float) and key not in ("epoch", "learning_rate"))
+    assert set(fast[0]) == set(slow[0]), (sorted(fast[0]), sorted(slow[0]))
+    return keys
+
+
+CASES = {
+    "ORPO": ("ORPO", "llama", {}),
+    "CPO-sigmoid": ("CPO", "llama", {}),
+    # SimPO: averaged log-probs, no NLL (cpo_alpha=0 -> TRL's tensor(0.0)); Gemma-2: softcapped, tied head.
+    "CPO-simpo-gemma2": ("CPO", "gemma2", {"loss_type": "simpo", "cpo_alpha": 0.0}),
+    "CPO-ipo-alpha": ("CPO", "llama", {"loss_type": "ipo", "cpo_alpha": 0.5}),
+    "OnlineDPO": ("OnlineDPO", "llama", {}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_lean_head_matches_trl(case, tmp_path):
+    algorithm, model_type, config = CASES[case]
+    fast, slow, calls, fast_watch, slow_watch = _compare(algorithm, tmp_path, model_type=model_type, **config)
+    assert calls["lean"] > 0 and calls["trl"] == 0, calls
+    assert not fast_watch.seen, f"full logits in the lean run: {fast_watch.seen[:3]}"
+    assert slow_watch.seen, "the watch saw no full logits in TRL's run: it cannot see them at all"
+    keys = _all_keys(fast, slow)
+    assert {"loss", "grad_norm"} <= set(keys) and len(keys) >= 5, keys
+    if algorithm != "OnlineDPO":
+        assert {"logits/chosen", "logits/rejected", "nll_loss", "logps/chosen"} <= set(keys), keys
+    assert_same_run(fast, slow, keys, rtol=1e-5, atol=1e-6)
+
+
+def test_user_override_of_get_batch_loss_metrics_gets_trls_path(tmp_path):
+    """A subclass overriding the consumer may read the full logits: TRL's concatenated_forward runs, said once."""
+
+    class Override:
+        def get_batch_loss_metrics(self, model, batch, train_eval="train"):
+            chosen_logps, rejected_logps, chosen_logits, rejected_logits, nll = self.concatenated_forward(model, batch)
+            assert chosen_logits.shape[-1] == VOCAB  # the full logits this override relies on
+            loss = nll - (chosen_logps - rejected_logps).mean() * 0.1
+            return loss, {"logits_max": chosen_logits.detach().max().item()}
+
+    from fastft._log import mark, notes_since
+
+    since = mark()
+    fast, slow, calls, fast_watch, _ = _compare("ORPO", tmp_path, trainer_base=Override)
+    assert calls["lean"] == 0 and calls["trl"] > 0, calls
+    assert fast_watch.seen  # TRL's path: the full logits exist, as the override needs
+    assert any("runs TRL's code with full logits" in note and "get_batch_loss_metrics" in note
+               for note in notes_since(since)), notes_since(since)
+    assert_same_run(fast, slow, ("loss", "grad_norm", "logits_max"))
+
+
+def test_changed_trl_text_makes_the_lean_head_absent(monkeypatch):
+    """A TRL whose methods differ from the text the lean head implements: the row says so, TRL's code runs."""
+    import fastft
+    from fastft.patches.trl import lean_head_absent
+
+    assert lean_head_absent("ORPO") is None and lean_head_absent("OnlineDPO") is None
+    module, name, digests = trl_preference._CONTRACTS["ORPO"]
+    monkeypatch.setitem(trl_preference._CONTRACTS, "ORPO", (module, name, {**digests, "get_batch_logps": "0" * 16}))
+    trl_preference.contract_problem.cache_clear()
+    try:
+        reason = lean_head_absent("ORPO")
+        assert reason is not None and "ORPOTrainer.get_batch_logps" in reason and "TRL 1.16" in reason, reason
+        assert lean_head_absent("CPO") is None
+        # The hook then calls TRL's method: the reason is the one the hook logs.
+        assert trl_preference._pair_call_problem(None, None, None, "ORPO") == reason
+    finally:
+        monkeypatch.undo()
+        trl_preference.contract_problem.cache_clear()
+        fastft.unpatch()
+    assert lean_head_absent("ORPO") is None
+
+
+def test_mean_logits_equals_full_mean():
+    """The logits/* metric: per-position vocabulary means whose .mean() is the full logits' mean (linear and softcap
+    paths, bias and scale)."""
+    from fastft.patches.trl_heads import _transform_logits
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 7, 16, generator=g)
+    weight = torch.randn(50, 16, generator=g) * 0.3
+    bias = torch.randn(50, generator=g)
+    for softcap, scale in ((None, None), (None, 0.25), (2.0, None), (2.0, 1.5)):
+        full = _transform_logits(torch.nn.functional.linear(hidden, weight, bias), softcap, scale, 1.0)
+        lean = trl_preference.mean_logits(hidden, weight, bias, softcap, scale)
+        assert lean.shape == (3, 7)
+        torch.testing.assert_close(lean, full.mean(-1), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(lean[:, :-1].mean(), full[:, :-1].mean(), rtol=1e-5, atol=1e-6)
