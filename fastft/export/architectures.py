@@ -45,6 +45,7 @@ ARCHITECTURES: dict[str, ArchitectureRow] = {row.model_type: row for row in [
     ArchitectureRow("gemma3_text", "gemma3", norm_plus_one=True, softcapping=True, sliding_window=True),
     # Phi-3: fused qkv_proj and gate_up_proj are llama.cpp's own attn_qkv / ffn_up layout; RoPE rotates halves.
     ArchitectureRow("phi3", "phi3"),
+    ArchitectureRow("qwen3_moe", "qwen3moe"),
 ]}
 
 #: Rows of fastft's architecture table that GGUF export does not cover yet, and why (named in the error).
@@ -52,8 +53,8 @@ NOT_EXPORTED = {
     "olmo2": "post-norm layout not mapped yet", "olmo3": "post-norm layout not mapped yet",
     "granite": "its four multipliers are not mapped yet", "smollm3": "its no-RoPE layers are not mapped yet",
     "glm4": "partial interleaved RoPE not mapped yet", "ministral": "per-layer sliding window not mapped yet",
-    "ministral3": "not mapped yet", "qwen3_moe": "expert stacking not mapped yet",
-    "mixtral": "expert stacking not mapped yet", "gpt_oss": "MXFP4 experts and attention sinks not mapped yet",
+    "ministral3": "not mapped yet",
+    "mixtral": "its experts are not mapped yet", "gpt_oss": "MXFP4 experts and attention sinks not mapped yet",
 }
 
 
@@ -184,6 +185,18 @@ def _attention_scale_check(row: ArchitectureRow, config: Any, head_dim: int) -> 
                           f"queries by 1/sqrt({sorted(allowed)[0]})")
 
 
+def _moe_keys(row: ArchitectureRow, config: Any) -> dict[str, Any]:
+    # llama.cpp's qwen3moe graph: every layer sparse, top-k weights always renormalized.
+    if getattr(config, "mlp_only_layers", None) or getattr(config, "decoder_sparse_step", 1) != 1:
+        raise ExportError(f"{row.model_type} with dense layers (mlp_only_layers={config.mlp_only_layers}, "
+                          f"decoder_sparse_step={config.decoder_sparse_step}): llama.cpp's {row.gguf_arch} arch "
+                          "makes every layer sparse")
+    if not getattr(config, "norm_topk_prob", True):
+        raise ExportError(f"{row.model_type} norm_topk_prob=False: llama.cpp's {row.gguf_arch} arch renormalizes")
+    return {"expert_count": int(config.num_experts), "expert_used_count": int(config.num_experts_per_tok),
+            "expert_feed_forward_length": int(config.moe_intermediate_size)}
+
+
 def architecture_metadata(row: ArchitectureRow, config: Any) -> dict[str, Any]:
     """The ``{arch}.*`` GGUF keys for ``config`` (full key -> Python value: int -> uint32, float -> float32, str,
     list[bool] -> array), checked for what llama.cpp can run."""
@@ -210,6 +223,8 @@ def architecture_metadata(row: ArchitectureRow, config: Any) -> dict[str, Any]:
     if row.model_type == "gemma3_text" and getattr(config, "attn_logit_softcapping", None) is not None:
         raise ExportError("gemma3 attn_logit_softcapping: llama.cpp's gemma3 graph has no attention softcapping")
     _attention_scale_check(row, config, head_dim)
+    if row.model_type == "qwen3_moe":
+        meta.update(_moe_keys(row, config))
     act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
     want = "gelu_pytorch_tanh" if row.model_type.startswith("gemma") else "silu"
     if act not in (want, "gelu_new" if want.startswith("gelu") else "swish"):

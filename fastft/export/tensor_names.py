@@ -21,6 +21,25 @@ def _permute_for_llama_rope(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     return weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
+def _expert_tensors(name_map, hf_name: str, data: torch.Tensor) -> list[tuple[str, str, torch.Tensor]]:
+    """transformers 5's stacked experts as llama.cpp's ``ffn_{gate,up,down}_exps``: ``gate_up_proj`` ``[E, 2I, H]``
+    holds the gate rows first (the expert forward chunks its output in two, gate then up); ``down_proj`` ``[E, H, I]``
+    is already llama.cpp's layout."""
+    prefix, _, kind = hf_name.rpartition(".")
+    if kind == "down_proj":
+        pieces = [("down_proj", data)]
+    else:
+        gate, up = data.chunk(2, dim=1)
+        pieces = [("gate_proj", gate.contiguous()), ("up_proj", up.contiguous())]
+    out = []
+    for part, tensor in pieces:
+        mapped = name_map.get_name(f"{prefix}.{part}")
+        if mapped is None:
+            return []
+        out.append((f"{mapped}.weight", hf_name, tensor))
+    return out
+
+
 def gguf_tensors(row: ArchitectureRow, config, state: dict[str, torch.Tensor]) -> list[tuple[str, str, torch.Tensor]]:
     """``[(gguf_name, hf_name, fp32 tensor)]`` for a merged state dict; :class:`ExportError` on an unknown name."""
     import gguf
@@ -34,6 +53,10 @@ def gguf_tensors(row: ArchitectureRow, config, state: dict[str, torch.Tensor]) -
                           "token embedding as the output layer (it has no output.weight to load)")
     out, unknown = [], []
     for hf_name, tensor in state.items():
+        if hf_name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+            experts = _expert_tensors(name_map, hf_name, tensor.float())
+            out.extend(experts) if experts else unknown.append(hf_name)
+            continue
         base, _, suffix = hf_name.rpartition(".")
         mapped = name_map.get_name(base)
         if mapped is None:

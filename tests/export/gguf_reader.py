@@ -5,8 +5,9 @@ does not read every key llama.cpp reads (transformers 5.24 + gguf 0.19), so the 
 file itself and passed as config overrides -- each is what llama.cpp derives from the same file:
 head_dim (``attention.key_length``; qwen3/gemma readers drop it), Gemma 2/3 ``query_pre_attn_scalar`` (not stored in
 GGUF: llama.cpp scales queries by 1/sqrt(key_length)), softcapping and the per-layer sliding pattern (gemma3's reader
-ignores them). Gemma (v1) has no transformers GGUF loader at all: its tensors are read with ``gguf.GGUFReader``,
-dequantized by gguf, and mapped back with gguf's own name table into a fresh model of the same config.
+ignores them), qwen3moe's ``moe_intermediate_size`` (``expert_feed_forward_length``). Gemma (v1) has no transformers
+GGUF loader at all: its tensors are read with ``gguf.GGUFReader``, dequantized by gguf, and mapped back with gguf's
+own name table into a fresh model of the same config.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def read_back(model_type: str, path: str) -> torch.nn.Module:
     for key in ("final_logit_softcapping", "attn_logit_softcapping"):
         if key in fields:
             extra[key] = fields[key]
+    if "expert_feed_forward_length" in fields:  # qwen3moe's reader keeps the config default (768)
+        extra["moe_intermediate_size"] = fields["expert_feed_forward_length"]
     if "attention.sliding_window_pattern" in fields:
         extra["layer_types"] = ["sliding_attention" if s else "full_attention"
                                 for s in fields["attention.sliding_window_pattern"]]

@@ -29,8 +29,10 @@ def test_architecture_llama_cpp_lacks_or_fastft_does_not_map(tmp_path):
     model.config.model_type = "lama"  # a typo-like type nobody has
     with pytest.raises(ExportError, match=r"no row for model_type 'lama'.*Did you mean 'llama'"):
         save_gguf(model, str(tmp_path / "out"), build_tokenizer(), "f16")
-    with pytest.raises(ExportError, match=r"does not cover model_type 'mixtral' yet \(expert stacking"):
+    with pytest.raises(ExportError, match=r"does not cover model_type 'mixtral' yet \(its experts"):
         save_gguf(build_tiny_model("mixtral"), str(tmp_path / "out"), build_tokenizer(), "f16")
+    with pytest.raises(ExportError, match=r"qwen3_moe with dense layers \(mlp_only_layers=\[1\]"):
+        save_gguf(build_tiny_model("qwen3_moe"), str(tmp_path / "out"), build_tokenizer(), "f16")
     _assert_nothing_written(tmp_path / "out")
 
 
