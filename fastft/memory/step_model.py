@@ -706,7 +706,11 @@ class StepModel:
                     isinstance(getattr(module, k, None), LoraLinear) for k in ("gate_proj", "up_proj", "down_proj")):
                 module._fastft_mlp_once = types.MethodType(mlp_once, module)
                 mlps += 1
-            elif isinstance(module, LoraLinear) and leaf in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            elif hasattr(module, "_fastft_mlp_once") and all(
+                    isinstance(getattr(module, k, None), LoraLinear) for k in ("gate_up_proj", "down_proj")):
+                module.gate_up_proj.fused = module.down_proj.fused = True  # Phi-3 / GLM-4: each projection fused
+                mlps += 1
+            elif isinstance(module, LoraLinear) and leaf in ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj"):
                 module.fused = True
                 projections += 1
         self.notes.append(f"fused LoRA (fastft.kernels.lora): {mlps} MLPs, {projections} attention projections")
