@@ -14,7 +14,9 @@ their per-step losses can be compared. Models are random tiny checkpoints writte
 128, 2 layers: the LM head dominates, as it does for Qwen/Gemma/Llama-3 at short sequence lengths).
 
 * step time: wall time from ``on_step_begin`` to ``on_step_end`` of a TrainerCallback (GRPO's includes generation),
-  the first ``--warmup`` steps dropped; median and min-max over the remaining steps of all repeats;
+  the first ``--warmup`` steps dropped; median and min-max over the remaining steps of all repeats. The same span
+  is also taken as process CPU time (``time.process_time``): on a machine shared with other jobs wall time mostly
+  measures the wait for a core, CPU time much less so (the "CPU-time ratio" column);
 * peak RSS: the kernel's high-water mark (``VmHWM``) reset just before ``trainer.train()`` (``/proc/self/clear_refs``)
   and read after it, so it is the training peak, not the import/load peak; ``+train`` is that peak minus the RSS at
   the start of training;
@@ -26,6 +28,7 @@ These are CPU timings on this machine (fastft's fused ops take their torch paths
 speed. Usage::
 
     python benchmarks/bench_trl_cpu.py --out benchmarks/results/trl_cpu.md          # the full table
+    python benchmarks/bench_trl_cpu.py --quick --out /tmp/trl_cpu_quick.md   # every cell once per side, ~6-8 min
     python benchmarks/bench_trl_cpu.py --algos sft --models llama --dtypes fp32 --repeats 1 --steps 4   # a quick look
 """
 
@@ -118,13 +121,15 @@ def run_one(algo: str, model_name: str, dtype: str, variant: str, steps: int, mo
                                   reward_funcs=_reward)
 
     times: list[float] = []
+    cpu_times: list[float] = []
 
     class Clock(TrainerCallback):
         def on_step_begin(self, *a, **k):
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *a, **k):
             times.append(time.perf_counter() - self.t0)
+            cpu_times.append(time.process_time() - self.c0)
 
     trainer.add_callback(Clock())
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the peak below is training's own
@@ -132,7 +137,8 @@ def run_one(algo: str, model_name: str, dtype: str, variant: str, steps: int, mo
     trainer.train()
     peak = _status_kb("VmHWM")
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-    return dict(algo=algo, model=model_name, dtype=dtype, variant=variant, step_times=times, losses=losses,
+    return dict(algo=algo, model=model_name, dtype=dtype, variant=variant, step_times=times, step_cpu=cpu_times,
+                losses=losses,
                 peak_rss_mb=peak / 1024, train_rss_mb=(peak - rss_start) / 1024,
                 head_kernel_calls=_head_calls() if fast else 0)
 
@@ -165,7 +171,8 @@ def table(results: list[dict], warmup: int) -> str:
     for r in results:
         cells.setdefault((r["algo"], r["model"], r["dtype"]), {}).setdefault(r["variant"], []).append(r)
     head = ("| trainer | model | precision | plain ms/step (min-max) | fastft ms/step (min-max) | time ratio "
-            "fastft/plain | plain peak RSS MiB (+train) | fastft peak RSS MiB (+train) | +train ratio | "
+            "fastft/plain | CPU-time ratio fastft/plain | "
+            "plain peak RSS MiB (+train) | fastft peak RSS MiB (+train) | +train ratio | "
             "max loss rel. diff | fastft head calls |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for (algo, model, dtype), runs in sorted(cells.items()):
@@ -174,13 +181,16 @@ def table(results: list[dict], warmup: int) -> str:
             continue
         pt = [t for r in plain for t in r["step_times"][warmup:]]
         ft = [t for r in fast for t in r["step_times"][warmup:]]
+        pc = [t for r in plain for t in r.get("step_cpu", [])[warmup:]]
+        fc = [t for r in fast for t in r.get("step_cpu", [])[warmup:]]
+        cpu_ratio = f"{statistics.median(fc) / statistics.median(pc):.2f}" if pc and fc else "n/a"
         p_rss, f_rss = max(r["peak_rss_mb"] for r in plain), max(r["peak_rss_mb"] for r in fast)
         p_inc, f_inc = max(r["train_rss_mb"] for r in plain), max(r["train_rss_mb"] for r in fast)
         diffs = [abs(a - b) / max(abs(b), 1e-12) for f, p in zip(fast, plain, strict=False)
                  for a, b in zip(f["losses"], p["losses"], strict=False)]
         lines.append(
             f"| {algo.upper()} | {model} | {dtype} | {_ms(pt)} | {_ms(ft)} | "
-            f"{statistics.median(ft) / statistics.median(pt):.2f} | {p_rss:.0f} (+{p_inc:.0f}) | "
+            f"{statistics.median(ft) / statistics.median(pt):.2f} | {cpu_ratio} | {p_rss:.0f} (+{p_inc:.0f}) | "
             f"{f_rss:.0f} (+{f_inc:.0f}) | {f_inc / max(p_inc, 1e-9):.2f} | {max(diffs):.1e} | "
             f"{min(r['head_kernel_calls'] for r in fast)} |")
     return "\n".join(lines)
@@ -194,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2, help="steps per run left out of the step-time statistics")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--quick", action="store_true",
+                        help="the short variant (~6-8 min on a quiet 2-core machine): every cell once per side "
+                             "(--repeats 1), --steps 6; the order alternates from cell to cell instead")
     parser.add_argument("--out", help="write the markdown table here (and the raw runs beside it as .json)")
     parser.add_argument("--one", nargs=4, metavar=("ALGO", "MODEL", "DTYPE", "VARIANT"), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -213,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown {bad}; choose from {', '.join(allowed)}")
         return chosen
 
+    if args.quick:
+        args.repeats, args.steps = 1, 6
     algos, models, dtypes = choose(args.algos, ALGOS), choose(args.models, MODELS), choose(args.dtypes, DTYPES)
     if args.steps <= args.warmup:
         parser.error(f"--steps {args.steps} must exceed --warmup {args.warmup}")
@@ -222,17 +237,16 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         dirs = {m: save_tiny_model(str(Path(tmp) / m), **MODELS[m]) for m in models}
-        for algo in algos:
-            for model_name in models:
-                for dtype in dtypes:
-                    for repeat in range(args.repeats):
-                        order = ("plain", "fastft") if repeat % 2 == 0 else ("fastft", "plain")
-                        for variant in order:
-                            r = _subprocess((algo, model_name, dtype), variant, args.steps, dirs[model_name])
-                            results.append(r)
-                            print(f"{algo} {model_name} {dtype} {variant} #{repeat}: "
-                                  f"{_ms(r['step_times'][args.warmup:])} ms/step, peak {r['peak_rss_mb']:.0f} MiB "
-                                  f"(+{r['train_rss_mb']:.0f})", flush=True)
+        cells = [(a, m, d) for a in algos for m in models for d in dtypes]
+        for index, (algo, model_name, dtype) in enumerate(cells):
+            for repeat in range(args.repeats):
+                flip = (repeat + (index if args.quick else 0)) % 2
+                for variant in ("plain", "fastft") if flip == 0 else ("fastft", "plain"):
+                    r = _subprocess((algo, model_name, dtype), variant, args.steps, dirs[model_name])
+                    results.append(r)
+                    print(f"{algo} {model_name} {dtype} {variant} #{repeat}: "
+                          f"{_ms(r['step_times'][args.warmup:])} ms/step, peak {r['peak_rss_mb']:.0f} MiB "
+                          f"(+{r['train_rss_mb']:.0f})", flush=True)
     text = table(results, args.warmup)
     elapsed = time.perf_counter() - started
     command = "python benchmarks/bench_trl_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:])

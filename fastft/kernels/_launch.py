@@ -80,6 +80,42 @@ def use_triton(op: str, *tensors: torch.Tensor) -> bool:
     return triton_path
 
 
+def _plain(t: torch.Tensor) -> bool:
+    # Not a subclass (FakeTensor, DTensor, functional wrappers) and on a device with real storage.
+    return (type(t) is torch.Tensor or type(t) is torch.nn.Parameter) and t.device.type != "meta"
+
+
+def direct_call_ok(*tensors: torch.Tensor) -> bool:
+    """Whether eager code may run a custom op's body directly instead of dispatching through ``torch.library``.
+
+    The custom ops (with their fake impls) exist so that torch.compile, fake/meta tensors and dispatch modes see one
+    opaque op with known output shapes. Plain eager tensors need none of that, and on small tensors the dispatcher's
+    per-call cost (schema parsing, the autograd and ADInplaceOrView redispatch: ~40-50 us per call on CPU) outweighs
+    the op itself. Direct calls run the very same Python body, so results are bitwise identical and the path counts
+    (:func:`use_triton`) are recorded exactly as before.
+    """
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._are_functorch_transforms_active()):
+        return False
+    return all(_plain(t) for t in tensors)
+
+
+def call_op(op: Any, *args: Any) -> Any:
+    """``op(*args)`` for a ``torch.library.custom_op`` ``op``: its body directly when :func:`direct_call_ok` on the
+    tensor arguments, else through the dispatcher (tracing, fake tensors, dispatch modes). Ops that mutate an argument
+    always dispatch: the dispatcher bumps the mutated tensors' version counters, which is what makes autograd refuse
+    a second backward through a graph whose saved tensors were overwritten (a Triton kernel's store does not)."""
+    if not op._opoverload._schema.is_mutable and direct_call_ok(*(a for a in args if isinstance(a, torch.Tensor))):
+        return op._init_fn(*args)
+    return op(*args)
+
+
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """True when autograd would record a graph for these inputs (grad mode on and one of them requires grad). When
+    False an ``autograd.Function`` records nothing, so its forward body can run without ``Function.apply``."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
     """Launch ``kernel[grid](*args, **kwargs)``, or hand it to the compile gate's hook when one is installed."""
     if _launch_hook is not None:

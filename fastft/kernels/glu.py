@@ -42,7 +42,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastft.kernels._launch import TRITON_AVAILABLE, check_floating, launch, use_triton
+from fastft.kernels._launch import TRITON_AVAILABLE, call_op, check_floating, launch, needs_grad, use_triton
 
 #: Activation codes shared by the kernels, the torch path and the reference.
 SILU, GELU, GELU_TANH = 0, 1, 2
@@ -422,10 +422,7 @@ class GLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, activation: str, inplace_backward: bool) -> torch.Tensor:
-        if activation == "silu":
-            h = torch.ops.fastft.swiglu_forward(gate, up)
-        else:
-            h = torch.ops.fastft.geglu_forward(gate, up, "tanh" if activation == "gelu_tanh" else "none")
+        h = _glu_op(gate, up, activation)
         ctx.save_for_backward(gate, up)
         ctx.activation = activation
         # Decided at forward time, when leaf-ness is known; the buffers are the saved tensors themselves.
@@ -436,13 +433,13 @@ class GLUFunction(torch.autograd.Function):
     def backward(ctx, dh: torch.Tensor):
         gate, up = ctx.saved_tensors
         if ctx.inplace:
-            torch.ops.fastft.glu_backward_inplace(dh, gate, up, ctx.activation)
+            call_op(glu_backward_inplace, dh, gate, up, ctx.activation)
             dgate, dup = gate, up
         elif ctx.activation == "silu":
-            dgate, dup = torch.ops.fastft.swiglu_backward(dh, gate, up)
+            dgate, dup = call_op(swiglu_backward, dh, gate, up)
         else:
             approximate = "tanh" if ctx.activation == "gelu_tanh" else "none"
-            dgate, dup = torch.ops.fastft.geglu_backward(dh, gate, up, approximate)
+            dgate, dup = call_op(geglu_backward, dh, gate, up, approximate)
         return (dgate if ctx.needs_input_grad[0] else None), (dup if ctx.needs_input_grad[1] else None), None, None
 
 
@@ -450,7 +447,15 @@ def _apply(op: str, gate: torch.Tensor, up: torch.Tensor, activation: str, inpla
     _check_pair(op, gate, up)
     if gate.numel() == 0:
         return gate.new_empty(gate.shape)
+    if not needs_grad(gate, up):  # no graph to record (generation, eval): the forward op alone, same bits
+        return _glu_op(gate, up, activation)
     return GLUFunction.apply(gate, up, activation, bool(inplace_backward))
+
+
+def _glu_op(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "silu":
+        return call_op(swiglu_forward, gate, up)
+    return call_op(geglu_forward, gate, up, "tanh" if activation == "gelu_tanh" else "none")
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, inplace_backward: bool = False) -> torch.Tensor:

@@ -53,7 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastft._log import info_once
-from fastft.kernels._launch import autocast_enabled
+from fastft.kernels._launch import autocast_enabled, call_op, needs_grad
 from fastft.kernels.nf4 import dequantize_nf4
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -74,19 +74,23 @@ def _normalize_activation(activation: str) -> str:
 
 
 def _act_forward(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    from fastft.kernels import glu
+
     if activation == "silu":
-        return torch.ops.fastft.swiglu_forward(gate, up)
-    return torch.ops.fastft.geglu_forward(gate, up, "tanh" if activation == "gelu_tanh" else "none")
+        return call_op(glu.swiglu_forward, gate, up)
+    return call_op(glu.geglu_forward, gate, up, "tanh" if activation == "gelu_tanh" else "none")
 
 
 def _act_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str, inplace: bool):
+    from fastft.kernels import glu
+
     if inplace:  # gate/up are our own recomputed temporaries: write dgate/dup over them, two [T, I] fewer
         name = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_tanh"}[activation]
-        torch.ops.fastft.glu_backward_inplace(dh, gate, up, name)
+        call_op(glu.glu_backward_inplace, dh, gate, up, name)
         return gate, up
     if activation == "silu":
-        return torch.ops.fastft.swiglu_backward(dh, gate, up)
-    return torch.ops.fastft.geglu_backward(dh, gate, up, "tanh" if activation == "gelu_tanh" else "none")
+        return call_op(glu.swiglu_backward, dh, gate, up)
+    return call_op(glu.geglu_backward, dh, gate, up, "tanh" if activation == "gelu_tanh" else "none")
 
 
 def _ensure_glu_ops() -> None:
@@ -156,6 +160,7 @@ class BaseWeight:
 
 
 def _base_of(layer: nn.Module) -> BaseWeight:
+    """The frozen weight of ``layer``'s base (``layer`` a PEFT LoRA layer, or already its base layer)."""
     base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
     weight = base.weight
     qs = getattr(weight, "quant_state", None)
@@ -216,18 +221,41 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 # Autograd functions
 # ----------------------------------------------------------------------------------------------------------------
+def _projections_forward(x: torch.Tensor, bases: tuple, scalings: tuple, add_in_base_dtype: tuple,
+                         adapters: tuple) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, list[torch.Tensor]]:
+    """LoRAProjections' forward math: (one [..., out_p] per projection, X as rows, each X A_p^T)."""
+    x2 = _rows(x)
+    outs, xas = [], []
+    for i, base in enumerate(bases):
+        A, B = adapters[2 * i], adapters[2 * i + 1]
+        y, xa = _proj_forward(x2, base, A, B, scalings[i], add_in_base_dtype[i])
+        outs.append(y.view(*x.shape[:-1], y.shape[-1]))
+        xas.append(xa)
+    return tuple(outs), x2, xas
+
+
+def _mlp_forward(x: torch.Tensor, bases: tuple, scalings: tuple, add: tuple, activation: str, recompute: str,
+                 adapters: tuple) -> tuple[torch.Tensor, tuple]:
+    """LoRAMLP's forward math: (y [..., hidden], the tensors its backward saves)."""
+    Ag, Bg, Au, Bu, Ad, Bd = adapters
+    x2 = _rows(x)
+    gate, xa_g = _proj_forward(x2, bases[0], Ag, Bg, scalings[0], add[0])
+    up, xa_u = _proj_forward(x2, bases[1], Au, Bu, scalings[1], add[1])
+    h = _act_forward(gate, up, activation)
+    if recompute == "projections":
+        del gate, up  # freed before the down projection: the forward peak is gate + up + h, not more
+    y, ha_d = _proj_forward(h, bases[2], Ad, Bd, scalings[2], add[2])
+    del h  # recomputed in the backward
+    saved = (x2, xa_g, xa_u, ha_d, *adapters) + ((gate, up) if recompute == "activation" else ())
+    return y.view(*x.shape[:-1], y.shape[-1]), saved
+
+
 class LoRAProjections(torch.autograd.Function):
     """Several LoRA projections of one input X (q/k/v: three; o: one), X read once. Saves X and each X A_p^T."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, bases: tuple, scalings: tuple, add_in_base_dtype: tuple, *adapters):
-        x2 = _rows(x)
-        outs, xas = [], []
-        for i, base in enumerate(bases):
-            A, B = adapters[2 * i], adapters[2 * i + 1]
-            y, xa = _proj_forward(x2, base, A, B, scalings[i], add_in_base_dtype[i])
-            outs.append(y.view(*x.shape[:-1], y.shape[-1]))
-            xas.append(xa)
+        outs, x2, xas = _projections_forward(x, bases, scalings, add_in_base_dtype, adapters)
         ctx.save_for_backward(x2, *adapters, *xas)
         ctx.bases, ctx.scalings, ctx.x_shape = bases, scalings, x.shape
         return tuple(outs)
@@ -259,22 +287,13 @@ class LoRAMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, bases: tuple, scalings: tuple, add_in_base_dtype: tuple, activation: str,
                 recompute: str, inplace_backward: bool, Ag, Bg, Au, Bu, Ad, Bd):
-        x2 = _rows(x)
-        gate, xa_g = _proj_forward(x2, bases[0], Ag, Bg, scalings[0], add_in_base_dtype[0])
-        up, xa_u = _proj_forward(x2, bases[1], Au, Bu, scalings[1], add_in_base_dtype[1])
-        h = _act_forward(gate, up, activation)
-        if recompute == "projections":
-            del gate, up  # freed before the down projection: the forward peak is gate + up + h, not more
-        y, ha_d = _proj_forward(h, bases[2], Ad, Bd, scalings[2], add_in_base_dtype[2])
-        del h  # recomputed in the backward
-        if recompute == "activation":
-            ctx.save_for_backward(x2, xa_g, xa_u, ha_d, Ag, Bg, Au, Bu, Ad, Bd, gate, up)
-        else:
-            ctx.save_for_backward(x2, xa_g, xa_u, ha_d, Ag, Bg, Au, Bu, Ad, Bd)
+        y, saved = _mlp_forward(x, bases, scalings, add_in_base_dtype, activation, recompute, (Ag, Bg, Au, Bu, Ad, Bd))
+        ctx.save_for_backward(*saved)
+        del saved
         ctx.bases, ctx.scalings, ctx.add = bases, scalings, add_in_base_dtype
         ctx.activation, ctx.recompute, ctx.x_shape = activation, recompute, x.shape
         ctx.inplace_backward = inplace_backward
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
@@ -413,11 +432,57 @@ def can_fuse(layer: nn.Module) -> tuple[bool, str]:
     return True, ""
 
 
-def _input_ok(layer: nn.Module, x: torch.Tensor) -> tuple[bool, str]:
-    base = layer.get_base_layer()
+def _state_key(layer: nn.Module) -> tuple | None:
+    """What :func:`can_fuse`'s verdict on a PEFT layer depends on that can change after construction, read off
+    instance dicts only (no ``nn.Module.__getattr__``): adapters disabled / merged / active, and the identity and
+    ``requires_grad`` of the base and adapter weights (a replaced module or weight changes its id). None when the
+    verdict must not be cached: not exactly one active adapter, or a weight that is not a plain Parameter (a DTensor
+    shard or DeepSpeed parameter is gathered or not depending on when it is read)."""
+    d = layer.__dict__
+    active = d.get("_active_adapter", "default")
+    if not isinstance(active, str):
+        if len(active) != 1:
+            return None
+        active = active[0]
+    mods = d["_modules"]
+    base, lora_a, lora_b = mods.get("base_layer"), mods.get("lora_A"), mods.get("lora_B")
+    if base is None or lora_a is None or lora_b is None or "base_layer" in base.__dict__["_modules"]:
+        return None
+    a, b = lora_a.__dict__["_modules"].get(active), lora_b.__dict__["_modules"].get(active)
+    w = base.__dict__["_parameters"].get("weight")
+    if a is None or b is None or type(w) is not nn.Parameter or hasattr(w, "ds_id"):
+        return None
+    wa, wb = a.__dict__["_parameters"].get("weight"), b.__dict__["_parameters"].get("weight")
+    return (d.get("_disable_adapters", False), len(d.get("merged_adapters", ())), active, id(base), id(w),
+            w.requires_grad, id(a), id(b), id(wa), id(wb), id(mods["lora_dropout"].__dict__["_modules"].get(active)))
+
+
+def _fusable(layer: nn.Module) -> tuple[bool, str, tuple | None]:
+    """(:func:`can_fuse`'s verdict and reason, and when fusable (base layer, is it an NF4 ``Linear4bit``, active
+    adapter name, lora_A weight, lora_B weight)), cached on the layer while :func:`_state_key` is unchanged: the full
+    check costs ~20 us of attribute lookups per projection per call, more than a small model's decoding matmuls."""
+    key = _state_key(layer)
+    cached = layer.__dict__.get("_fastft_fusable")
+    if key is not None and cached is not None and cached[0] == key:
+        return cached[1]
+    ok, reason = can_fuse(layer)
+    parts = None
+    if ok:
+        base = layer.get_base_layer()
+        name = layer.active_adapters[0]
+        parts = (base, _is_bnb_4bit(base), name, layer.lora_A[name].weight, layer.lora_B[name].weight)
+    info = (ok, reason, parts)
+    if key is not None:
+        layer.__dict__["_fastft_fusable"] = (key, info)  # a plain attribute: not a parameter, buffer or module
+    return info
+
+
+def _input_ok(layer: nn.Module, x: torch.Tensor, base: nn.Module | None = None,
+              bnb: bool | None = None) -> tuple[bool, str]:
+    base = layer.get_base_layer() if base is None else base
     device = x.device.type
     cast_to = torch.get_autocast_dtype(device) if autocast_enabled(device) else None
-    if _is_bnb_4bit(base):
+    if (_is_bnb_4bit(base) if bnb is None else bnb):
         cdt = base.compute_dtype
         if cdt is not None and cdt != x.dtype:
             return False, f"Linear4bit compute_dtype {cdt} differs from the input dtype {x.dtype}"
@@ -462,10 +527,15 @@ def _autocast_adapters(x: torch.Tensor, adapters: list[torch.Tensor]) -> tuple[l
     return cast, torch.autocast(device, enabled=False)
 
 
-def _adapter(layer: nn.Module) -> AdapterParts:
-    name = layer.active_adapters[0]
-    return (_base_of(layer), layer.lora_A[name].weight, layer.lora_B[name].weight, float(layer.scaling[name]),
-            _is_bnb_4bit(layer.get_base_layer()))
+def _adapter(layer: nn.Module, fusable: tuple | None = None) -> AdapterParts:
+    """The layer's AdapterParts; ``fusable`` is :func:`_fusable`'s third item when the caller has it (the scaling is
+    read live: PEFT's ``scale_layer`` changes it in place)."""
+    if fusable is None:
+        base = layer.get_base_layer()
+        name = layer.active_adapters[0]
+        fusable = (base, _is_bnb_4bit(base), name, layer.lora_A[name].weight, layer.lora_B[name].weight)
+    base, bnb, name, a, b = fusable
+    return (_base_of(base), a, b, float(layer.scaling[name]), bnb)
 
 
 #: (kind: "mlp" | "qkv" | "o" | "linear", "fused" | "peft") -> calls of the patched LoRA forwards, by the path they
@@ -473,18 +543,21 @@ def _adapter(layer: nn.Module) -> AdapterParts:
 lora_path_counts: Counter[tuple[str, str]] = Counter()
 
 
-def _check_layers(kind: str, layers: dict[str, nn.Module], x: torch.Tensor) -> bool:
+def _check_layers(kind: str, layers: dict[str, nn.Module], x: torch.Tensor) -> list[AdapterParts] | None:
+    """Each layer's adapter parts when all of them can run fused on ``x``, else None (reason logged once)."""
+    parts = []
     for attr, layer in layers.items():
-        ok, reason = can_fuse(layer)
+        ok, reason, fusable = _fusable(layer)
         if ok:
-            ok, reason = _input_ok(layer, x)
+            ok, reason = _input_ok(layer, x, fusable[0], fusable[1])
         if not ok:
             info_once(f"fastft: fused LoRA {kind} not used for {attr}: {reason}; running PEFT's path",
                       key=f"lora-{kind}-{attr}-{reason}")
             lora_path_counts[(kind, "peft")] += 1
-            return False
+            return None
+        parts.append(_adapter(layer, fusable))
     lora_path_counts[(kind, "fused")] += 1
-    return True
+    return parts
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -531,6 +604,9 @@ def mlp_from_parts(x: torch.Tensor, parts: list[AdapterParts], activation: str, 
     x = _autocast_input(x)
     adapters, no_autocast = _autocast_adapters(x, [g[1], g[2], u[1], u[2], d[1], d[2]])
     with no_autocast:
+        if not needs_grad(x, *adapters):  # no graph to record (generation, eval): the same math, no Function
+            return _mlp_forward(x, (g[0], u[0], d[0]), (g[3], u[3], d[3]), (g[4], u[4], d[4]), act, recompute,
+                                tuple(adapters))[0]
         return LoRAMLP.apply(
             x, (g[0], u[0], d[0]), (g[3], u[3], d[3]), (g[4], u[4], d[4]), act, recompute, bool(inplace_backward),
             *adapters,
@@ -542,6 +618,9 @@ def projections_from_parts(x: torch.Tensor, parts: list[AdapterParts]) -> tuple[
     x = _autocast_input(x)
     flat, no_autocast = _autocast_adapters(x, [t for a in parts for t in (a[1], a[2])])
     with no_autocast:
+        if not needs_grad(x, *flat):  # no graph to record (generation, eval): the same math, no Function
+            return _projections_forward(x, tuple(a[0] for a in parts), tuple(a[3] for a in parts),
+                                        tuple(a[4] for a in parts), tuple(flat))[0]
         return LoRAProjections.apply(x, tuple(a[0] for a in parts), tuple(a[3] for a in parts),
                                      tuple(a[4] for a in parts), *flat)
 
@@ -584,9 +663,10 @@ def fused_mlp_forward(mlp: nn.Module, x: torch.Tensor, activation: str, *,
         info_once(f"fastft: fused LoRA mlp not used: {type(mlp).__name__} lacks gate_proj/up_proj/down_proj",
                   key=f"lora-mlp-attrs-{type(mlp).__name__}")
         return None
-    if not _check_layers("mlp", layers, x):
+    parts = _check_layers("mlp", layers, x)
+    if parts is None:
         return None
-    return _lora_mlp(layers, x, activation, recompute)
+    return mlp_from_parts(x, parts, activation, recompute)
 
 
 def fused_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -596,9 +676,8 @@ def fused_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
         info_once(f"fastft: fused LoRA qkv not used: {type(attn).__name__} lacks q_proj/k_proj/v_proj",
                   key=f"lora-qkv-attrs-{type(attn).__name__}")
         return None
-    if not _check_layers("qkv", layers, x):
-        return None
-    return _lora_projections(list(layers.values()), x)
+    parts = _check_layers("qkv", layers, x)
+    return None if parts is None else projections_from_parts(x, parts)
 
 
 def fused_o(attn: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -608,14 +687,12 @@ def fused_o(attn: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         info_once(f"fastft: fused LoRA o not used: {type(attn).__name__} lacks o_proj",
                   key=f"lora-o-attrs-{type(attn).__name__}")
         return None
-    if not _check_layers("o", {"o_proj": layer}, x):
-        return None
-    return _lora_projections([layer], x)[0]
+    parts = _check_layers("o", {"o_proj": layer}, x)
+    return None if parts is None else projections_from_parts(x, parts)[0]
 
 
 def fused_linear_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """Entry point for patching one LoRA projection (q, k, v or o on its own): the fused output, or None (reason
     logged once) when the layer cannot run fused with identical math."""
-    if not _check_layers("linear", {"proj": layer}, x):
-        return None
-    return _lora_projections([layer], x)[0]
+    parts = _check_layers("linear", {"proj": layer}, x)
+    return None if parts is None else projections_from_parts(x, parts)[0]

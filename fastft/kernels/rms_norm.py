@@ -26,8 +26,10 @@ import torch
 
 from fastft.kernels._launch import (
     TRITON_AVAILABLE,
+    call_op,
     check_floating,
     launch,
+    needs_grad,
     row_block,
     use_triton,
 )
@@ -253,7 +255,7 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool) -> torch.Tensor:
-        y, rstd = torch.ops.fastft.rms_norm_forward(x, weight, eps, gemma)
+        y, rstd = call_op(rms_norm_forward, x, weight, eps, gemma)
         ctx.save_for_backward(x, weight, rstd)
         ctx.gemma = gemma
         return y
@@ -262,7 +264,7 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
         compute_dw = ctx.needs_input_grad[1]
-        dx, dw = torch.ops.fastft.rms_norm_backward(dy, x, weight, rstd, ctx.gemma, compute_dw)
+        dx, dw = call_op(rms_norm_backward, dy, x, weight, rstd, ctx.gemma, compute_dw)
         return dx, (dw if compute_dw else None), None, None
 
 
@@ -287,6 +289,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, gemma:
         raise ValueError(f"rms_norm: x on {x.device} but weight on {weight.device}")
     if x.numel() == 0:
         return x.new_empty(x.shape, dtype=_output_dtype(x, weight, gemma))
+    if not needs_grad(x, weight):  # no graph to record (generation, eval): the forward op alone, same bits
+        return call_op(rms_norm_forward, x, weight, float(eps), bool(gemma))[0]
     return RMSNormFunction.apply(x, weight, float(eps), bool(gemma))
 
 

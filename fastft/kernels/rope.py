@@ -28,7 +28,15 @@ from __future__ import annotations
 
 import torch
 
-from fastft.kernels._launch import TRITON_AVAILABLE, check_floating, launch, next_power_of_2, use_triton
+from fastft.kernels._launch import (
+    TRITON_AVAILABLE,
+    call_op,
+    check_floating,
+    launch,
+    needs_grad,
+    next_power_of_2,
+    use_triton,
+)
 
 if TRITON_AVAILABLE:
     import triton
@@ -243,7 +251,7 @@ class RopeFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        q_out, k_out = torch.ops.fastft.rope_forward(q, k, cos, sin)
+        q_out, k_out = call_op(rope_forward, q, k, cos, sin)
         ctx.save_for_backward(cos, sin)
         ctx.dtypes = (q.dtype, k.dtype)
         return q_out, k_out
@@ -252,7 +260,7 @@ class RopeFunction(torch.autograd.Function):
     def backward(ctx, dq_out: torch.Tensor, dk_out: torch.Tensor):
         cos, sin = ctx.saved_tensors
         # The outputs share q's dtype; autograd hands gradients in that dtype (zeros when an output is unused).
-        dq, dk = torch.ops.fastft.rope_backward(dq_out, dk_out.to(dq_out.dtype), cos, sin)
+        dq, dk = call_op(rope_backward, dq_out, dk_out.to(dq_out.dtype), cos, sin)
         return dq.to(ctx.dtypes[0]), dk.to(ctx.dtypes[1]), None, None
 
 
@@ -305,6 +313,8 @@ def apply_rope(
     _check_inputs(q, k, cos, sin)
     if q.numel() == 0 and k.numel() == 0:
         return _out_like(q, q.dtype), _out_like(k, q.dtype)
+    if not needs_grad(q, k):  # no graph to record (generation, eval): the forward op alone, same bits
+        return call_op(rope_forward, q, k, cos, sin)
     return RopeFunction.apply(q, k, cos, sin)
 
 
