@@ -39,7 +39,9 @@ HOOKED = {alg: hooked for alg, hooked in {
     "GRPO": _GENERATING,
     "KTO": ("compute_loss", "compute_ref_log_probs", "create_optimizer", "__init__"),
     "RLOO": _GENERATING,
-    **{alg: ("create_optimizer", "__init__") for alg in ("Reward", "ORPO", "CPO", "OnlineDPO")}}.items()
+    "Reward": ("create_optimizer", "__init__"),
+    **{alg: ("concatenated_forward", "create_optimizer", "__init__") for alg in ("ORPO", "CPO")},
+    "OnlineDPO": ("_forward", "create_optimizer", "__init__")}.items()
     if alg in NAMES}
 
 
@@ -55,7 +57,7 @@ def _all_names(algorithm):
 def _own_methods(cls):
     return {name: vars(cls).get(name) for name in ("compute_loss", "compute_ref_log_probs", "create_optimizer",
                                                    "_get_per_token_logps_and_entropies", "_generate_single_turn",
-                                                   "__init__")}
+                                                   "concatenated_forward", "_forward", "__init__")}
 
 
 @pytest.fixture(autouse=True)
