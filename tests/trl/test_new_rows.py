@@ -2,6 +2,8 @@
 projections, Granite's logit divisor, Gemma 3's softcap, and MoE rows (router aux loss in TRL's loss), each equal to
 unpatched TRL step by step (fp32, LoRA)."""
 
+import logging
+
 import pytest
 import trl.trainer.grpo_trainer as grpo_module
 from datasets import Dataset
@@ -52,12 +54,20 @@ def test_dpo_on_new_rows_matches_trl(model_type, tmp_path):
 
 
 @pytest.mark.parametrize("model_type", ["gemma3_text", "mixtral"])
-def test_grpo_on_new_rows_matches_trl(model_type, tmp_path, monkeypatch):
+def test_grpo_on_new_rows_matches_trl(model_type, tmp_path, monkeypatch, caplog):
+    """mixtral: TRL asks the policy pass for the MoE aux loss (compute_aux_loss); fastft's head returns it, so that
+    pass no longer falls back to TRL's head, and the logged aux_loss equals TRL's."""
+    from fastft._log import reset_once
+
     monkeypatch.setattr(grpo_module.GRPOTrainer, "_generate_single_turn", test_grpo.fixed_generations)
-    fast, calls = run("GRPO", True, _grpo(tmp_path / "fast", model_type), model_type=model_type)
+    reset_once()
+    with caplog.at_level(logging.INFO, logger="fastft"):
+        fast, calls = run("GRPO", True, _grpo(tmp_path / "fast", model_type), model_type=model_type)
+    assert not [r for r in caplog.records if "an MoE aux loss" in r.getMessage()]
     slow, _ = run("GRPO", False, _grpo(tmp_path / "slow", model_type), model_type=model_type)
     assert_head_calls(calls, "selective_log_softmax")
-    assert_same_run(fast, slow, test_grpo.KEYS)
+    keys = test_grpo.KEYS + (("aux_loss",) if model_type == "mixtral" else ())
+    assert_same_run(fast, slow, keys)
 
 
 def test_sft_on_moe_adds_the_router_aux_loss_through_fastfts_head(tmp_path):
