@@ -158,10 +158,30 @@ def _head_problem(trainer: Any, model: Any) -> str | None:
         return f"{type(target).__name__} is not a transformers causal LM"
     if target.base_model is target:
         return f"{type(target).__name__} has no separate decoder body"
+    problem = _instance_forward_problem(target)
+    if problem:
+        return problem
     head = target.get_output_embeddings()
     if head is None:
         return f"{type(target).__name__} has no output embeddings"
     return _fallback_reason(head, target.config.get_text_config(), {}, True, None, True, 1.0)
+
+
+def _instance_forward_problem(target: Any) -> str | None:
+    """The lean forward replaces ``target``'s instance ``forward`` while a call lasts: only when there is none, or it is
+    accelerate's mixed-precision wrapper around the class's own forward (re-created by ``_under_mixed_precision``)."""
+    current = target.__dict__.get("forward")
+    if current is None:
+        return None
+    own = getattr(type(target).forward, "__func__", type(target).forward)
+    func = getattr(current, "__func__", current)
+    for _ in range(8):  # accelerate stacks two wrappers
+        func = getattr(func, "__wrapped__", None)
+        if func is None:
+            break
+        if func is own:
+            return None
+    return f"{type(target).__name__} carries an instance forward fastft does not know ({current!r})"
 
 
 def _head(model: Any) -> tuple[torch.Tensor, torch.Tensor | None, float | None, float | None]:
