@@ -84,9 +84,13 @@ def _reward(completions, **_: Any) -> list[float]:
     return [float(len(set(c.split()))) for c in completions]
 
 
-def run_one(algo: str, model_name: str, dtype: str, variant: str, steps: int, model_dir: str, out_dir: str) -> dict:
+def run_one(algo: str, model_name: str, dtype: str, variant: str, steps: int, model_dir: str, out_dir: str,
+            threads: int = 0) -> dict:
     """One training run in this process; returns its measurements."""
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
     import trl
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -149,11 +153,11 @@ def _head_calls() -> int:
     return sum(n for (op, _), n in path_counts.items() if op.startswith("cross_entropy"))
 
 
-def _subprocess(cell: tuple[str, str, str], variant: str, steps: int, model_dir: str) -> dict:
+def _subprocess(cell: tuple[str, str, str], variant: str, steps: int, model_dir: str, threads: int = 0) -> dict:
     algo, model_name, dtype = cell
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, __file__, "--one", algo, model_name, dtype, variant, "--steps", str(steps),
-               "--model-dir", model_dir, "--run-dir", out]
+               "--threads", str(threads), "--model-dir", model_dir, "--run-dir", out]
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -204,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2, help="steps per run left out of the step-time statistics")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per run (0: torch's default). 1 on a shared machine: no OpenMP "
+                             "spin-waiting, so the CPU-time column measures work")
     parser.add_argument("--quick", action="store_true",
                         help="the short variant (~6-8 min on a quiet 2-core machine): every cell once per side "
                              "(--repeats 1), --steps 6; the order alternates from cell to cell instead")
@@ -215,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.one:
         algo, model_name, dtype, variant = args.one
-        result = run_one(algo, model_name, dtype, variant, args.steps, args.model_dir, args.run_dir)
+        result = run_one(algo, model_name, dtype, variant, args.steps, args.model_dir, args.run_dir, args.threads)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
 
@@ -242,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             for repeat in range(args.repeats):
                 flip = (repeat + (index if args.quick else 0)) % 2
                 for variant in ("plain", "fastft") if flip == 0 else ("fastft", "plain"):
-                    r = _subprocess((algo, model_name, dtype), variant, args.steps, dirs[model_name])
+                    r = _subprocess((algo, model_name, dtype), variant, args.steps, dirs[model_name], args.threads)
                     results.append(r)
                     print(f"{algo} {model_name} {dtype} {variant} #{repeat}: "
                           f"{_ms(r['step_times'][args.warmup:])} ms/step, peak {r['peak_rss_mb']:.0f} MiB "
@@ -255,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     import trl
 
     header = (f"# Plain TRL vs fastft on CPU (measured)\n\nCommand: `{command}`  \n"
-              f"{os.cpu_count()} CPUs, torch {torch.__version__}, transformers {transformers.__version__}, "
+              f"{os.cpu_count()} CPUs, {args.threads or torch.get_num_threads()} torch thread(s) per run, "
+              f"torch {torch.__version__}, transformers {transformers.__version__}, "
               f"trl {trl.__version__}; {args.steps} steps per run ({args.warmup} warm-up steps dropped), "
               f"{args.repeats} repeats per side, alternating order, batch {BATCH}; {elapsed:.0f} s in all.  \n"
               "CPU timings (fastft's fused ops run their torch paths); not GPU figures. Ratios < 1 favour fastft.\n\n")

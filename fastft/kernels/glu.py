@@ -183,8 +183,10 @@ def _row_chunks(n_rows: int, n_cols: int) -> range:
 
 def _forward_torch(g2: torch.Tensor, u2: torch.Tensor, activation: int) -> torch.Tensor:
     n_rows, n_cols = g2.shape
-    h = torch.empty((n_rows, n_cols), dtype=g2.dtype, device=g2.device)
     step = _row_chunks(n_rows, n_cols).step
+    if step >= n_rows:  # one chunk (every decoding step): no staging buffer, the same casts
+        return (_torch_activation(g2.float(), activation).to(g2.dtype).float() * u2.float()).to(g2.dtype)
+    h = torch.empty((n_rows, n_cols), dtype=g2.dtype, device=g2.device)
     for r in range(0, n_rows, step):
         g, u = g2[r:r + step], u2[r:r + step]
         a = _torch_activation(g.float(), activation).to(g2.dtype)
