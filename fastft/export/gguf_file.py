@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Any
 
 import torch
@@ -62,6 +63,16 @@ def _write_gguf(path: str, arch: str, name: str, file_type: str, metadata: dict[
     writer.close()
 
 
+def _general_name(name: str, tokens: list[str]) -> str:
+    """``general.name``. llama.cpp keys token attributes on it: a name containing "phi3"/"phi-3" makes it look up
+    ``</s> <unk> <s> <|endoftext|>`` and fail to load a vocabulary without them, so such a name is replaced."""
+    if not name or (re.search(r"phi-?3", name.lower()) and not {"</s>", "<unk>", "<s>", "<|endoftext|>"} <= set(tokens)):
+        if name:
+            logger.info("fastft: GGUF general.name %r replaced: llama.cpp expects Phi-3's special tokens for it", name)
+        return "fastft-export"
+    return name
+
+
 def _generation_defaults(model: Any) -> dict[str, Any]:
     gen = getattr(model, "generation_config", None)
     if gen is None or not getattr(gen, "do_sample", False):
@@ -107,7 +118,7 @@ def save_gguf(model: torch.nn.Module, save_directory: str, tokenizer: Any, quant
                     quant.name, len(fallbacks), ", ".join(fallbacks))
     # Not forced to contain "mistral": transformers' GGUF reader would then look for a gguf-py arch "mistral",
     # which gguf 0.19 no longer has; llama.cpp runs Mistral as its llama arch either way.
-    name = os.path.basename(str(getattr(config, "_name_or_path", "") or "")) or f"fastft-{row.model_type}"
+    name = _general_name(os.path.basename(str(getattr(config, "_name_or_path", "") or "")), vocab.tokens)
     generation = _generation_defaults(base)
 
     file_name = file_name or f"model.{quant.name.upper()}.gguf"

@@ -74,7 +74,15 @@ def _sentencepiece_prefix(spec: dict) -> bool:
     if pre and pre.get("type") == "Metaspace" and norm is None:
         if pre.get("split", False) or pre.get("replacement") != _SPACE:
             raise ExportError(f"Metaspace {pre} (split or another replacement) cannot be represented in GGUF")
-        return pre.get("prepend_scheme", "always") in ("always", "first")
+        prefix = pre.get("prepend_scheme", "always") in ("always", "first")
+        if prefix:
+            logger.warning("fastft: SentencePiece-style tokenizer with Metaspace(prepend_scheme=%r): llama.cpp adds the "
+                           "prefix space to every text fragment that starts the input or follows a special token, "
+                           "also when it starts with a space; HF %s. Text of those shapes tokenizes differently "
+                           "(as it does in llama.cpp's own converter's files)", pre.get("prepend_scheme"),
+                           "only to the first fragment" if pre.get("prepend_scheme") == "first"
+                           else "not when it starts with one")
+        return prefix
     steps = (norm or {}).get("normalizers", [norm]) if norm else []
     kinds = [(s.get("type"), s.get("prepend"), s.get("content")) for s in steps]
     if pre is None and kinds and kinds[-1] == ("Replace", None, _SPACE) and all(

@@ -14,6 +14,7 @@ time in docs/EXPORT.md). Checks, on tiny offline models:
 """
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -27,8 +28,10 @@ from fastft.export import save_gguf  # noqa: E402
 from fastft.offline import build_tiny_model, build_tokenizer  # noqa: E402
 from tests.export.gguf_reader import build_sentencepiece_tokenizer, relative_logit_error  # noqa: E402
 
-#: max |logit difference| / max |logit| vs the merged fp32 model, llama.cpp CPU backend (measured: docs/EXPORT.md)
-BOUNDS = {"f32": 1e-3, "f16": 0.02, "q8_0": 0.08, "q6_k": 0.10, "q5_k_m": 0.15, "q4_k_m": 0.30}
+#: max |logit difference| / max |logit| vs the merged fp32 model, llama.cpp CPU backend. Measured maxima over the
+#: rows (docs/EXPORT.md): f32 0.072% (llama.cpp keeps the KV cache in f16), f16 0.12%, q8_0 3.1%; k-quants on the
+#: 256-wide llama: q6_k 4.2%, q5_k_m 8.7%, q4_k_m 17.9% (tiny random models: small logits, so large relative figures).
+BOUNDS = {"f32": 2e-3, "f16": 0.005, "q8_0": 0.06, "q6_k": 0.08, "q5_k_m": 0.15, "q4_k_m": 0.30}
 PROMPT = "The quick brown fox: what is 12 plus 7? The answer is 19."
 ROWS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "qwen3_moe"]
 #: llama.cpp's qwen3moe makes every layer sparse: the fixture's dense layer 1 is switched off
@@ -43,6 +46,18 @@ def _llama_cpp_logits(llm, ids: list[int]) -> torch.Tensor:
     llm.reset()
     llm.eval(ids)
     return torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+
+
+def _detokenize(llm, ids: list[int]) -> str:
+    """llama.cpp's own ``llama_detokenize`` (it drops SentencePiece's prefix space as HF's decoder does; the
+    ``Llama.detokenize`` wrapper joins pieces itself and keeps it)."""
+    import ctypes
+
+    tokens = (llama_cpp.llama_token * len(ids))(*ids)
+    buffer = ctypes.create_string_buffer(16 * len(ids) + 16)
+    n = llama_cpp.llama_detokenize(llm._model.vocab, tokens, len(ids), buffer, len(buffer), False, True)
+    assert n >= 0
+    return buffer.raw[:n].decode("utf-8")
 
 
 def _hf_logits(model, ids: list[int]) -> torch.Tensor:
@@ -98,8 +113,15 @@ def test_llama_cpp_tokenization_equals_hf(kind, tmp_path):
     for text in texts:
         want = tok(text)["input_ids"]
         got = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        if kind == "sentencepiece":
+            # Known, and not representable in GGUF (logged at export): llama.cpp's SPM tokenizer prefixes a space to
+            # every text fragment that starts the input or follows a special token, even one starting with a space;
+            # HF's Metaspace(prepend_scheme="first") only to the first fragment, and not when it starts with one.
+            # So llama.cpp's ids are HF's ids of the text with those spaces written out.
+            spaced = re.sub(r"(<\|im_(?:start|end)\|>)(?=[^<])", r"\1 ", text)
+            want = tok(" " + spaced if text.startswith(" ") else spaced)["input_ids"]
         assert got == want, (kind, text, got, want)
-        assert llm.detokenize(got, special=True).decode("utf-8") == tok.decode(want), (kind, text)
+        assert _detokenize(llm, got) == tok.decode(want), (kind, text)
 
 
 @pytest.mark.parametrize("quantization", ["q4_k_m", "q5_k_m", "q6_k"])
