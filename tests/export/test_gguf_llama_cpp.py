@@ -20,13 +20,19 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.benchmark
-llama_cpp = pytest.importorskip("llama_cpp")
-pytest.importorskip("gguf")
+from fastft.export import save_gguf
+from fastft.offline import build_tiny_model, build_tokenizer
+from tests.export.gguf_reader import build_sentencepiece_tokenizer, relative_logit_error
 
-from fastft.export import save_gguf  # noqa: E402
-from fastft.offline import build_tiny_model, build_tokenizer  # noqa: E402
-from tests.export.gguf_reader import build_sentencepiece_tokenizer, relative_logit_error  # noqa: E402
+pytestmark = pytest.mark.benchmark
+llama_cpp = None  # imported by the fixture below: a default run deselects these tests without a skip line
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _require_llama_cpp():
+    global llama_cpp
+    pytest.importorskip("gguf")
+    llama_cpp = pytest.importorskip("llama_cpp", reason="needs the fastft[gguf] extra (llama-cpp-python)")
 
 #: max |logit difference| / max |logit| vs the merged fp32 model, llama.cpp CPU backend. Measured maxima over the
 #: rows (docs/EXPORT.md): f32 0.072% (llama.cpp keeps the KV cache in f16), f16 0.12%, q8_0 3.1%; k-quants on the
