@@ -23,9 +23,10 @@ hooks implement (``concatenated_forward``, ``get_batch_logps``, ``get_batch_loss
 TRL 1.16 text they were written against; a difference makes the row's lean head absent, said by
 ``lean_head_absent`` and the step-1 summary, and TRL's method runs. Per call, the lean ``concatenated_forward`` runs
 only when its caller is TRL's own ``get_batch_loss_metrics`` (a user subclass overriding it, or calling the method
-itself, may read the logits: it gets TRL's path); and TRL's method runs, with a one-time note naming why, for an
-encoder-decoder model, an MoE aux loss (``output_router_logits``), vision inputs (Online DPO), or an LM head fastft
-cannot fuse (the rules of :func:`fastft.patches.trl_heads._fallback_reason`).
+itself, may read the logits: it gets TRL's path) and ``get_batch_logps`` is not overridden. TRL's method also runs,
+with a one-time note naming why, for an encoder-decoder model, an MoE aux loss (``output_router_logits``), vision
+inputs (Online DPO), a model with an unknown instance ``forward``, or an LM head fastft cannot fuse (the rules of
+:func:`fastft.patches.trl_heads._fallback_reason`).
 """
 
 from __future__ import annotations
@@ -268,14 +269,18 @@ def _pair_compute(lp_labels: torch.Tensor, nll_labels: torch.Tensor | None) -> C
 
 
 def _pair_call_problem(trainer: Any, model: Any, caller: types.CodeType | None, algorithm: str) -> str | None:
+    """Why this ``concatenated_forward`` call must run TRL's code (None: the lean one gives what the caller reads)."""
     problem = contract_problem(algorithm)
     if problem:
         return problem
-    metrics = _trl_function(_trl_class(algorithm), "get_batch_loss_metrics")
-    if caller is not metrics.__code__:
+    cls = _trl_class(algorithm)
+    if caller is not _trl_function(cls, "get_batch_loss_metrics").__code__:
         # Only TRL's own get_batch_loss_metrics is known to read chosen/rejected logits as .mean() alone.
-        return "concatenated_forward called from somewhere other than TRL's get_batch_loss_metrics (which may read " \
-               "the full logits)"
+        return ("concatenated_forward called from somewhere other than TRL's get_batch_loss_metrics (which may read "
+                "the full logits)")
+    # TRL's concatenated_forward calls self.get_batch_logps with the full logits: an override must get them.
+    if _trl_function(type(trainer), "get_batch_logps") is not _trl_function(cls, "get_batch_logps"):
+        return f"{type(trainer).__name__} overrides get_batch_logps (it takes the full logits)"
     if getattr(trainer, "is_encoder_decoder", False):
         return "an encoder-decoder model"
     if getattr(trainer, "aux_loss_enabled", False):

@@ -144,6 +144,33 @@ def test_user_override_of_get_batch_loss_metrics_gets_trls_path(tmp_path):
     assert_same_run(fast, slow, ("loss", "grad_norm", "logits_max"))
 
 
+def test_call_guards_name_why_trls_path_runs():
+    """The per-call guard of concatenated_forward: TRL's caller only, TRL's get_batch_logps only, causal LMs only."""
+    from trl.experimental.cpo import CPOTrainer
+
+    metrics = trl_preference._trl_function(CPOTrainer, "get_batch_loss_metrics").__code__
+
+    class OwnLogps(CPOTrainer):
+        @staticmethod
+        def get_batch_logps(logits, labels, average_log_prob=False, is_encoder_decoder=False):
+            return logits.logsumexp(-1).sum(-1)
+
+    class EncoderDecoder(CPOTrainer):
+        is_encoder_decoder, aux_loss_enabled = True, False
+
+    class Moe(CPOTrainer):
+        is_encoder_decoder, aux_loss_enabled = False, True
+
+    def problem(cls, caller=metrics):
+        return trl_preference._pair_call_problem(object.__new__(cls), None, caller, "CPO")
+
+    assert "other than TRL's get_batch_loss_metrics" in problem(Moe, caller=test_call_guards_name_why_trls_path_runs
+                                                                .__code__)
+    assert problem(OwnLogps) == "OwnLogps overrides get_batch_logps (it takes the full logits)"
+    assert problem(EncoderDecoder) == "an encoder-decoder model"
+    assert problem(Moe) == "an MoE aux loss (output_router_logits)"
+
+
 def test_changed_trl_text_makes_the_lean_head_absent(monkeypatch):
     """A TRL whose methods differ from the text the lean head implements: the row says so, TRL's code runs."""
     import fastft
@@ -181,3 +208,26 @@ def test_mean_logits_equals_full_mean():
         assert lean.shape == (3, 7)
         torch.testing.assert_close(lean, full.mean(-1), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(lean[:, :-1].mean(), full[:, :-1].mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_instance_forward_guard():
+    """The lean forward stands in only for the class's forward, or accelerate's wrapper around it."""
+    import functools
+    import types
+
+    from fastft.offline import build_tiny_model
+
+    model = build_tiny_model("llama", vocab_size=VOCAB)
+    assert trl_preference._instance_forward_problem(model) is None
+    own = type(model).forward
+
+    @functools.wraps(own)
+    def wrapper(self, *args, **kwargs):  # as accelerate's convert_outputs_to_fp32(autocast(...)) keeps __wrapped__
+        return own(self, *args, **kwargs)
+
+    model.forward = types.MethodType(wrapper, model)
+    assert trl_preference._instance_forward_problem(model) is None
+    model.forward = types.MethodType(lambda self, *a, **k: None, model)
+    assert "instance forward fastft does not know" in trl_preference._instance_forward_problem(model)
+    assert "instance forward" in trl_preference._head_problem(types.SimpleNamespace(
+        accelerator=types.SimpleNamespace(unwrap_model=lambda m: m)), model)
