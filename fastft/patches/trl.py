@@ -222,7 +222,11 @@ def PatchFastRL(algorithm: str | None = None, FastModel: Any = None) -> dict[str
         if not result[name]:
             for patch in reversed(applied):  # never leave a trainer half-patched
                 patch.revert()
-        elif not _TRAINERS[name].no_lean_head and _TRAINERS[name].lean_head_problem is None:
+        elif _TRAINERS[name].lean_head_problem is not None:
+            problem = _TRAINERS[name].lean_head_problem()  # checked now: said once, visibly
+            if problem:
+                warn_once(f"fastft: PatchFastRL({name!r}): {problem}", key=f"lean-head:{name}")
+        elif not _TRAINERS[name].no_lean_head:
             _without_fused_head(name)  # says once, visibly, when this TRL runs the losses its own way
     return result
 

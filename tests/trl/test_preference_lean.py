@@ -174,6 +174,7 @@ def test_call_guards_name_why_trls_path_runs():
 def test_changed_trl_text_makes_the_lean_head_absent(monkeypatch):
     """A TRL whose methods differ from the text the lean head implements: the row says so, TRL's code runs."""
     import fastft
+    from fastft._log import reset_once
     from fastft.patches.trl import lean_head_absent
 
     assert lean_head_absent("ORPO") is None and lean_head_absent("OnlineDPO") is None
@@ -186,6 +187,9 @@ def test_changed_trl_text_makes_the_lean_head_absent(monkeypatch):
         assert lean_head_absent("CPO") is None
         # The hook then calls TRL's method: the reason is the one the hook logs.
         assert trl_preference._pair_call_problem(None, None, None, "ORPO") == reason
+        reset_once()
+        with pytest.warns(UserWarning, match=r"PatchFastRL\('ORPO'\): no lean head: TRL .*get_batch_logps differ"):
+            assert fastft.PatchFastRL("ORPO") == {"ORPO": True}  # the rest of the row still applies
     finally:
         monkeypatch.undo()
         trl_preference.contract_problem.cache_clear()
