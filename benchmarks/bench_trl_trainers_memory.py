@@ -8,10 +8,10 @@ without TRITON_INTERPRET: fastft's kernels take their torch path (same chunked a
 fallback, which scores every position (on CUDA TRL scores only labelled ones: see bench_grpo_memory.py for that row).
 These are CPU measurements of live tensor bytes, not GPU figures.
 
-Reward, ORPO, CPO and OnlineDPO have no lean head (see ``fastft.patches.trl``): their rows show what the rest of
-fastft (optimizer) does to the peak, with TRL's loss as written. Reward uses a sequence-classification model of the
-same dimensions; OnlineDPO samples its completions for real (``max_new_tokens`` = --completion-length, same seed both
-ways) and scores them with a length reward.
+Reward has no lean head (see ``fastft.patches.trl``): its row shows what the rest of fastft (optimizer) does to the
+peak, with TRL's loss as written; it uses a sequence-classification model of the same dimensions. ORPO, CPO and
+OnlineDPO run the lean head of ``fastft.patches.trl_preference``; OnlineDPO samples its completions for real
+(``max_new_tokens`` = --completion-length, same seed both ways) and scores them with a length reward.
 
     python benchmarks/bench_trl_trainers_memory.py
 """
