@@ -105,3 +105,59 @@ def test_memory_model_peak_within_5_percent_of_cuda_peak(variant, tokens):
     assert abs(modeled.peak_bytes - measured) <= 0.05 * measured, (
         f"modeled {modeled.peak_bytes / 2**30:.3f} GiB vs measured {measured / 2**30:.3f} GiB "
         f"(resident before the step {resident / 2**30:.3f} GiB); breakdown {modeled.breakdown}")
+
+
+def test_fp16_gradscaler_step_as_on_a_t4(tmp_path):
+    """A T4 (sm_75) has no bf16: its users train under fp16 autocast with a GradScaler. A FastModel LoRA step there
+    must run fastft's compiled kernels, never make a bf16 tensor (sm_75 has no bf16 math), keep the scaler stepping
+    (finite scaled grads), and give per-step losses within fp16 rounding of the same model's fp32 run."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastft import FastModel
+    from fastft.kernels import path_counts
+    from fastft.offline import build_tiny_model
+
+    model_dir = tmp_path / "llama"
+    build_tiny_model("llama").save_pretrained(model_dir)
+    torch.manual_seed(0)
+    ids = torch.randint(3, 200, (2, 64), device="cuda")
+
+    class NoBf16(TorchDispatchMode):
+        seen: set = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16:
+                    NoBf16.seen.add(str(func))
+            return out
+
+    def losses(model: nn.Module, fp16: bool) -> list[float]:
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+        out = []
+        for _ in range(3):
+            with torch.autocast("cuda", dtype=torch.float16, enabled=fp16):
+                loss = model(input_ids=ids, labels=ids).loss
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            out.append(loss.item())
+        if fp16:
+            assert scaler.get_scale() >= 2.0**16, "the scaler skipped a step: a non-finite scaled gradient"
+        return out
+
+    def fast_model() -> nn.Module:
+        model, _ = FastModel.from_pretrained(str(model_dir), dtype=torch.float32, device_map="cuda")
+        return FastModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=False)
+
+    expected = losses(fast_model(), fp16=False)  # same init (random_state), fp32: the kernels' fp32 parity is tested
+    model = fast_model()
+    before = dict(path_counts)
+    with NoBf16():
+        got = losses(model, fp16=True)
+    assert not NoBf16.seen, f"bf16 tensors under fp16 autocast (sm_75 has no bf16): {sorted(NoBf16.seen)}"
+    ran = {op for (op, path), n in path_counts.items() if path == "triton" and n > before.get((op, path), 0)}
+    assert {"rms_norm", "rope"} <= ran, ran
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=2e-2, atol=2e-2)
