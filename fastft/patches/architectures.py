@@ -55,6 +55,8 @@ class Architecture:
     mlp_class: str | None  # the dense MLP class (None: every layer is MoE)
     activation_field: str  # config field naming the MLP activation
     rope_function: str = "apply_rotary_pos_emb"
+    # The row's logit transform fields, as data: fastft.patches.lm_head.head_transform reads them (with every other
+    # field transformers' forwards read) for any model type; tests/patches/test_lm_head.py checks that it does.
     final_logit_softcapping_field: str | None = None
     logit_scale_field: str | None = None  # logits * config.<field>
     logit_divisor_field: str | None = None  # logits / config.<field> (Granite's logits_scaling)
@@ -127,20 +129,6 @@ ARCHITECTURES: dict[str, Architecture] = {
 def architecture_of(model: nn.Module) -> Architecture | None:
     config = getattr(model, "config", None)
     return ARCHITECTURES.get(getattr(config, "model_type", None))
-
-
-def logit_transform(config: Any) -> tuple[float | None, float | None]:
-    """(softcap, logit_scale) the model applies to its logits, read from the architecture's config fields."""
-    row = ARCHITECTURES.get(getattr(config, "model_type", None))
-    if row is None:
-        return None, None
-    softcap = getattr(config, row.final_logit_softcapping_field, None) if row.final_logit_softcapping_field else None
-    scale = getattr(config, row.logit_scale_field, None) if row.logit_scale_field else None
-    divisor = getattr(config, row.logit_divisor_field, None) if row.logit_divisor_field else None
-    if divisor is not None and divisor != 1:
-        # x / d and x * (1 / d) differ by at most one fp32 rounding of the logits (inside the loss tolerance)
-        scale = (1.0 if scale is None else scale) / float(divisor)
-    return softcap, scale
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,8 +248,7 @@ def _make_causal_lm_forward(original_forward, moe_modeling: Any = None):
     router aux loss is then added as the model adds it (``fastft.patches.moe.router_aux_output``)."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    from fastft.distributed import direct_read_problem, full_bias, full_weight, is_plain_linear
-    from fastft.kernels import linear_cross_entropy
+    from fastft.patches.lm_head import head_fallback_reason, lm_head_loss
 
     signature = inspect.signature(original_forward)
     var_keyword = next(name for name, p in signature.parameters.items() if p.kind is inspect.Parameter.VAR_KEYWORD)
@@ -277,14 +264,9 @@ def _make_causal_lm_forward(original_forward, moe_modeling: Any = None):
         labels = arguments.get("labels")
         if labels is None or not self.training or arguments.get("output_hidden_states") or _LOGITS_REQUIRED.get():
             return original_forward(*args, **kwargs)
-        head = self.get_output_embeddings()
-        plain_head = isinstance(head, nn.Linear) and is_plain_linear(head)  # FSDP2's FSDPLinear counts
-        if plain_head and direct_read_problem(head.weight):  # ZeRO-3: only calling lm_head gathers its weight
-            info_once(f"fastft: fused loss not used: {direct_read_problem(head.weight)}; building full logits")
-            plain_head = False
-        if not plain_head:
-            info_once(f"fastft: lm_head is a {type(head).__name__}, not a plain Linear; the loss builds full "
-                      "logits (transformers' path)")
+        reason = head_fallback_reason(self)  # ZeRO-3: only calling lm_head gathers its weight
+        if reason:
+            info_once(f"fastft: fused loss not used: {reason}; the loss builds full logits (transformers' path)")
             return original_forward(*args, **kwargs)
         for name in ("labels", "logits_to_keep"):
             arguments.pop(name, None)
@@ -296,13 +278,8 @@ def _make_causal_lm_forward(original_forward, moe_modeling: Any = None):
             arguments["output_router_logits"] = self.config.output_router_logits if wanted is None else wanted
         outputs = getattr(self, self.base_model_prefix)(**arguments)
         hidden = outputs.last_hidden_state
-        if shift_labels is None:
-            shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-        softcap, scale = logit_transform(self.config)
-        loss = linear_cross_entropy(
-            hidden, full_weight(head.weight), shift_labels.to(hidden.device), bias=full_bias(head.bias),
-            ignore_index=ignore_index,
-            softcap=softcap, logit_scale=scale, reduction="mean", n_items=n_items)
+        loss = lm_head_loss(self, hidden, labels if shift_labels is None else shift_labels,
+                            shift=shift_labels is None, ignore_index=ignore_index, reduction="mean", n_items=n_items)
         info_once("fastft: training loss computed from hidden states with linear_cross_entropy; logits are not "
                   "materialized (outputs.logits is None in training mode with labels)")
         if moe_modeling is not None:
@@ -383,14 +360,25 @@ def _norm_contract(norm_cls: type, example: nn.Module, gemma: bool) -> str | Non
         return _compare(f"{norm_cls.__name__}", rms_norm(x, probe.weight, eps, gemma=gemma), norm_cls.forward(probe, x))
 
 
+#: Constructor arguments an MLP class may need besides its config, and the value the probe passes: layer 0 exists in
+#: every model (Gemma 4's MLP reads its width from the config by layer index).
+_MLP_PROBE_ARGUMENTS = {"layer_idx": 0}
+
+
 def _mlp_contract(mlp_cls: type, config: Any, forward: Any, mlp_once: Any) -> str | None:
     """A small CPU instance of the model's MLP class (its own config, hidden 16 / intermediate 24): its forward vs
     the patched forward -- the activation, and the gate/up/down wiring."""
     small = copy.deepcopy(config)
     small.hidden_size, small.intermediate_size = 16, 24
+    parameters = list(inspect.signature(mlp_cls.__init__).parameters.values())[2:]  # after self, config
+    required = [p.name for p in parameters if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD,
+                                                                                  p.KEYWORD_ONLY)]
+    unknown = [name for name in required if name not in _MLP_PROBE_ARGUMENTS]
+    if unknown:
+        return f"{mlp_cls.__name__}(config, ...) also needs {unknown}; the probe cannot build an instance"
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(0)
-        probe = mlp_cls(small).float()
+        probe = mlp_cls(small, **{name: _MLP_PROBE_ARGUMENTS[name] for name in required}).float()
         x = torch.randn(3, 16)
         want = mlp_cls.forward(probe, x)
         probe._fastft_mlp_once = types.MethodType(mlp_once, probe)
@@ -426,6 +414,12 @@ class PatchReport:
 
 #: modeling module -> its RoPE Patch (module-level patches are shared by every model of that architecture)
 _MODULE_PATCHES: dict[str, Patch] = {}
+
+
+def module_patches() -> list[Patch]:
+    """The process-wide patches made so far (one RoPE Patch per modeling module), applied or not: what a caller that
+    must scope them (the memory model: on for fastft's variant, off for the baseline) applies and reverts."""
+    return list(_MODULE_PATCHES.values())
 
 
 def _instance_patch(name: str, module: nn.Module, attribute: str, function) -> Patch:

@@ -112,8 +112,9 @@ def router_aux_output(lm: nn.Module, modeling: Any, outputs: Any, loss: torch.Te
 
     aux = None
     if wanted:
-        aux = modeling.load_balancing_loss_func(outputs.router_logits, lm.num_experts, lm.num_experts_per_tok,
-                                                attention_mask)
+        from fastft.patches.lm_head import router_aux_loss
+
+        aux = router_aux_loss(lm, modeling, outputs.router_logits, attention_mask)
         loss = loss + lm.router_aux_loss_coef * aux.to(loss.device)
     fields = set(MoeCausalLMOutputWithPast.__dataclass_fields__) - {"loss", "logits", "aux_loss"}
     passed = {name: value for name, value in outputs.items() if name in fields}

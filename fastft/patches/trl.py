@@ -31,7 +31,6 @@ from fastft.patches.trl_heads import (  # noqa: F401 (re-exported: tests and fas
     LOSS_ONLY,
     _fused_head_problem,
     _make_fast_forward,
-    _token_stats,
     _without_fused_head,
 )
 from fastft.patches.trl_hooks import (

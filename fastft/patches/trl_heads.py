@@ -33,8 +33,8 @@ return_token_stats=True)``: argmax == label and lse - E_p[f] from the same logit
 set ``trainer.fastft_token_metrics = False`` to skip even that (the two metrics are then not logged, with a one-time
 note). SFT label smoothing (transformers' ``LabelSmoother``) is the fused loss's ``label_smoothing``. The other
 metrics that need the full distribution (DPO ``logits/*``, ``mean_token_accuracy``, WPO's ``log_sum_sq_probs``) are
-computed exactly, without gradient, by one extra chunked projection of the valid tokens (:func:`_token_stats`, at most
-``_STATS_CHUNK_ELEMENTS`` logits alive at once).
+computed exactly, without gradient, by one extra chunked projection of the valid tokens
+(:func:`fastft.patches.lm_head.token_stats`, at most ``STATS_CHUNK_ELEMENTS`` logits alive at once).
 
 Anything the fast path does not cover falls back to TRL's forward for that call (logged once): MoE router logits,
 an LM head that is not a plain ``nn.Linear`` (e.g. LoRA on ``lm_head``), DeepSpeed ZeRO-3 placeholder heads (FSDP2
@@ -55,75 +55,24 @@ from typing import Any
 import torch
 
 from fastft._log import info_once, warn_once
-from fastft.distributed import direct_read_problem, full_bias, full_weight, is_dtensor, is_plain_linear
 from fastft.patches.base import parameters_guard
+from fastft.patches.lm_head import (
+    head_fallback_reason,
+    head_weights,
+    lm_head_log_probs,
+    lm_head_loss,
+    router_aux_loss,
+    router_aux_modeling,
+    token_stats,
+)
 
 #: ``model(..., fused_lm_head=LOSS_ONLY)`` asks the fast head for the loss alone (linear cross-entropy, no per-token
 #: log-probs). TRL's own fused forward treats any truthy value as ``True``, so a fallback still returns ``loss``.
 LOSS_ONLY = "fastft-loss-only"
 
-#: Logits alive at once in the no-grad metrics pass (fp32 elements): 2**21 = 8 MiB per temporary.
-_STATS_CHUNK_ELEMENTS = 1 << 21
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # The fast fused LM head
 # --------------------------------------------------------------------------------------------------------------------
-def _head_scales(text_config: Any) -> tuple[float | None, float | None]:
-    """``(final_logit_softcapping, logit_scale)`` as the model's own forward applies them (None = not applied).
-
-    Mirrors the config fields TRL 1.16's ``add_fused_lm_head`` reads, so both paths scale logits identically.
-    """
-    softcap = getattr(text_config, "final_logit_softcapping", None)
-    scale = getattr(text_config, "logit_scale", None)
-    if scale is None:
-        scale = getattr(text_config, "output_multiplier", None)
-    if scale is None:
-        scale = getattr(text_config, "lm_head_multiplier", None)
-    if scale is None and getattr(text_config, "logits_scaling", None) is not None:
-        scaling = text_config.logits_scaling
-        scale = scaling if text_config.model_type == "hyperclovax" else 1.0 / scaling
-    return softcap, (None if scale is None or scale == 1.0 else float(scale))
-
-
-def _transform_logits(z: torch.Tensor, softcap: float | None, scale: float | None, temperature: float) -> torch.Tensor:
-    if scale is not None:
-        z = z * scale
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    return z / temperature if temperature != 1.0 else z
-
-
-@torch.no_grad()
-def _token_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                 wanted: tuple[str, ...], softcap: float | None, scale: float | None,
-                 temperature: float) -> dict[str, torch.Tensor]:
-    """Per-token metrics of ``hidden [N, H] @ weight[V, H].T`` in row chunks, without gradient.
-
-    Returns the fields of ``wanted`` among ``entropy``, ``is_top1``, ``mean_logits``, ``log_sum_sq_probs``, each
-    ``[N]`` (fp32; bool for ``is_top1``), defined as in TRL's ``FusedCausalLMOutput``.
-    """
-    n, vocab = hidden.shape[0], weight.shape[0]
-    rows = max(1, _STATS_CHUNK_ELEMENTS // vocab)
-    parts: dict[str, list[torch.Tensor]] = {name: [] for name in wanted}
-    for start in range(0, n, rows):
-        z = torch.nn.functional.linear(hidden[start:start + rows].to(weight.dtype), weight, bias).float()
-        z = _transform_logits(z, softcap, scale, temperature)
-        log_p = z.log_softmax(-1)
-        if "entropy" in parts:
-            parts["entropy"].append(-(log_p.exp() * log_p).sum(-1))
-        if "is_top1" in parts:
-            # argmax returns the first maximum, like TRL's "target beats every earlier token, ties every later one"
-            parts["is_top1"].append(z.argmax(-1) == targets[start:start + rows])
-        if "mean_logits" in parts:
-            parts["mean_logits"].append(z.mean(-1))
-        if "log_sum_sq_probs" in parts:
-            parts["log_sum_sq_probs"].append(torch.logsumexp(2 * log_p, dim=-1))
-        del z, log_p
-    return {name: torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
-            for name, chunks in parts.items()}
-
-
 class FastHeadDeclined(Exception):
     """Raised (before the backbone runs) when a loss-only call asks for what only fastft's head computes (label
     smoothing) but this call cannot take the fast path: the caller runs TRL's own loss instead."""
@@ -156,17 +105,16 @@ def _make_fast_forward(trl_forward: Callable, *, temperature: float, outputs: tu
 
         from trl.trainer.utils import FusedCausalLMOutput
 
-        from fastft import kernels
-
         kwargs["use_cache"] = False
         backbone_out = self.base_model(*args, **kwargs)
         hidden = backbone_out.last_hidden_state
-        if shift_labels is None:
+        if shift_labels is None:  # TRL's contract: per-token outputs are [B, T - 1], so truncate rather than pad
             hidden, labels = hidden[:, :-1], labels[:, 1:]
         else:
             labels = shift_labels
         # Sharded (FSDP2 DTensor) heads are gathered with a reduce-scattered gradient (fastft.distributed).
-        weight, bias = full_weight(head.weight), full_bias(head.bias)
+        lm_head = head_weights(head, text_config)
+        weight = lm_head.weight
         hidden, labels = hidden.to(weight.device), labels.to(weight.device)
         mask = labels != -100
         # Only the scored positions reach the head: the prompt of a GRPO/DPO batch never meets the vocabulary.
@@ -178,36 +126,27 @@ def _make_fast_forward(trl_forward: Callable, *, temperature: float, outputs: tu
             # Under autocast the backbone can hand back bf16 states for an fp32 head (or cast_lm_head_to_fp32 made
             # the head fp32): the kernels take one dtype, and the head's is the more precise one here.
             h = h.to(weight.dtype)
-        softcap, scale = _head_scales(text_config)
         n_valid = mask.sum()
         denominator = torch.as_tensor(n_valid if num_items_in_batch is None else num_items_in_batch).clamp(min=1)
 
         log_probs = entropy = None
         in_pass: dict[str, torch.Tensor] = {}  # token metrics the loss pass computed from its own logits chunks
         with autocast:
-            if h.shape[0] == 0:
-                # Keep the graph connected so an all-masked micro-batch backpropagates a zero, like TRL.
-                lp = h.new_zeros(0, dtype=torch.float32) + hidden.float().sum() * 0.0
-                ent = lp if "entropy" in outputs else None
-            elif not wants_log_probs:
+            if wants_log_probs or h.shape[0] == 0:
+                # An all-masked micro-batch gets empty log-probs still connected to the graph: a zero backpropagates,
+                # like TRL's (for the loss-only call too).
+                want_entropy = "entropy" in outputs
+                result = lm_head_log_probs(lm_head, h, targets, temperature=temperature, return_entropy=want_entropy)
+                lp, ent = result if want_entropy else (result, None)
+            else:
                 # SFT's entropy / mean_token_accuracy come out of the loss's own chunks: no second LM-head GEMM.
                 metrics = "entropy" in outputs or "is_top1" in outputs
-                result = kernels.linear_cross_entropy(h, weight, targets, bias=bias, softcap=softcap,
-                                                      logit_scale=scale, reduction="sum",
-                                                      label_smoothing=label_smoothing, return_token_stats=metrics)
+                result = lm_head_loss(lm_head, h, targets, shift=False, reduction="sum",
+                                      label_smoothing=label_smoothing, return_token_stats=metrics)
                 loss_sum = result.loss if metrics else result
                 if metrics:
                     in_pass = {"entropy": result.entropy, "is_top1": result.is_top1}
                 lp = ent = None
-            else:
-                want_entropy = "entropy" in outputs
-                # The op takes [B, T, H]; the compacted valid tokens are one "sequence" of length N.
-                result = kernels.selective_log_softmax(h.unsqueeze(0), weight, targets.unsqueeze(0), bias=bias,
-                                                       temperature=temperature, logit_scale=scale, softcap=softcap,
-                                                       return_entropy=want_entropy)
-                lp, ent = result if want_entropy else (result, None)
-                lp = lp.squeeze(0).float()
-                ent = ent.squeeze(0).float() if ent is not None else None
             if lp is not None:
                 log_probs = lp.new_zeros(mask.shape).masked_scatter(mask, lp)
                 loss_sum = -log_probs.sum()
@@ -215,8 +154,7 @@ def _make_fast_forward(trl_forward: Callable, *, temperature: float, outputs: tu
                     entropy = ent.new_zeros(mask.shape).masked_scatter(mask, ent)
             extra = tuple(name for name in outputs if name not in in_pass and (
                 name in ("is_top1", "mean_logits", "log_sum_sq_probs") or (name == "entropy" and entropy is None)))
-            stats = _token_stats(h.detach(), weight.detach(), None if bias is None else bias.detach(), targets,
-                                 extra, softcap, scale, temperature) if extra else {}
+            stats = token_stats(h, lm_head, targets, extra, temperature) if extra else {}
             stats.update(in_pass)
 
         def scatter(name: str) -> torch.Tensor | None:
@@ -243,33 +181,19 @@ def _make_fast_forward(trl_forward: Callable, *, temperature: float, outputs: tu
 
 def _fallback_reason(head: Any, text_config: Any, kwargs: dict, labels: Any, shift_labels: Any,
                      wants_log_probs: bool, temperature: float) -> str | None:
+    """Why this call of TRL's fused head runs TRL's own code: the call's arguments, then the head itself
+    (:func:`fastft.patches.lm_head.head_fallback_reason`)."""
     if labels is None and shift_labels is None:
         return "no labels"
     if (kwargs.get("output_router_logits") or getattr(text_config, "output_router_logits", False)) and not \
-            _router_aux_modeling(text_config):
+            router_aux_modeling(text_config):
         return "MoE router logits requested"
-    if not is_plain_linear(head):  # FSDP2's FSDPLinear counts as plain
-        return f"the LM head is a {type(head).__name__}, not a plain nn.Linear"
-    weight_type = type(head.weight)
-    if weight_type is not torch.nn.Parameter and weight_type is not torch.Tensor and not is_dtensor(head.weight):
-        return f"the LM head weight is a {weight_type.__name__}"
-    if direct_read_problem(head.weight):  # a ZeRO-3 placeholder; DTensors are gathered by full_weight
-        return direct_read_problem(head.weight)
+    reason = head_fallback_reason(head)
+    if reason:
+        return reason
     if not wants_log_probs and temperature != 1.0:
         return "linear_cross_entropy takes no temperature"
     return None
-
-
-def _router_aux_modeling(text_config: Any) -> Any:
-    """The modeling module of an MoE row of fastft's table (its load_balancing_loss_func), else None."""
-    from fastft.patches.architectures import ARCHITECTURES
-
-    row = ARCHITECTURES.get(getattr(text_config, "model_type", None))
-    if row is None or not row.experts_class:
-        return None
-    import importlib
-
-    return importlib.import_module(row.module)
 
 
 def _router_aux(lm: Any, text_config: Any, backbone_out: Any, kwargs: dict) -> dict:
@@ -277,9 +201,8 @@ def _router_aux(lm: Any, text_config: Any, backbone_out: Any, kwargs: dict) -> d
     wanted = kwargs.get("output_router_logits")
     if not (getattr(text_config, "output_router_logits", False) if wanted is None else wanted):
         return {}
-    modeling = _router_aux_modeling(text_config)
-    return {"aux_loss": modeling.load_balancing_loss_func(backbone_out.router_logits, lm.num_experts,
-                                                          lm.num_experts_per_tok, kwargs.get("attention_mask"))}
+    modeling = router_aux_modeling(text_config)
+    return {"aux_loss": router_aux_loss(lm, modeling, backbone_out.router_logits, kwargs.get("attention_mask"))}
 
 
 def _is_trl_fused_code(func: Any) -> bool:

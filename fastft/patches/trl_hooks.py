@@ -13,8 +13,9 @@ import torch
 
 from fastft._log import info_once, logger, mark
 from fastft.patches.architectures import logits_required
+from fastft.patches.lm_head import router_aux_modeling
 from fastft.patches.trl_config import _apply_checkpointing, _apply_max_seq_length
-from fastft.patches.trl_heads import LOSS_ONLY, FastHeadDeclined, _fast_heads, _router_aux_modeling, _without_fused_head
+from fastft.patches.trl_heads import LOSS_ONLY, FastHeadDeclined, _fast_heads, _without_fused_head
 
 #: The ``FastModel`` passed to PatchFastRL (Unsloth compatibility); None -> ``fastft.model.FastModel`` if it exists.
 _FAST_MODEL: Any = None
@@ -216,7 +217,7 @@ def _hook_grpo_log_probs(original: Callable, algorithm: str = "GRPO") -> Callabl
         other = sorted(name for name, value in arguments.items() if name not in _GRPO_TEXT_ARGS and value is not None)
         temperature = getattr(self, "temperature", None)
         # MoE rows of fastft's table: the fast head returns the model's own aux loss (fastft.patches.trl_heads)
-        aux_uncovered = arguments.get("compute_aux_loss") and _router_aux_modeling(
+        aux_uncovered = arguments.get("compute_aux_loss") and router_aux_modeling(
             getattr(getattr(self, "model", None), "config", None)) is None
         if aux_uncovered or other or temperature is None:
             reason = "an MoE aux loss" if aux_uncovered else (

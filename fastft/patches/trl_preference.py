@@ -16,7 +16,7 @@ PatchFastRL replaces each of those methods with an implementation of the same co
   vocabulary, ``[B, T']`` (T' = T - 1 for ORPO, T for CPO, as TRL slices them): every position holds V logits, so its
   ``.mean()`` is the mean of TRL's full ``[B, T', V]`` tensor. Without softcapping that mean is linear in the hidden
   state, ``scale * (h . mean_v(W) + mean(b))``; with Gemma-2's softcap it is computed exactly, without gradient, in
-  row chunks (``trl_heads._token_stats``). Values equal TRL's to float rounding (tests/trl/test_preference_lean.py).
+  row chunks (``lm_head.token_stats``). Values equal TRL's to float rounding (tests/trl/test_preference_lean.py).
 
 Guards. At PatchFastRL time :func:`contract_problem` compares the syntax tree of every TRL method whose contract these
 hooks implement (``concatenated_forward``, ``get_batch_logps``, ``get_batch_loss_metrics``; ``_forward``) with the
@@ -47,8 +47,8 @@ from typing import Any
 import torch
 
 from fastft._log import info_once, logger
-from fastft.distributed import full_bias, full_weight
-from fastft.patches.trl_heads import _fallback_reason, _fused_target, _head_scales, _token_stats, _under_mixed_precision
+from fastft.patches.lm_head import HeadWeights, head_weights, lm_head_log_probs, token_stats
+from fastft.patches.trl_heads import _fallback_reason, _fused_target, _under_mixed_precision
 
 #: row -> (module, class, {method: digest of its syntax tree in TRL 1.16, docstring dropped}); see contract_problem.
 _CONTRACTS: dict[str, tuple[str, str, dict[str, str]]] = {
@@ -185,26 +185,6 @@ def _instance_forward_problem(target: Any) -> str | None:
     return f"{type(target).__name__} carries an instance forward fastft does not know ({current!r})"
 
 
-def _head(model: Any) -> tuple[torch.Tensor, torch.Tensor | None, float | None, float | None]:
-    head = model.get_output_embeddings()
-    softcap, scale = _head_scales(model.config.get_text_config())
-    return full_weight(head.weight), full_bias(head.bias), softcap, scale
-
-
-def _label_log_probs(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                     softcap: float | None, scale: float | None) -> torch.Tensor:
-    """log p(targets) fp32 ``[N]`` for hidden ``[N, H]`` (one chunked kernel call; grad flows to hidden and W)."""
-    from fastft import kernels
-
-    if hidden.shape[0] == 0:  # keep the graph connected: an all-masked batch backpropagates a zero
-        return hidden.new_zeros(0, dtype=torch.float32) + hidden.float().sum() * 0.0
-    if hidden.dtype != weight.dtype:
-        hidden = hidden.to(weight.dtype)
-    lp = kernels.selective_log_softmax(hidden.unsqueeze(0), weight, targets.unsqueeze(0), bias=bias,
-                                       logit_scale=scale, softcap=softcap)
-    return lp.squeeze(0).float()
-
-
 @torch.no_grad()
 def mean_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None,
                 scale: float | None) -> torch.Tensor:
@@ -215,7 +195,7 @@ def mean_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     flat = hidden.reshape(-1, hidden.shape[-1])
     if softcap is not None:
         dummy = torch.zeros(flat.shape[0], dtype=torch.long, device=flat.device)
-        out = _token_stats(flat, weight, bias, dummy, ("mean_logits",), softcap, scale, 1.0)["mean_logits"]
+        out = token_stats(flat, HeadWeights(weight, bias, softcap, scale), dummy, ("mean_logits",))["mean_logits"]
         return out.view(hidden.shape[:-1])
     vocab, width = weight.shape
     rows = max(1, _WEIGHT_CHUNK_ELEMENTS // width)
@@ -240,7 +220,8 @@ def _pair_compute(lp_labels: torch.Tensor, nll_labels: torch.Tensor | None) -> C
     of the NLL (-100 outside it), or None for no NLL. Both are shifted here (position t predicts token t + 1)."""
 
     def compute(model: Any, hidden: torch.Tensor) -> dict:
-        weight, bias, softcap, scale = _head(model)
+        head = head_weights(model, model.config.get_text_config())
+        weight = head.weight
         hidden = hidden.to(weight.device)
         states = hidden[:, :-1]
         lp_targets = lp_labels[:, 1:].to(weight.device)
@@ -255,7 +236,7 @@ def _pair_compute(lp_labels: torch.Tensor, nll_labels: torch.Tensor | None) -> C
             extra = nll_mask & ~(lp_mask & (nll_targets == lp_targets))
         rows = torch.cat((states[lp_mask], states[extra]))
         targets = torch.cat((lp_targets[lp_mask], nll_targets[extra]))
-        lp = _label_log_probs(rows, targets, weight, bias, softcap, scale)
+        lp = lm_head_log_probs(head, rows, targets)
         n_lp = int(lp_mask.sum())
         lp_grid = lp.new_zeros(lp_mask.shape).masked_scatter(lp_mask, lp[:n_lp])
         nll = None
@@ -263,7 +244,7 @@ def _pair_compute(lp_labels: torch.Tensor, nll_labels: torch.Tensor | None) -> C
             shared = nll_mask & ~extra
             nll = -((lp_grid * shared).sum() + lp[n_lp:].sum()) / nll_mask.sum()
         return {"logps_sum": lp_grid.sum(-1), "logps_count": lp_mask.sum(-1), "nll": nll,
-                "mean_logits": mean_logits(hidden, weight, bias, softcap, scale)}
+                "mean_logits": mean_logits(hidden, *head)}
 
     return compute
 
@@ -364,11 +345,10 @@ def _hook_online_dpo_forward(original: Callable) -> Callable:
         start, end = (prompt_len - 1, -1) if prompt_len > 0 else (0, None)
 
         def compute(inner: Any, hidden: torch.Tensor) -> dict:
-            weight, bias, softcap, scale = _head(inner)
-            states = hidden[:, start:end].to(weight.device)
-            targets = completion_ids.to(weight.device)
-            lp = _label_log_probs(states.reshape(-1, states.shape[-1]), targets.reshape(-1), weight, bias, softcap,
-                                  scale)
+            head = head_weights(inner, inner.config.get_text_config())
+            states = hidden[:, start:end].to(head.weight.device)
+            targets = completion_ids.to(head.weight.device)
+            lp = lm_head_log_probs(head, states.reshape(-1, states.shape[-1]), targets.reshape(-1))
             return {"log_probs": lp.view(targets.shape)}
 
         with _lean_forward(self, model, compute):

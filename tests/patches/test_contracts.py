@@ -112,10 +112,10 @@ def test_a_changed_fused_gate_up_mlp_is_caught_by_its_probe(monkeypatch):
 
 
 def test_granite_logits_scaling_reaches_the_fused_loss_head():
-    from fastft.patches.architectures import logit_transform
+    from fastft.patches.lm_head import head_transform
 
     model = build_tiny_model("granite")
-    assert logit_transform(model.config) == (None, 1.0 / 8.0)
+    assert head_transform(model.config) == (None, 1.0 / 8.0)
     ids, labels = _batch()
     with torch.no_grad():
         want = model.train()(input_ids=ids, labels=labels).loss

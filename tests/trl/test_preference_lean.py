@@ -200,14 +200,14 @@ def test_changed_trl_text_makes_the_lean_head_absent(monkeypatch):
 def test_mean_logits_equals_full_mean():
     """The logits/* metric: per-position vocabulary means whose .mean() is the full logits' mean (linear and softcap
     paths, bias and scale)."""
-    from fastft.patches.trl_heads import _transform_logits
+    from fastft.kernels.cross_entropy_math import transform_reference
 
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(3, 7, 16, generator=g)
     weight = torch.randn(50, 16, generator=g) * 0.3
     bias = torch.randn(50, generator=g)
     for softcap, scale in ((None, None), (None, 0.25), (2.0, None), (2.0, 1.5)):
-        full = _transform_logits(torch.nn.functional.linear(hidden, weight, bias), softcap, scale, 1.0)
+        full = transform_reference(torch.nn.functional.linear(hidden, weight, bias), softcap, scale, 1.0)
         lean = trl_preference.mean_logits(hidden, weight, bias, softcap, scale)
         assert lean.shape == (3, 7)
         torch.testing.assert_close(lean, full.mean(-1), rtol=1e-5, atol=1e-6)
