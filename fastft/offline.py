@@ -39,6 +39,16 @@ TINY_ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
     # Layer 0 with RoPE, layer 1 without (no_rope_layers[i] == 1 means layer i uses RoPE).
     "smollm3": ("SmolLM3Config", {"no_rope_layers": [1, 0], "use_sliding_window": False}),
     "glm4": ("Glm4Config", {"partial_rotary_factor": 0.5}),
+    # Gemma 4 text: a sliding layer (window 5), then two global ones with their own head_dim (32), one KV head and
+    # k == v (attention_k_eq_v); the last layer reuses layer 1's KV (num_kv_shared_layers) and so has a double-wide MLP;
+    # per-layer input embeddings (PLE, width 8); final logit softcap.
+    "gemma4_text": ("Gemma4TextConfig", {"hidden_activation": "gelu_pytorch_tanh", "num_hidden_layers": 3,
+                                         "layer_types": ["sliding_attention", "full_attention", "full_attention"],
+                                         "sliding_window": 5, "global_head_dim": 32, "num_global_key_value_heads": 1,
+                                         "attention_k_eq_v": True, "num_kv_shared_layers": 1,
+                                         "use_double_wide_mlp": True, "hidden_size_per_layer_input": 8,
+                                         "vocab_size_per_layer_input": 384, "final_logit_softcapping": 30.0,
+                                         "tie_word_embeddings": True}),
     "ministral": ("MinistralConfig", {"sliding_window": 5, "layer_types": ["sliding_attention", "full_attention"]}),
     # Its YaRN defaults (factor 16 over 16,384 original positions) imply this many positions.
     "ministral3": ("Ministral3Config", {"sliding_window": None, "max_position_embeddings": 262144}),

@@ -74,6 +74,10 @@ _GPT_OSS_ROPE = ("rope", "gpt-oss passes half-width cos/sin and rotates the head
                  "kernel takes full-width cos/sin")
 _GLM4_ROPE = ("rope", "GLM-4 rotates interleaved pairs of a partial rotary slice; fastft's RoPE kernel rotates "
               "the two halves of the whole head")
+_GEMMA4_NORM = ("rms_norm", "Gemma 4's RMSNorm multiplies the weight in fp32 before casting back (OLMo 2's style, "
+                "neither fastft style), and its v_norm has no weight at all")
+_GEMMA4_ROPE = ("rope", "Gemma 4's apply_rotary_pos_emb rotates one tensor per call (x, cos, sin), with proportional "
+                "partial RoPE on global layers; fastft's RoPE kernel takes q and k together")
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -122,6 +126,13 @@ ARCHITECTURES: dict[str, Architecture] = {
                      "hidden_act", experts_class="MixtralExperts"),
         Architecture("gpt_oss", "transformers.models.gpt_oss.modeling_gpt_oss", "GptOssRMSNorm", "llama", None,
                      "hidden_act", unfused=(_OLMO2_NORM, _GPT_OSS_ROPE), experts_class="GptOssExperts"),
+        # Gemma 4 text (Gemma4ForCausalLM): the dense MLP (double-wide on KV-shared layers; built per layer index) and
+        # the softcapped loss head are patched. Per-layer embeddings, KV sharing, k == v global layers and the
+        # embedding scale stay in transformers' code; so does the MoE block of the 26B-A4B (enable_moe_block),
+        # whose router and experts are Gemma 4's own classes.
+        Architecture("gemma4_text", "transformers.models.gemma4.modeling_gemma4", "Gemma4RMSNorm", "llama",
+                     "Gemma4TextMLP", "hidden_activation", final_logit_softcapping_field="final_logit_softcapping",
+                     unfused=(_GEMMA4_NORM, _GEMMA4_ROPE)),
     ]
 }
 
