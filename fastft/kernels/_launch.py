@@ -100,14 +100,15 @@ def direct_call_ok(*tensors: torch.Tensor) -> bool:
     return all(_plain(t) for t in tensors)
 
 
-def call_op(op: Any, *args: Any) -> Any:
-    """``op(*args)`` for a ``torch.library.custom_op`` ``op``: its body directly when :func:`direct_call_ok` on the
+def call_op(op: Any, *args: Any, **kwargs: Any) -> Any:
+    """``op(*args, **kwargs)`` for a ``torch.library.custom_op`` ``op``: its body directly when :func:`direct_call_ok` on the
     tensor arguments, else through the dispatcher (tracing, fake tensors, dispatch modes). Ops that mutate an argument
     always dispatch: the dispatcher bumps the mutated tensors' version counters, which is what makes autograd refuse
     a second backward through a graph whose saved tensors were overwritten (a Triton kernel's store does not)."""
     if not op._opoverload._schema.is_mutable and direct_call_ok(*(a for a in args if isinstance(a, torch.Tensor))):
-        return op._init_fn(*args)
-    return op(*args)
+        # keyword arguments are never tensors in fastft's schemas (options and plans only)
+        return op._init_fn(*args, **kwargs)
+    return op(*args, **kwargs)
 
 
 def needs_grad(*tensors: torch.Tensor) -> bool:

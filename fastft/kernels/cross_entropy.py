@@ -50,6 +50,7 @@ import torch
 
 from fastft.kernels._launch import (
     TRITON_AVAILABLE,
+    call_op,
     check_floating,
     launch,
     next_power_of_2,
@@ -457,7 +458,7 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, class_weight, options, reduction, n_items):
-        lse, tgt, sumf = torch.ops.fastft.cross_entropy_forward(logits, labels, class_weight, **options.op_kwargs())
+        lse, tgt, sumf = call_op(cross_entropy_forward, logits, labels, class_weight, **options.op_kwargs())
         ce, z = row_losses(lse, tgt, sumf, labels, options, class_weight, logits.shape[1])
         if reduction == "none":
             weights = None
@@ -476,8 +477,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         d_ce = dloss.float() * weights[0] if weights else dloss.float()
         d_z = dloss.float() * weights[1] if weights else dloss.float()
         coef = grad_coefficients(lse, labels, d_ce, d_z, options, class_weight, logits.shape[1])
-        dlogits = torch.ops.fastft.cross_entropy_backward(logits, labels, lse, *coef, class_weight,
-                                                          **options.op_kwargs())
+        dlogits = call_op(cross_entropy_backward, logits, labels, lse, *coef, class_weight, **options.op_kwargs())
         return dlogits, None, None, None, None, None
 
 
