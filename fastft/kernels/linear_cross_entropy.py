@@ -46,7 +46,7 @@ from typing import NamedTuple
 
 import torch
 
-from fastft.kernels._launch import check_floating, next_power_of_2
+from fastft.kernels._launch import call_op, check_floating, next_power_of_2
 from fastft.kernels.cross_entropy import ce_grad, ce_stats
 from fastft.kernels.cross_entropy_math import (
     CrossEntropyOptions,
@@ -285,7 +285,8 @@ def _run_chunks(
 ) -> ChunkResult:
     """The chunk op, called by keyword. Same signature as :func:`_chunk_loop`, so the memory benchmark can swap in
     the loop itself on meta tensors (the fake impl only models the op's outputs, not the chunk temporaries inside)."""
-    out = torch.ops.fastft.linear_cross_entropy_chunks(
+    out = call_op(
+        linear_cross_entropy_chunks,
         hidden, weight, bias, labels, class_weight, d_ce, d_z, d_entropy, **options.op_kwargs(), **plan.op_kwargs())
     return ChunkResult(*out)
 
