@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from fastft.kernels._launch import TRITON_AVAILABLE, launch, use_triton
+from fastft.kernels._launch import TRITON_AVAILABLE, call_op, launch, use_triton
 
 _BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -213,7 +213,8 @@ def dequantize_nf4(packed: torch.Tensor, quant_state: Any, out: torch.Tensor | N
     """
     packed_u8, absmax, code, absmax2, code2, offset, blocksize, blocksize2, shape = _unpack_state(packed, quant_state)
     if out is None:
-        result = torch.ops.fastft.dequantize_nf4(
+        result = call_op(
+            dequantize_nf4_op,
             packed_u8, absmax, code, absmax2, code2, offset, blocksize, blocksize2, shape, quant_state.dtype
         )
     else:
