@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from fastft.kernels import _launch
-from fastft.kernels._launch import INTERPRETER, TRITON_AVAILABLE, check_floating, launch, use_triton
+from fastft.kernels._launch import INTERPRETER, TRITON_AVAILABLE, call_op, check_floating, launch, use_triton
 
 if TRITON_AVAILABLE:
     import triton
@@ -286,12 +286,12 @@ class GroupedGemmFunction(torch.autograd.Function):
     def forward(ctx, x, w, offsets, transpose_w):
         ctx.save_for_backward(x, w, offsets)
         ctx.transpose_w = transpose_w
-        return torch.ops.fastft.grouped_gemm_forward(x, w, offsets, transpose_w)
+        return call_op(grouped_gemm_forward, x, w, offsets, transpose_w)
 
     @staticmethod
     def backward(ctx, dy):
         x, w, offsets = ctx.saved_tensors
-        dx, dw = torch.ops.fastft.grouped_gemm_backward(dy, x, w, offsets, ctx.transpose_w)
+        dx, dw = call_op(grouped_gemm_backward, dy, x, w, offsets, ctx.transpose_w)
         return (dx if ctx.needs_input_grad[0] else None), (dw if ctx.needs_input_grad[1] else None), None, None
 
 
