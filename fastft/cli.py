@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--output-dir", default=None, help="where to write the reports (default: a new temp dir)")
     demo.add_argument("--quick", action="store_true", help="a much shorter run (under a minute; used by the tests)")
     demo.set_defaults(func=_demo)
-    smoke = sub.add_parser("smoke", help="kernel smoke run: every fused kernel vs its reference, both paths")
+    smoke = sub.add_parser("smoke", help="kernel smoke run: RMSNorm, RoPE, SwiGLU, GeGLU vs their references, both paths")
     smoke.set_defaults(func=_smoke)
     train = sub.add_parser("train", help="train from a YAML config (see examples/)")
     train.add_argument("config", help="the YAML config file")
