@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from fastft._log import info_once, logger, mark
+from fastft._log import info_once, logger, mark, warn_once
 from fastft.patches.architectures import logits_required
 from fastft.patches.lm_head import router_aux_modeling
 from fastft.patches.trl_config import _apply_checkpointing, _apply_max_seq_length
@@ -116,6 +116,7 @@ def _label_smoothing(trainer: Any) -> float | None:
 def _hook_sft_compute_loss(original: Callable) -> Callable:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
         if _without_fused_head("SFT"):
+            _warn_trl_chunked_nll_smoothing(self)
             with logits_required():  # TRL < 1.15 reads outputs.logits: FastModel's loss steps aside
                 return original(self, model, inputs, return_outputs, num_items_in_batch, **kwargs)
         problem = "arguments fastft does not know: " + ", ".join(kwargs) if kwargs else None
@@ -148,6 +149,18 @@ def _hook_sft_compute_loss(original: Callable) -> Callable:
         return loss
 
     return compute_loss
+
+
+def _warn_trl_chunked_nll_smoothing(trainer: Any) -> None:
+    """TRL 1.14's default ``loss_type='chunked_nll'`` with a label smoother fails in TRL's own compute_loss, patched or
+    not: transformers pops ``labels`` for the smoother, TRL's chunked forward then runs the plain forward, and TRL reads
+    ``outputs.num_valid_tokens`` off its output (AttributeError). fastft runs TRL's code unchanged there (the same
+    error as unpatched TRL) and says why once, with the way out."""
+    if getattr(trainer.args, "loss_type", None) == "chunked_nll" and getattr(trainer, "label_smoother", None):
+        warn_once("fastft: this TRL's SFTTrainer with loss_type='chunked_nll' (its default) and label_smoothing_factor "
+                  "> 0 fails in TRL's own compute_loss (no num_valid_tokens: the smoother takes the labels); fastft "
+                  "runs TRL's code unchanged. Set loss_type='nll' to train with label smoothing on this TRL",
+                  key="sft-chunked-nll-smoothing")
 
 
 def _log_sft_metrics(trainer: Any, mode: str, inputs: dict, outputs: Any) -> None:

@@ -3,7 +3,9 @@
 * The loss-only fast head (what SFT runs) computes ``entropy`` and ``is_top1`` (``mean_token_accuracy``) from the
   loss's own logits chunks: a TorchDispatchMode counts the GEMMs that read the LM-head weight and finds exactly one
   logits GEMM per chunk (forward and backward together), and the metrics equal those of the model's full logits.
-* SFT with ``label_smoothing_factor`` runs the fused loss (no fallback to full logits) and matches TRL's run.
+* SFT with ``label_smoothing_factor`` runs the fused loss (no fallback to full logits) and matches TRL's run. On TRL
+  1.14 (no fused-head hook) TRL's code runs: its default ``chunked_nll`` loss fails with a label smoother, patched or
+  not (fastft says why), and with ``loss_type="nll"`` both runs match.
 """
 
 import importlib
@@ -15,6 +17,7 @@ import trl.trainer.utils
 from datasets import Dataset
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fastft._log import mark, notes_since
 from fastft.kernels import force_path
 from fastft.memory.tracker import _custom_op_impl
 from fastft.offline import build_tiny_model
@@ -121,9 +124,26 @@ def test_sft_label_smoothing_runs_the_fused_loss_and_matches_trl(tmp_path, monke
 
     monkeypatch.setattr(fastft.kernels, "linear_cross_entropy", counting)
     config = dict(completion_only_loss=True, label_smoothing_factor=0.1)
+    if _default_sft_loss_type(tmp_path) == "chunked_nll":
+        # TRL 1.14: its default chunked loss fails with a label smoother in TRL's own compute_loss (the smoother takes
+        # the labels, TRL's chunked forward runs the plain one, TRL reads outputs.num_valid_tokens). Patched SFT fails
+        # exactly as unpatched TRL does, and fastft says why once; with loss_type="nll" both train (below).
+        since = mark()
+        for patched in (False, True):
+            with pytest.raises(AttributeError, match="num_valid_tokens"):
+                run("SFT", patched, _make(tmp_path=tmp_path / f"chunked-{patched}", **config))
+        assert any("loss_type='chunked_nll'" in note and "loss_type='nll'" in note for note in notes_since(since)), \
+            notes_since(since)
+        config["loss_type"] = "nll"
     fast, head_calls = run("SFT", True, _make(tmp_path=tmp_path / "fast", **config))
     slow, _ = run("SFT", False, _make(tmp_path=tmp_path / "slow", **config))
     assert_head_calls(head_calls, "linear_cross_entropy")
     if fused_head_available():
         assert calls and set(calls) == {0.1}, calls  # the smoothed fused loss ran, no full-logits fallback
     assert_same_run(fast, slow, ("loss", "grad_norm", "entropy", "mean_token_accuracy"))
+
+
+def _default_sft_loss_type(tmp_path) -> str:
+    from trl import SFTConfig
+
+    return SFTConfig(**common_args(tmp_path / "probe")).loss_type  # the default this TRL picks
