@@ -30,8 +30,12 @@ def main() -> None:
                 path = save_gguf(model, directory, tok, quant)
                 with torch.no_grad():
                     errors.append(relative_logit_error(model(ids).logits, read_back(model_type, path)(ids).logits))
-        print(f"| {model_type} | " + " | ".join(f"{e:.1e}" if q == "f32" else f"{100 * e:.2f}%"
-                                                 for q, e in zip(QUANTS, errors)) + " |", flush=True)
+        print(
+            f"| {model_type} | "
+            + " | ".join(f"{e:.1e}" if q == "f32" else f"{100 * e:.2f}%" for q, e in zip(QUANTS, errors))
+            + " |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -45,10 +45,27 @@ from pathlib import Path
 from typing import Any
 
 MODELS: dict[str, dict[str, Any]] = {
-    "demo": dict(model_type="llama", vocab_size=384, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=32),
-    "100m": dict(model_type="llama", vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                 num_attention_heads=12, num_key_value_heads=4, head_dim=64, tie_word_embeddings=True),
+    "demo": dict(
+        model_type="llama",
+        vocab_size=384,
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+    ),
+    "100m": dict(
+        model_type="llama",
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        head_dim=64,
+        tie_word_embeddings=True,
+    ),
 }
 #: (prompts per step, completions per prompt, max new tokens) per model: the demo's shape, and a smaller batch for 100M.
 SHAPES: dict[str, tuple[int, int, int]] = {"demo": (4, 8, 32), "100m": (2, 4, 16)}
@@ -73,8 +90,9 @@ def run_one(model_name: str, variant: str, steps: int, threads: int, model_dir: 
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         torch.manual_seed(3407)  # FastModel.get_peft_model's default random_state: the same adapter init
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
-                                                 task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+        )
     else:
         from fastft import FastModel, PatchFastRL
 
@@ -83,14 +101,26 @@ def run_one(model_name: str, variant: str, steps: int, threads: int, model_dir: 
         model = FastModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=TARGETS)
     prompts, generations, new_tokens = SHAPES[model_name]
     words = ["fox", "answer", "model", "memory", "gradient", "adapter", "seven", "quick", "lazy", "checkpoint"]
-    data = Dataset.from_list([{"prompt": f"Q{i}: " + " ".join(words[(i * 7 + j * 3) % 10] for j in range(12))}
-                              for i in range(64)])
-    args = trl.GRPOConfig(output_dir=out_dir, use_cpu=True, report_to="none", bf16=False, max_steps=steps,
-                          logging_steps=1, seed=0, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
-                          per_device_train_batch_size=prompts * generations, num_generations=generations,
-                          max_completion_length=new_tokens, learning_rate=1e-3)
-    trainer = trl.GRPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                              reward_funcs=_reward)
+    data = Dataset.from_list(
+        [{"prompt": f"Q{i}: " + " ".join(words[(i * 7 + j * 3) % 10] for j in range(12))} for i in range(64)]
+    )
+    args = trl.GRPOConfig(
+        output_dir=out_dir,
+        use_cpu=True,
+        report_to="none",
+        bf16=False,
+        max_steps=steps,
+        logging_steps=1,
+        seed=0,
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        per_device_train_batch_size=prompts * generations,
+        num_generations=generations,
+        max_completion_length=new_tokens,
+        learning_rate=1e-3,
+    )
+    trainer = trl.GRPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, reward_funcs=_reward)
 
     steps_wall: list[float] = []
     steps_cpu: list[float] = []
@@ -120,15 +150,36 @@ def run_one(model_name: str, variant: str, steps: int, threads: int, model_dir: 
     trainer.add_callback(Clock())
     trainer.train()
     n_params = sum(p.numel() for p in model.parameters())
-    return dict(model=model_name, variant=variant, steps_wall=steps_wall, steps_cpu=steps_cpu, gen_wall=gen_wall,
-                gen_cpu=gen_cpu, tokens=tokens, params=n_params,
-                losses=[row["loss"] for row in trainer.state.log_history if "loss" in row])
+    return dict(
+        model=model_name,
+        variant=variant,
+        steps_wall=steps_wall,
+        steps_cpu=steps_cpu,
+        gen_wall=gen_wall,
+        gen_cpu=gen_cpu,
+        tokens=tokens,
+        params=n_params,
+        losses=[row["loss"] for row in trainer.state.log_history if "loss" in row],
+    )
 
 
 def _subprocess(model_name: str, variant: str, args: argparse.Namespace, model_dir: str) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, __file__, "--one", model_name, variant, "--steps", str(args.steps), "--threads",
-               str(args.threads), "--model-dir", model_dir, "--run-dir", out]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            model_name,
+            variant,
+            "--steps",
+            str(args.steps),
+            "--threads",
+            str(args.threads),
+            "--model-dir",
+            model_dir,
+            "--run-dir",
+            out,
+        ]
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
         if variant == "baseline":
             env["PYTHONPATH"] = os.pathsep.join([args.baseline_src, env.get("PYTHONPATH", "")])
@@ -136,7 +187,7 @@ def _subprocess(model_name: str, variant: str, args: argparse.Namespace, model_d
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"{model_name} {variant} failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def _ms(values: list[float]) -> str:
@@ -144,9 +195,11 @@ def _ms(values: list[float]) -> str:
 
 
 def table(results: list[dict], warmup: int, variants: list[str]) -> str:
-    head = ("| model | variant | step ms wall (min-max) | generation ms wall (min-max) | generation share | "
-            "step ms CPU | generation ms CPU | step ratio vs plain (wall / CPU) | generation ratio vs plain "
-            "(wall / CPU) | same tokens as plain |")
+    head = (
+        "| model | variant | step ms wall (min-max) | generation ms wall (min-max) | generation share | "
+        "step ms CPU | generation ms CPU | step ratio vs plain (wall / CPU) | generation ratio vs plain "
+        "(wall / CPU) | same tokens as plain |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for model in dict.fromkeys(r["model"] for r in results):
         runs = {v: [r for r in results if r["model"] == model and r["variant"] == v] for v in variants}
@@ -165,7 +218,8 @@ def table(results: list[dict], warmup: int, variants: list[str]) -> str:
                 f"{med['gen_wall'] / med['steps_wall']:.0%} | {med['steps_cpu'] * 1e3:.0f} | "
                 f"{med['gen_cpu'] * 1e3:.0f} | {med['steps_wall'] / base['steps_wall']:.2f} / "
                 f"{med['steps_cpu'] / base['steps_cpu']:.2f} | {med['gen_wall'] / base['gen_wall']:.2f} / "
-                f"{med['gen_cpu'] / base['gen_cpu']:.2f} | {'yes' if same else 'NO'} |")
+                f"{med['gen_cpu'] / base['gen_cpu']:.2f} | {'yes' if same else 'NO'} |"
+            )
     return "\n".join(lines)
 
 
@@ -208,8 +262,11 @@ def main(argv: list[str] | None = None) -> int:
                 for variant in order:
                     r = _subprocess(model, variant, args, model_dir)
                     results.append(r)
-                    print(f"{model} {variant} #{repeat}: step {_ms(r['steps_wall'][args.warmup:])} ms, generation "
-                          f"{_ms(r['gen_wall'][args.warmup:])} ms (wall)", flush=True)
+                    print(
+                        f"{model} {variant} #{repeat}: step {_ms(r['steps_wall'][args.warmup :])} ms, generation "
+                        f"{_ms(r['gen_wall'][args.warmup :])} ms (wall)",
+                        flush=True,
+                    )
     text = table(results, args.warmup, variants)
     elapsed = time.perf_counter() - started
     command = "python benchmarks/bench_grpo_generation.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -217,15 +274,19 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     import trl
 
-    shapes = "; ".join(f"{m}: {results[[r['model'] for r in results].index(m)]['params'] / 1e6:.1f}M parameters, "
-                       f"{SHAPES[m][0]} prompts x {SHAPES[m][1]} completions x up to {SHAPES[m][2]} new tokens"
-                       for m in models)
-    header = (f"# GRPO generation on CPU: plain TRL vs fastft (measured)\n\nCommand: `{command}`  \n"
-              f"{os.cpu_count()} CPUs, {args.threads} torch thread(s) per run, torch {torch.__version__}, "
-              f"transformers {transformers.__version__}, trl {trl.__version__}; fp32, LoRA r=16 on every projection; "
-              f"{shapes}; {args.steps} steps per run ({args.warmup} warm-up dropped), {args.repeats} repeats per "
-              f"variant, alternating order; {elapsed:.0f} s in all.  \n"
-              "CPU timings, not GPU figures. Ratios < 1 favour fastft.\n\n")
+    shapes = "; ".join(
+        f"{m}: {results[[r['model'] for r in results].index(m)]['params'] / 1e6:.1f}M parameters, "
+        f"{SHAPES[m][0]} prompts x {SHAPES[m][1]} completions x up to {SHAPES[m][2]} new tokens"
+        for m in models
+    )
+    header = (
+        f"# GRPO generation on CPU: plain TRL vs fastft (measured)\n\nCommand: `{command}`  \n"
+        f"{os.cpu_count()} CPUs, {args.threads} torch thread(s) per run, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, trl {trl.__version__}; fp32, LoRA r=16 on every projection; "
+        f"{shapes}; {args.steps} steps per run ({args.warmup} warm-up dropped), {args.repeats} repeats per "
+        f"variant, alternating order; {elapsed:.0f} s in all.  \n"
+        "CPU timings, not GPU figures. Ratios < 1 favour fastft.\n\n"
+    )
     print(text)
     if args.out:
         out = Path(args.out)

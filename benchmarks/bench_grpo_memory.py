@@ -41,8 +41,9 @@ from fastft.patches.trl import patched_algorithm
 
 def fixed_generations(length: int):
     def generate(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-        return [[(31 * sum(ids) + 7 * row + 3 * i) % 300 + 20 for i in range(length)]
-                for row, ids in enumerate(prompt_ids)], None
+        return [
+            [(31 * sum(ids) + 7 * row + 3 * i) % 300 + 20 for i in range(length)] for row, ids in enumerate(prompt_ids)
+        ], None
 
     return generate
 
@@ -69,23 +70,46 @@ def measure(mode: str, args: argparse.Namespace) -> tuple[int, list[float], list
         # check their own module's copy, so they stay on torch.
         trl_utils._use_triton = lambda device: True
     try:
-        model = build_tiny_model("llama", vocab_size=args.vocab, hidden_size=args.hidden,
-                                 intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-                                 num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 128,
-                                 head_dim=64, max_position_embeddings=1024)
+        model = build_tiny_model(
+            "llama",
+            vocab_size=args.vocab,
+            hidden_size=args.hidden,
+            intermediate_size=args.intermediate,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.hidden // 64,
+            num_key_value_heads=args.hidden // 128,
+            head_dim=64,
+            max_position_embeddings=1024,
+        )
         tokenizer = build_tokenizer()
         torch.manual_seed(0)
         with tempfile.TemporaryDirectory() as out:
-            config = trl.GRPOConfig(output_dir=out, use_cpu=True, report_to="none", bf16=False, max_steps=1,
-                                    logging_steps=1, per_device_train_batch_size=args.generations,
-                                    num_generations=args.generations, max_completion_length=args.completion_length,
-                                    save_strategy="no", disable_tqdm=True, seed=0)
+            config = trl.GRPOConfig(
+                output_dir=out,
+                use_cpu=True,
+                report_to="none",
+                bf16=False,
+                max_steps=1,
+                logging_steps=1,
+                per_device_train_batch_size=args.generations,
+                num_generations=args.generations,
+                max_completion_length=args.completion_length,
+                save_strategy="no",
+                disable_tqdm=True,
+                seed=0,
+            )
             trainer = trl.GRPOTrainer(
-                model=model, reward_funcs=lambda completions, **kw: [float(len(c) % 7) for c in completions],
-                args=config, processing_class=tokenizer,
+                model=model,
+                reward_funcs=lambda completions, **kw: [float(len(c) % 7) for c in completions],
+                args=config,
+                processing_class=tokenizer,
                 train_dataset=Dataset.from_list([{"prompt": "What is 12 plus 7?"}, {"prompt": "Count:"}] * 4),
-                peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                           "gate_proj", "up_proj", "down_proj"]))
+                peft_config=LoraConfig(
+                    r=8,
+                    lora_alpha=16,
+                    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                ),
+            )
             assert patched_algorithm(trainer) == ("GRPO" if patched else None)
             tracker = LiveBytesTracker()
             with tracker:
@@ -111,21 +135,24 @@ def main() -> None:
         sys.exit("run without TRITON_INTERPRET=1: this measures the CPU torch path")
     torch.set_num_threads(1)
 
-    names = {"trl": "TRL 1.16 (CPU path)", "trl-compact": "TRL 1.16 (CUDA token sel.)",
-             "fastft": "fastft PatchFastRL"}
+    names = {"trl": "TRL 1.16 (CPU path)", "trl-compact": "TRL 1.16 (CUDA token sel.)", "fastft": "fastft PatchFastRL"}
     rows = []
     for mode in names:
         peak, losses, grad_norms = measure(mode, args)
         rows.append((names[mode], peak, losses, grad_norms))
     base = rows[0][1]
-    print(f"command: python benchmarks/bench_grpo_memory.py --hidden {args.hidden} --intermediate "
-          f"{args.intermediate} --layers {args.layers} --vocab {args.vocab} --generations {args.generations} "
-          f"--completion-length {args.completion_length}")
+    print(
+        f"command: python benchmarks/bench_grpo_memory.py --hidden {args.hidden} --intermediate "
+        f"{args.intermediate} --layers {args.layers} --vocab {args.vocab} --generations {args.generations} "
+        f"--completion-length {args.completion_length}"
+    )
     print("CPU, fp32, torch path; peak live tensor bytes of one GRPO training step (weights excluded)")
     print(f"{'trainer':<27} {'peak MiB':>9} {'vs TRL CPU':>11} {'vs TRL CUDA-sel.':>17}  step loss / grad norm")
     for name, peak, losses, grad_norms in rows:
-        print(f"{name:<27} {peak / 2**20:>9.1f} {peak / base:>11.1%} {peak / rows[1][1]:>17.1%}  "
-              f"{losses[0]:.3e} / {grad_norms[0]:.6f}")
+        print(
+            f"{name:<27} {peak / 2**20:>9.1f} {peak / base:>11.1%} {peak / rows[1][1]:>17.1%}  "
+            f"{losses[0]:.3e} / {grad_norms[0]:.6f}"
+        )
 
 
 if __name__ == "__main__":

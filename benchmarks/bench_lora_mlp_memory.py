@@ -77,8 +77,14 @@ def measure(name, fn, x, dy, params):
         start = time.perf_counter()
         fn(x).backward(dy)
         times.append(time.perf_counter() - start)
-    return dict(name=name, saved=saved, peak=t.peak_bytes, peak_block=t.peak_bytes - fixed,
-                fwd_peak_block=fwd_peak - fixed, seconds=statistics.median(times))
+    return dict(
+        name=name,
+        saved=saved,
+        peak=t.peak_bytes,
+        peak_block=t.peak_bytes - fixed,
+        fwd_peak_block=fwd_peak - fixed,
+        seconds=statistics.median(times),
+    )
 
 
 def main(argv=None) -> None:
@@ -92,8 +98,13 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     model = get_peft_model(
         LlamaMLP(args.hidden, args.intermediate),
-        LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0, init_lora_weights=False,
-                   target_modules=["gate_proj", "up_proj", "down_proj"]),
+        LoraConfig(
+            r=args.r,
+            lora_alpha=2 * args.r,
+            lora_dropout=0.0,
+            init_lora_weights=False,
+            target_modules=["gate_proj", "up_proj", "down_proj"],
+        ),
     )
     mlp = model.base_model.model
     params = list(mlp.parameters())
@@ -109,17 +120,34 @@ def main(argv=None) -> None:
     ti = args.tokens * args.intermediate * 4
     xb = x.untyped_storage().nbytes()
     print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
-    print(f"Llama MLP + LoRA r={args.r} on gate/up/down, tokens={args.tokens}, hidden={args.hidden}, "
-          f"intermediate={args.intermediate}, fp32, CPU, plain torch path (no Triton), 1 thread")
+    print(
+        f"Llama MLP + LoRA r={args.r} on gate/up/down, tokens={args.tokens}, hidden={args.hidden}, "
+        f"intermediate={args.intermediate}, fp32, CPU, plain torch path (no Triton), 1 thread"
+    )
     print(f"one [tokens, intermediate] fp32 activation = {ti / mib:.1f} MiB; input X = {xb / mib:.1f} MiB")
-    header = ["variant", "saved for bwd MiB", "vs PEFT", "excl. X", "peak fwd MiB", "peak fwd+bwd MiB",
-              "incl. weights+X+dY MiB", "CPU s fwd+bwd"]
+    header = [
+        "variant",
+        "saved for bwd MiB",
+        "vs PEFT",
+        "excl. X",
+        "peak fwd MiB",
+        "peak fwd+bwd MiB",
+        "incl. weights+X+dY MiB",
+        "CPU s fwd+bwd",
+    ]
     print(" | ".join(header))
     base = rows[0]["saved"]
     for r in rows:
-        cells = [r["name"], f"{r['saved'] / mib:.1f}", f"{r['saved'] / base:.3f}",
-                 f"{(r['saved'] - xb) / (base - xb):.3f}", f"{r['fwd_peak_block'] / mib:.1f}",
-                 f"{r['peak_block'] / mib:.1f}", f"{r['peak'] / mib:.1f}", f"{r['seconds']:.3f}"]
+        cells = [
+            r["name"],
+            f"{r['saved'] / mib:.1f}",
+            f"{r['saved'] / base:.3f}",
+            f"{(r['saved'] - xb) / (base - xb):.3f}",
+            f"{r['fwd_peak_block'] / mib:.1f}",
+            f"{r['peak_block'] / mib:.1f}",
+            f"{r['peak'] / mib:.1f}",
+            f"{r['seconds']:.3f}",
+        ]
         print(" | ".join(cells))
     # How much of the fused backward peak is the activation op's own torch-path scratch (fp32 chunks it allocates on
     # CPU; the Triton kernel streams through registers and allocates none).
@@ -128,11 +156,15 @@ def main(argv=None) -> None:
         t.add_existing([g, u, dh], "input")
         torch.ops.fastft.glu_backward_inplace(dh, g, u, "silu")
     scratch = t.peak_bytes - 3 * ti
-    print(f"of which the SwiGLU backward's torch-path scratch (absent on the Triton path): {scratch / mib:.1f} MiB "
-          f"(measured: glu_backward_inplace alone on [{args.tokens}, {args.intermediate}])")
-    print("saved for bwd: unique non-parameter storages packed by saved_tensors_hooks (includes X for every variant); "
-          "peak fwd / fwd+bwd: fastft.memory.LiveBytesTracker peak minus weights, X and dY; CPU seconds are noisy "
-          "(2 shared cores).")
+    print(
+        f"of which the SwiGLU backward's torch-path scratch (absent on the Triton path): {scratch / mib:.1f} MiB "
+        f"(measured: glu_backward_inplace alone on [{args.tokens}, {args.intermediate}])"
+    )
+    print(
+        "saved for bwd: unique non-parameter storages packed by saved_tensors_hooks (includes X for every variant); "
+        "peak fwd / fwd+bwd: fastft.memory.LiveBytesTracker peak minus weights, X and dY; CPU seconds are noisy "
+        "(2 shared cores)."
+    )
 
 
 if __name__ == "__main__":

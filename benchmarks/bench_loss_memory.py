@@ -98,20 +98,31 @@ def fused_logp(h, w, ids):
 def run(tokens: int, hidden_size: int, vocab: int, device: str) -> list[tuple]:
     torch.manual_seed(0)
     hidden = torch.randn(1, tokens, hidden_size, device=device).requires_grad_()
-    weight = (torch.randn(vocab, hidden_size, device=device) * 0.02) if device != "meta" else \
-        torch.empty(vocab, hidden_size, device=device)
-    labels = torch.randint(0, vocab, (1, tokens), device=device) if device != "meta" else \
-        torch.empty(1, tokens, dtype=torch.long, device=device)
+    weight = (
+        (torch.randn(vocab, hidden_size, device=device) * 0.02)
+        if device != "meta"
+        else torch.empty(vocab, hidden_size, device=device)
+    )
+    labels = (
+        torch.randint(0, vocab, (1, tokens), device=device)
+        if device != "meta"
+        else torch.empty(1, tokens, dtype=torch.long, device=device)
+    )
     rows = []
-    for name, base, fused in (("linear_cross_entropy", baseline_ce, fused_ce),
-                              ("selective_log_softmax", baseline_logp, fused_logp)):
+    for name, base, fused in (
+        ("linear_cross_entropy", baseline_ce, fused_ce),
+        ("selective_log_softmax", baseline_logp, fused_logp),
+    ):
         for train in (False, True):
             t0 = time.perf_counter()
             b = measure(base, hidden, weight, labels, train, device)
             f = measure(fused, hidden, weight, labels, train, device)
             rows.append((name, "trainable" if train else "frozen", tokens, device, b, f, time.perf_counter() - t0))
-            print(f"  done: {name} {rows[-1][1]} {tokens} tokens on {device}: baseline {b / GB:.3f} GB, fastft "
-                  f"{f / GB:.3f} GB ({rows[-1][-1]:.0f} s)", flush=True)
+            print(
+                f"  done: {name} {rows[-1][1]} {tokens} tokens on {device}: baseline {b / GB:.3f} GB, fastft "
+                f"{f / GB:.3f} GB ({rows[-1][-1]:.0f} s)",
+                flush=True,
+            )
     return rows
 
 
@@ -127,24 +138,31 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     assert not _launch.INTERPRETER, "run without TRITON_INTERPRET: this measures the plain CPU path"
     chunk = lce.choose_chunk_size(args.tokens, args.hidden, args.vocab, torch.float32, torch.device("cpu"))
-    print(f"hidden={args.hidden} vocab={args.vocab} fp32; fastft chunk_size={chunk} tokens at {args.tokens} tokens "
-          f"(logits chunk {chunk * args.vocab * 4 / 1e6:.1f} MB); weight gradient alone "
-          f"{args.vocab * args.hidden * 4 / GB:.3f} GB; torch {torch.__version__}, {args.threads} thread(s)")
+    print(
+        f"hidden={args.hidden} vocab={args.vocab} fp32; fastft chunk_size={chunk} tokens at {args.tokens} tokens "
+        f"(logits chunk {chunk * args.vocab * 4 / 1e6:.1f} MB); weight gradient alone "
+        f"{args.vocab * args.hidden * 4 / GB:.3f} GB; torch {torch.__version__}, {args.threads} thread(s)"
+    )
     rows = []
     if not args.modeled_only:
         rows += run(args.tokens, args.hidden, args.vocab, "cpu")
         assert path_counts[("cross_entropy", "torch")] > 0 and path_counts[("cross_entropy", "triton")] == 0
     rows += run(args.tokens, args.hidden, args.vocab, "meta")
     rows += run(args.modeled_tokens, args.hidden, args.vocab, "meta")
-    print(f"\n{'op':<22} {'lm_head':<10} {'tokens':>7} {'how':<15} {'baseline GB':>12} {'fastft GB':>10} "
-          f"{'fastft/base':>12} {'goal':>6}")
+    print(
+        f"\n{'op':<22} {'lm_head':<10} {'tokens':>7} {'how':<15} {'baseline GB':>12} {'fastft GB':>10} "
+        f"{'fastft/base':>12} {'goal':>6}"
+    )
     for name, train, tokens, device, b, f, _secs in rows:
         how = "measured (cpu)" if device == "cpu" else "modeled (meta)"
         goal = ("<20%" if train == "trainable" else "<5%") if name == "linear_cross_entropy" else ""
-        print(f"{name:<22} {train:<10} {tokens:>7} {how:<15} {b / GB:>12.3f} {f / GB:>10.3f} {100 * f / b:>11.2f}% "
-              f"{goal:>6}")
-    print("\nbaseline = F.cross_entropy(hidden @ W.T) / log_softmax(hidden @ W.T).gather, forward + backward; "
-          "peak live bytes created inside the region (LiveBytesTracker). CPU figures are CPU-path bytes, not GPU.")
+        print(
+            f"{name:<22} {train:<10} {tokens:>7} {how:<15} {b / GB:>12.3f} {f / GB:>10.3f} {100 * f / b:>11.2f}% {goal:>6}"
+        )
+    print(
+        "\nbaseline = F.cross_entropy(hidden @ W.T) / log_softmax(hidden @ W.T).gather, forward + backward; "
+        "peak live bytes created inside the region (LiveBytesTracker). CPU figures are CPU-path bytes, not GPU."
+    )
 
 
 if __name__ == "__main__":

@@ -26,8 +26,10 @@ OUT = Path(__file__).resolve().parent / "results"
 VARIANTS = {  # name -> (StepSpec kwargs, fastft plan flags)
     "fastft": (dict(variant="fastft"), ""),
     "fastft+tiled": (dict(variant="fastft", tiled_mlp=True), " --tiled-mlp"),
-    "fastft+tiled+emb": (dict(variant="fastft", tiled_mlp=True, offload_embeddings=True),
-                         " --tiled-mlp --offload-embeddings"),
+    "fastft+tiled+emb": (
+        dict(variant="fastft", tiled_mlp=True, offload_embeddings=True),
+        " --tiled-mlp --offload-embeddings",
+    ),
     "baseline": (dict(variant="baseline"), " --baseline"),
 }
 FAST = [v for v in VARIANTS if v.startswith("fastft")]
@@ -36,15 +38,18 @@ BEST = "fastft+tiled+emb"
 
 def cmd(variant: str, gpu: str | None = None, seq: int = 8192, extra: str = "") -> str:
     mem = f" --gpu-memory {gpu}" if gpu else ""
-    return (f"fastft plan --model {MODEL} --load-in-4bit --lora-r {R} --optim {OPTIM} --seq-len {seq}{mem}"
-            f"{VARIANTS[variant][1]}{extra}")
+    return (
+        f"fastft plan --model {MODEL} --load-in-4bit --lora-r {R} --optim {OPTIM} --seq-len {seq}{mem}"
+        f"{VARIANTS[variant][1]}{extra}"
+    )
 
 
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     config = load_config(MODEL)
-    planners = {v: Planner(config, StepSpec(load_in_4bit=True, lora_r=R, optim=OPTIM, **kw))
-                for v, (kw, _) in VARIANTS.items()}
+    planners = {
+        v: Planner(config, StepSpec(load_in_4bit=True, lora_r=R, optim=OPTIM, **kw)) for v, (kw, _) in VARIANTS.items()
+    }
     t0 = time.perf_counter()
     curve = {v: {t: p.step(t) for t in SEQ_LENS} for v, p in planners.items()}
     ctx = {v: {gb: p.max_context(gb * 2**30 - RESERVE) for gb in GPUS_GB} for v, p in planners.items()}
@@ -75,12 +80,13 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     xs = range(len(GPUS_GB))
-    series = [(f"{v} (modeled)", ctx[v]) for v in VARIANTS] + [("Unsloth (published)", UNSLOTH),
-("transformers+FA2 (published)", HF_FA2)]
+    series = [(f"{v} (modeled)", ctx[v]) for v in VARIANTS] + [
+        ("Unsloth (published)", UNSLOTH),
+        ("transformers+FA2 (published)", HF_FA2),
+    ]
     width = 0.8 / len(series)
     for i, (name, vals) in enumerate(series):
-        ax.bar([x + (i - (len(series) - 1) / 2) * width for x in xs], [vals[g] or 0 for g in GPUS_GB], width,
-               label=name)
+        ax.bar([x + (i - (len(series) - 1) / 2) * width for x in xs], [vals[g] or 0 for g in GPUS_GB], width, label=name)
     ax.set_xticks(list(xs), [f"{g} GiB" for g in GPUS_GB])
     ax.set_yscale("log")
     ax.set_ylabel("max sequence length (tokens)")
@@ -120,43 +126,71 @@ def main() -> None:
         "",
         "![peak vs seq](memory_peak_vs_seq.png)",
         "",
-        "| tokens | " + " | ".join(f"{v} (GiB)" for v in VARIANTS) + " | host RAM " + BEST + " (GiB) | "
-        + " | ".join(f"{v} / baseline" for v in FAST) + " |",
+        "| tokens | "
+        + " | ".join(f"{v} (GiB)" for v in VARIANTS)
+        + " | host RAM "
+        + BEST
+        + " (GiB) | "
+        + " | ".join(f"{v} / baseline" for v in FAST)
+        + " |",
         "|---:|" + "---:|" * (len(VARIANTS) + 1 + len(FAST)),
     ]
     for t in SEQ_LENS:
         base = curve["baseline"][t].peak_bytes
-        lines.append(f"| {t:,} | " + " | ".join(gib(curve[v][t].peak_bytes) for v in VARIANTS)
-                     + f" | {gib(curve[BEST][t].host_bytes)} | "
-                     + " | ".join(f"{curve[v][t].peak_bytes / base:.1%}" for v in FAST) + " |")
-    lines += ["", "Commands: " + ", ".join(f"`{cmd(v, seq=8192)}`" for v in VARIANTS) + " (any `--seq-len`).", "",
-              "Breakdown at 8,192 tokens (GiB, what is alive at the peak, by the phase that allocated it):", ""]
+        lines.append(
+            f"| {t:,} | "
+            + " | ".join(gib(curve[v][t].peak_bytes) for v in VARIANTS)
+            + f" | {gib(curve[BEST][t].host_bytes)} | "
+            + " | ".join(f"{curve[v][t].peak_bytes / base:.1%}" for v in FAST)
+            + " |"
+        )
+    lines += [
+        "",
+        "Commands: " + ", ".join(f"`{cmd(v, seq=8192)}`" for v in VARIANTS) + " (any `--seq-len`).",
+        "",
+        "Breakdown at 8,192 tokens (GiB, what is alive at the peak, by the phase that allocated it):",
+        "",
+    ]
     for v in VARIANTS:
         r = curve[v][8192]
         parts = ", ".join(f"{k} {gib(n)}" for k, n in sorted(r.breakdown.items(), key=lambda kv: -kv[1]) if n > 2**20)
         lines.append(f"- {v}: peak {gib(r.peak_bytes)}: {parts}")
-    lines += ["", "## Max context per GPU size", "", "![max context](max_context_per_gpu.png)", "",
-              "GPU sizes are GiB (2^30 bytes); the search leaves `fastft plan`'s default 1 GiB reserve (CUDA context,",
-              "workspaces, allocator slack) and is not bounded by host RAM here (the host RAM the offloaded tensors",
-              "need is given; see the Colab row below for a bounded search). `baseline, no reserve` is the",
-              "tensor-only search. The published rows are Unsloth's table (unsloth.ai/blog/llama3-3, Dec 2024,",
-              "measured on GPUs, so they include the CUDA context); both published rows are exactly linear in",
-              "memory, so they were extrapolated from a few measurements.", "",
-              "| GPU | " + " | ".join(VARIANTS) + f" | host RAM {BEST} | baseline, no reserve | Unsloth (published) "
-              "| transformers+FA2 (published) | " + " | ".join(f"{v} / Unsloth" for v in FAST)
-              + " | baseline / published HF (no reserve) | command |",
-              "|---:|" + "---:|" * (len(VARIANTS) + 4 + len(FAST)) + "---|"]
+    lines += [
+        "",
+        "## Max context per GPU size",
+        "",
+        "![max context](max_context_per_gpu.png)",
+        "",
+        "GPU sizes are GiB (2^30 bytes); the search leaves `fastft plan`'s default 1 GiB reserve (CUDA context,",
+        "workspaces, allocator slack) and is not bounded by host RAM here (the host RAM the offloaded tensors",
+        "need is given; see the Colab row below for a bounded search). `baseline, no reserve` is the",
+        "tensor-only search. The published rows are Unsloth's table (unsloth.ai/blog/llama3-3, Dec 2024,",
+        "measured on GPUs, so they include the CUDA context); both published rows are exactly linear in",
+        "memory, so they were extrapolated from a few measurements.",
+        "",
+        "| GPU | " + " | ".join(VARIANTS) + f" | host RAM {BEST} | baseline, no reserve | Unsloth (published) "
+        "| transformers+FA2 (published) | "
+        + " | ".join(f"{v} / Unsloth" for v in FAST)
+        + " | baseline / published HF (no reserve) | command |",
+        "|---:|" + "---:|" * (len(VARIANTS) + 4 + len(FAST)) + "---|",
+    ]
     for gb in GPUS_GB:
         b = ctx["baseline"][gb]
         hf = HF_FA2[gb]
-        ratio = (f"{b / hf:.2f} ({base0[gb] / hf:.2f})" if hf and b else
-                 ("both OOM" if not hf and not b else "-"))
-        lines.append(f"| {gb} GiB | " + " | ".join(num(ctx[v][gb]) for v in VARIANTS)
-                     + f" | {gib(host[gb])} GiB | {num(base0[gb])} | {UNSLOTH[gb]:,} | {num(hf)} | "
-                     + " | ".join(f"{ctx[v][gb] / UNSLOTH[gb]:.2f}x" for v in FAST)
-                     + f" | {ratio} | `{cmd(BEST, f'{gb}GiB')} --baseline` |")
-    lines += ["", "What dominates fastft's peak at its modeled max context (largest four phases; a shortfall vs",
-              "1.2x Unsloth, if any, is marked):", ""]
+        ratio = f"{b / hf:.2f} ({base0[gb] / hf:.2f})" if hf and b else ("both OOM" if not hf and not b else "-")
+        lines.append(
+            f"| {gb} GiB | "
+            + " | ".join(num(ctx[v][gb]) for v in VARIANTS)
+            + f" | {gib(host[gb])} GiB | {num(base0[gb])} | {UNSLOTH[gb]:,} | {num(hf)} | "
+            + " | ".join(f"{ctx[v][gb] / UNSLOTH[gb]:.2f}x" for v in FAST)
+            + f" | {ratio} | `{cmd(BEST, f'{gb}GiB')} --baseline` |"
+        )
+    lines += [
+        "",
+        "What dominates fastft's peak at its modeled max context (largest four phases; a shortfall vs",
+        "1.2x Unsloth, if any, is marked):",
+        "",
+    ]
     for v in ("fastft", BEST):
         for gb in GPUS_GB:
             t = ctx[v][gb]
@@ -164,25 +198,34 @@ def main() -> None:
                 r = planners[v].step(t)
                 top = sorted(r.breakdown.items(), key=lambda kv: -kv[1])[:4]
                 short = " **(short of 1.2x Unsloth)**" if t < 1.2 * UNSLOTH[gb] else ""
-                lines.append(f"- {v}, {gb} GiB at {t:,} tokens{short}: "
-                             + ", ".join(f"{k} {gib(n)} GiB" for k, n in top))
-    lines += ["", "## A free Colab T4: 15,360 MiB GPU (as nvidia-smi reports it), ~12 GB host RAM", "",
-              "| variant | max context, GPU only | max context, GPU and 12 GB host RAM | host RAM at that length |",
-              "|---|---:|---:|---:|"]
+                lines.append(f"- {v}, {gb} GiB at {t:,} tokens{short}: " + ", ".join(f"{k} {gib(n)} GiB" for k, n in top))
+    lines += [
+        "",
+        "## A free Colab T4: 15,360 MiB GPU (as nvidia-smi reports it), ~12 GB host RAM",
+        "",
+        "| variant | max context, GPU only | max context, GPU and 12 GB host RAM | host RAM at that length |",
+        "|---|---:|---:|---:|",
+    ]
     for v in VARIANTS:
         n = colab[v]
         hb = planners[v].step(n).host_bytes if n else 0
         lines.append(f"| {v} | {num(colab_gpu_only[v])} | {num(n)} | {hb / 1e9:.2f} GB |")
-    lines += ["", f"Command: `{cmd(BEST, 'T4')} --host-memory 12GB --baseline`. When host RAM is the limit,",
-              "fastft's offloaded checkpoints (one bf16 [T, 4096] layer input per layer: 256 KiB per token for 32",
-              "layers) are what fill it. The 12 GB is the issue's figure for the whole machine; the training process",
-              "itself (torch, CUDA libraries, data) takes a few GB of it, so pass what is really free as "
-              "`--host-memory`."]
+    lines += [
+        "",
+        f"Command: `{cmd(BEST, 'T4')} --host-memory 12GB --baseline`. When host RAM is the limit,",
+        "fastft's offloaded checkpoints (one bf16 [T, 4096] layer input per layer: 256 KiB per token for 32",
+        "layers) are what fill it. The 12 GB is the issue's figure for the whole machine; the training process",
+        "itself (torch, CUDA libraries, data) takes a few GB of it, so pass what is really free as `--host-memory`.",
+    ]
     n_steps = sum(len(p.cache) for p in planners.values())
-    lines += ["", f"Modeling time: {time.perf_counter() - t0:.0f} s for {n_steps} modeled steps (cache shared across "
-              "GPU sizes), on a shared 2-core CPU.", "",
-              "Measured (not modeled) CPU step time and peak bytes of a small model, fastft vs transformers+PEFT vs",
-              "Liger-Kernel: [small_model_cpu.md](small_model_cpu.md)."]
+    lines += [
+        "",
+        f"Modeling time: {time.perf_counter() - t0:.0f} s for {n_steps} modeled steps (cache shared across "
+        "GPU sizes), on a shared 2-core CPU.",
+        "",
+        "Measured (not modeled) CPU step time and peak bytes of a small model, fastft vs transformers+PEFT vs",
+        "Liger-Kernel: [small_model_cpu.md](small_model_cpu.md).",
+    ]
     (OUT / "memory_report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

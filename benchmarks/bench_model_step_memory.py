@@ -109,8 +109,9 @@ def _build(variant: str, model_dir: str, liger_kernels: list[str] | None):
     raise ValueError(f"unknown variant {variant!r}; known: {VARIANTS}")
 
 
-def measure_step(variant: str, model_dir: str, seq: int, *, warmup: int = 1, steps: int = 5,
-                 liger_kernels: list[str] | None = None) -> dict[str, Any]:
+def measure_step(
+    variant: str, model_dir: str, seq: int, *, warmup: int = 1, steps: int = 5, liger_kernels: list[str] | None = None
+) -> dict[str, Any]:
     """Measure one LoRA step of ``variant`` on the model saved in ``model_dir`` with ``seq`` random token ids.
 
     Returns ``peak_bytes`` (LiveBytesTracker high-water mark of step 1, weights excluded), ``breakdown`` (bytes by
@@ -128,8 +129,9 @@ def measure_step(variant: str, model_dir: str, seq: int, *, warmup: int = 1, ste
     return result
 
 
-def _measure(variant: str, model_dir: str, seq: int, warmup: int, steps: int,
-             liger_kernels: list[str] | None) -> dict[str, Any]:
+def _measure(
+    variant: str, model_dir: str, seq: int, warmup: int, steps: int, liger_kernels: list[str] | None
+) -> dict[str, Any]:
     import torch
 
     from fastft.kernels import _launch
@@ -169,10 +171,18 @@ def _measure(variant: str, model_dir: str, seq: int, warmup: int, steps: int,
         losses.append(step())
         if i >= warmup:
             seconds.append(time.perf_counter() - start)
-    return {"variant": variant, "peak_bytes": tracker.peak_bytes, "breakdown": dict(tracker.peak_breakdown),
-            "loss": loss_value, "later_losses": losses, "step_seconds": seconds, "tracked_seconds": tracked_seconds,
-            "fastft_paths": dict(fastft_paths), "threads": torch.get_num_threads(),
-            "interpreter": _launch.INTERPRETER}
+    return {
+        "variant": variant,
+        "peak_bytes": tracker.peak_bytes,
+        "breakdown": dict(tracker.peak_breakdown),
+        "loss": loss_value,
+        "later_losses": losses,
+        "step_seconds": seconds,
+        "tracked_seconds": tracked_seconds,
+        "fastft_paths": dict(fastft_paths),
+        "threads": torch.get_num_threads(),
+        "interpreter": _launch.INTERPRETER,
+    }
 
 
 def probe_liger() -> dict[str, str]:
@@ -220,17 +230,32 @@ def _shape(args: argparse.Namespace, path: str) -> dict[str, int]:
     else:
         hidden, layers, seq = args.interp_hidden, args.interp_layers, args.interp_seq
     heads = max(1, hidden // 64)
-    return {"hidden": hidden, "layers": layers, "seq": seq, "vocab": args.vocab, "heads": heads,
-            "kv_heads": max(1, heads // 4), "intermediate": 64 * round(hidden * 8 / 3 / 64)}
+    return {
+        "hidden": hidden,
+        "layers": layers,
+        "seq": seq,
+        "vocab": args.vocab,
+        "heads": heads,
+        "kv_heads": max(1, heads // 4),
+        "intermediate": 64 * round(hidden * 8 / 3 / 64),
+    }
 
 
 def _save_model(directory: str, shape: dict[str, int]) -> None:
     from fastft.offline import save_tiny_model
 
-    save_tiny_model(directory, "llama", vocab_size=shape["vocab"], hidden_size=shape["hidden"],
-                    intermediate_size=shape["intermediate"], num_hidden_layers=shape["layers"],
-                    num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"], head_dim=64,
-                    max_position_embeddings=max(4096, shape["seq"]))
+    save_tiny_model(
+        directory,
+        "llama",
+        vocab_size=shape["vocab"],
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["intermediate"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"],
+        head_dim=64,
+        max_position_embeddings=max(4096, shape["seq"]),
+    )
 
 
 def _child_env(path: str) -> dict[str, str]:
@@ -252,11 +277,15 @@ def _run_child(argv: list[str], path: str) -> dict[str, Any]:
 
 
 def _row_command(args: argparse.Namespace, variant: str, path: str, extra: str = "") -> str:
-    shape = (f"--hidden {args.hidden} --layers {args.layers} --seq {args.seq} --steps {args.steps} "
-             f"--warmup {args.warmup}" if path == "cpu" else
-             f"--interp-hidden {args.interp_hidden} --interp-layers {args.interp_layers} --interp-seq {args.interp_seq}")
-    return (f"python benchmarks/bench_model_step_memory.py --only {variant} --path {path} {shape} "
-            f"--vocab {args.vocab} --threads {args.threads}{extra}")
+    shape = (
+        f"--hidden {args.hidden} --layers {args.layers} --seq {args.seq} --steps {args.steps} --warmup {args.warmup}"
+        if path == "cpu"
+        else f"--interp-hidden {args.interp_hidden} --interp-layers {args.interp_layers} --interp-seq {args.interp_seq}"
+    )
+    return (
+        f"python benchmarks/bench_model_step_memory.py --only {variant} --path {path} {shape} "
+        f"--vocab {args.vocab} --threads {args.threads}{extra}"
+    )
 
 
 def _fmt_paths(res: dict[str, Any]) -> str:
@@ -298,8 +327,9 @@ def main() -> None:
             return
         kernels = args.liger_kernels.split(",") if args.liger_kernels else None
         steps = args.steps if os.environ.get("TRITON_INTERPRET") != "1" else 0
-        res = measure_step(args.child[0], args.child[1], args.child_seq, warmup=args.warmup, steps=steps,
-                           liger_kernels=kernels)
+        res = measure_step(
+            args.child[0], args.child[1], args.child_seq, warmup=args.warmup, steps=steps, liger_kernels=kernels
+        )
         print(json.dumps(res))
         return
 
@@ -308,8 +338,12 @@ def main() -> None:
     liger_installed = _liger_installed()
     if not liger_installed:
         print("liger: not installed (pip install liger-kernel)")
-    jobs = [(v, p) for p in PATHS for v in VARIANTS
-            if (not args.only or (v, p) == (args.only, args.path)) and (v != "liger" or liger_installed)]
+    jobs = [
+        (v, p)
+        for p in PATHS
+        for v in VARIANTS
+        if (not args.only or (v, p) == (args.only, args.path)) and (v != "liger" or liger_installed)
+    ]
     wall_start = time.perf_counter()
     load_before = os.getloadavg()
     rows, probes = [], {}
@@ -321,8 +355,16 @@ def main() -> None:
             shape = _shape(args, path)
             model_dir = os.path.join(tmp, path)
             _save_model(model_dir, shape)
-            common = ["--threads", str(args.threads), "--child-seq", str(shape["seq"]), "--steps", str(args.steps),
-                      "--warmup", str(args.warmup)]
+            common = [
+                "--threads",
+                str(args.threads),
+                "--child-seq",
+                str(shape["seq"]),
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+            ]
             for variant in path_jobs:
                 if variant != "liger":
                     res = _run_child([*common, "--child", variant, model_dir], path)
@@ -333,8 +375,7 @@ def main() -> None:
                 # kernels that run on their own here (probed one by one), so what it can do is still measured.
                 requested = args.liger_kernels.split(",") if args.liger_kernels else list(LIGER_KERNELS)
                 extra = f" --liger-kernels {','.join(requested)}" if args.liger_kernels else ""
-                res = _run_child([*common, "--child", "liger", model_dir, "--liger-kernels", ",".join(requested)],
-                                 path)
+                res = _run_child([*common, "--child", "liger", model_dir, "--liger-kernels", ",".join(requested)], path)
                 rows.append(("liger", path, ",".join(requested), res, _row_command(args, "liger", path, extra)))
                 _print_row(rows[-1])
                 if "error" in res and not args.liger_kernels:
@@ -342,10 +383,16 @@ def main() -> None:
                     print(f"liger kernels one by one on path {path}: {probes[path]}")
                     ok = [k for k in LIGER_KERNELS if probes[path].get(k) == "ok"]
                     if ok:
-                        res = _run_child([*common, "--child", "liger", model_dir, "--liger-kernels", ",".join(ok)],
-                                         path)
-                        rows.append(("liger", path, ",".join(ok), res,
-                                     _row_command(args, "liger", path, f" --liger-kernels {','.join(ok)}")))
+                        res = _run_child([*common, "--child", "liger", model_dir, "--liger-kernels", ",".join(ok)], path)
+                        rows.append(
+                            (
+                                "liger",
+                                path,
+                                ",".join(ok),
+                                res,
+                                _row_command(args, "liger", path, f" --liger-kernels {','.join(ok)}"),
+                            )
+                        )
                         _print_row(rows[-1])
     elapsed = time.perf_counter() - wall_start
     if args.only:
@@ -368,10 +415,14 @@ def _print_row(row: tuple) -> None:
     if "error" in res:
         print(f"{name:<60} {path:<10} did not run: {res['error']}")
         return
-    timing = (f"median {statistics.median(res['step_seconds']):.2f} s/step" if res["step_seconds"] else
-              f"(interpreter, tracked step {res['tracked_seconds']:.1f} s wall: not a speed figure)")
-    print(f"{name:<60} {path:<10} peak {res['peak_bytes'] / MIB:8.1f} MiB  loss {res['loss']:.6f}  {timing}  "
-          f"{_fmt_paths(res)}")
+    timing = (
+        f"median {statistics.median(res['step_seconds']):.2f} s/step"
+        if res["step_seconds"]
+        else f"(interpreter, tracked step {res['tracked_seconds']:.1f} s wall: not a speed figure)"
+    )
+    print(
+        f"{name:<60} {path:<10} peak {res['peak_bytes'] / MIB:8.1f} MiB  loss {res['loss']:.6f}  {timing}  {_fmt_paths(res)}"
+    )
     print(f"  command: {command}")
 
 
@@ -384,8 +435,10 @@ def _loss_chunks(res: dict[str, Any], tokens: int) -> str:
     for kernel, who in _LOSS_CHUNK_KERNELS.items():
         n = res.get("launches", {}).get(kernel)
         if n:
-            return (f"{who}'s fused linear+CE ran {n} token chunks of ~{math.ceil(tokens / n)} rows "
-                    f"(a [rows, vocab] fp32 logits chunk each)")
+            return (
+                f"{who}'s fused linear+CE ran {n} token chunks of ~{math.ceil(tokens / n)} rows "
+                f"(a [rows, vocab] fp32 logits chunk each)"
+            )
     return ""
 
 
@@ -398,8 +451,10 @@ def _report(args, rows, probes, liger_installed, elapsed, load_before, load_afte
     cpu, interp = _shape(args, "cpu"), _shape(args, "interpret")
 
     def shape_text(s: dict[str, int]) -> str:
-        return (f"llama, {s['layers']} layers, hidden {s['hidden']}, intermediate {s['intermediate']}, "
-                f"{s['heads']} heads / {s['kv_heads']} KV heads x 64, vocab {s['vocab']}, seq {s['seq']}, batch 1")
+        return (
+            f"llama, {s['layers']} layers, hidden {s['hidden']}, intermediate {s['intermediate']}, "
+            f"{s['heads']} heads / {s['kv_heads']} KV heads x 64, vocab {s['vocab']}, seq {s['seq']}, batch 1"
+        )
 
     versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
     try:
@@ -443,7 +498,7 @@ def _report(args, rows, probes, liger_installed, elapsed, load_before, load_afte
         "notes below.",
         "- `baseline` = transformers + PEFT + standard non-reentrant checkpointing, the model's own loss "
         "(full logits). `fastft` = `FastModel.from_pretrained` + `FastModel.get_peft_model` (checkpointing "
-        "\"fastft\" = standard checkpointing off CUDA); on plain CPU its ops take their torch path (same memory "
+        '"fastft" = standard checkpointing off CUDA); on plain CPU its ops take their torch path (same memory '
         "algorithm, no Triton), under the interpreter its Triton kernels (op counts by path in the notes). "
         "`liger` = `liger_kernel.transformers.apply_liger_kernel_to_llama(...)` before loading + PEFT + standard "
         "checkpointing; the kernels it was given are in brackets (the rest of the model runs transformers' own torch "
@@ -452,10 +507,10 @@ def _report(args, rows, probes, liger_installed, elapsed, load_before, load_afte
         "| variant | path | peak MiB | step time, s (median, min-max) | loss, step 1 | command |",
         "|---|---|---:|---|---:|---|",
     ]
-    base_peak = {p: r[3]["peak_bytes"] for r in rows for p in PATHS
-                 if r[0] == "baseline" and r[1] == p and "error" not in r[3]}
-    base_loss = {p: r[3]["loss"] for r in rows for p in PATHS
-                 if r[0] == "baseline" and r[1] == p and "error" not in r[3]}
+    base_peak = {
+        p: r[3]["peak_bytes"] for r in rows for p in PATHS if r[0] == "baseline" and r[1] == p and "error" not in r[3]
+    }
+    base_loss = {p: r[3]["loss"] for r in rows for p in PATHS if r[0] == "baseline" and r[1] == p and "error" not in r[3]}
     notes = []
     for variant, path, kernels, res, command in rows:
         name = f"{variant} [{kernels.replace(',', ', ')}]" if kernels else variant
@@ -482,11 +537,14 @@ def _report(args, rows, probes, liger_installed, elapsed, load_before, load_afte
         if chunks:
             detail += "; " + chunks
         if path == "interpret":
-            detail = (detail + "; " if detail else "") + (f"tracked step took {res['tracked_seconds']:.1f} s wall "
-                                                          "in the interpreter (not a speed figure)")
+            detail = (detail + "; " if detail else "") + (
+                f"tracked step took {res['tracked_seconds']:.1f} s wall in the interpreter (not a speed figure)"
+            )
         if res["later_losses"] and max(abs(x - res["loss"]) for x in res["later_losses"]) > 0:
-            detail += f"; later steps' losses differ from step 1 by up to " \
-                      f"{max(abs(x - res['loss']) for x in res['later_losses']):.1e}"
+            detail += (
+                f"; later steps' losses differ from step 1 by up to "
+                f"{max(abs(x - res['loss']) for x in res['later_losses']):.1e}"
+            )
         if detail:
             notes.append(f"- {name}, {path}: {detail}.")
     if not liger_installed:
@@ -495,9 +553,11 @@ def _report(args, rows, probes, liger_installed, elapsed, load_before, load_afte
         if "error" in probe:
             notes.append(f"- Liger kernels one by one, {path}: the probe itself failed: `{probe['error']}`")
             continue
-        notes.append(f"- Liger's llama kernels one by one (tiny LoRA llama, forward + backward), {path}: "
-                     + "; ".join(f"{k}: {'runs' if v == 'ok' else f'fails with `{v}`'}" for k, v in probe.items())
-                     + ".")
+        notes.append(
+            f"- Liger's llama kernels one by one (tiny LoRA llama, forward + backward), {path}: "
+            + "; ".join(f"{k}: {'runs' if v == 'ok' else f'fails with `{v}`'}" for k, v in probe.items())
+            + "."
+        )
     lines += ["", "Notes (which path ran, errors, interpreter wall time):", "", *notes, ""]
     return "\n".join(lines)
 

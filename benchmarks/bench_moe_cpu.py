@@ -117,8 +117,9 @@ def main() -> None:
             restore()
             block.experts.config._experts_implementation = None
         assert counts["kernel"] + counts["fallback"] > 0, "transformers' grouped path did not run"
-        grouped_via = "torch grouped_mm" if not counts["fallback"] else (
-            "transformers fallback" if not counts["kernel"] else "mixed")
+        grouped_via = (
+            "torch grouped_mm" if not counts["fallback"] else ("transformers fallback" if not counts["kernel"] else "mixed")
+        )
         path_counts.clear()
         t_fast, p_fast = _measure(block, x, lambda h, b=block: moe.fused_moe_forward(b, h), args.repeats)
         assert path_counts[("grouped_gemm", "torch")] > 0, "fastft's torch path did not run"
@@ -137,8 +138,10 @@ def main() -> None:
         "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for family, t_ref, t_grp, t_fast, p_ref, p_grp, p_fast, via in rows:
-        lines.append(f"| {family} | {t_ref * 1e3:.1f} | {t_grp * 1e3:.1f} | {t_fast * 1e3:.1f} | {p_ref / 2**20:.2f} | "
-                     f"{p_grp / 2**20:.2f} | {p_fast / 2**20:.2f} | {via} |")
+        lines.append(
+            f"| {family} | {t_ref * 1e3:.1f} | {t_grp * 1e3:.1f} | {t_fast * 1e3:.1f} | {p_ref / 2**20:.2f} | "
+            f"{p_grp / 2**20:.2f} | {p_fast / 2**20:.2f} | {via} |"
+        )
     if args.note:
         lines += ["", args.note]
     text = "\n".join(lines) + "\n"

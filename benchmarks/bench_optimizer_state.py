@@ -37,9 +37,15 @@ TARGETS = ["self_attn", "mlp"]
 def llama7b_meta():
     import transformers
 
-    cfg = transformers.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                   num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
-                                   tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    )
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     return model
@@ -48,8 +54,14 @@ def llama7b_meta():
 def _args(optim: str, optim_args: str | None = None):
     from transformers import TrainingArguments
 
-    return TrainingArguments(tempfile.mkdtemp(), optim=optim, optim_args=optim_args, use_cpu=True, report_to="none",
-                             optim_target_modules=TARGETS if "galore" in optim else None)
+    return TrainingArguments(
+        tempfile.mkdtemp(),
+        optim=optim,
+        optim_args=optim_args,
+        use_cpu=True,
+        report_to="none",
+        optim_target_modules=TARGETS if "galore" in optim else None,
+    )
 
 
 def measured_state_bytes(model, optim: str, optim_args: str | None = None, plain: bool = False) -> int:
@@ -81,8 +93,9 @@ def bnb_layout_check() -> str:
     o = bnb.optim.AdamW8bit([p])
     p.grad = torch.randn_like(p)
     o.step()
-    theirs = sum(v.numel() * v.element_size() for k, v in o.state[p].items()
-                 if torch.is_tensor(v) and not k.startswith("qmap"))  # qmaps: 2 KiB shared lookup tables
+    theirs = sum(
+        v.numel() * v.element_size() for k, v in o.state[p].items() if torch.is_tensor(v) and not k.startswith("qmap")
+    )  # qmaps: 2 KiB shared lookup tables
     ours_opt = GaLoreAdamW8bit([p])
     ours_opt.materialize_state()
     ours = ours_opt.state_bytes() - 4  # minus our step counter (bnb keeps its step as a Python int)
@@ -103,8 +116,10 @@ def svd_timing(m: int = 2048, n: int = 5504, rank: int = 128) -> None:
     spectrum = torch.arange(1, k + 1, dtype=torch.float32) ** -1.0  # power-law decay, as gradient spectra show
     g = (u * spectrum) @ v.T
     best = float((spectrum[:rank] ** 2).sum())
-    print(f"\nProjector refresh on CPU ({torch.get_num_threads()} threads), {m}x{n} fp32, rank {rank}, "
-          "side=left (MEASURED on CPU; GPU times differ):")
+    print(
+        f"\nProjector refresh on CPU ({torch.get_num_threads()} threads), {m}x{n} fp32, rank {rank}, "
+        "side=left (MEASURED on CPU; GPU times differ):"
+    )
     for method in ("exact", "randomized"):
         t0 = time.perf_counter()
         basis = orthogonal_basis(g, rank, "left", method, seed=1)
@@ -124,25 +139,39 @@ def main() -> None:
         ("AdamW 8-bit (bitsandbytes layout)", measured_state_bytes(model, "adamw_8bit", plain=True)),
         ("GaLore AdamW rank 128", measured_state_bytes(model, "galore_adamw", "rank=128")),
         ("GaLore AdamW rank 1024", measured_state_bytes(model, "galore_adamw", "rank=1024")),
-        ("GaLore AdamW 8-bit rank 128 (embeddings 32-bit, default)",
-         measured_state_bytes(model, "galore_adamw_8bit", "rank=128")),
-        ("GaLore AdamW 8-bit rank 128, embedding_bits=8", measured_state_bytes(model, "galore_adamw_8bit",
-                                                                              "rank=128,embedding_bits=8")),
-        ("GaLore AdamW 8-bit rank 1024 (embeddings 32-bit, default)",
-         measured_state_bytes(model, "galore_adamw_8bit", "rank=1024")),
-        ("GaLore AdamW 8-bit rank 1024, embedding_bits=8", measured_state_bytes(model, "galore_adamw_8bit",
-                                                                               "rank=1024,embedding_bits=8")),
+        (
+            "GaLore AdamW 8-bit rank 128 (embeddings 32-bit, default)",
+            measured_state_bytes(model, "galore_adamw_8bit", "rank=128"),
+        ),
+        (
+            "GaLore AdamW 8-bit rank 128, embedding_bits=8",
+            measured_state_bytes(model, "galore_adamw_8bit", "rank=128,embedding_bits=8"),
+        ),
+        (
+            "GaLore AdamW 8-bit rank 1024 (embeddings 32-bit, default)",
+            measured_state_bytes(model, "galore_adamw_8bit", "rank=1024"),
+        ),
+        (
+            "GaLore AdamW 8-bit rank 1024, embedding_bits=8",
+            measured_state_bytes(model, "galore_adamw_8bit", "rank=1024,embedding_bits=8"),
+        ),
     ]
     fp32 = rows[0][1]
-    print("Optimizer-state memory, Llama-7B shape (MODELED on meta tensors; "
-          f"{n_params / 1e9:.3f} B params, bf16 weights, GaLore on {TARGETS} linear weights)")
+    print(
+        "Optimizer-state memory, Llama-7B shape (MODELED on meta tensors; "
+        f"{n_params / 1e9:.3f} B params, bf16 weights, GaLore on {TARGETS} linear weights)"
+    )
     print(f"{'optimizer':60s} {'GiB':>8s} {'vs fp32 AdamW':>14s} {'vs bf16 AdamW':>14s}")
     for name, b in rows:
         print(f"{name:60s} {b / GiB:8.2f} {100 * (1 - b / fp32):13.1f}% {100 * (1 - b / bf16_adam):13.1f}%")
-    print("\nPaper (arXiv:2403.03507, LLaMA 7B, vs BF16 baseline): GaLore up to 65.5% less optimizer-state memory; "
-          "8-bit GaLore up to 82.5% less optimizer memory.")
-    print("Like-for-like comparison with the paper's 65.5%: GaLore rank 1024 vs AdamW with the same moment dtype "
-          f"= {100 * (1 - rows[4][1] / fp32):.1f}% (fp32 moments here; the paper's are bf16).")
+    print(
+        "\nPaper (arXiv:2403.03507, LLaMA 7B, vs BF16 baseline): GaLore up to 65.5% less optimizer-state memory; "
+        "8-bit GaLore up to 82.5% less optimizer memory."
+    )
+    print(
+        "Like-for-like comparison with the paper's 65.5%: GaLore rank 1024 vs AdamW with the same moment dtype "
+        f"= {100 * (1 - rows[4][1] / fp32):.1f}% (fp32 moments here; the paper's are bf16)."
+    )
     print(bnb_layout_check())
     if "--svd" in sys.argv:
         svd_timing()

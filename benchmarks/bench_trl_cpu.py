@@ -48,8 +48,16 @@ from typing import Any
 
 MODELS: dict[str, dict[str, Any]] = {
     "llama": dict(model_type="llama", vocab_size=500),
-    "qwen2-32k": dict(model_type="qwen2", vocab_size=32768, tie_word_embeddings=True, hidden_size=128,
-                      intermediate_size=352, num_attention_heads=4, num_key_value_heads=2, head_dim=32),
+    "qwen2-32k": dict(
+        model_type="qwen2",
+        vocab_size=32768,
+        tie_word_embeddings=True,
+        hidden_size=128,
+        intermediate_size=352,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+    ),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ALGOS = ("sft", "dpo", "grpo")
@@ -73,8 +81,10 @@ def _data(algo: str, tokenizer) -> Any:
     if algo == "sft":
         rows = [{"prompt": f"Q{i}: " + text(i, 20), "completion": " " + text(i + 1, 40)} for i in range(32)]
     elif algo == "dpo":
-        rows = [{"prompt": f"Q{i}: " + text(i, 20), "chosen": " " + text(i + 1, 30), "rejected": " " + text(i + 2, 30)}
-                for i in range(32)]
+        rows = [
+            {"prompt": f"Q{i}: " + text(i, 20), "chosen": " " + text(i + 1, 30), "rejected": " " + text(i + 2, 30)}
+            for i in range(32)
+        ]
     else:
         rows = [{"prompt": f"Q{i}: " + text(i, 12)} for i in range(32)]
     return Dataset.from_list(rows)
@@ -84,8 +94,9 @@ def _reward(completions, **_: Any) -> list[float]:
     return [float(len(set(c.split()))) for c in completions]
 
 
-def run_one(algo: str, model_name: str, dtype: str, variant: str, steps: int, model_dir: str, out_dir: str,
-            threads: int = 0) -> dict:
+def run_one(
+    algo: str, model_name: str, dtype: str, variant: str, steps: int, model_dir: str, out_dir: str, threads: int = 0
+) -> dict:
     """One training run in this process; returns its measurements."""
     import torch
 
@@ -106,12 +117,24 @@ def run_one(algo: str, model_name: str, dtype: str, variant: str, steps: int, mo
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         torch.manual_seed(3407)  # FastModel.get_peft_model's default random_state: the same adapter init
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
-                                                 task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+        )
 
-    common = dict(output_dir=out_dir, use_cpu=True, report_to="none", bf16=dtype == "bf16", max_steps=steps,
-                  logging_steps=1, seed=0, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
-                  per_device_train_batch_size=BATCH, learning_rate=1e-3)
+    common = dict(
+        output_dir=out_dir,
+        use_cpu=True,
+        report_to="none",
+        bf16=dtype == "bf16",
+        max_steps=steps,
+        logging_steps=1,
+        seed=0,
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        per_device_train_batch_size=BATCH,
+        learning_rate=1e-3,
+    )
     data = _data(algo, tokenizer)
     if algo == "sft":
         args = trl.SFTConfig(max_length=256, **common)
@@ -121,8 +144,9 @@ def run_one(algo: str, model_name: str, dtype: str, variant: str, steps: int, mo
         trainer = trl.DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
     else:
         args = trl.GRPOConfig(num_generations=4, max_completion_length=32, **common)
-        trainer = trl.GRPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                                  reward_funcs=_reward)
+        trainer = trl.GRPOTrainer(
+            model=model, args=args, train_dataset=data, processing_class=tokenizer, reward_funcs=_reward
+        )
 
     times: list[float] = []
     cpu_times: list[float] = []
@@ -141,10 +165,18 @@ def run_one(algo: str, model_name: str, dtype: str, variant: str, steps: int, mo
     trainer.train()
     peak = _status_kb("VmHWM")
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-    return dict(algo=algo, model=model_name, dtype=dtype, variant=variant, step_times=times, step_cpu=cpu_times,
-                losses=losses,
-                peak_rss_mb=peak / 1024, train_rss_mb=(peak - rss_start) / 1024,
-                head_kernel_calls=_head_calls() if fast else 0)
+    return dict(
+        algo=algo,
+        model=model_name,
+        dtype=dtype,
+        variant=variant,
+        step_times=times,
+        step_cpu=cpu_times,
+        losses=losses,
+        peak_rss_mb=peak / 1024,
+        train_rss_mb=(peak - rss_start) / 1024,
+        head_kernel_calls=_head_calls() if fast else 0,
+    )
 
 
 def _head_calls() -> int:
@@ -156,14 +188,29 @@ def _head_calls() -> int:
 def _subprocess(cell: tuple[str, str, str], variant: str, steps: int, model_dir: str, threads: int = 0) -> dict:
     algo, model_name, dtype = cell
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, __file__, "--one", algo, model_name, dtype, variant, "--steps", str(steps),
-               "--threads", str(threads), "--model-dir", model_dir, "--run-dir", out]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            algo,
+            model_name,
+            dtype,
+            variant,
+            "--steps",
+            str(steps),
+            "--threads",
+            str(threads),
+            "--model-dir",
+            model_dir,
+            "--run-dir",
+            out,
+        ]
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"{cell} {variant} failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def _ms(values: list[float]) -> str:
@@ -174,10 +221,12 @@ def table(results: list[dict], warmup: int) -> str:
     cells: dict[tuple, dict[str, list[dict]]] = {}
     for r in results:
         cells.setdefault((r["algo"], r["model"], r["dtype"]), {}).setdefault(r["variant"], []).append(r)
-    head = ("| trainer | model | precision | plain ms/step (min-max) | fastft ms/step (min-max) | time ratio "
-            "fastft/plain | CPU-time ratio fastft/plain | "
-            "plain peak RSS MiB (+train) | fastft peak RSS MiB (+train) | +train ratio | "
-            "max loss rel. diff | fastft head calls |")
+    head = (
+        "| trainer | model | precision | plain ms/step (min-max) | fastft ms/step (min-max) | time ratio "
+        "fastft/plain | CPU-time ratio fastft/plain | "
+        "plain peak RSS MiB (+train) | fastft peak RSS MiB (+train) | +train ratio | "
+        "max loss rel. diff | fastft head calls |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for (algo, model, dtype), runs in sorted(cells.items()):
         plain, fast = runs.get("plain", []), runs.get("fastft", [])
@@ -190,13 +239,17 @@ def table(results: list[dict], warmup: int) -> str:
         cpu_ratio = f"{statistics.median(fc) / statistics.median(pc):.2f}" if pc and fc else "n/a"
         p_rss, f_rss = max(r["peak_rss_mb"] for r in plain), max(r["peak_rss_mb"] for r in fast)
         p_inc, f_inc = max(r["train_rss_mb"] for r in plain), max(r["train_rss_mb"] for r in fast)
-        diffs = [abs(a - b) / max(abs(b), 1e-12) for f, p in zip(fast, plain, strict=False)
-                 for a, b in zip(f["losses"], p["losses"], strict=False)]
+        diffs = [
+            abs(a - b) / max(abs(b), 1e-12)
+            for f, p in zip(fast, plain, strict=False)
+            for a, b in zip(f["losses"], p["losses"], strict=False)
+        ]
         lines.append(
             f"| {algo.upper()} | {model} | {dtype} | {_ms(pt)} | {_ms(ft)} | "
             f"{statistics.median(ft) / statistics.median(pt):.2f} | {cpu_ratio} | {p_rss:.0f} (+{p_inc:.0f}) | "
             f"{f_rss:.0f} (+{f_inc:.0f}) | {f_inc / max(p_inc, 1e-9):.2f} | {max(diffs):.1e} | "
-            f"{min(r['head_kernel_calls'] for r in fast)} |")
+            f"{min(r['head_kernel_calls'] for r in fast)} |"
+        )
     return "\n".join(lines)
 
 
@@ -208,12 +261,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2, help="steps per run left out of the step-time statistics")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads per run (0: torch's default). 1 on a shared machine: no OpenMP "
-                             "spin-waiting, so the CPU-time column measures work")
-    parser.add_argument("--quick", action="store_true",
-                        help="the short variant (~6-8 min on a quiet 2-core machine): every cell once per side "
-                             "(--repeats 1), --steps 6; the order alternates from cell to cell instead")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads per run (0: torch's default). 1 on a shared machine: no OpenMP "
+        "spin-waiting, so the CPU-time column measures work",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="the short variant (~6-8 min on a quiet 2-core machine): every cell once per side "
+        "(--repeats 1), --steps 6; the order alternates from cell to cell instead",
+    )
     parser.add_argument("--out", help="write the markdown table here (and the raw runs beside it as .json)")
     parser.add_argument("--one", nargs=4, metavar=("ALGO", "MODEL", "DTYPE", "VARIANT"), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -251,9 +311,12 @@ def main(argv: list[str] | None = None) -> int:
                 for variant in ("plain", "fastft") if flip == 0 else ("fastft", "plain"):
                     r = _subprocess((algo, model_name, dtype), variant, args.steps, dirs[model_name], args.threads)
                     results.append(r)
-                    print(f"{algo} {model_name} {dtype} {variant} #{repeat}: "
-                          f"{_ms(r['step_times'][args.warmup:])} ms/step, peak {r['peak_rss_mb']:.0f} MiB "
-                          f"(+{r['train_rss_mb']:.0f})", flush=True)
+                    print(
+                        f"{algo} {model_name} {dtype} {variant} #{repeat}: "
+                        f"{_ms(r['step_times'][args.warmup :])} ms/step, peak {r['peak_rss_mb']:.0f} MiB "
+                        f"(+{r['train_rss_mb']:.0f})",
+                        flush=True,
+                    )
     text = table(results, args.warmup)
     elapsed = time.perf_counter() - started
     command = "python benchmarks/bench_trl_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -261,12 +324,14 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     import trl
 
-    header = (f"# Plain TRL vs fastft on CPU (measured)\n\nCommand: `{command}`  \n"
-              f"{os.cpu_count()} CPUs, {args.threads or torch.get_num_threads()} torch thread(s) per run, "
-              f"torch {torch.__version__}, transformers {transformers.__version__}, "
-              f"trl {trl.__version__}; {args.steps} steps per run ({args.warmup} warm-up steps dropped), "
-              f"{args.repeats} repeats per side, alternating order, batch {BATCH}; {elapsed:.0f} s in all.  \n"
-              "CPU timings (fastft's fused ops run their torch paths); not GPU figures. Ratios < 1 favour fastft.\n\n")
+    header = (
+        f"# Plain TRL vs fastft on CPU (measured)\n\nCommand: `{command}`  \n"
+        f"{os.cpu_count()} CPUs, {args.threads or torch.get_num_threads()} torch thread(s) per run, "
+        f"torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"trl {trl.__version__}; {args.steps} steps per run ({args.warmup} warm-up steps dropped), "
+        f"{args.repeats} repeats per side, alternating order, batch {BATCH}; {elapsed:.0f} s in all.  \n"
+        "CPU timings (fastft's fused ops run their torch paths); not GPU figures. Ratios < 1 favour fastft.\n\n"
+    )
     print(text)
     if args.out:
         out = Path(args.out)

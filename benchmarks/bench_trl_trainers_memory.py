@@ -37,14 +37,17 @@ from fastft.offline import build_tiny_model, build_tokenizer, tiny_config
 from fastft.patches.trl import _TRAINERS, patched_algorithm
 
 PROMPTS = ["What is 12 plus 7?", "Name a fast animal.", "Why checkpoint?", "Count:"]
-ANSWERS = [" The answer is 19, as anyone can check by counting.", " The quick brown fox jumps over the dog.",
-           " It trades compute for memory in the backward pass.", " 0 1 2 3 4 5 6 7 8 9 10 11 12"]
+ANSWERS = [
+    " The answer is 19, as anyone can check by counting.",
+    " The quick brown fox jumps over the dog.",
+    " It trades compute for memory in the backward pass.",
+    " 0 1 2 3 4 5 6 7 8 9 10 11 12",
+]
 
 
 def _completions(length: int):
     def generate(self, prompt_ids, *rest, **kwargs):
-        return [[(31 * sum(ids) + 7 * row + 3 * i) % 300 + 20 for i in range(length)]
-                for row, ids in enumerate(prompt_ids)]
+        return [[(31 * sum(ids) + 7 * row + 3 * i) % 300 + 20 for i in range(length)] for row, ids in enumerate(prompt_ids)]
 
     return generate
 
@@ -55,14 +58,19 @@ def _dataset(algorithm: str, tag: str):
     if algorithm == "SFT":
         rows = [{"prompt": p, "completion": a} for p, a in zip(PROMPTS, ANSWERS, strict=True)]
     elif algorithm == "Reward":
-        rows = [{"chosen": p + a, "rejected": p + ANSWERS[i - 1]} for i, (p, a) in enumerate(zip(PROMPTS, ANSWERS,
-                                                                                                strict=True))]
+        rows = [
+            {"chosen": p + a, "rejected": p + ANSWERS[i - 1]} for i, (p, a) in enumerate(zip(PROMPTS, ANSWERS, strict=True))
+        ]
     elif algorithm in ("DPO", "ORPO", "CPO"):
-        rows = [{"prompt": p, "chosen": a, "rejected": ANSWERS[i - 1]} for i, (p, a) in enumerate(zip(PROMPTS, ANSWERS,
-                                                                                                    strict=True))]
+        rows = [
+            {"prompt": p, "chosen": a, "rejected": ANSWERS[i - 1]}
+            for i, (p, a) in enumerate(zip(PROMPTS, ANSWERS, strict=True))
+        ]
     elif algorithm == "KTO":
-        rows = [{"prompt": p, "completion": a, "label": i % 2 == 0} for i, (p, a) in enumerate(zip(PROMPTS, ANSWERS,
-                                                                                                 strict=True))]
+        rows = [
+            {"prompt": p, "completion": a, "label": i % 2 == 0}
+            for i, (p, a) in enumerate(zip(PROMPTS, ANSWERS, strict=True))
+        ]
     else:
         rows = [{"prompt": p} for p in PROMPTS]
     # a fingerprint per run: TRL caches per-dataset work (e.g. reference log-probs) by fingerprint
@@ -82,7 +90,8 @@ def measure(algorithm: str, patched: bool, args: argparse.Namespace) -> tuple[in
     cls = getattr(module, spec.class_name)
     # trl.<X>Config, or the experimental trainer's package's
     config_cls = getattr(trl, f"{algorithm}Config", None) or getattr(
-        importlib.import_module(spec.module.rsplit(".", 1)[0]), f"{algorithm}Config")
+        importlib.import_module(spec.module.rsplit(".", 1)[0]), f"{algorithm}Config"
+    )
     original = vars(cls).get("_generate_single_turn")
     if generating:
         seam = _completions(args.completion_length)
@@ -91,9 +100,16 @@ def measure(algorithm: str, patched: bool, args: argparse.Namespace) -> tuple[in
         else:
             cls._generate_single_turn = seam
     try:
-        dims = dict(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-                    num_hidden_layers=2, num_attention_heads=args.hidden // 64,
-                    num_key_value_heads=args.hidden // 128, head_dim=64, max_position_embeddings=1024)
+        dims = dict(
+            vocab_size=args.vocab,
+            hidden_size=args.hidden,
+            intermediate_size=2 * args.hidden,
+            num_hidden_layers=2,
+            num_attention_heads=args.hidden // 64,
+            num_key_value_heads=args.hidden // 128,
+            head_dim=64,
+            max_position_embeddings=1024,
+        )
         if algorithm == "Reward":
             from transformers import AutoModelForSequenceClassification
 
@@ -104,8 +120,18 @@ def measure(algorithm: str, patched: bool, args: argparse.Namespace) -> tuple[in
             model = build_tiny_model("llama", **dims)
         torch.manual_seed(0)
         with tempfile.TemporaryDirectory() as out:
-            common = dict(output_dir=out, use_cpu=True, report_to="none", bf16=False, max_steps=1, logging_steps=1,
-                          save_strategy="no", disable_tqdm=True, seed=0, per_device_train_batch_size=4)
+            common = dict(
+                output_dir=out,
+                use_cpu=True,
+                report_to="none",
+                bf16=False,
+                max_steps=1,
+                logging_steps=1,
+                save_strategy="no",
+                disable_tqdm=True,
+                seed=0,
+                per_device_train_batch_size=4,
+            )
             extra: dict = {}
             length_reward = dict(reward_funcs=lambda completions, **kw: [float(len(c) % 7) for c in completions])
             task = "SEQ_CLS" if algorithm == "Reward" else None  # the other rows: as first measured
@@ -118,10 +144,14 @@ def measure(algorithm: str, patched: bool, args: argparse.Namespace) -> tuple[in
             else:
                 common.update(max_length=128)
             config = config_cls(**common)
-            trainer = cls(model=model, args=config, processing_class=build_tokenizer(),
-                          train_dataset=_dataset(algorithm, f"{patched}"), **extra,
-                          peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"],
-                                                 task_type=task))
+            trainer = cls(
+                model=model,
+                args=config,
+                processing_class=build_tokenizer(),
+                train_dataset=_dataset(algorithm, f"{patched}"),
+                **extra,
+                peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"], task_type=task),
+            )
             assert patched_algorithm(trainer) == (algorithm if patched else None)
             tracker = LiveBytesTracker()
             with tracker:
@@ -149,17 +179,24 @@ def main() -> None:
     torch.set_num_threads(1)
     import trl
 
-    print(f"command: python benchmarks/bench_trl_trainers_memory.py --hidden {args.hidden} --vocab {args.vocab} "
-          f"--completion-length {args.completion_length} --trainers {args.trainers}")
-    print(f"CPU, fp32, torch path, TRL {trl.__version__}; peak live tensor bytes of one training step (weights "
-          "excluded); measured, not modeled\n")
+    print(
+        f"command: python benchmarks/bench_trl_trainers_memory.py --hidden {args.hidden} --vocab {args.vocab} "
+        f"--completion-length {args.completion_length} --trainers {args.trainers}"
+    )
+    print(
+        f"CPU, fp32, torch path, TRL {trl.__version__}; peak live tensor bytes of one training step (weights "
+        "excluded); measured, not modeled\n"
+    )
     print("| trainer | TRL peak MiB | fastft peak MiB | fastft / TRL | step-1 loss TRL | step-1 loss fastft |")
     print("|---|---:|---:|---:|---:|---:|")
     for algorithm in args.trainers.split(","):
         slow, slow_loss = measure(algorithm, False, args)
         fast, fast_loss = measure(algorithm, True, args)
-        print(f"| {algorithm} | {slow / 2**20:.1f} | {fast / 2**20:.1f} | {fast / slow:.1%} | {slow_loss:.6g} | "
-              f"{fast_loss:.6g} |", flush=True)
+        print(
+            f"| {algorithm} | {slow / 2**20:.1f} | {fast / 2**20:.1f} | {fast / slow:.1%} | {slow_loss:.6g} | "
+            f"{fast_loss:.6g} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

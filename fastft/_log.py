@@ -34,8 +34,7 @@ def configure_from_env(value: str | None = None) -> str | None:
         return None
     level = value.strip().lower()
     if level not in LEVELS:
-        warnings.warn(f"FASTFT_LOG={value!r} is not a level; use one of {', '.join(LEVELS)}", UserWarning,
-                      stacklevel=2)
+        warnings.warn(f"FASTFT_LOG={value!r} is not a level; use one of {', '.join(LEVELS)}", UserWarning, stacklevel=2)
         return None
     logger.setLevel(level.upper())
     if not any(getattr(h, "_fastft_env", False) for h in logger.handlers):

@@ -33,8 +33,10 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     if result.stopped_reason:
         again = ["fastft", "train", args.config, *(f"--set={s}" for s in args.set), "--resume"]
-        print(f"fastft: stopped early ({result.stopped_reason}) at step {result.global_step}; full checkpoint saved "
-              f"to {result.checkpoint}.\nfastft: resume with: {shlex.join(again)}")
+        print(
+            f"fastft: stopped early ({result.stopped_reason}) at step {result.global_step}; full checkpoint saved "
+            f"to {result.checkpoint}.\nfastft: resume with: {shlex.join(again)}"
+        )
     else:
         print(f"fastft: training finished at step {result.global_step}; model saved to {result.output_dir}")
     print(f"fastft: report: {result.report_path}")
@@ -52,10 +54,19 @@ def main(argv: list[str] | None = None) -> int:
     smoke.set_defaults(func=_smoke)
     train = sub.add_parser("train", help="train from a YAML config (see examples/)")
     train.add_argument("config", help="the YAML config file")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set trainer.learning_rate=1e-4 (repeatable)")
-    train.add_argument("--max-minutes", type=float, default=None,
-                       help="time budget: save a full checkpoint and exit cleanly before exceeding it")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set trainer.learning_rate=1e-4 (repeatable)",
+    )
+    train.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="time budget: save a full checkpoint and exit cleanly before exceeding it",
+    )
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     train.set_defaults(func=_train)
     from fastft.doctor import add_parser as _add_doctor_parser

@@ -24,14 +24,46 @@ import torch
 #: T=1.0 made GRPO drift: accuracy fell); the quick run only checks that every stage runs end to end, and what it
 #: prints says so (see describe_reward_change).
 SETTINGS: dict[str, dict[str, Any]] = {
-    "full": dict(max_operand=9, model=dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4,
-                                           num_attention_heads=4, num_key_value_heads=2, head_dim=32),
-                 sft_steps=60, sft_batch=50, sft_lr=3e-3, grpo_steps=40, grpo_prompts=16, generations=8,
-                 grpo_lr=2e-4, temperature=0.7, grpo_lora=None),
-    "quick": dict(max_operand=9, model=dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                                            num_attention_heads=4, num_key_value_heads=2, head_dim=16),
-                  sft_steps=8, sft_batch=16, sft_lr=3e-3, grpo_steps=2, grpo_prompts=2, generations=4,
-                  grpo_lr=2e-4, temperature=0.7, grpo_lora=None),
+    "full": dict(
+        max_operand=9,
+        model=dict(
+            hidden_size=128,
+            intermediate_size=344,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+        ),
+        sft_steps=60,
+        sft_batch=50,
+        sft_lr=3e-3,
+        grpo_steps=40,
+        grpo_prompts=16,
+        generations=8,
+        grpo_lr=2e-4,
+        temperature=0.7,
+        grpo_lora=None,
+    ),
+    "quick": dict(
+        max_operand=9,
+        model=dict(
+            hidden_size=64,
+            intermediate_size=176,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+        ),
+        sft_steps=8,
+        sft_batch=16,
+        sft_lr=3e-3,
+        grpo_steps=2,
+        grpo_prompts=2,
+        generations=4,
+        grpo_lr=2e-4,
+        temperature=0.7,
+        grpo_lora=None,
+    ),
 }
 
 
@@ -56,15 +88,17 @@ def greedy_accuracy(model: Any, tokenizer: Any, pairs: list[tuple[int, int]]) ->
     from fastft.model import FastModel
 
     FastModel.for_inference(model)
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"{a}+{b}="}], tokenize=False,
-                                             add_generation_prompt=True) for a, b in pairs]
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": f"{a}+{b}="}], tokenize=False, add_generation_prompt=True)
+        for a, b in pairs
+    ]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     tokenizer.padding_side = side
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     correct = sum(t.strip() == str(a + b) for t, (a, b) in zip(texts, pairs))
     FastModel.for_training(model)
     return correct / len(pairs)
@@ -86,8 +120,10 @@ def describe_reward_change(rewards: list[float]) -> str:
     if n < 2:
         return f"{n} logged step{'s' if n != 1 else ''}: no change to report"
     if n < MIN_STEPS_FOR_TREND:
-        return (f"changed by {rewards[-1] - rewards[0]:+.3f} over {n} steps (too few steps to call a trend; "
-                f"{MIN_STEPS_FOR_TREND} or more are needed)")
+        return (
+            f"changed by {rewards[-1] - rewards[0]:+.3f} over {n} steps (too few steps to call a trend; "
+            f"{MIN_STEPS_FOR_TREND} or more are needed)"
+        )
     k = n // 4
     head, tail = rewards[:k], rewards[-k:]
     first, last = sum(head) / k, sum(tail) / k
@@ -111,8 +147,11 @@ def _reward_printer() -> Any:
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "reward" in logs:
                 bar = "#" * round(20 * float(logs["reward"]))
-                print(f"  GRPO step {state.global_step:3d}/{state.max_steps}: mean sampled reward "
-                      f"{float(logs['reward']):.3f} |{bar:<20}|", flush=True)
+                print(
+                    f"  GRPO step {state.global_step:3d}/{state.max_steps}: mean sampled reward "
+                    f"{float(logs['reward']):.3f} |{bar:<20}|",
+                    flush=True,
+                )
 
     return RewardPrinter()
 
@@ -123,8 +162,7 @@ def _loss_printer(every: int) -> Any:
     class LossPrinter(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs and (state.global_step % every == 0 or state.global_step == state.max_steps):
-                print(f"  SFT step {state.global_step:4d}/{state.max_steps}: loss {float(logs['loss']):.3f}",
-                      flush=True)
+                print(f"  SFT step {state.global_step:4d}/{state.max_steps}: loss {float(logs['loss']):.3f}", flush=True)
 
     return LossPrinter()
 
@@ -143,33 +181,58 @@ def run_demo(output_dir: str | None = None, quick: bool = False) -> int:
         # The demo's tensors are tiny: a second thread buys nothing and OpenMP's spin-waits cost ~50x per op when the
         # cores are shared with anything else (measured: an RMSNorm fwd+bwd at [50, 20, 128] 130 ms vs 1.8 ms CPU).
         torch.set_num_threads(1)
-    print(f"fastft demo{' (--quick)' if quick else ''}: offline, on {device} (torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads); writing to {out}", flush=True)
+    print(
+        f"fastft demo{' (--quick)' if quick else ''}: offline, on {device} (torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads); writing to {out}",
+        flush=True,
+    )
 
     train_pairs = eval_pairs = _problems(s["max_operand"])
     data_dir = os.path.join(out, "data")
     os.makedirs(data_dir, exist_ok=True)
-    sft_file = _write_jsonl(os.path.join(data_dir, "sft.jsonl"), [
-        {"messages": [{"role": "user", "content": f"{a}+{b}="}, {"role": "assistant", "content": str(a + b)}]}
-        for a, b in train_pairs])
-    grpo_file = _write_jsonl(os.path.join(data_dir, "grpo.jsonl"), [
-        {"prompt": [{"role": "user", "content": f"{a}+{b}="}], "answer": str(a + b)} for a, b in train_pairs])
-    print(f"task: 'a+b=' with a, b in 0..{s['max_operand']}: {len(train_pairs)} problems. Accuracy is checked on "
-          "these same problems: the demo shows the training loop learning, not generalization.", flush=True)
+    sft_file = _write_jsonl(
+        os.path.join(data_dir, "sft.jsonl"),
+        [
+            {"messages": [{"role": "user", "content": f"{a}+{b}="}, {"role": "assistant", "content": str(a + b)}]}
+            for a, b in train_pairs
+        ],
+    )
+    grpo_file = _write_jsonl(
+        os.path.join(data_dir, "grpo.jsonl"),
+        [{"prompt": [{"role": "user", "content": f"{a}+{b}="}], "answer": str(a + b)} for a, b in train_pairs],
+    )
+    print(
+        f"task: 'a+b=' with a, b in 0..{s['max_operand']}: {len(train_pairs)} problems. Accuracy is checked on "
+        "these same problems: the demo shows the training loop learning, not generalization.",
+        flush=True,
+    )
 
     base_dir = save_tiny_model(os.path.join(out, "base-model"), "llama", seed=0, **s["model"])
     common_model = {"max_seq_length": 48, "full_finetuning": True, "lora": None, "use_gradient_checkpointing": False}
 
     # 1) SFT warm-up (full fine-tuning: a random model has nothing for LoRA to adapt yet).
-    sft_cfg = validate({
-        "model": {"name": base_dir, **common_model},
-        "data": {"path": sft_file, "train_on_responses_only": True},
-        "trainer": {"type": "sft", "max_steps": s["sft_steps"], "per_device_train_batch_size": s["sft_batch"],
-                    "logging_steps": 1, "save_strategy": "no", "seed": 0, "disable_tqdm": True},
-        "optim": {"learning_rate": s["sft_lr"], "lr_scheduler_type": "cosine", "warmup_steps": 0.05,
-                  "weight_decay": 0.0},
-        "output_dir": os.path.join(out, "sft"),
-    })
+    sft_cfg = validate(
+        {
+            "model": {"name": base_dir, **common_model},
+            "data": {"path": sft_file, "train_on_responses_only": True},
+            "trainer": {
+                "type": "sft",
+                "max_steps": s["sft_steps"],
+                "per_device_train_batch_size": s["sft_batch"],
+                "logging_steps": 1,
+                "save_strategy": "no",
+                "seed": 0,
+                "disable_tqdm": True,
+            },
+            "optim": {
+                "learning_rate": s["sft_lr"],
+                "lr_scheduler_type": "cosine",
+                "warmup_steps": 0.05,
+                "weight_decay": 0.0,
+            },
+            "output_dir": os.path.join(out, "sft"),
+        }
+    )
     print(f"\n[1/2] SFT warm-up: {s['sft_steps']} steps, batch {s['sft_batch']}, full fine-tuning", flush=True)
     sft = run(sft_cfg, callbacks=[_loss_printer(max(1, s["sft_steps"] // 10))], quiet=True)
     acc_sft = greedy_accuracy(sft.trainer.model, sft.trainer.processing_class, eval_pairs)
@@ -179,19 +242,32 @@ def run_demo(output_dir: str | None = None, quick: bool = False) -> int:
     grpo_model = dict(common_model)
     if s["grpo_lora"]:
         grpo_model.update(full_finetuning=False, lora=s["grpo_lora"])
-    grpo_cfg = validate({
-        "model": {"name": os.path.join(out, "sft"), **grpo_model},
-        "data": {"path": grpo_file},
-        "trainer": {"type": "grpo", "max_steps": s["grpo_steps"],
-                    "per_device_train_batch_size": s["grpo_prompts"] * s["generations"],
-                    "num_generations": s["generations"], "max_completion_length": 4, "temperature": s["temperature"],
-                    "logging_steps": 1, "save_strategy": "no", "seed": 0, "disable_tqdm": True},
-        "optim": {"learning_rate": s["grpo_lr"], "lr_scheduler_type": "constant", "weight_decay": 0.0},
-        "rewards": ["exact_answer"],
-        "output_dir": os.path.join(out, "grpo"),
-    })
-    print(f"\n[2/2] GRPO: {s['grpo_steps']} steps x {s['grpo_prompts']} prompts x {s['generations']} samples, "
-          "reward = exact_answer (1 if the sampled answer is right)", flush=True)
+    grpo_cfg = validate(
+        {
+            "model": {"name": os.path.join(out, "sft"), **grpo_model},
+            "data": {"path": grpo_file},
+            "trainer": {
+                "type": "grpo",
+                "max_steps": s["grpo_steps"],
+                "per_device_train_batch_size": s["grpo_prompts"] * s["generations"],
+                "num_generations": s["generations"],
+                "max_completion_length": 4,
+                "temperature": s["temperature"],
+                "logging_steps": 1,
+                "save_strategy": "no",
+                "seed": 0,
+                "disable_tqdm": True,
+            },
+            "optim": {"learning_rate": s["grpo_lr"], "lr_scheduler_type": "constant", "weight_decay": 0.0},
+            "rewards": ["exact_answer"],
+            "output_dir": os.path.join(out, "grpo"),
+        }
+    )
+    print(
+        f"\n[2/2] GRPO: {s['grpo_steps']} steps x {s['grpo_prompts']} prompts x {s['generations']} samples, "
+        "reward = exact_answer (1 if the sampled answer is right)",
+        flush=True,
+    )
     grpo = run(grpo_cfg, callbacks=[_reward_printer()], quiet=True)
     acc_grpo = greedy_accuracy(grpo.trainer.model, grpo.trainer.processing_class, eval_pairs)
 
@@ -201,8 +277,10 @@ def run_demo(output_dir: str | None = None, quick: bool = False) -> int:
     print(f"\nresults (measured in this run, {device}):")
     print(f"  GRPO mean sampled reward: {describe_reward_change([float(r) for r in rewards])}")
     points = round(100 * acc_grpo) - round(100 * acc_sft)
-    print(f"  greedy accuracy on the {len(eval_pairs)} problems: after SFT {acc_sft:.0%} -> after GRPO "
-          f"{acc_grpo:.0%} ({'unchanged' if points == 0 else f'{points:+d} points'})")
+    print(
+        f"  greedy accuracy on the {len(eval_pairs)} problems: after SFT {acc_sft:.0%} -> after GRPO "
+        f"{acc_grpo:.0%} ({'unchanged' if points == 0 else f'{points:+d} points'})"
+    )
     print(f"  reports: {sft.report_path}\n           {grpo.report_path}")
     print(f"  total wall time {time.perf_counter() - start:.0f} s on {device}")
     return 0

@@ -59,8 +59,10 @@ def direct_read_problem(weight: Any) -> str | None:
     DTensors are fine (:func:`full_weight` gathers them); ZeRO-3 placeholders are not.
     """
     if is_zero3_partitioned(weight):
-        return ("the weight is a DeepSpeed ZeRO-3 partitioned parameter (not gathered outside its module's forward; "
-                "its gradient flows only through DeepSpeed's module hooks)")
+        return (
+            "the weight is a DeepSpeed ZeRO-3 partitioned parameter (not gathered outside its module's forward; "
+            "its gradient flows only through DeepSpeed's module hooks)"
+        )
     return None
 
 
@@ -80,9 +82,12 @@ def full_weight(weight: torch.Tensor) -> torch.Tensor:
     if problem:
         raise RuntimeError(f"fastft.distributed.full_weight: {problem}; call the module instead")
     if is_dtensor(weight):
-        info_once(f"fastft: gathering a sharded (DTensor {tuple(weight.shape)}, placements "
-                  f"{tuple(str(p) for p in weight.placements)}) weight for a fused kernel with full_tensor(); its "
-                  "gradient is reduce-scattered back to the shards", key=f"full-weight-{tuple(weight.shape)}")
+        info_once(
+            f"fastft: gathering a sharded (DTensor {tuple(weight.shape)}, placements "
+            f"{tuple(str(p) for p in weight.placements)}) weight for a fused kernel with full_tensor(); its "
+            "gradient is reduce-scattered back to the shards",
+            key=f"full-weight-{tuple(weight.shape)}",
+        )
         from torch.distributed.tensor import Partial
 
         # full_tensor()'s default backward treats the incoming gradient as Replicate (identical on every rank) and
@@ -133,8 +138,10 @@ def sharded_reason(weight: Any) -> str | None:
     """Why a kernel that reads ``weight`` *in place* (and would write no gradient through autograd, e.g. fused
     LoRA's frozen base) cannot use it: a DTensor shard or a ZeRO-3 placeholder. None when it is a plain tensor."""
     if is_dtensor(weight):
-        return (f"the base weight is a sharded DTensor (FSDP2 / tensor parallel, placements "
-                f"{tuple(str(p) for p in weight.placements)}) outside its module's forward")
+        return (
+            f"the base weight is a sharded DTensor (FSDP2 / tensor parallel, placements "
+            f"{tuple(str(p) for p in weight.placements)}) outside its module's forward"
+        )
     return direct_read_problem(weight)
 
 
@@ -175,8 +182,12 @@ def check_resume_world_size(checkpoint_dir: str, current: int | None = None, *, 
                 f"fastft: checkpoint {checkpoint_dir!r} was saved by {saved} process(es) but this run has {current}. "
                 f"Resume with `accelerate launch --num_processes {saved}` to continue the same run; to continue "
                 f"with {current} anyway (weights and optimizer state load; the data order, global batch size and RNG "
-                f"streams change), pass allow_change=True")
-        info_once(f"fastft: resuming a checkpoint saved by {saved} processes with {current}: weights and optimizer "
-                  "state load; the remaining steps see a different data order and global batch size than the "
-                  "original run", key=f"resume-world-{saved}-{current}")
+                f"streams change), pass allow_change=True"
+            )
+        info_once(
+            f"fastft: resuming a checkpoint saved by {saved} processes with {current}: weights and optimizer "
+            "state load; the remaining steps see a different data order and global batch size than the "
+            "original run",
+            key=f"resume-world-{saved}-{current}",
+        )
     return saved

@@ -19,8 +19,15 @@ import warnings
 from typing import Any
 
 #: Sizes a ``--model`` config is shrunk to: the contracts depend on the classes, not on the width.
-_TINY_SIZES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, head_dim=16, vocab_size=384)
+_TINY_SIZES = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=384,
+)
 
 
 def _host() -> dict[str, Any]:
@@ -35,9 +42,12 @@ def _host() -> dict[str, Any]:
                     break
     except OSError:
         pass
-    host: dict[str, Any] = {"avx512f": "avx512f" in flags, "avx2": "avx2" in flags,
-                            "cuda": torch.cuda.is_available(),
-                            "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1"}
+    host: dict[str, Any] = {
+        "avx512f": "avx512f" in flags,
+        "avx2": "avx2" in flags,
+        "cuda": torch.cuda.is_available(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+    }
     if host["cuda"]:
         host["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     host["bitsandbytes_cpu_dequantize_4bit"] = _bnb_cpu_dequant_check()
@@ -65,8 +75,10 @@ def _bnb_cpu_dequant_check() -> str:
     error = (theirs.float() - ours.float()).abs().max().item()
     if error == 0.0:
         return "correct"
-    return (f"WRONG on this CPU (max error {error:.3g} at a 64x96 weight, blocksize 64): a known bitsandbytes defect; "
-            "fastft's fused LoRA and merges use fastft's own dequantization, PEFT's unfused 4-bit path does not")
+    return (
+        f"WRONG on this CPU (max error {error:.3g} at a 64x96 weight, blocksize 64): a known bitsandbytes defect; "
+        "fastft's fused LoRA and merges use fastft's own dequantization, PEFT's unfused 4-bit path does not"
+    )
 
 
 def _architecture_rows(model: str | None) -> list[dict[str, Any]]:
@@ -85,9 +97,11 @@ def _architecture_rows(model: str | None) -> list[dict[str, Any]]:
             with _quiet():
                 report = patch_model(build())
             by_design = dict(ARCHITECTURES[model_type].unfused)  # the row says these cannot be fused identically
-            row.update(applied=report.applied, skipped={name: report.reasons.get(name, "not applied")
-                                                        for name in report.skipped if name not in by_design},
-                       unfused_by_design=by_design)
+            row.update(
+                applied=report.applied,
+                skipped={name: report.reasons.get(name, "not applied") for name in report.skipped if name not in by_design},
+                unfused_by_design=by_design,
+            )
             fastft.unpatch()
         rows.append(row)
     return rows
@@ -122,8 +136,14 @@ def _trainer_rows() -> list[dict[str, Any]]:
             patched = fast_trl.PatchFastRL(algorithm)[algorithm]
         skipped = {name: why for name, why in skipped_patches().items() if name.startswith(f"trl {algorithm}:")}
         head = fast_trl.lean_head_absent(algorithm) or fast_trl._fused_head_problem()
-        rows.append({"trainer": f"{algorithm}Trainer", "patched": patched, "skipped": skipped,
-                     "lean_head": "fastft" if head is None else f"TRL's own ({head})"})
+        rows.append(
+            {
+                "trainer": f"{algorithm}Trainer",
+                "patched": patched,
+                "skipped": skipped,
+                "lean_head": "fastft" if head is None else f"TRL's own ({head})",
+            }
+        )
         fastft.unpatch()
     return rows
 
@@ -148,14 +168,25 @@ def diagnose(model: str | None = None) -> dict[str, Any]:
     """Everything ``fastft doctor`` reports, as a dict (what ``--json`` prints)."""
     from fastft.versions import version_table
 
-    result = {"versions": version_table(), "host": _host(), "architectures": _architecture_rows(model),
-              "trainers": _trainer_rows()}
-    failures = [f"{row['model_type']}: not in the architecture table" for row in result["architectures"]
-                if not row["supported"]]
-    failures += [f"{row['model_type']}: {name} left unpatched ({why})" for row in result["architectures"]
-                 for name, why in row.get("skipped", {}).items()]
-    failures += [f"{row['trainer']}: not patched ({'; '.join(row['skipped'].values()) or 'see warnings'})"
-                 for row in result["trainers"] if not row["patched"]]
+    result = {
+        "versions": version_table(),
+        "host": _host(),
+        "architectures": _architecture_rows(model),
+        "trainers": _trainer_rows(),
+    }
+    failures = [
+        f"{row['model_type']}: not in the architecture table" for row in result["architectures"] if not row["supported"]
+    ]
+    failures += [
+        f"{row['model_type']}: {name} left unpatched ({why})"
+        for row in result["architectures"]
+        for name, why in row.get("skipped", {}).items()
+    ]
+    failures += [
+        f"{row['trainer']}: not patched ({'; '.join(row['skipped'].values()) or 'see warnings'})"
+        for row in result["trainers"]
+        if not row["patched"]
+    ]
     result["failures"] = failures
     return result
 
@@ -165,13 +196,14 @@ def _print(result: dict[str, Any]) -> None:
     print("\nversions (tested range from fastft's pyproject):")
     for row in result["versions"]:
         state = {True: "ok", False: "UNTESTED (outside the range)", None: "-"}[row["in_range"]]
-        print(f"  {row['package']:<13} {row['installed'] or 'not installed':<16} tested {row['tested'] or '-':<22} "
-              f"{state}")
+        print(f"  {row['package']:<13} {row['installed'] or 'not installed':<16} tested {row['tested'] or '-':<22} {state}")
     host = result["host"]
     print("\nhost:")
-    print(f"  CPU: avx512f={'yes' if host['avx512f'] else 'no'} avx2={'yes' if host['avx2'] else 'no'}; "
-          f"CUDA: {', '.join(host.get('gpus', [])) or 'none'}"
-          + ("; TRITON_INTERPRET=1 (kernels interpreted)" if host["triton_interpret"] else ""))
+    print(
+        f"  CPU: avx512f={'yes' if host['avx512f'] else 'no'} avx2={'yes' if host['avx2'] else 'no'}; "
+        f"CUDA: {', '.join(host.get('gpus', [])) or 'none'}"
+        + ("; TRITON_INTERPRET=1 (kernels interpreted)" if host["triton_interpret"] else "")
+    )
     print(f"  bitsandbytes CPU dequantize_4bit: {host['bitsandbytes_cpu_dequantize_4bit']}")
     print("\narchitectures (tiny offline models, random weights):")
     for row in result["architectures"]:
@@ -194,8 +226,11 @@ def _print(result: dict[str, Any]) -> None:
 
 def add_parser(sub: Any) -> None:
     doctor = sub.add_parser("doctor", help="versions vs tested ranges, and which patches apply here (offline)")
-    doctor.add_argument("--model", default=None,
-                        help="a local model directory (or its config.json): check its architecture instead of every row")
+    doctor.add_argument(
+        "--model",
+        default=None,
+        help="a local model directory (or its config.json): check its architecture instead of every row",
+    )
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
     doctor.set_defaults(func=run)
 

@@ -29,11 +29,27 @@ from fastft.patches.embedding_offload import HostEmbedding, offload_input_embedd
 
 #: Every linear projection of the supported decoder layers.
 #: Default LoRA targets, those a model has: split projections, and Phi-3 / GLM-4's fused qkv_proj and gate_up_proj.
-ALL_LINEAR_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "gate_up_proj",
-                          "down_proj"]
+ALL_LINEAR_PROJECTIONS = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "qkv_proj",
+    "gate_proj",
+    "up_proj",
+    "gate_up_proj",
+    "down_proj",
+]
 
-_FLOAT_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-                 "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_FLOAT_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 
 def _resolve_dtype(dtype: Any, on_cuda: bool) -> torch.dtype:
@@ -71,8 +87,7 @@ def _check_model_source(model_name: str) -> bool:
     if reason:
         close = closest_path(model_name)
         near = f"; did you mean {close!r}?" if close else ""
-        raise FileNotFoundError(f"fastft: model path {model_name!r} does not exist{near} (read as a local path: "
-                                f"{reason})")
+        raise FileNotFoundError(f"fastft: model path {model_name!r} does not exist{near} (read as a local path: {reason})")
     return False
 
 
@@ -86,8 +101,10 @@ def _check_max_seq_length(max_seq_length: Any) -> None:
     if max_seq_length is None:
         return
     if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length <= 0:
-        raise ValueError(f"max_seq_length must be a positive number of tokens (an int), or None for the model's own "
-                         f"context length; got {max_seq_length!r} ({type(max_seq_length).__name__})")
+        raise ValueError(
+            f"max_seq_length must be a positive number of tokens (an int), or None for the model's own "
+            f"context length; got {max_seq_length!r} ({type(max_seq_length).__name__})"
+        )
 
 
 def _maybe_extend_rope(config: Any, max_seq_length: int) -> None:
@@ -102,11 +119,15 @@ def _maybe_extend_rope(config: Any, max_seq_length: int) -> None:
         factor = math.ceil(max_seq_length / limit)
         config.rope_parameters = {**rope, "rope_type": "linear", "factor": float(factor)}
         config.max_position_embeddings = max_seq_length
-        warn_once(f"fastft: max_seq_length {max_seq_length} exceeds the model's {limit} positions; applying linear "
-                  f"RoPE scaling x{factor} (quality beyond the trained length needs fine-tuning at that length)")
+        warn_once(
+            f"fastft: max_seq_length {max_seq_length} exceeds the model's {limit} positions; applying linear "
+            f"RoPE scaling x{factor} (quality beyond the trained length needs fine-tuning at that length)"
+        )
     else:
-        warn_once(f"fastft: max_seq_length {max_seq_length} exceeds the model's {limit} positions and its RoPE "
-                  f"({rope_type}) cannot be rescaled here; positions beyond {limit} are out of the trained range")
+        warn_once(
+            f"fastft: max_seq_length {max_seq_length} exceeds the model's {limit} positions and its RoPE "
+            f"({rope_type}) cannot be rescaled here; positions beyond {limit} are out of the trained range"
+        )
 
 
 class FastModel:
@@ -142,8 +163,10 @@ class FastModel:
         if load_in_4bit and load_in_8bit:
             raise ValueError("load_in_4bit and load_in_8bit are mutually exclusive; choose one")
         if full_finetuning and (load_in_4bit or load_in_8bit):
-            raise ValueError("full_finetuning trains every weight and cannot train quantized weights; "
-                             "drop load_in_4bit/load_in_8bit or use LoRA")
+            raise ValueError(
+                "full_finetuning trains every weight and cannot train quantized weights; "
+                "drop load_in_4bit/load_in_8bit or use LoRA"
+            )
         _check_max_seq_length(max_seq_length)
         is_local = _check_model_source(model_name)
         on_cuda = torch.cuda.is_available() and device_map != "cpu"
@@ -167,8 +190,11 @@ class FastModel:
             from transformers import BitsAndBytesConfig
 
             load_kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
-                bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch_dtype,
+                load_in_4bit=load_in_4bit,
+                load_in_8bit=load_in_8bit,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch_dtype,
             )
         if device_map is not None:
             load_kwargs["device_map"] = device_map
@@ -230,39 +256,57 @@ class FastModel:
             raise ValueError("this model already has LoRA adapters; call get_peft_model once on the base model")
         if r <= 0:
             raise ValueError(f"r must be positive, got {r}")
-        linear_names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)
-                        or type(m).__name__ in ("Linear4bit", "Linear8bitLt", "Conv1D")]
+        linear_names = [
+            name
+            for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) or type(m).__name__ in ("Linear4bit", "Linear8bitLt", "Conv1D")
+        ]
         present = {name.rsplit(".", 1)[-1] for name in linear_names}
         if target_modules is None:
             remapped = _peft_moe_remapped_names(model)
             target_modules = [t for t in ALL_LINEAR_PROJECTIONS if t in present and t not in remapped]
             if remapped & present:
-                warn_once(f"fastft: PEFT maps the target names {sorted(remapped & present)} of a "
-                          f"{model.config.model_type} model onto its stacked experts (its transformers v4 -> v5 "
-                          "conversion, which also doubles rank and alpha), so fastft's defaults leave them out: the "
-                          "experts get adapters through target_parameters, and a dense layer's MLP gets none")
+                warn_once(
+                    f"fastft: PEFT maps the target names {sorted(remapped & present)} of a "
+                    f"{model.config.model_type} model onto its stacked experts (its transformers v4 -> v5 "
+                    "conversion, which also doubles rank and alpha), so fastft's defaults leave them out: the "
+                    "experts get adapters through target_parameters, and a dense layer's MLP gets none"
+                )
             if not target_modules:
-                raise ValueError("found none of the usual projections "
-                                 f"{ALL_LINEAR_PROJECTIONS}; pass target_modules explicitly")
+                raise ValueError(
+                    f"found none of the usual projections {ALL_LINEAR_PROJECTIONS}; pass target_modules explicitly"
+                )
             # Never silently: a linear layer the defaults do not name gets no adapter, so say which.
             uncovered = sorted(present - set(target_modules) - {"lm_head"} - remapped)
             if uncovered:
-                warn_once(f"fastft: default LoRA targets {target_modules} leave these linear layers without an "
-                          f"adapter: {uncovered}; pass target_modules to include them")
+                warn_once(
+                    f"fastft: default LoRA targets {target_modules} leave these linear layers without an "
+                    f"adapter: {uncovered}; pass target_modules to include them"
+                )
             kwargs.setdefault("target_parameters", _default_expert_targets(model))
         elif not isinstance(target_modules, str):  # a str is PEFT's regex (or "all-linear"): PEFT checks it
             _check_target_modules(list(target_modules), present, linear_names)
         config = peft.LoraConfig(
-            r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias, target_modules=target_modules,
-            use_rslora=use_rslora, modules_to_save=modules_to_save, task_type="CAUSAL_LM", **kwargs,
+            r=r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            bias=bias,
+            target_modules=target_modules,
+            use_rslora=use_rslora,
+            modules_to_save=modules_to_save,
+            task_type="CAUSAL_LM",
+            **kwargs,
         )
         torch.manual_seed(random_state)
         peft_model = peft.get_peft_model(model, config)
         fused = enable_fused_lora(peft_model)
         peft_model._fastft_fused_lora = fused
         if any(fused.values()):
-            logger.info("fastft: fused LoRA on %d MLPs and %d attention projections (each falls back to PEFT, logged, "
-                        "when inexact)", fused["mlp"], fused["attention"])
+            logger.info(
+                "fastft: fused LoRA on %d MLPs and %d attention projections (each falls back to PEFT, logged, when inexact)",
+                fused["mlp"],
+                fused["attention"],
+            )
         if offload_embeddings:
             offload_input_embeddings(peft_model)
         # None: "fastft" until a trainer says otherwise (fastft.patches.trl applies the trainer's choice at build time)
@@ -310,8 +354,10 @@ def _keep_nf4_layout_on_cpu(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
             count += 1
     if count:
-        info_once(f"fastft: kept the NF4 layout on {count} 4-bit layers (bitsandbytes' CPU bf16 inference repacking "
-                  "is off: fastft reads NF4)")
+        info_once(
+            f"fastft: kept the NF4 layout on {count} 4-bit layers (bitsandbytes' CPU bf16 inference repacking "
+            "is off: fastft reads NF4)"
+        )
 
 
 def _check_target_modules(target_modules: list[Any], present: set[str], linear_names: list[str]) -> None:
@@ -330,8 +376,10 @@ def _check_target_modules(target_modules: list[Any], present: set[str], linear_n
     for name in missing:
         close = difflib.get_close_matches(str(name), sorted(present), n=1)
         hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    raise ValueError(f"target_modules: no linear layer named {', '.join(hints)} in this model; its linear layers are "
-                     f"{', '.join(sorted(present))}")
+    raise ValueError(
+        f"target_modules: no linear layer named {', '.join(hints)} in this model; its linear layers are "
+        f"{', '.join(sorted(present))}"
+    )
 
 
 def _default_expert_targets(model: nn.Module) -> list[str] | None:
@@ -343,8 +391,11 @@ def _default_expert_targets(model: nn.Module) -> list[str] | None:
     if not experts:
         return None
     targets = [f"experts.{name}" for name in EXPERT_PARAMETERS if hasattr(experts[0][1], name)]
-    logger.info("fastft: LoRA on the %d expert stacks too (PEFT target_parameters %s; PEFT's parametrized path)",
-                len(experts), targets)
+    logger.info(
+        "fastft: LoRA on the %d expert stacks too (PEFT target_parameters %s; PEFT's parametrized path)",
+        len(experts),
+        targets,
+    )
     return targets
 
 
@@ -401,7 +452,8 @@ def _dequantized_weight(layer: nn.Module) -> torch.Tensor:
             raise RuntimeError(
                 "this 4-bit weight was rewritten by bitsandbytes into its CPU bf16 inference layout (an eval no-grad "
                 "forward on an AVX512-BF16 CPU does that in place), which neither fastft nor bitsandbytes "
-                "dequantizes back exactly; load with FastModel.from_pretrained, which keeps the NF4 layout")
+                "dequantizes back exactly; load with FastModel.from_pretrained, which keeps the NF4 layout"
+            )
         return dequantize_nf4(weight.data, weight.quant_state)
     if cls == "Int8Params":
         scb = getattr(weight, "SCB", None) if getattr(weight, "SCB", None) is not None else layer.state.SCB
@@ -500,8 +552,9 @@ def save_pretrained_merged(
     return save_directory
 
 
-def save_pretrained_gguf(self: nn.Module, save_directory: str, tokenizer: Any = None, quantization: str = "q8_0",
-                         **kwargs: Any) -> str:
+def save_pretrained_gguf(
+    self: nn.Module, save_directory: str, tokenizer: Any = None, quantization: str = "q8_0", **kwargs: Any
+) -> str:
     """Save as one GGUF file (adapters merged in fp32) plus an Ollama Modelfile; see ``fastft.export.save_gguf``."""
     from fastft.export import save_gguf
 

@@ -55,8 +55,12 @@ def _check_rope_and_glu() -> list[tuple[str, float]]:
     gate, up = torch.randn(5, 1000, requires_grad=True), torch.randn(5, 1000, requires_grad=True)
     results.append(("swiglu fwd+bwd", fwd_bwd_err(swiglu, swiglu_reference, gate, up)))
     for approximate in ("none", "tanh"):
-        err = fwd_bwd_err(functools.partial(geglu, approximate=approximate),
-                          functools.partial(geglu_reference, approximate=approximate), gate, up)
+        err = fwd_bwd_err(
+            functools.partial(geglu, approximate=approximate),
+            functools.partial(geglu_reference, approximate=approximate),
+            gate,
+            up,
+        )
         results.append((f"geglu(approximate={approximate}) fwd+bwd", err))
     return results
 

@@ -21,8 +21,9 @@ TINY_PREFIX = "tiny:"
 #: huggingface.co/models, /datasets and /spaces are the site's own listings, so no user or organization has these
 #: names: ``models/x`` can only be a local path.
 HUB_RESERVED_NAMESPACES = ("models", "datasets", "spaces")
-MODEL_NAME_FORMS = ("an existing local model directory with config.json, a hub name like 'Qwen/Qwen2.5-0.5B', "
-                    "or tiny:<arch> for tests")
+MODEL_NAME_FORMS = (
+    "an existing local model directory with config.json, a hub name like 'Qwen/Qwen2.5-0.5B', or tiny:<arch> for tests"
+)
 
 
 def why_not_hub(name: str) -> str | None:
@@ -57,7 +58,7 @@ def closest_path(path: str) -> str | None:
 
 
 def _did_you_mean_path(path: str, fallback: str = "") -> str:
-    """"; did you mean 'x'?" for the closest existing sibling of ``path``; else ", nor does 'dir/'" when the
+    """ "; did you mean 'x'?" for the closest existing sibling of ``path``; else ", nor does 'dir/'" when the
     directory part is missing too, followed by ``fallback`` (another hint)."""
     close = closest_path(path)
     if close is not None:
@@ -71,7 +72,7 @@ def _did_you_mean_path(path: str, fallback: str = "") -> str:
 def check_model_name(name: str, tiny_architectures: tuple[str, ...]) -> str | None:
     """The problem with ``model.name`` (without its key), or None. A hub-shaped name is allowed through."""
     if name.startswith(TINY_PREFIX):
-        arch = name[len(TINY_PREFIX):] or "llama"
+        arch = name[len(TINY_PREFIX) :] or "llama"
         if arch in tiny_architectures:
             return None
         close = difflib.get_close_matches(arch, tiny_architectures, n=1, cutoff=0.5)
@@ -87,20 +88,24 @@ def check_model_name(name: str, tiny_architectures: tuple[str, ...]) -> str | No
     reason = why_not_hub(name)
     if reason is None:
         return None
-    return (f"{name!r} does not exist{_did_you_mean_path(name)}. It is read as a local path because {reason}. "
-            f"Expected {MODEL_NAME_FORMS}")
+    return (
+        f"{name!r} does not exist{_did_you_mean_path(name)}. It is read as a local path because {reason}. "
+        f"Expected {MODEL_NAME_FORMS}"
+    )
 
 
 def check_data_source(source: str) -> str | None:
     """The problem with a ``data.path`` / ``data.eval_path`` value (without its key), or None."""
     if source.startswith(BUILTIN_PREFIX):
-        name, _, arg = source[len(BUILTIN_PREFIX):].partition(":")
+        name, _, arg = source[len(BUILTIN_PREFIX) :].partition(":")
         if name in BUILTIN_DATASETS and (not arg or arg.isdigit()):
             return None
         close = difflib.get_close_matches(name, BUILTIN_DATASETS, n=1, cutoff=0.6)
         hint = f"; did you mean `{BUILTIN_PREFIX}{close[0]}`?" if close else ""
-        return (f"unknown built-in dataset {source!r}{hint} (built-ins: "
-                f"{', '.join(BUILTIN_PREFIX + b for b in BUILTIN_DATASETS)}, optionally :N, the largest operand)")
+        return (
+            f"unknown built-in dataset {source!r}{hint} (built-ins: "
+            f"{', '.join(BUILTIN_PREFIX + b for b in BUILTIN_DATASETS)}, optionally :N, the largest operand)"
+        )
     accepted = f"Accepted: {ACCEPTED_DATA_FILES} files, or a datasets hub name such as 'trl-lib/Capybara'"
     path = os.path.expanduser(source)
     ext = os.path.splitext(path)[1].lower()
@@ -130,6 +135,8 @@ def check_chat_template(template: str) -> str | None:
     if os.path.isfile(os.path.expanduser(template)):
         return None
     if template.endswith((".jinja", ".j2")) or ("{{" not in template and "{%" not in template):
-        return (f"{template!r} does not exist{_did_you_mean_path(template)}; expected a Jinja template string "
-                "(with {{ }} or {% %}) or the path of a .jinja file")
+        return (
+            f"{template!r} does not exist{_did_you_mean_path(template)}; expected a Jinja template string "
+            "(with {{ }} or {% %}) or the path of a .jinja file"
+        )
     return None

@@ -76,8 +76,11 @@ def _checkpointing(model: Any) -> str:
 
     if model is None or not getattr(model, "is_gradient_checkpointing", False):
         return "off"
-    funcs = {getattr(m, "_gradient_checkpointing_func", None) for m in model.modules()
-             if getattr(m, "gradient_checkpointing", False)}
+    funcs = {
+        getattr(m, "_gradient_checkpointing_func", None)
+        for m in model.modules()
+        if getattr(m, "gradient_checkpointing", False)
+    }
     if offloaded_checkpoint in funcs:
         return "fastft: layer inputs offloaded to pinned host memory, recomputed in backward"
     return "standard: layer activations recomputed in backward"
@@ -130,7 +133,8 @@ def _loss_head(delta: Counter, algorithm: str | None) -> str:
     absent = lean_head_absent(algorithm)
     if absent:  # a row without a lean head: say why, and what ran instead
         return f"{absent}; the loss is TRL's {algorithm} code as written" + (
-            f" (fastft cross-entropy ran {calls} chunk calls elsewhere)" if calls else "")
+            f" (fastft cross-entropy ran {calls} chunk calls elsewhere)" if calls else ""
+        )
     if calls:
         return f"fastft chunked cross-entropy ({calls} chunk calls in step 1): only scored tokens, no full logits"
     who = f"TRL's {algorithm} code" if algorithm else "transformers' code"

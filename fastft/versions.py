@@ -91,7 +91,12 @@ def version_table() -> list[dict[str, str | bool | None]]:
     for package in TRACKED:
         spec = declared_ranges().get(package)
         have = installed_version(package)
-        rows.append({"package": package, "installed": None if have is None else str(have),
-                     "tested": None if spec is None else str(spec),
-                     "in_range": None if have is None or spec is None else Version(have.public) in spec})
+        rows.append(
+            {
+                "package": package,
+                "installed": None if have is None else str(have),
+                "tested": None if spec is None else str(spec),
+                "in_range": None if have is None or spec is None else Version(have.public) in spec,
+            }
+        )
     return rows

@@ -27,12 +27,27 @@ from typing import Any
 import torch
 
 # NF4's 16 levels (QLoRA, Dettmers et al. 2023: quantiles of N(0, 1) scaled to [-1, 1], with an exact zero), as fp32.
-NF4_CODE = torch.tensor([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-], dtype=torch.float32)
+NF4_CODE = torch.tensor(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    dtype=torch.float32,
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -81,8 +96,9 @@ def _eager(fn):
     return getattr(fn, "__wrapped__", fn)
 
 
-def _dequantize_4bit_default(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
-                             shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+def _dequantize_4bit_default(
+    A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, shape: list[int], dtype: torch.dtype
+) -> torch.Tensor:
     """bitsandbytes::dequantize_4bit exactly as bitsandbytes/backends/default/ops.py implements it, eager."""
     from bitsandbytes.backends.default import ops as default_ops
     from bitsandbytes.backends.utils import _get_4bit_code
@@ -93,13 +109,13 @@ def _dequantize_4bit_default(A: torch.Tensor, absmax: torch.Tensor, blocksize: i
     return _eager(default_ops._dequantize_4bit_compute)(A.reshape(-1), absmax, code, blocksize, shape, dtype)
 
 
-def _dequantize_blockwise_default(A: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
-                                  dtype: torch.dtype) -> torch.Tensor:
+def _dequantize_blockwise_default(
+    A: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, dtype: torch.dtype
+) -> torch.Tensor:
     """bitsandbytes::dequantize_blockwise (the nested absmax) as the default backend implements it, eager."""
     from bitsandbytes.backends.default import ops as default_ops
 
-    return _eager(default_ops._dequantize_blockwise_compute)(A.reshape(-1), absmax, code, blocksize, dtype).reshape(
-        A.shape)
+    return _eager(default_ops._dequantize_blockwise_compute)(A.reshape(-1), absmax, code, blocksize, dtype).reshape(A.shape)
 
 
 def dequantize_nf4_bnb_default(packed: torch.Tensor, quant_state: Any) -> torch.Tensor:
@@ -109,8 +125,9 @@ def dequantize_nf4_bnb_default(packed: torch.Tensor, quant_state: Any) -> torch.
         state2 = quant_state.state2
         absmax = _dequantize_blockwise_default(absmax, state2.absmax, state2.code, state2.blocksize, torch.float32)
         absmax = absmax + quant_state.offset
-    return _dequantize_4bit_default(packed, absmax.float(), quant_state.blocksize, quant_state.quant_type,
-                                    list(quant_state.shape), quant_state.dtype)
+    return _dequantize_4bit_default(
+        packed, absmax.float(), quant_state.blocksize, quant_state.quant_type, list(quant_state.shape), quant_state.dtype
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -157,8 +174,7 @@ def bitsandbytes_default_cpu_kernels() -> Iterator[None]:
         with warnings.catch_warnings():  # overriding bitsandbytes' CPU kernel is the point
             warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
             torch.library.register_kernel("bitsandbytes::dequantize_4bit", "cpu", _routed_dequantize_4bit, lib=lib)
-            torch.library.register_kernel("bitsandbytes::dequantize_blockwise", "cpu", _routed_dequantize_blockwise,
-                                          lib=lib)
+            torch.library.register_kernel("bitsandbytes::dequantize_blockwise", "cpu", _routed_dequantize_blockwise, lib=lib)
         bnb_modules.has_avx512bf16 = lambda: False  # read by Linear4bit.__init__ (support_avx512bf16_for_cpu)
         yield
     finally:

@@ -35,8 +35,10 @@ torch.set_num_threads(1)  # two cores, two xdist workers: one thread each avoids
 CUDA_READY = TEST_DEVICE == "cuda" and torch.cuda.is_available()
 if TEST_DEVICE == "cuda":
     if not CUDA_READY:
-        raise RuntimeError("FASTFT_TEST_DEVICE=cuda but torch.cuda.is_available() is False (torch "
-                           f"{torch.__version__}, built for CUDA {torch.version.cuda})")
+        raise RuntimeError(
+            "FASTFT_TEST_DEVICE=cuda but torch.cuda.is_available() is False (torch "
+            f"{torch.__version__}, built for CUDA {torch.version.cuda})"
+        )
     # Every factory call without an explicit device now makes CUDA tensors: the CPU tests run unchanged on the GPU.
     torch.set_default_device("cuda")
 

@@ -28,8 +28,20 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("torch", "triton", "transformers", "peft", "accelerate", "trl", "datasets", "bitsandbytes",
-            "liger-kernel", "numpy", "pytest", "pytest-xdist")
+PACKAGES = (
+    "torch",
+    "triton",
+    "transformers",
+    "peft",
+    "accelerate",
+    "trl",
+    "datasets",
+    "bitsandbytes",
+    "liger-kernel",
+    "numpy",
+    "pytest",
+    "pytest-xdist",
+)
 FASTFT_LAYERS = ("fastft.kernels", "fastft.model", "fastft.memory.step_model", "fastft.patches.trl")
 
 
@@ -66,8 +78,12 @@ def step_plan(dry_run: bool) -> list[tuple[str, str, str, str]]:
     """(config, mode, impl, tokens) in priority order: the ~1B runs first, so a tight budget still yields a table."""
     if dry_run:
         return [("tiny", "lora", impl, "32") for impl in ("fastft", "baseline", "liger")]
-    return [(cfg, mode, impl, "2048,8192") for cfg in ("1b", "8b") for mode in ("lora", "qlora")
-            for impl in ("fastft", "baseline", "liger")]
+    return [
+        (cfg, mode, impl, "2048,8192")
+        for cfg in ("1b", "8b")
+        for mode in ("lora", "qlora")
+        for impl in ("fastft", "baseline", "liger")
+    ]
 
 
 def run_steps(out: Path, dry_run: bool, deadline: float, notes: list[str]) -> list[dict]:
@@ -81,16 +97,33 @@ def run_steps(out: Path, dry_run: bool, deadline: float, notes: list[str]) -> li
         reason = missing["qlora"] if mode == "qlora" else None
         reason = reason or (missing["liger"] if impl == "liger" else None)
         if reason:
-            runs.append({**base, "error": f"skipped: {'bitsandbytes' if mode == 'qlora' else 'liger_kernel'} does "
-                                         f"not import ({reason})"})
+            runs.append(
+                {
+                    **base,
+                    "error": f"skipped: {'bitsandbytes' if mode == 'qlora' else 'liger_kernel'} does not import ({reason})",
+                }
+            )
             continue
         left = deadline - time.perf_counter()
         if left < 20:
             runs.append({**base, "error": "skipped: the check's step-benchmark time budget ran out"})
             continue
         path = out / f"step_{cfg}_{mode}_{impl}.json"
-        cmd = [sys.executable, "-m", "benchmarks.gpu.step_bench", "--config", cfg, "--mode", mode, "--impl", impl,
-               "--tokens", tokens, "--json", str(path)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.gpu.step_bench",
+            "--config",
+            cfg,
+            "--mode",
+            mode,
+            "--impl",
+            impl,
+            "--tokens",
+            tokens,
+            "--json",
+            str(path),
+        ]
         if dry_run:
             cmd += ["--steps", "1", "--warmup", "0"]
         log = out / f"step_{cfg}_{mode}_{impl}.log"
@@ -125,12 +158,21 @@ def start_modeled(out: Path, dry_run: bool, gpu_name: str, notes: list[str]) -> 
         notes.append(f"no modeled (roofline) step: GPU {gpu_name!r} is not in fastft.memory.speed_model.GPUS")
         return None
     path = out / "modeled.json"
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
+    env = dict(
+        os.environ,
+        CUDA_VISIBLE_DEVICES="",
+        PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+    )
     cmd = [sys.executable, "-m", "benchmarks.gpu.modeled", "--gpu", gpu, "--json", str(path)]
     log = open(out / "modeled.log", "w")  # noqa: SIM115 - the child writes it until finish_modeled
-    proc = subprocess.Popen(cmd + (["--dry-run"] if dry_run else []), cwd=REPO, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, preexec_fn=lambda: os.nice(10))
+    proc = subprocess.Popen(
+        cmd + (["--dry-run"] if dry_run else []),
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=lambda: os.nice(10),
+    )
     return proc, path, log
 
 
@@ -173,10 +215,12 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (by environment())
     from benchmarks.gpu import kernel_bench, report, suite
 
-    result: dict = {"dry_run": args.dry_run, "started": started,
-                    "command": " ".join(["benchmarks/gpu/check.sh", args.outdir] + (["--dry-run"] if args.dry_run
-                                                                                     else [])),
-                    "notes": []}
+    result: dict = {
+        "dry_run": args.dry_run,
+        "started": started,
+        "command": " ".join(["benchmarks/gpu/check.sh", args.outdir] + (["--dry-run"] if args.dry_run else [])),
+        "notes": [],
+    }
     result["environment"] = environment([w for w in args.carried.split(",") if w])
     modeled = start_modeled(out, args.dry_run, result["environment"]["gpu"], result["notes"])
     device = "cpu" if args.dry_run else "cuda"
@@ -184,8 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         # On CPU the CUDA tests must collect and skip cleanly; that is what the dry run checks.
         tiers = [("gpu", ["tests/gpu/test_kernels_8b.py", "tests/gpu/test_cuda_only.py"], 60, 1)]
     else:
-        tiers = [("kernels+gpu", ["tests/gpu/test_kernels_8b.py", "tests/gpu/test_cuda_only.py", "tests/kernels"],
-                  140, 4)]
+        tiers = [("kernels+gpu", ["tests/gpu/test_kernels_8b.py", "tests/gpu/test_cuda_only.py", "tests/kernels"], 140, 4)]
     result["suite"] = [suite.run_tier(n, p, out, device=device, limit_s=lim, workers=w) for n, p, lim, w in tiers]
     kernel_deadline = time.perf_counter() + (60 if args.dry_run else 100)
     result["kernels"] = kernel_bench.run(args.dry_run, min(kernel_deadline, end))
@@ -194,9 +237,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run:
         left = end - time.perf_counter()
         if left > 30:
-            result["suite"].append(suite.run_tier(
-                "models+trl+memory", ["tests/patches", "tests/model", "tests/trl", "tests/memory", "tests/optim"],
-                out, device=device, limit_s=left, workers=4))
+            result["suite"].append(
+                suite.run_tier(
+                    "models+trl+memory",
+                    ["tests/patches", "tests/model", "tests/trl", "tests/memory", "tests/optim"],
+                    out,
+                    device=device,
+                    limit_s=left,
+                    workers=4,
+                )
+            )
         else:
             result["notes"].append("tier models+trl+memory not run: no time left in the budget")
     result["modeled"] = finish_modeled(modeled, min(60.0, end + 20 - time.perf_counter()), result["notes"])

@@ -18,11 +18,19 @@ from typing import Any
 import torch
 
 #: Published HBM bandwidth, bytes/s (SXM parts where there are two).
-PEAK_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100-SXM4-80GB": 2.039e12, "A100-SXM4-40GB": 1.555e12,
-                  "A100": 1.555e12, "L4": 0.3e12, "T4": 0.32e12}
+PEAK_BANDWIDTH = {
+    "H200": 4.8e12,
+    "H100": 3.35e12,
+    "A100-SXM4-80GB": 2.039e12,
+    "A100-SXM4-40GB": 1.555e12,
+    "A100": 1.555e12,
+    "L4": 0.3e12,
+    "T4": 0.32e12,
+}
 
-SHAPES_8B = dict(tokens=8192, hidden=4096, intermediate=14336, vocab=128256, heads=32, kv_heads=8, head_dim=128,
-                 ce_tokens=4096)
+SHAPES_8B = dict(
+    tokens=8192, hidden=4096, intermediate=14336, vocab=128256, heads=32, kv_heads=8, head_dim=128, ce_tokens=4096
+)
 SHAPES_DRY = dict(tokens=16, hidden=96, intermediate=176, vocab=1000, heads=4, kv_heads=2, head_dim=16, ce_tokens=16)
 
 
@@ -73,21 +81,27 @@ def _ops(s: dict, device: str) -> list[dict]:
                     m = LigerRMSNorm(H, eps=1e-5).to(device=device, dtype=bf16)
                     m.weight = torch.nn.Parameter(w, requires_grad=w.requires_grad)
                     return m(x)
+
                 return fn
             if name == "swiglu":
                 from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
                 return LigerSiLUMulFunction.apply
             if name == "rope":
                 from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
                 return liger_rotary_pos_emb
             if name == "cross_entropy":
                 from liger_kernel.transformers.cross_entropy import LigerCrossEntropyLoss
+
                 return LigerCrossEntropyLoss()
             if name == "linear_cross_entropy":
                 from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
                 loss = LigerFusedLinearCrossEntropyLoss()
                 return lambda h, w, y: loss(w, h, y)
             raise KeyError(name)
+
         return get
 
     pos = torch.arange(T, device=device).float()
@@ -98,27 +112,55 @@ def _ops(s: dict, device: str) -> list[dict]:
     q_el = s["heads"] * T * s["head_dim"]
     k_el = s["kv_heads"] * T * s["head_dim"]
     return [
-        dict(name="rms_norm", shape=f"[{T}, {H}] bf16",
-             make=lambda: ([rnd(T, H, scale=3.0)], [(1 + torch.randn(H, device=device) * 0.1).to(bf16)]),
-             fastft=lambda x, w: K.rms_norm(x, w, 1e-5), eager=lambda x, w: K.rms_norm_reference(x, w, 1e-5),
-             liger=liger("rms_norm"), fwd_bytes=2 * T * H * 2, bwd_bytes=3 * T * H * 2),
-        dict(name="swiglu", shape=f"[{T}, {F}] bf16",
-             make=lambda: ([rnd(T, F), rnd(T, F)], []),
-             fastft=K.swiglu, eager=K.swiglu_reference, liger=liger("swiglu"),
-             fwd_bytes=3 * T * F * 2, bwd_bytes=5 * T * F * 2),
-        dict(name="rope", shape=f"q [1, {s['heads']}, {T}, {s['head_dim']}], k [1, {s['kv_heads']}, ...] bf16",
-             make=lambda: ([rnd(1, s["heads"], T, s["head_dim"]), rnd(1, s["kv_heads"], T, s["head_dim"])],
-                           [cos, sin]),
-             fastft=K.apply_rope, eager=K.apply_rope_reference, liger=liger("rope"),
-             fwd_bytes=2 * (q_el + k_el) * 2, bwd_bytes=2 * (q_el + k_el) * 2),
-        dict(name="cross_entropy", shape=f"[{ct}, {V}] bf16 logits",
-             make=lambda: ([rnd(ct, V, scale=4.0)], [labels]),
-             fastft=K.cross_entropy, eager=K.cross_entropy_reference, liger=liger("cross_entropy"),
-             fwd_bytes=ct * V * 2, bwd_bytes=2 * ct * V * 2),
-        dict(name="linear_cross_entropy", shape=f"hidden [{ct}, {H}], lm_head [{V}, {H}] bf16 (frozen)",
-             make=lambda: ([rnd(ct, H)], [rnd(V, H, scale=H ** -0.5), labels]),
-             fastft=K.linear_cross_entropy, eager=K.linear_cross_entropy_reference,
-             liger=liger("linear_cross_entropy"), flops=4 * ct * H * V),
+        dict(
+            name="rms_norm",
+            shape=f"[{T}, {H}] bf16",
+            make=lambda: ([rnd(T, H, scale=3.0)], [(1 + torch.randn(H, device=device) * 0.1).to(bf16)]),
+            fastft=lambda x, w: K.rms_norm(x, w, 1e-5),
+            eager=lambda x, w: K.rms_norm_reference(x, w, 1e-5),
+            liger=liger("rms_norm"),
+            fwd_bytes=2 * T * H * 2,
+            bwd_bytes=3 * T * H * 2,
+        ),
+        dict(
+            name="swiglu",
+            shape=f"[{T}, {F}] bf16",
+            make=lambda: ([rnd(T, F), rnd(T, F)], []),
+            fastft=K.swiglu,
+            eager=K.swiglu_reference,
+            liger=liger("swiglu"),
+            fwd_bytes=3 * T * F * 2,
+            bwd_bytes=5 * T * F * 2,
+        ),
+        dict(
+            name="rope",
+            shape=f"q [1, {s['heads']}, {T}, {s['head_dim']}], k [1, {s['kv_heads']}, ...] bf16",
+            make=lambda: ([rnd(1, s["heads"], T, s["head_dim"]), rnd(1, s["kv_heads"], T, s["head_dim"])], [cos, sin]),
+            fastft=K.apply_rope,
+            eager=K.apply_rope_reference,
+            liger=liger("rope"),
+            fwd_bytes=2 * (q_el + k_el) * 2,
+            bwd_bytes=2 * (q_el + k_el) * 2,
+        ),
+        dict(
+            name="cross_entropy",
+            shape=f"[{ct}, {V}] bf16 logits",
+            make=lambda: ([rnd(ct, V, scale=4.0)], [labels]),
+            fastft=K.cross_entropy,
+            eager=K.cross_entropy_reference,
+            liger=liger("cross_entropy"),
+            fwd_bytes=ct * V * 2,
+            bwd_bytes=2 * ct * V * 2,
+        ),
+        dict(
+            name="linear_cross_entropy",
+            shape=f"hidden [{ct}, {H}], lm_head [{V}, {H}] bf16 (frozen)",
+            make=lambda: ([rnd(ct, H)], [rnd(V, H, scale=H**-0.5), labels]),
+            fastft=K.linear_cross_entropy,
+            eager=K.linear_cross_entropy_reference,
+            liger=liger("linear_cross_entropy"),
+            flops=4 * ct * H * V,
+        ),
     ]
 
 
@@ -167,8 +209,13 @@ def run(dry_run: bool, deadline: float) -> dict:
                 except Exception as exc:  # recorded in the report
                     errors[key] = f"{type(exc).__name__}: {exc}"[:300]
                     continue
-                row = {"op": op["name"], "shape": op["shape"], "impl": impl,
-                       "pass": "fwd+bwd" if backward else "fwd", "ms": round(ms, 4)}
+                row = {
+                    "op": op["name"],
+                    "shape": op["shape"],
+                    "impl": impl,
+                    "pass": "fwd+bwd" if backward else "fwd",
+                    "ms": round(ms, 4),
+                }
                 if "flops" in op:
                     row["tflops"] = round(op["flops"] / (ms * 1e-3) / 1e12, 1)
                 else:
@@ -181,6 +228,10 @@ def run(dry_run: bool, deadline: float) -> dict:
                     torch.cuda.empty_cache()
         if errors:
             rows.append({"op": op["name"], "errors": errors})
-    return {"device": gpu, "peak_bandwidth_bytes_per_s": peak, "shapes": shapes,
-            "timing": "wall clock, 1 call (dry run: not a speed figure)" if dry_run
-            else "triton.testing.do_bench median", "rows": rows}
+    return {
+        "device": gpu,
+        "peak_bandwidth_bytes_per_s": peak,
+        "shapes": shapes,
+        "timing": "wall clock, 1 call (dry run: not a speed figure)" if dry_run else "triton.testing.do_bench median",
+        "rows": rows,
+    }

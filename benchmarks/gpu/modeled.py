@@ -37,8 +37,12 @@ def run(gpu_name: str, dry_run: bool, path: Path) -> None:
     from fastft.memory.step_model import StepModel, StepSpec
 
     gpu = speed_model.find_gpu(gpu_name)
-    result: dict = {"gpu": gpu.name, "label": speed_model.LABEL, "launch_overhead_s": speed_model.LAUNCH_OVERHEAD_S,
-                    "rows": []}
+    result: dict = {
+        "gpu": gpu.name,
+        "label": speed_model.LABEL,
+        "launch_overhead_s": speed_model.LAUNCH_OVERHEAD_S,
+        "rows": [],
+    }
     models: dict[tuple[str, str, str], StepModel] = {}
     for cfg, mode, impl, tokens in rows(dry_run):
         t0 = time.perf_counter()
@@ -46,17 +50,36 @@ def run(gpu_name: str, dry_run: bool, path: Path) -> None:
         try:
             key = (cfg, mode, impl)
             if key not in models:
-                config = LlamaConfig(**CONFIGS[cfg], max_position_embeddings=8192, rms_norm_eps=1e-5,
-                                     rope_theta=500000.0, pad_token_id=0, bos_token_id=1, eos_token_id=4)
-                spec = StepSpec(variant=impl, load_in_4bit=mode == "qlora", lora_r=16, lora_alpha=16,
-                                target_modules=tuple(LORA_TARGETS), optim="adamw")
+                config = LlamaConfig(
+                    **CONFIGS[cfg],
+                    max_position_embeddings=8192,
+                    rms_norm_eps=1e-5,
+                    rope_theta=500000.0,
+                    pad_token_id=0,
+                    bos_token_id=1,
+                    eos_token_id=4,
+                )
+                spec = StepSpec(
+                    variant=impl,
+                    load_in_4bit=mode == "qlora",
+                    lora_r=16,
+                    lora_alpha=16,
+                    target_modules=tuple(LORA_TARGETS),
+                    optim="adamw",
+                )
                 models.clear()  # one model at a time (rows are grouped by model)
                 models[key] = StepModel(config, spec)
             step, counter = speed_model.count_step(models[key], tokens)
             estimate = speed_model.roofline(counter, gpu, tokens)
-            row.update(seconds_per_step=estimate.step_seconds, tokens_per_s=estimate.tokens_per_s,
-                       peak_gib=step.peak_bytes / 2**30, flops=estimate.flops, bytes=estimate.bytes,
-                       launches=estimate.launches, top_ops=[(o.op, o.seconds) for o in estimate.top_ops[:4]])
+            row.update(
+                seconds_per_step=estimate.step_seconds,
+                tokens_per_s=estimate.tokens_per_s,
+                peak_gib=step.peak_bytes / 2**30,
+                flops=estimate.flops,
+                bytes=estimate.bytes,
+                launches=estimate.launches,
+                top_ops=[(o.op, o.seconds) for o in estimate.top_ops[:4]],
+            )
         except Exception as exc:  # recorded: the report says which row has no model and why
             row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         row["model_seconds"] = round(time.perf_counter() - t0, 1)

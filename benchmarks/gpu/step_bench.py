@@ -22,12 +22,36 @@ import torch
 
 #: Llama-shaped configs (random weights): "1b" ~ Llama-3.2-1B (tied head), "8b" ~ Llama-3.1-8B; "tiny" for --dry-run.
 CONFIGS = {
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True),
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False),
-    "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16, vocab_size=384, tie_word_embeddings=False),
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+    ),
+    "8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=384,
+        tie_word_embeddings=False,
+    ),
 }
 MODES = ("lora", "qlora")
 IMPLS = ("fastft", "baseline", "liger")
@@ -44,8 +68,15 @@ def checkpoint_dir(config_name: str) -> Path:
     path = root / f"fastft-gpu-check-{config_name}"
     if (path / "done").exists():
         return path
-    fields = dict(CONFIGS[config_name], max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
-                  pad_token_id=0, bos_token_id=1, eos_token_id=4)
+    fields = dict(
+        CONFIGS[config_name],
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=4,
+    )
     config = LlamaConfig(**fields)
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -65,8 +96,9 @@ def _load(impl: str, mode: str, path: Path):
         from fastft import FastModel
 
         model, _ = FastModel.from_pretrained(str(path), load_in_4bit=qlora, dtype=torch.bfloat16)
-        model = FastModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=LORA_TARGETS,
-                                         use_gradient_checkpointing="fastft")
+        model = FastModel.get_peft_model(
+            model, r=16, lora_alpha=16, target_modules=LORA_TARGETS, use_gradient_checkpointing="fastft"
+        )
         return model, "FastModel.from_pretrained + get_peft_model (offloaded checkpointing)"
     import peft
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -82,13 +114,17 @@ def _load(impl: str, mode: str, path: Path):
         kwargs["device_map"] = {"": 0}
     if qlora:
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     if qlora:
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0,
-                                                       target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+    model = peft.get_peft_model(
+        model, peft.LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    )
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model.config.use_cache = False
@@ -103,8 +139,15 @@ def run(config_name: str, mode: str, impl: str, tokens: list[int], steps: int, w
     device = next(p.device for p in model.parameters() if p.requires_grad)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    result = {"config": config_name, "mode": mode, "impl": impl, "what_ran": note, "device": str(device),
-              "load_seconds": round(time.perf_counter() - t_load, 1), "rows": []}
+    result = {
+        "config": config_name,
+        "mode": mode,
+        "impl": impl,
+        "what_ran": note,
+        "device": str(device),
+        "load_seconds": round(time.perf_counter() - t_load, 1),
+        "rows": [],
+    }
     vocab = model.config.vocab_size if hasattr(model.config, "vocab_size") else CONFIGS[config_name]["vocab_size"]
     for n in tokens:
         ids = torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(n)).to(device)
@@ -130,9 +173,12 @@ def run(config_name: str, mode: str, impl: str, tokens: list[int], steps: int, w
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = (time.perf_counter() - t0) / steps
-            row.update(seconds_per_step=round(seconds, 4), tokens_per_s=round(n / seconds, 1), losses=losses,
-                       peak_gib=(round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.type == "cuda"
-                                 else None))
+            row.update(
+                seconds_per_step=round(seconds, 4),
+                tokens_per_s=round(n / seconds, 1),
+                losses=losses,
+                peak_gib=(round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.type == "cuda" else None),
+            )
         except torch.OutOfMemoryError as exc:
             row.update(error=f"out of memory: {str(exc).splitlines()[0]}")
         finally:
@@ -156,8 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run(args.config, args.mode, args.impl, tokens, args.steps, args.warmup)
     except Exception as exc:  # recorded, not hidden: the report shows which implementation could not run and why
-        result = {"config": args.config, "mode": args.mode, "impl": args.impl,
-                  "error": f"{type(exc).__name__}: {str(exc)[:800]}", "rows": []}
+        result = {
+            "config": args.config,
+            "mode": args.mode,
+            "impl": args.impl,
+            "error": f"{type(exc).__name__}: {str(exc)[:800]}",
+            "rows": [],
+        }
     Path(args.json).write_text(json.dumps(result, indent=1))
     return 0
 

@@ -18,8 +18,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_tier(name: str, paths: list[str], out: Path, *, device: str, limit_s: float, workers: int,
-             extra: list[str] | None = None) -> dict:
+def run_tier(
+    name: str, paths: list[str], out: Path, *, device: str, limit_s: float, workers: int, extra: list[str] | None = None
+) -> dict:
     """Run ``pytest paths`` with FASTFT_TEST_DEVICE=device; returns counts, failures and whether it hit the limit."""
     outcomes = out / f"suite_{name}.jsonl"
     outcomes.unlink(missing_ok=True)
@@ -29,8 +30,19 @@ def run_tier(name: str, paths: list[str], out: Path, *, device: str, limit_s: fl
     else:
         env["TRITON_INTERPRET"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "benchmarks.gpu.outcomes_plugin", "-p", "no:cacheprovider",
-           *(["-n", str(workers)] if workers > 1 else ["-n", "0"]), *(extra or []), *paths]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "benchmarks.gpu.outcomes_plugin",
+        "-p",
+        "no:cacheprovider",
+        *(["-n", str(workers)] if workers > 1 else ["-n", "0"]),
+        *(extra or []),
+        *paths,
+    ]
     t0 = time.perf_counter()
     log = out / f"suite_{name}.log"
     with open(log, "w") as f:
@@ -42,11 +54,17 @@ def run_tier(name: str, paths: list[str], out: Path, *, device: str, limit_s: fl
     lines = [json.loads(x) for x in outcomes.read_text().splitlines()] if outcomes.exists() else []
     counts = collections.Counter(x["outcome"] for x in lines)
     return {
-        "tier": name, "paths": paths, "device": device, "returncode": rc, "timed_out": timed_out,
-        "limit_s": limit_s, "seconds": round(time.perf_counter() - t0, 1),
+        "tier": name,
+        "paths": paths,
+        "device": device,
+        "returncode": rc,
+        "timed_out": timed_out,
+        "limit_s": limit_s,
+        "seconds": round(time.perf_counter() - t0, 1),
         "counts": {k: counts.get(k, 0) for k in ("passed", "failed", "error", "skipped")},
-        "failures": [{"test": x["test"], "message": x.get("message", "")[-600:]}
-                     for x in lines if x["outcome"] in ("failed", "error")][:40],
+        "failures": [
+            {"test": x["test"], "message": x.get("message", "")[-600:]} for x in lines if x["outcome"] in ("failed", "error")
+        ][:40],
         "log": log.name,
         "log_tail": log.read_text()[-2000:] if rc not in (0, 5) else "",
     }

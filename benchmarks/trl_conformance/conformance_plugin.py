@@ -27,11 +27,27 @@ from typing import Any
 
 import pytest
 
-_ARCH = {"Qwen2": "qwen2", "Qwen3": "qwen3", "Qwen3Moe": "qwen3_moe", "Llama": "llama", "Mistral": "mistral",
-         "Mixtral": "mixtral", "GptOss": "gpt_oss", "Olmo2": "olmo2", "Olmo3": "olmo3", "Gemma": "gemma",
-         "Gemma2": "gemma2", "Glm4": "glm4", "Phi3": "phi3", "Granite": "granite", "SmolLM3": "smollm3"}
-_TINY = re.compile(r"^trl-internal-testing/tiny-(?P<arch>[A-Za-z0-9]+?)For(?P<head>CausalLM|SequenceClassification)"
-                   r"(?:-[0-9.]+)?$")
+_ARCH = {
+    "Qwen2": "qwen2",
+    "Qwen3": "qwen3",
+    "Qwen3Moe": "qwen3_moe",
+    "Llama": "llama",
+    "Mistral": "mistral",
+    "Mixtral": "mixtral",
+    "GptOss": "gpt_oss",
+    "Olmo2": "olmo2",
+    "Olmo3": "olmo3",
+    "Gemma": "gemma",
+    "Gemma2": "gemma2",
+    "Glm4": "glm4",
+    "Phi3": "phi3",
+    "Granite": "granite",
+    "SmolLM3": "smollm3",
+}
+_TINY = re.compile(
+    r"^trl-internal-testing/tiny-(?P<arch>[A-Za-z0-9]+?)For(?P<head>CausalLM|SequenceClassification)"
+    r"(?:-[0-9.]+)?$"
+)
 _ALIASES = {"Qwen/Qwen2.5-0.5B-Instruct": ("qwen2", "CausalLM")}
 
 
@@ -77,8 +93,9 @@ def stand_in(repo_id: Any) -> str | None:
         template = os.path.join(os.path.dirname(trl.__file__), "chat_templates", "qwen2_5.jinja")
         with open(template) as f:
             tokenizer.chat_template = f.read()
-    overrides = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                     bos_token_id=tokenizer.bos_token_id)
+    overrides = dict(
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id
+    )
     if head == "SequenceClassification":
         overrides["num_labels"] = 1
     config = tiny_config(model_type, vocab_size=len(tokenizer), **overrides)
@@ -114,17 +131,27 @@ def _redirect(cls: type, name: str = "from_pretrained") -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 # trl-internal-testing/zen stand-in: the same configs, columns and splits, tiny content
 # ---------------------------------------------------------------------------------------------------------------------
-_FACTS = [("The sky is", " blue.", " green."), ("Two plus two is", " four.", " five."),
-          ("Water boils at", " one hundred degrees.", " ten degrees."), ("The capital of France is", " Paris.",
-                                                                         " Rome."),
-          ("Cats like to", " sleep.", " bark."), ("The sun rises in the", " east.", " west."),
-          ("Ice is", " cold.", " hot."), ("A week has", " seven days.", " nine days."),
-          ("Bees make", " honey.", " milk."), ("The opposite of up is", " down.", " left."),
-          ("Fish live in", " water.", " trees."), ("Snow is", " white.", " black."),
-          ("A triangle has", " three sides.", " four sides."), ("Birds can", " fly.", " swim only."),
-          ("The moon orbits the", " earth.", " sun directly."), ("Fire is", " hot.", " wet."),
-          ("Grass is", " green.", " purple."), ("Dogs say", " woof.", " meow."), ("Ten minus one is", " nine.",
-                                                                                  " eight.")]
+_FACTS = [
+    ("The sky is", " blue.", " green."),
+    ("Two plus two is", " four.", " five."),
+    ("Water boils at", " one hundred degrees.", " ten degrees."),
+    ("The capital of France is", " Paris.", " Rome."),
+    ("Cats like to", " sleep.", " bark."),
+    ("The sun rises in the", " east.", " west."),
+    ("Ice is", " cold.", " hot."),
+    ("A week has", " seven days.", " nine days."),
+    ("Bees make", " honey.", " milk."),
+    ("The opposite of up is", " down.", " left."),
+    ("Fish live in", " water.", " trees."),
+    ("Snow is", " white.", " black."),
+    ("A triangle has", " three sides.", " four sides."),
+    ("Birds can", " fly.", " swim only."),
+    ("The moon orbits the", " earth.", " sun directly."),
+    ("Fire is", " hot.", " wet."),
+    ("Grass is", " green.", " purple."),
+    ("Dogs say", " woof.", " meow."),
+    ("Ten minus one is", " nine.", " eight."),
+]
 
 
 def _user(text: str) -> list[dict[str, str]]:
@@ -179,9 +206,17 @@ def _install_stand_ins() -> None:
     from transformers import modeling_utils
     from transformers.models.auto import auto_factory
 
-    for cls in (modeling_utils.PreTrainedModel, auto_factory._BaseAutoModelClass, transformers.AutoConfig,
-                transformers.PretrainedConfig, transformers.AutoTokenizer, transformers.PreTrainedTokenizerBase,
-                transformers.AutoProcessor, transformers.ProcessorMixin, transformers.GenerationConfig):
+    for cls in (
+        modeling_utils.PreTrainedModel,
+        auto_factory._BaseAutoModelClass,
+        transformers.AutoConfig,
+        transformers.PretrainedConfig,
+        transformers.AutoTokenizer,
+        transformers.PreTrainedTokenizerBase,
+        transformers.AutoProcessor,
+        transformers.ProcessorMixin,
+        transformers.GenerationConfig,
+    ):
         _redirect(cls)
     original = datasets.load_dataset
 

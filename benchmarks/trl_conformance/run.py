@@ -39,11 +39,17 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 #: PatchFastRL row -> TRL's test file for it
-TEST_FILES = {"SFT": "tests/test_sft_trainer.py", "DPO": "tests/test_dpo_trainer.py",
-              "GRPO": "tests/test_grpo_trainer.py", "KTO": "tests/test_kto_trainer.py",
-              "RLOO": "tests/test_rloo_trainer.py", "Reward": "tests/test_reward_trainer.py",
-              "ORPO": "tests/experimental/test_orpo_trainer.py", "CPO": "tests/experimental/test_cpo_trainer.py",
-              "OnlineDPO": "tests/experimental/test_online_dpo_trainer.py"}
+TEST_FILES = {
+    "SFT": "tests/test_sft_trainer.py",
+    "DPO": "tests/test_dpo_trainer.py",
+    "GRPO": "tests/test_grpo_trainer.py",
+    "KTO": "tests/test_kto_trainer.py",
+    "RLOO": "tests/test_rloo_trainer.py",
+    "Reward": "tests/test_reward_trainer.py",
+    "ORPO": "tests/experimental/test_orpo_trainer.py",
+    "CPO": "tests/experimental/test_cpo_trainer.py",
+    "OnlineDPO": "tests/experimental/test_online_dpo_trainer.py",
+}
 
 
 def fetch_tests(source: str | None, workdir: Path) -> str:
@@ -58,13 +64,16 @@ def fetch_tests(source: str | None, workdir: Path) -> str:
         return f"directory {source}"
     if os.path.isdir(git_dir):
         rev = rev or "HEAD"
-        commit = subprocess.run(["git", "--git-dir", git_dir, "rev-parse", rev], capture_output=True, text=True,
-                                check=True).stdout.strip()
-        archive = subprocess.run(["git", "--git-dir", git_dir, "archive", commit, "tests"], capture_output=True,
-                                 check=True).stdout
+        commit = subprocess.run(
+            ["git", "--git-dir", git_dir, "rev-parse", rev], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        archive = subprocess.run(
+            ["git", "--git-dir", git_dir, "archive", commit, "tests"], capture_output=True, check=True
+        ).stdout
         tarfile.open(fileobj=io.BytesIO(archive)).extractall(workdir, filter="data")
-        version = subprocess.run(["git", "--git-dir", git_dir, "show", f"{commit}:VERSION"], capture_output=True,
-                                 text=True).stdout.strip()
+        version = subprocess.run(
+            ["git", "--git-dir", git_dir, "show", f"{commit}:VERSION"], capture_output=True, text=True
+        ).stdout.strip()
         return f"git {git_dir} at {commit} (VERSION {version or 'unknown'})"
     with urllib.request.urlopen(source, timeout=60) as response:
         data = response.read()
@@ -76,20 +85,42 @@ def fetch_tests(source: str | None, workdir: Path) -> str:
     return f"tarball {source}"
 
 
-def run_file(workdir: Path, test_file: str, row: str | None, keyword: str | None, timeout: int,
-             log: Path) -> dict[str, str]:
+def run_file(workdir: Path, test_file: str, row: str | None, keyword: str | None, timeout: int, log: Path) -> dict[str, str]:
     """``{test id: passed|failed|skipped}`` of one pytest run of ``test_file`` (patched with ``row`` when given)."""
     junit = log.with_suffix(".xml")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               FASTFT_CONFORMANCE_CACHE=str(workdir / ".stand_ins"), FASTFT_CONFORMANCE_TEST_TIMEOUT=str(timeout),
-               TRL_EXPERIMENTAL_SILENCE="1", CUDA_VISIBLE_DEVICES="")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        FASTFT_CONFORMANCE_CACHE=str(workdir / ".stand_ins"),
+        FASTFT_CONFORMANCE_TEST_TIMEOUT=str(timeout),
+        TRL_EXPERIMENTAL_SILENCE="1",
+        CUDA_VISIBLE_DEVICES="",
+    )
     env.pop("FASTFT_CONFORMANCE_PATCH", None)
     env.pop("TRITON_INTERPRET", None)  # fastft's CPU path is its torch code, as a user on CPU gets
     if row:
         env["FASTFT_CONFORMANCE_PATCH"] = row
-    cmd = [sys.executable, "-m", "pytest", test_file, "-p", "conformance_plugin", "-p", "no:cacheprovider", "-q",
-           "-rN", "-o", "addopts=", "--junitxml", str(junit), "-W", "ignore"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        test_file,
+        "-p",
+        "conformance_plugin",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "-rN",
+        "-o",
+        "addopts=",
+        "--junitxml",
+        str(junit),
+        "-W",
+        "ignore",
+    ]
     if keyword:
         cmd += ["-k", keyword]
     with open(log, "w") as out:
@@ -100,7 +131,7 @@ def run_file(workdir: Path, test_file: str, row: str | None, keyword: str | None
     for case in ET.parse(junit).iter("testcase"):
         name = f"{case.get('classname', '')}::{case.get('name')}"
         tags = {child.tag for child in case}
-        results[name] = ("failed" if tags & {"failure", "error"} else "skipped" if "skipped" in tags else "passed")
+        results[name] = "failed" if tags & {"failure", "error"} else "skipped" if "skipped" in tags else "passed"
     return results
 
 
@@ -150,11 +181,19 @@ def main() -> int:
         def count(results: dict[str, str]) -> dict[str, int]:
             return {k: sum(v == k for v in results.values()) for k in ("passed", "failed", "skipped")}
 
-        report["trainers"][row] = {"file": test_file, "unpatched": count(plain), "patched": count(fast),
-                                   "passes_unpatched_fails_patched": regressions,
-                                   "fails_unpatched_passes_patched": gains, "seconds": round(time.time() - start)}
-        print(f"{row}: unpatched {count(plain)} | patched {count(fast)} | {len(regressions)} pass unpatched but "
-              f"fail patched ({time.time() - start:.0f} s)", flush=True)
+        report["trainers"][row] = {
+            "file": test_file,
+            "unpatched": count(plain),
+            "patched": count(fast),
+            "passes_unpatched_fails_patched": regressions,
+            "fails_unpatched_passes_patched": gains,
+            "seconds": round(time.time() - start),
+        }
+        print(
+            f"{row}: unpatched {count(plain)} | patched {count(fast)} | {len(regressions)} pass unpatched but "
+            f"fail patched ({time.time() - start:.0f} s)",
+            flush=True,
+        )
         collection = _collection_error(workdir / f"{row}-unpatched.log")
         if collection:  # these tests do not match the installed TRL: no test ran either way
             report["trainers"][row]["collection_error"] = collection

@@ -10,8 +10,7 @@ import sys
 from fastft.export.errors import ExportError
 
 
-def export_adapter(adapter_dir: str, quantization: str, output_dir: str | None = None,
-                   base_model: str | None = None) -> str:
+def export_adapter(adapter_dir: str, quantization: str, output_dir: str | None = None, base_model: str | None = None) -> str:
     """Load ``adapter_dir`` (a PEFT LoRA save) on its base (local path from adapter_config.json, or ``base_model``),
     merge and write GGUF into ``output_dir`` (default ``adapter_dir/gguf``). Returns the GGUF path."""
     from fastft.export.quantize import needs_llama_cpp, require_llama_cpp, resolve_quantization

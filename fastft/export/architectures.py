@@ -26,35 +26,42 @@ logger = logging.getLogger("fastft")
 @dataclass(frozen=True)
 class ArchitectureRow:
     model_type: str
-    gguf_arch: str                  # llama.cpp's name (gguf.MODEL_ARCH_NAMES value)
-    permute_qk: bool = False        # llama.cpp "llama" arch: interleaved RoPE pairs
-    norm_plus_one: bool = False     # Gemma: RMSNorm scale stored as 1 + w
-    softcapping: bool = False       # Gemma 2/3: attention and/or final logit softcapping keys
-    sliding_window: bool = False    # Gemma 2/3: per-layer sliding-window pattern (llama.cpp reads it)
-    llama3_rope: bool = False       # the arch loads a rope_freqs tensor (Llama 3.1 "llama3" RoPE scaling)
+    gguf_arch: str  # llama.cpp's name (gguf.MODEL_ARCH_NAMES value)
+    permute_qk: bool = False  # llama.cpp "llama" arch: interleaved RoPE pairs
+    norm_plus_one: bool = False  # Gemma: RMSNorm scale stored as 1 + w
+    softcapping: bool = False  # Gemma 2/3: attention and/or final logit softcapping keys
+    sliding_window: bool = False  # Gemma 2/3: per-layer sliding-window pattern (llama.cpp reads it)
+    llama3_rope: bool = False  # the arch loads a rope_freqs tensor (Llama 3.1 "llama3" RoPE scaling)
 
 
-ARCHITECTURES: dict[str, ArchitectureRow] = {row.model_type: row for row in [
-    ArchitectureRow("llama", "llama", permute_qk=True, llama3_rope=True),
-    # llama.cpp converts Mistral as its llama arch (MistralForCausalLM is registered on its LlamaModel converter).
-    ArchitectureRow("mistral", "llama", permute_qk=True, llama3_rope=True),
-    ArchitectureRow("qwen2", "qwen2"),
-    ArchitectureRow("qwen3", "qwen3"),
-    ArchitectureRow("gemma", "gemma", norm_plus_one=True),
-    ArchitectureRow("gemma2", "gemma2", norm_plus_one=True, softcapping=True, sliding_window=True),
-    ArchitectureRow("gemma3_text", "gemma3", norm_plus_one=True, softcapping=True, sliding_window=True),
-    # Phi-3: fused qkv_proj and gate_up_proj are llama.cpp's own attn_qkv / ffn_up layout; RoPE rotates halves.
-    ArchitectureRow("phi3", "phi3"),
-    ArchitectureRow("qwen3_moe", "qwen3moe"),
-]}
+ARCHITECTURES: dict[str, ArchitectureRow] = {
+    row.model_type: row
+    for row in [
+        ArchitectureRow("llama", "llama", permute_qk=True, llama3_rope=True),
+        # llama.cpp converts Mistral as its llama arch (MistralForCausalLM is registered on its LlamaModel converter).
+        ArchitectureRow("mistral", "llama", permute_qk=True, llama3_rope=True),
+        ArchitectureRow("qwen2", "qwen2"),
+        ArchitectureRow("qwen3", "qwen3"),
+        ArchitectureRow("gemma", "gemma", norm_plus_one=True),
+        ArchitectureRow("gemma2", "gemma2", norm_plus_one=True, softcapping=True, sliding_window=True),
+        ArchitectureRow("gemma3_text", "gemma3", norm_plus_one=True, softcapping=True, sliding_window=True),
+        # Phi-3: fused qkv_proj and gate_up_proj are llama.cpp's own attn_qkv / ffn_up layout; RoPE rotates halves.
+        ArchitectureRow("phi3", "phi3"),
+        ArchitectureRow("qwen3_moe", "qwen3moe"),
+    ]
+}
 
 #: Rows of fastft's architecture table that GGUF export does not cover yet, and why (named in the error).
 NOT_EXPORTED = {
-    "olmo2": "post-norm layout not mapped yet", "olmo3": "post-norm layout not mapped yet",
-    "granite": "its four multipliers are not mapped yet", "smollm3": "its no-RoPE layers are not mapped yet",
-    "glm4": "partial interleaved RoPE not mapped yet", "ministral": "per-layer sliding window not mapped yet",
+    "olmo2": "post-norm layout not mapped yet",
+    "olmo3": "post-norm layout not mapped yet",
+    "granite": "its four multipliers are not mapped yet",
+    "smollm3": "its no-RoPE layers are not mapped yet",
+    "glm4": "partial interleaved RoPE not mapped yet",
+    "ministral": "per-layer sliding window not mapped yet",
     "ministral3": "not mapped yet",
-    "mixtral": "its experts are not mapped yet", "gpt_oss": "MXFP4 experts and attention sinks not mapped yet",
+    "mixtral": "its experts are not mapped yet",
+    "gpt_oss": "MXFP4 experts and attention sinks not mapped yet",
 }
 
 
@@ -63,12 +70,16 @@ def architecture_row(model_type: str) -> ArchitectureRow:
     if model_type in ARCHITECTURES:
         return ARCHITECTURES[model_type]
     if model_type in NOT_EXPORTED:
-        raise ExportError(f"GGUF export does not cover model_type {model_type!r} yet ({NOT_EXPORTED[model_type]}). "
-                          f"Exported: {', '.join(ARCHITECTURES)}.")
+        raise ExportError(
+            f"GGUF export does not cover model_type {model_type!r} yet ({NOT_EXPORTED[model_type]}). "
+            f"Exported: {', '.join(ARCHITECTURES)}."
+        )
     close = difflib.get_close_matches(str(model_type), list(ARCHITECTURES), n=2, cutoff=0.6)
     hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
-    raise ExportError(f"GGUF export has no row for model_type {model_type!r} (no llama.cpp architecture known to "
-                      f"fastft for it).{hint} Exported: {', '.join(ARCHITECTURES)}.")
+    raise ExportError(
+        f"GGUF export has no row for model_type {model_type!r} (no llama.cpp architecture known to "
+        f"fastft for it).{hint} Exported: {', '.join(ARCHITECTURES)}."
+    )
 
 
 def rope_parameters(config: Any) -> tuple[dict[str, Any], float | None]:
@@ -127,23 +138,32 @@ def _rope_keys(row: ArchitectureRow, config: Any) -> dict[str, Any]:
     if kind == "linear":
         meta.update({"rope.scaling.type": "linear", "rope.scaling.factor": float(params["factor"])})
     elif kind == "yarn":
-        orig = params.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings",
-                                                                         None)
+        orig = params.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
         if orig is None:
             raise ExportError("YaRN RoPE scaling without original_max_position_embeddings cannot be written")
-        meta.update({"rope.scaling.type": "yarn", "rope.scaling.factor": float(params["factor"]),
-                     "rope.scaling.original_context_length": int(orig)})
+        meta.update(
+            {
+                "rope.scaling.type": "yarn",
+                "rope.scaling.factor": float(params["factor"]),
+                "rope.scaling.original_context_length": int(orig),
+            }
+        )
         # Only the values the config states: llama.cpp's defaults are transformers' (beta 32/1, mscale 0.1 ln s + 1).
-        for hf_key, gguf_key in (("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow"),
-                                 ("attention_factor", "yarn_attn_factor"), ("extrapolation_factor", "yarn_ext_factor")):
+        for hf_key, gguf_key in (
+            ("beta_fast", "yarn_beta_fast"),
+            ("beta_slow", "yarn_beta_slow"),
+            ("attention_factor", "yarn_attn_factor"),
+            ("extrapolation_factor", "yarn_ext_factor"),
+        ):
             if params.get(hf_key) is not None:
                 meta[f"rope.scaling.{gguf_key}"] = float(params[hf_key])
         if params.get("truncate") is False or params.get("mscale") or params.get("mscale_all_dim"):
             raise ExportError(f"YaRN variant {params} (truncate=False / mscale) is not exported")
     elif kind == "llama3":
         if not row.llama3_rope:
-            raise ExportError(f"llama3 RoPE scaling on {row.model_type}: llama.cpp's {row.gguf_arch} arch does not "
-                              "load rope_freqs")
+            raise ExportError(
+                f"llama3 RoPE scaling on {row.model_type}: llama.cpp's {row.gguf_arch} arch does not load rope_freqs"
+            )
     else:  # dynamic NTK grows the base with the sequence at run time; longrope needs factor tensors
         raise ExportError(f"RoPE scaling {kind!r} is not exported to GGUF; supported: default, linear, yarn, llama3")
     return meta
@@ -160,14 +180,21 @@ def _sliding_keys(row: ArchitectureRow, config: Any) -> dict[str, Any]:
             meta["attention.sliding_window_pattern"] = [t == "sliding_attention" for t in layer_types]
         return meta
     if row.model_type in ("qwen2", "qwen3") and getattr(config, "use_sliding_window", False):
-        raise ExportError(f"{row.model_type} use_sliding_window=True: llama.cpp's {row.gguf_arch} arch attends the "
-                          "whole context; export a model with use_sliding_window=False")
+        raise ExportError(
+            f"{row.model_type} use_sliding_window=True: llama.cpp's {row.gguf_arch} arch attends the "
+            "whole context; export a model with use_sliding_window=False"
+        )
     if row.model_type in ("mistral", "phi3") and window and window < config.max_position_embeddings:
         # llama.cpp runs Mistral as llama and Phi-3 with its sliding window disabled, i.e. full attention: equal to
         # transformers up to the window's length.
-        logger.warning("fastft: %s sliding_window=%d: llama.cpp's %s arch attends the whole context, so the GGUF's "
-                       "context_length is set to %d (the length up to which both attend the same tokens)",
-                       row.model_type, window, row.gguf_arch, window)
+        logger.warning(
+            "fastft: %s sliding_window=%d: llama.cpp's %s arch attends the whole context, so the GGUF's "
+            "context_length is set to %d (the length up to which both attend the same tokens)",
+            row.model_type,
+            window,
+            row.gguf_arch,
+            window,
+        )
         return {"context_length": int(window)}
     return {}
 
@@ -181,20 +208,27 @@ def _attention_scale_check(row: ArchitectureRow, config: Any, head_dim: int) -> 
     if config.num_hidden_layers == {"gemma2": 46, "gemma3_text": 62}.get(row.model_type):
         allowed = {config.hidden_size // config.num_attention_heads}
     if scalar not in allowed:
-        raise ExportError(f"{row.model_type} query_pre_attn_scalar={scalar} cannot be represented: llama.cpp scales "
-                          f"queries by 1/sqrt({sorted(allowed)[0]})")
+        raise ExportError(
+            f"{row.model_type} query_pre_attn_scalar={scalar} cannot be represented: llama.cpp scales "
+            f"queries by 1/sqrt({sorted(allowed)[0]})"
+        )
 
 
 def _moe_keys(row: ArchitectureRow, config: Any) -> dict[str, Any]:
     # llama.cpp's qwen3moe graph: every layer sparse, top-k weights always renormalized.
     if getattr(config, "mlp_only_layers", None) or getattr(config, "decoder_sparse_step", 1) != 1:
-        raise ExportError(f"{row.model_type} with dense layers (mlp_only_layers={config.mlp_only_layers}, "
-                          f"decoder_sparse_step={config.decoder_sparse_step}): llama.cpp's {row.gguf_arch} arch "
-                          "makes every layer sparse")
+        raise ExportError(
+            f"{row.model_type} with dense layers (mlp_only_layers={config.mlp_only_layers}, "
+            f"decoder_sparse_step={config.decoder_sparse_step}): llama.cpp's {row.gguf_arch} arch "
+            "makes every layer sparse"
+        )
     if not getattr(config, "norm_topk_prob", True):
         raise ExportError(f"{row.model_type} norm_topk_prob=False: llama.cpp's {row.gguf_arch} arch renormalizes")
-    return {"expert_count": int(config.num_experts), "expert_used_count": int(config.num_experts_per_tok),
-            "expert_feed_forward_length": int(config.moe_intermediate_size)}
+    return {
+        "expert_count": int(config.num_experts),
+        "expert_used_count": int(config.num_experts_per_tok),
+        "expert_feed_forward_length": int(config.moe_intermediate_size),
+    }
 
 
 def architecture_metadata(row: ArchitectureRow, config: Any) -> dict[str, Any]:

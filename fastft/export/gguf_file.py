@@ -30,8 +30,16 @@ from fastft.export.tokenizer import gguf_vocab, write_vocab
 logger = logging.getLogger("fastft")
 
 
-def _write_gguf(path: str, arch: str, name: str, file_type: str, metadata: dict[str, Any], vocab,
-                tensors: list[tuple[str, str, str, Any]], generation: dict[str, Any]) -> None:
+def _write_gguf(
+    path: str,
+    arch: str,
+    name: str,
+    file_type: str,
+    metadata: dict[str, Any],
+    vocab,
+    tensors: list[tuple[str, str, str, Any]],
+    generation: dict[str, Any],
+) -> None:
     import gguf
 
     writer = gguf.GGUFWriter(path, arch)
@@ -49,9 +57,13 @@ def _write_gguf(path: str, arch: str, name: str, file_type: str, metadata: dict[
             writer.add_float32(key, value)
         else:
             writer.add_string(key, str(value))
-    for key, add in (("temperature", writer.add_sampling_temp), ("top_p", writer.add_sampling_top_p),
-                     ("top_k", writer.add_sampling_top_k), ("min_p", writer.add_sampling_min_p),
-                     ("repetition_penalty", writer.add_sampling_penalty_repeat)):
+    for key, add in (
+        ("temperature", writer.add_sampling_temp),
+        ("top_p", writer.add_sampling_top_p),
+        ("top_k", writer.add_sampling_top_k),
+        ("min_p", writer.add_sampling_min_p),
+        ("repetition_penalty", writer.add_sampling_penalty_repeat),
+    ):
         if generation.get(key) is not None:
             add(generation[key])
     write_vocab(writer, vocab)
@@ -81,8 +93,14 @@ def _generation_defaults(model: Any) -> dict[str, Any]:
     return {k: getattr(gen, k, None) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
 
 
-def save_gguf(model: torch.nn.Module, save_directory: str, tokenizer: Any, quantization: str = "q8_0",
-              file_name: str | None = None, modelfile: bool = True) -> str:
+def save_gguf(
+    model: torch.nn.Module,
+    save_directory: str,
+    tokenizer: Any,
+    quantization: str = "q8_0",
+    file_name: str | None = None,
+    modelfile: bool = True,
+) -> str:
     """Write ``model`` (merged) as ``save_directory/<file_name>`` in GGUF; returns the GGUF file's path.
 
     ``quantization``: one of ``fastft.export.QUANTIZATIONS`` (f16, bf16, q8_0, ... written directly; k-quants such
@@ -108,14 +126,19 @@ def save_gguf(model: torch.nn.Module, save_directory: str, tokenizer: Any, quant
     tensors, fallbacks = [], []
     while named:
         gguf_name, hf_name, data = named.pop(0)
-        ttype = tensor_type_for(quant, hf_name, tuple(data.shape)) if staged is None else (
-            "F32" if data.dim() <= 1 else staged)
+        ttype = (
+            tensor_type_for(quant, hf_name, tuple(data.shape)) if staged is None else ("F32" if data.dim() <= 1 else staged)
+        )
         if quant.tensor_type not in (None, "F32") and data.dim() > 1 and ttype != quant.tensor_type:
             fallbacks.append(gguf_name)
         tensors.append((gguf_name, hf_name, ttype, encode_tensor(data.detach().numpy(), ttype)))
     if fallbacks:
-        logger.info("fastft: GGUF %s: %d tensors whose rows do not hold whole blocks written as F16: %s",
-                    quant.name, len(fallbacks), ", ".join(fallbacks))
+        logger.info(
+            "fastft: GGUF %s: %d tensors whose rows do not hold whole blocks written as F16: %s",
+            quant.name,
+            len(fallbacks),
+            ", ".join(fallbacks),
+        )
     # Not forced to contain "mistral": transformers' GGUF reader would then look for a gguf-py arch "mistral",
     # which gguf 0.19 no longer has; llama.cpp runs Mistral as its llama arch either way.
     name = _general_name(os.path.basename(str(getattr(config, "_name_or_path", "") or "")), vocab.tokens)
@@ -139,6 +162,7 @@ def save_gguf(model: torch.nn.Module, save_directory: str, tokenizer: Any, quant
             logger.info("fastft: wrote %s (%s, by llama.cpp's quantizer from an F16 file)", final, quant.name)
     if modelfile:
         eos = tokenizer.convert_ids_to_tokens(vocab.special_ids["eos"]) if "eos" in vocab.special_ids else None
-        write_text_atomic(os.path.join(save_directory, "Modelfile"),
-                          modelfile_text(final, vocab.chat_template, eos, generation))
+        write_text_atomic(
+            os.path.join(save_directory, "Modelfile"), modelfile_text(final, vocab.chat_template, eos, generation)
+        )
     return final

@@ -12,19 +12,30 @@ import os
 from typing import Any
 
 _FAMILIES = {
-    "chatml": ("<|im_start|>", ["<|im_end|>"],
-               "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
-               "<|im_start|>assistant\n"),
+    "chatml": (
+        "<|im_start|>",
+        ["<|im_end|>"],
+        "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n",
+    ),
     # Gemma has no system role: its template folds a system message into a user turn, as here.
-    "gemma": ("<start_of_turn>", ["<end_of_turn>"],
-              "{{- range .Messages }}<start_of_turn>{{ if eq .Role \"assistant\" }}model{{ else }}user{{ end }}"
-              "\n{{ .Content }}<end_of_turn>\n{{ end }}<start_of_turn>model\n"),
-    "llama3": ("<|start_header_id|>", ["<|eot_id|>"],
-               "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>"
-               "{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n"),
-    "mistral": ("[INST]", ["[INST]", "[/INST]"],
-                "{{- range .Messages }}{{ if eq .Role \"assistant\" }}{{ .Content }}</s>"
-                "{{ else }}[INST] {{ .Content }} [/INST]{{ end }}{{ end }}"),
+    "gemma": (
+        "<start_of_turn>",
+        ["<end_of_turn>"],
+        '{{- range .Messages }}<start_of_turn>{{ if eq .Role "assistant" }}model{{ else }}user{{ end }}'
+        "\n{{ .Content }}<end_of_turn>\n{{ end }}<start_of_turn>model\n",
+    ),
+    "llama3": (
+        "<|start_header_id|>",
+        ["<|eot_id|>"],
+        "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>"
+        "{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n",
+    ),
+    "mistral": (
+        "[INST]",
+        ["[INST]", "[/INST]"],
+        '{{- range .Messages }}{{ if eq .Role "assistant" }}{{ .Content }}</s>'
+        "{{ else }}[INST] {{ .Content }} [/INST]{{ end }}{{ end }}",
+    ),
 }
 
 
@@ -38,15 +49,18 @@ def _quote(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def modelfile_text(gguf_file: str, chat_template: str | None, eos_token: str | None,
-                   generation: dict[str, Any] | None = None) -> str:
+def modelfile_text(
+    gguf_file: str, chat_template: str | None, eos_token: str | None, generation: dict[str, Any] | None = None
+) -> str:
     """The Modelfile for ``gguf_file`` (a path relative to the Modelfile's directory)."""
     lines = [f"FROM ./{os.path.basename(gguf_file)}", ""]
     family = template_family(chat_template)
     stops: list[str] = []
     if family is None:
-        lines.append("# no TEMPLATE: the chat template is not a known family (chatml, gemma, llama3, mistral); Ollama uses "
-                     "the one stored in the GGUF if it recognises it")
+        lines.append(
+            "# no TEMPLATE: the chat template is not a known family (chatml, gemma, llama3, mistral); Ollama uses "
+            "the one stored in the GGUF if it recognises it"
+        )
     else:
         _, stops, template = _FAMILIES[family]
         lines.append(f"# TEMPLATE: the {family} chat format")

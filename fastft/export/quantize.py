@@ -21,8 +21,8 @@ KQUANT_EXTRA = "pip install 'fastft[gguf]'  (llama-cpp-python, which compiles ll
 
 @dataclass(frozen=True)
 class Quantization:
-    name: str           # the user-facing name, lowercase ("q4_k_m")
-    file_type: str      # gguf.LlamaFileType member name ("MOSTLY_Q4_K_M")
+    name: str  # the user-facing name, lowercase ("q4_k_m")
+    file_type: str  # gguf.LlamaFileType member name ("MOSTLY_Q4_K_M")
     tensor_type: str | None  # gguf.GGMLQuantizationType member for direct writes; None: llama.cpp's quantizer
     block_elements: int = 1  # a row must hold whole blocks to take tensor_type
 
@@ -65,9 +65,11 @@ def require_llama_cpp():
     try:
         import llama_cpp
     except ImportError as exc:
-        raise ExportError(f"k-quants are made by llama.cpp's own quantizer, and llama-cpp-python is not installed "
-                          f"({exc}). Install it with: {KQUANT_EXTRA}; or pick a type written directly: "
-                          f"{', '.join(q.name for q in _DIRECT)}.") from exc
+        raise ExportError(
+            f"k-quants are made by llama.cpp's own quantizer, and llama-cpp-python is not installed "
+            f"({exc}). Install it with: {KQUANT_EXTRA}; or pick a type written directly: "
+            f"{', '.join(q.name for q in _DIRECT)}."
+        ) from exc
     return llama_cpp
 
 

@@ -49,8 +49,10 @@ def gguf_tensors(row: ArchitectureRow, config, state: dict[str, torch.Tensor]) -
     n_head = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
     if row.gguf_arch in _TIED_ONLY and "lm_head.weight" in state:
-        raise ExportError(f"{row.model_type} with an untied lm_head: llama.cpp's {row.gguf_arch} arch always uses the "
-                          "token embedding as the output layer (it has no output.weight to load)")
+        raise ExportError(
+            f"{row.model_type} with an untied lm_head: llama.cpp's {row.gguf_arch} arch always uses the "
+            "token embedding as the output layer (it has no output.weight to load)"
+        )
     out, unknown = [], []
     for hf_name, tensor in state.items():
         if hf_name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
@@ -73,6 +75,8 @@ def gguf_tensors(row: ArchitectureRow, config, state: dict[str, torch.Tensor]) -
             data = data + 1.0
         out.append((f"{mapped}.{suffix}", hf_name, data))
     if unknown:
-        raise ExportError(f"{len(unknown)} tensors have no llama.cpp name for arch {row.gguf_arch!r}: "
-                          f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+        raise ExportError(
+            f"{len(unknown)} tensors have no llama.cpp name for arch {row.gguf_arch!r}: "
+            f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}"
+        )
     return out

@@ -24,10 +24,14 @@ from fastft.export.errors import ExportError
 
 logger = logging.getLogger("fastft")
 
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 #: split regex -> llama.cpp ``tokenizer.ggml.pre`` name
 KNOWN_SPLITS = {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"}
 
@@ -38,11 +42,11 @@ _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 @dataclass
 class GGUFVocab:
-    model: str                      # "gpt2" (byte-level BPE) or "llama" (SentencePiece-style)
-    pre: str | None                 # llama.cpp pre-tokenizer name (byte-level only)
+    model: str  # "gpt2" (byte-level BPE) or "llama" (SentencePiece-style)
+    pre: str | None  # llama.cpp pre-tokenizer name (byte-level only)
     tokens: list[str]
     token_types: list[int]
-    merges: list[str]               # byte-level only: SentencePiece files carry scores instead
+    merges: list[str]  # byte-level only: SentencePiece files carry scores instead
     scores: list[float] | None = None
     add_space_prefix: bool | None = None
     special_ids: dict[str, int] = field(default_factory=dict)  # bos/eos/unk/pad -> id
@@ -56,16 +60,24 @@ def _pre_tokenizer_name(pre: dict | None) -> str:
         return "gpt-2"
     if pre and pre.get("type") == "Sequence":
         parts = pre.get("pretokenizers", [])
-        if (len(parts) == 2 and parts[0].get("type") == "Split" and parts[1].get("type") == "ByteLevel"
-                and not parts[1].get("use_regex", True) and not parts[1].get("add_prefix_space")):
+        if (
+            len(parts) == 2
+            and parts[0].get("type") == "Split"
+            and parts[1].get("type") == "ByteLevel"
+            and not parts[1].get("use_regex", True)
+            and not parts[1].get("add_prefix_space")
+        ):
             regex = parts[0].get("pattern", {}).get("Regex")
             if regex in KNOWN_SPLITS:
                 return KNOWN_SPLITS[regex]
-            raise ExportError(f"tokenizer split regex {regex!r} is not one llama.cpp names; known: "
-                              f"{', '.join(KNOWN_SPLITS.values())}")
-    raise ExportError(f"tokenizer pre-tokenizer {json.dumps(pre)[:200]} cannot be represented in GGUF; accepted: "
-                      "ByteLevel (GPT-2 regex, no prefix space), Split(llama-3/qwen2 regex) + ByteLevel(use_regex="
-                      "false), or SentencePiece's Metaspace")
+            raise ExportError(
+                f"tokenizer split regex {regex!r} is not one llama.cpp names; known: {', '.join(KNOWN_SPLITS.values())}"
+            )
+    raise ExportError(
+        f"tokenizer pre-tokenizer {json.dumps(pre)[:200]} cannot be represented in GGUF; accepted: "
+        "ByteLevel (GPT-2 regex, no prefix space), Split(llama-3/qwen2 regex) + ByteLevel(use_regex="
+        "false), or SentencePiece's Metaspace"
+    )
 
 
 def _sentencepiece_prefix(spec: dict) -> bool:
@@ -76,20 +88,29 @@ def _sentencepiece_prefix(spec: dict) -> bool:
             raise ExportError(f"Metaspace {pre} (split or another replacement) cannot be represented in GGUF")
         prefix = pre.get("prepend_scheme", "always") in ("always", "first")
         if prefix:
-            logger.warning("fastft: SentencePiece-style tokenizer with Metaspace(prepend_scheme=%r): llama.cpp adds the "
-                           "prefix space to every text fragment that starts the input or follows a special token, "
-                           "also when it starts with a space; HF %s. Text of those shapes tokenizes differently "
-                           "(as it does in llama.cpp's own converter's files)", pre.get("prepend_scheme"),
-                           "only to the first fragment" if pre.get("prepend_scheme") == "first"
-                           else "not when it starts with one")
+            logger.warning(
+                "fastft: SentencePiece-style tokenizer with Metaspace(prepend_scheme=%r): llama.cpp adds the "
+                "prefix space to every text fragment that starts the input or follows a special token, "
+                "also when it starts with a space; HF %s. Text of those shapes tokenizes differently "
+                "(as it does in llama.cpp's own converter's files)",
+                pre.get("prepend_scheme"),
+                "only to the first fragment" if pre.get("prepend_scheme") == "first" else "not when it starts with one",
+            )
         return prefix
     steps = (norm or {}).get("normalizers", [norm]) if norm else []
     kinds = [(s.get("type"), s.get("prepend"), s.get("content")) for s in steps]
-    if pre is None and kinds and kinds[-1] == ("Replace", None, _SPACE) and all(
-            k == ("Prepend", _SPACE, None) for k in kinds[:-1]) and len(kinds) <= 2:
+    if (
+        pre is None
+        and kinds
+        and kinds[-1] == ("Replace", None, _SPACE)
+        and all(k == ("Prepend", _SPACE, None) for k in kinds[:-1])
+        and len(kinds) <= 2
+    ):
         return len(kinds) == 2
-    raise ExportError(f"SentencePiece-style tokenizer with pre-tokenizer {json.dumps(pre)[:120]} and normalizer "
-                      f"{json.dumps(norm)[:120]} cannot be represented in GGUF")
+    raise ExportError(
+        f"SentencePiece-style tokenizer with pre-tokenizer {json.dumps(pre)[:120]} and normalizer "
+        f"{json.dumps(norm)[:120]} cannot be represented in GGUF"
+    )
 
 
 def _check_normalizer(spec: dict) -> None:
@@ -97,8 +118,10 @@ def _check_normalizer(spec: dict) -> None:
     if norm is None:
         return
     if norm.get("type") == "NFC":
-        logger.info("fastft: the tokenizer NFC-normalizes its input; llama.cpp does not (it tokenizes the same text "
-                    "the same way once it is in NFC, as nearly all text is)")
+        logger.info(
+            "fastft: the tokenizer NFC-normalizes its input; llama.cpp does not (it tokenizes the same text "
+            "the same way once it is in NFC, as nearly all text is)"
+        )
         return
     raise ExportError(f"tokenizer normalizer {norm.get('type')!r} cannot be represented in GGUF")
 
@@ -129,8 +152,10 @@ def gguf_vocab(tokenizer: Any, vocab_size: int) -> GGUFVocab:
     spec = json.loads(backend.to_str())
     model = spec.get("model", {})
     if model.get("type") != "BPE":
-        raise ExportError(f"tokenizer model {model.get('type')!r} is not supported for GGUF export; accepted: BPE "
-                          "(byte-level, or SentencePiece-style with byte fallback)")
+        raise ExportError(
+            f"tokenizer model {model.get('type')!r} is not supported for GGUF export; accepted: BPE "
+            "(byte-level, or SentencePiece-style with byte fallback)"
+        )
     sentencepiece = bool(model.get("byte_fallback"))
     if sentencepiece:
         add_space_prefix, pre = _sentencepiece_prefix(spec), None
@@ -174,9 +199,19 @@ def gguf_vocab(tokenizer: Any, vocab_size: int) -> GGUFVocab:
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):
         template = template.get("default")
-    return GGUFVocab("llama" if sentencepiece else "gpt2", pre, tokens, types, [] if sentencepiece else merges,
-                     _merge_scores(merges, tokens) if sentencepiece else None, add_space_prefix, special, add_bos,
-                     add_eos, strip_generation_markers(template) if template else None)
+    return GGUFVocab(
+        "llama" if sentencepiece else "gpt2",
+        pre,
+        tokens,
+        types,
+        [] if sentencepiece else merges,
+        _merge_scores(merges, tokens) if sentencepiece else None,
+        add_space_prefix,
+        special,
+        add_bos,
+        add_eos,
+        strip_generation_markers(template) if template else None,
+    )
 
 
 def write_vocab(writer: Any, vocab: GGUFVocab) -> None:
@@ -191,8 +226,12 @@ def write_vocab(writer: Any, vocab: GGUFVocab) -> None:
         writer.add_token_merges(vocab.merges)
     if vocab.add_space_prefix is not None:
         writer.add_add_space_prefix(vocab.add_space_prefix)
-    adders = {"bos": writer.add_bos_token_id, "eos": writer.add_eos_token_id, "unk": writer.add_unk_token_id,
-              "pad": writer.add_pad_token_id}
+    adders = {
+        "bos": writer.add_bos_token_id,
+        "eos": writer.add_eos_token_id,
+        "unk": writer.add_unk_token_id,
+        "pad": writer.add_pad_token_id,
+    }
     for name, tid in vocab.special_ids.items():
         adders[name](tid)
     writer.add_add_bos_token(vocab.add_bos)

@@ -94,8 +94,11 @@ def direct_call_ok(*tensors: torch.Tensor) -> bool:
     the op itself. Direct calls run the very same Python body, so results are bitwise identical and the path counts
     (:func:`use_triton`) are recorded exactly as before.
     """
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-            or torch._C._are_functorch_transforms_active()):
+    if (
+        torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack() > 0
+        or torch._C._are_functorch_transforms_active()
+    ):
         return False
     return all(_plain(t) for t in tensors)
 

@@ -107,7 +107,9 @@ def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
         suffix = "a" if arch == 90 else ""
         out = subprocess.run(
             [_ptxas(arch), "-v", f"--gpu-name=sm_{arch}{suffix}", src, "-o", os.path.join(tmp, "k.cubin")],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stderr
     regs = re.search(r"Used (\d+) registers", out)
     spills = [int(m) for m in re.findall(r"(\d+) bytes spill (?:stores|loads)", out)]
@@ -136,8 +138,14 @@ def compile_launch(launch: Launch, arch: int) -> Row:
         return Row(name, variant, arch, True, regs, spills, compiled.metadata.shared, time.perf_counter() - start)
     except Exception as exc:  # report every failure, keep compiling the rest
         first = str(exc).strip().splitlines()
-        return Row(name, variant, arch, False, seconds=time.perf_counter() - start,
-                   error=f"{type(exc).__name__}: {first[0] if first else ''}"[:300])
+        return Row(
+            name,
+            variant,
+            arch,
+            False,
+            seconds=time.perf_counter() - start,
+            error=f"{type(exc).__name__}: {first[0] if first else ''}"[:300],
+        )
 
 
 def run(archs: list[int], modules: list[str] | None = None) -> list[Row]:
@@ -155,12 +163,15 @@ def format_table(rows: list[Row]) -> str:
         regs = "-" if r.registers is None else str(r.registers)
         spill = "-" if r.spill_bytes is None else str(r.spill_bytes)
         smem = "-" if r.shared_bytes is None else str(r.shared_bytes)
-        lines.append(f"{r.kernel:<34} {r.variant[:58]:<58} {'sm_' + str(r.arch):>5} {regs:>5} {spill:>6} {smem:>7} "
-                     f"{r.seconds:5.2f}  {status}")
+        lines.append(
+            f"{r.kernel:<34} {r.variant[:58]:<58} {'sm_' + str(r.arch):>5} {regs:>5} {spill:>6} {smem:>7} "
+            f"{r.seconds:5.2f}  {status}"
+        )
     failed = sum(not r.ok for r in rows)
     kernels = len({(r.kernel, r.variant) for r in rows})
-    lines.append(f"{kernels} kernel variants x {len({r.arch for r in rows})} archs: {len(rows) - failed} compiled, "
-                 f"{failed} failed")
+    lines.append(
+        f"{kernels} kernel variants x {len({r.arch for r in rows})} archs: {len(rows) - failed} compiled, {failed} failed"
+    )
     return "\n".join(lines)
 
 

@@ -102,10 +102,26 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _ce_stats_kernel(
-        LSE, TGT, EF, SUMF, TOP1, X, LABELS, CW,
-        stride_x, n_cols, ignore_index, scale, cap,
-        SCALE: tl.constexpr, SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr, SMOOTH: tl.constexpr,
-        CLASS_WEIGHT: tl.constexpr, ARGMAX: tl.constexpr, BLOCK: tl.constexpr,
+        LSE,
+        TGT,
+        EF,
+        SUMF,
+        TOP1,
+        X,
+        LABELS,
+        CW,
+        stride_x,
+        n_cols,
+        ignore_index,
+        scale,
+        cap,
+        SCALE: tl.constexpr,
+        SOFTCAP: tl.constexpr,
+        ENTROPY: tl.constexpr,
+        SMOOTH: tl.constexpr,
+        CLASS_WEIGHT: tl.constexpr,
+        ARGMAX: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         label = tl.load(LABELS + row)
@@ -156,10 +172,28 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _ce_grad_kernel(
-        DX, X, LABELS, LSE, DP, DTGT, DSMOOTH, CW, DENT, EF,
-        stride_dx, stride_x, n_cols, ignore_index, scale, cap,
-        SCALE: tl.constexpr, SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr, SMOOTH: tl.constexpr,
-        CLASS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr,
+        DX,
+        X,
+        LABELS,
+        LSE,
+        DP,
+        DTGT,
+        DSMOOTH,
+        CW,
+        DENT,
+        EF,
+        stride_dx,
+        stride_x,
+        n_cols,
+        ignore_index,
+        scale,
+        cap,
+        SCALE: tl.constexpr,
+        SOFTCAP: tl.constexpr,
+        ENTROPY: tl.constexpr,
+        SMOOTH: tl.constexpr,
+        CLASS_WEIGHT: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         label = tl.load(LABELS + row)
@@ -217,9 +251,16 @@ def cross_entropy_reference(
     All-ignored "mean" gives NaN here, as in torch; the fused op returns 0 (see the module docstring).
     """
     z = transform_reference(logits, softcap, logit_scale)
-    return loss_reference(z, labels, ignore_index=ignore_index, reduction=reduction, n_items=n_items,
-                          class_weight=class_weight, label_smoothing=label_smoothing,
-                          lse_square_scale=lse_square_scale)
+    return loss_reference(
+        z,
+        labels,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        n_items=n_items,
+        class_weight=class_weight,
+        label_smoothing=label_smoothing,
+        lse_square_scale=lse_square_scale,
+    )
 
 
 def vocab_block(n_cols: int) -> tuple[int, int]:
@@ -258,9 +299,13 @@ def _transform_torch(x: torch.Tensor, scale: float, cap: float, scale_on: bool, 
 
 def _empty_stats(n: int, device: torch.device, entropy: bool, smooth: bool, top1: bool) -> RowStats:
     f32 = dict(dtype=torch.float32, device=device)
-    return RowStats(torch.empty(n, **f32), torch.empty(n, **f32), torch.empty(n if entropy else 0, **f32),
-                    torch.empty(n if smooth else 0, **f32),
-                    torch.empty(n if top1 else 0, dtype=torch.bool, device=device))
+    return RowStats(
+        torch.empty(n, **f32),
+        torch.empty(n, **f32),
+        torch.empty(n if entropy else 0, **f32),
+        torch.empty(n if smooth else 0, **f32),
+        torch.empty(n if top1 else 0, dtype=torch.bool, device=device),
+    )
 
 
 def _stats_torch(x2, labels, options, class_weight, entropy, top1) -> RowStats:
@@ -325,14 +370,37 @@ def _stats_triton(x2, labels, options, class_weight, entropy, top1) -> RowStats:
     top = torch.empty(n if top1 else 1, dtype=torch.int8, device=x2.device)
     block, num_warps = vocab_block(v)
     launch(
-        _ce_stats_kernel, (n,),
-        lse, tgt, ef, sumf, top, x2, labels, (lse if class_weight is None else class_weight),
-        x2.stride(0), v, options.ignore_index, float(scale), float(cap),
-        SCALE=scale_on, SOFTCAP=softcap_on, ENTROPY=entropy, SMOOTH=options.smoothing,
-        CLASS_WEIGHT=options.smoothing and class_weight is not None, ARGMAX=top1, BLOCK=block, num_warps=num_warps,
+        _ce_stats_kernel,
+        (n,),
+        lse,
+        tgt,
+        ef,
+        sumf,
+        top,
+        x2,
+        labels,
+        (lse if class_weight is None else class_weight),
+        x2.stride(0),
+        v,
+        options.ignore_index,
+        float(scale),
+        float(cap),
+        SCALE=scale_on,
+        SOFTCAP=softcap_on,
+        ENTROPY=entropy,
+        SMOOTH=options.smoothing,
+        CLASS_WEIGHT=options.smoothing and class_weight is not None,
+        ARGMAX=top1,
+        BLOCK=block,
+        num_warps=num_warps,
     )
-    return RowStats(lse, tgt, ef if entropy else ef[:0], sumf if options.smoothing else sumf[:0],
-                    top.view(torch.bool) if top1 else top[:0].view(torch.bool))
+    return RowStats(
+        lse,
+        tgt,
+        ef if entropy else ef[:0],
+        sumf if options.smoothing else sumf[:0],
+        top.view(torch.bool) if top1 else top[:0].view(torch.bool),
+    )
 
 
 def _grad_triton(dx, x2, labels, lse, coef, options, class_weight, dent, ef):
@@ -341,13 +409,31 @@ def _grad_triton(dx, x2, labels, lse, coef, options, class_weight, dent, ef):
     entropy, smooth = dent is not None, coef.smooth is not None
     block, num_warps = vocab_block(v)
     launch(
-        _ce_grad_kernel, (n,),
-        dx, x2, labels, lse, coef.p, coef.target, (coef.smooth if smooth else lse),
+        _ce_grad_kernel,
+        (n,),
+        dx,
+        x2,
+        labels,
+        lse,
+        coef.p,
+        coef.target,
+        (coef.smooth if smooth else lse),
         (class_weight if smooth and class_weight is not None else lse),
-        (dent if entropy else lse), (ef if entropy else lse),
-        dx.stride(0), x2.stride(0), v, options.ignore_index, float(scale), float(cap),
-        SCALE=scale_on, SOFTCAP=softcap_on, ENTROPY=entropy, SMOOTH=smooth,
-        CLASS_WEIGHT=smooth and class_weight is not None, BLOCK=block, num_warps=num_warps,
+        (dent if entropy else lse),
+        (ef if entropy else lse),
+        dx.stride(0),
+        x2.stride(0),
+        v,
+        options.ignore_index,
+        float(scale),
+        float(cap),
+        SCALE=scale_on,
+        SOFTCAP=softcap_on,
+        ENTROPY=entropy,
+        SMOOTH=smooth,
+        CLASS_WEIGHT=smooth and class_weight is not None,
+        BLOCK=block,
+        num_warps=num_warps,
     )
     return dx
 
@@ -415,8 +501,7 @@ def cross_entropy_forward(
 
 
 @cross_entropy_forward.register_fake
-def _(logits, labels, class_weight, *, ignore_index, softcap, logit_scale, temperature, label_smoothing,
-      lse_square_scale):
+def _(logits, labels, class_weight, *, ignore_index, softcap, logit_scale, temperature, label_smoothing, lse_square_scale):
     n = logits.shape[0]
     f32 = dict(dtype=torch.float32)
     return logits.new_empty(n, **f32), logits.new_empty(n, **f32), logits.new_empty(n if label_smoothing else 0, **f32)
@@ -443,13 +528,28 @@ def cross_entropy_backward(
     buffer (never the logits: the caller may still hold them)."""
     options = CrossEntropyOptions(ignore_index, softcap, logit_scale, temperature, label_smoothing, lse_square_scale)
     x2 = _rows(logits)
-    return ce_grad(torch.empty_like(x2), x2, labels, lse, GradCoefficients(d_p, d_target, d_smooth), options,
-                   class_weight=class_weight)
+    return ce_grad(
+        torch.empty_like(x2), x2, labels, lse, GradCoefficients(d_p, d_target, d_smooth), options, class_weight=class_weight
+    )
 
 
 @cross_entropy_backward.register_fake
-def _(logits, labels, lse, d_p, d_target, d_smooth, class_weight, *, ignore_index, softcap, logit_scale, temperature,
-      label_smoothing, lse_square_scale):
+def _(
+    logits,
+    labels,
+    lse,
+    d_p,
+    d_target,
+    d_smooth,
+    class_weight,
+    *,
+    ignore_index,
+    softcap,
+    logit_scale,
+    temperature,
+    label_smoothing,
+    lse_square_scale,
+):
     return torch.empty_like(logits)
 
 
@@ -540,7 +640,7 @@ def compile_cases() -> None:
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for softcap, scale in ((None, None), (None, 0.5), (30.0, None), (30.0, 0.5)):
             # the 1,024-column block (vocab < 4,096) only in fp32: it differs from the 4,096 block in size alone
-            for vocab in ((1000, 32001) if dtype == torch.float32 else (32001,)):
+            for vocab in (1000, 32001) if dtype == torch.float32 else (32001,):
                 x = torch.empty(3, vocab, dtype=dtype)
                 labels = torch.zeros(3, dtype=torch.long)
                 ones = torch.ones(3)

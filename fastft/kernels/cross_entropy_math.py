@@ -86,9 +86,14 @@ class CrossEntropyOptions:
     def op_kwargs(self) -> dict:
         """The options as the custom ops' keyword arguments (the ops' schemas take them one by one)."""
         # written out, not dataclasses.asdict (a deepcopy): torch.compile traces this call
-        return dict(ignore_index=self.ignore_index, softcap=self.softcap, logit_scale=self.logit_scale,
-                    temperature=self.temperature, label_smoothing=self.label_smoothing,
-                    lse_square_scale=self.lse_square_scale)
+        return dict(
+            ignore_index=self.ignore_index,
+            softcap=self.softcap,
+            logit_scale=self.logit_scale,
+            temperature=self.temperature,
+            label_smoothing=self.label_smoothing,
+            lse_square_scale=self.lse_square_scale,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -178,8 +183,10 @@ def check_class_weight(class_weight: torch.Tensor | None, n_classes: int, device
     if class_weight.device != device:
         raise ValueError(f"class_weight on {class_weight.device} but the logits/hidden on {device}")
     if class_weight.requires_grad and torch.is_grad_enabled():
-        raise ValueError("class_weight requires grad, but the loss is not differentiated with respect to it "
-                         "(nor is torch's); pass class_weight.detach()")
+        raise ValueError(
+            "class_weight requires grad, but the loss is not differentiated with respect to it "
+            "(nor is torch's); pass class_weight.detach()"
+        )
     return class_weight.detach().float().contiguous()
 
 

@@ -102,10 +102,15 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _glu_forward_kernel(
-        H, G, U,
-        stride_h, stride_g, stride_u,
+        H,
+        G,
+        U,
+        stride_h,
+        stride_g,
+        stride_u,
         n_cols,
-        ACTIVATION: tl.constexpr, BLOCK: tl.constexpr,
+        ACTIVATION: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         # Grid (rows, column blocks): rows carry their own stride, so halves of a fused gate_up output need no copy.
         row = tl.program_id(0).to(tl.int64)
@@ -120,10 +125,19 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _glu_backward_kernel(
-        DG, DU, DH, G, U,
-        stride_dg, stride_du, stride_dh, stride_g, stride_u,
+        DG,
+        DU,
+        DH,
+        G,
+        U,
+        stride_dg,
+        stride_du,
+        stride_dh,
+        stride_g,
+        stride_u,
         n_cols,
-        ACTIVATION: tl.constexpr, BLOCK: tl.constexpr,
+        ACTIVATION: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         # DG/DU may be the very buffers of G/U (in-place backward): each element is loaded before it is stored, by
         # the same program, so aliasing is safe.
@@ -188,9 +202,9 @@ def _forward_torch(g2: torch.Tensor, u2: torch.Tensor, activation: int) -> torch
         return (_torch_activation(g2.float(), activation).to(g2.dtype).float() * u2.float()).to(g2.dtype)
     h = torch.empty((n_rows, n_cols), dtype=g2.dtype, device=g2.device)
     for r in range(0, n_rows, step):
-        g, u = g2[r:r + step], u2[r:r + step]
+        g, u = g2[r : r + step], u2[r : r + step]
         a = _torch_activation(g.float(), activation).to(g2.dtype)
-        h[r:r + step] = a.float() * u.float()
+        h[r : r + step] = a.float() * u.float()
     return h
 
 
@@ -201,12 +215,12 @@ def _backward_torch(
     n_rows, n_cols = g2.shape
     step = _row_chunks(n_rows, n_cols).step
     for r in range(0, n_rows, step):
-        g, u, dh = g2[r:r + step].float(), u2[r:r + step].float(), dh2[r:r + step].float()
+        g, u, dh = g2[r : r + step].float(), u2[r : r + step].float(), dh2[r : r + step].float()
         a, da = _torch_activation_and_grad(g, activation)
         du = dh * a.to(g2.dtype).float()
         dg = dh * u * da
-        dg2[r:r + step] = dg
-        du2[r:r + step] = du
+        dg2[r : r + step] = dg
+        du2[r : r + step] = du
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -226,9 +240,18 @@ def _forward_triton(g2: torch.Tensor, u2: torch.Tensor, activation: int) -> torc
     n_rows, n_cols = g2.shape
     h = torch.empty((n_rows, n_cols), dtype=g2.dtype, device=g2.device)
     launch(
-        _glu_forward_kernel, _grid(n_rows, n_cols),
-        h, g2, u2, h.stride(0), g2.stride(0), u2.stride(0), n_cols,
-        ACTIVATION=activation, BLOCK=_BLOCK, num_warps=_NUM_WARPS,
+        _glu_forward_kernel,
+        _grid(n_rows, n_cols),
+        h,
+        g2,
+        u2,
+        h.stride(0),
+        g2.stride(0),
+        u2.stride(0),
+        n_cols,
+        ACTIVATION=activation,
+        BLOCK=_BLOCK,
+        num_warps=_NUM_WARPS,
     )
     return h
 
@@ -238,10 +261,22 @@ def _backward_triton(
 ) -> None:
     n_rows, n_cols = g2.shape
     launch(
-        _glu_backward_kernel, _grid(n_rows, n_cols),
-        dg2, du2, dh2, g2, u2,
-        dg2.stride(0), du2.stride(0), dh2.stride(0), g2.stride(0), u2.stride(0), n_cols,
-        ACTIVATION=activation, BLOCK=_BLOCK, num_warps=_NUM_WARPS,
+        _glu_backward_kernel,
+        _grid(n_rows, n_cols),
+        dg2,
+        du2,
+        dh2,
+        g2,
+        u2,
+        dg2.stride(0),
+        du2.stride(0),
+        dh2.stride(0),
+        g2.stride(0),
+        u2.stride(0),
+        n_cols,
+        ACTIVATION=activation,
+        BLOCK=_BLOCK,
+        num_warps=_NUM_WARPS,
     )
 
 
@@ -258,8 +293,10 @@ def _check_pair(op: str, gate: torch.Tensor, up: torch.Tensor) -> None:
     check_floating("gate", gate)
     check_floating("up", up)
     if gate.shape != up.shape or gate.dim() == 0:
-        raise ValueError(f"{op}: gate and up must have the same shape with at least one dimension; "
-                         f"got gate {tuple(gate.shape)}, up {tuple(up.shape)}")
+        raise ValueError(
+            f"{op}: gate and up must have the same shape with at least one dimension; "
+            f"got gate {tuple(gate.shape)}, up {tuple(up.shape)}"
+        )
     if gate.dtype != up.dtype:
         raise TypeError(f"{op}: gate and up must have the same dtype, got {gate.dtype} and {up.dtype}")
     if gate.device != up.device:

@@ -87,9 +87,16 @@ def linear_cross_entropy_reference(
     semantics for n_items)."""
     logits = torch.nn.functional.linear(hidden, weight, bias)
     z = transform_reference(logits.reshape(-1, logits.shape[-1]), softcap, logit_scale)
-    loss = loss_reference(z, labels.reshape(-1), ignore_index=ignore_index, reduction=reduction, n_items=n_items,
-                          class_weight=class_weight, label_smoothing=label_smoothing,
-                          lse_square_scale=lse_square_scale)
+    loss = loss_reference(
+        z,
+        labels.reshape(-1),
+        ignore_index=ignore_index,
+        reduction=reduction,
+        n_items=n_items,
+        class_weight=class_weight,
+        label_smoothing=label_smoothing,
+        lse_square_scale=lse_square_scale,
+    )
     return loss.reshape(labels.shape) if reduction == "none" and n_items is None else loss
 
 
@@ -142,8 +149,14 @@ class ChunkPlan:
     compute_db: bool = False
 
     def op_kwargs(self) -> dict:
-        return dict(chunk_size=self.chunk_size, entropy=self.entropy, top1=self.top1, compute_dh=self.compute_dh,
-                    compute_dw=self.compute_dw, compute_db=self.compute_db)
+        return dict(
+            chunk_size=self.chunk_size,
+            entropy=self.entropy,
+            top1=self.top1,
+            compute_dh=self.compute_dh,
+            compute_dw=self.compute_dw,
+            compute_db=self.compute_db,
+        )
 
 
 class ChunkResult(NamedTuple):
@@ -198,11 +211,21 @@ def _chunk_loop(
                 buf[r0:r1] = part
         chunk_counts["chunks"] += 1
         if grads:
-            coef = grad_coefficients(st.lse, lab, d_ce[r0:r1], None if d_z is None else d_z[r0:r1], options,
-                                     class_weight, vocab)
+            coef = grad_coefficients(
+                st.lse, lab, d_ce[r0:r1], None if d_z is None else d_z[r0:r1], options, class_weight, vocab
+            )
             # dlogits overwrite the chunk's logits: nothing else references this private buffer.
-            ce_grad(logits, logits, lab, st.lse, coef, options, class_weight=class_weight,
-                    dent=None if d_entropy is None else d_entropy[r0:r1], ef=st.ef if plan.entropy else None)
+            ce_grad(
+                logits,
+                logits,
+                lab,
+                st.lse,
+                coef,
+                options,
+                class_weight=class_weight,
+                dent=None if d_entropy is None else d_entropy[r0:r1],
+                ef=st.ef if plan.entropy else None,
+            )
             if plan.compute_dh:
                 torch.mm(logits, weight, out=dh[r0:r1])
             if plan.compute_dw:
@@ -238,32 +261,78 @@ def linear_cross_entropy_chunks(
     compute_dh: bool,
     compute_dw: bool,
     compute_db: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Chunked ``hidden [N, H] @ weight.T`` + log-softmax statistics, and optionally the gradients: a
     :class:`ChunkResult` as a tuple. Options are keyword-only: the CrossEntropyOptions and ChunkPlan fields.
 
     With ``d_ce`` (d/d ce_row, and ``d_z`` d/d z_row under z-loss, see cross_entropy_math) the gradients of
     ``sum(d_ce * ce_row + d_z * z_row + d_entropy * entropy_row)`` are computed per chunk from the same logits.
     """
-    options = CrossEntropyOptions(ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale,
-                                  temperature=temperature, label_smoothing=label_smoothing,
-                                  lse_square_scale=lse_square_scale)
-    plan = ChunkPlan(chunk_size=chunk_size, entropy=entropy, top1=top1, compute_dh=compute_dh,
-                     compute_dw=compute_dw, compute_db=compute_db)
-    return tuple(_chunk_loop(hidden, weight, bias, labels, options=options, plan=plan, class_weight=class_weight,
-                             d_ce=d_ce, d_z=d_z, d_entropy=d_entropy))
+    options = CrossEntropyOptions(
+        ignore_index=ignore_index,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        temperature=temperature,
+        label_smoothing=label_smoothing,
+        lse_square_scale=lse_square_scale,
+    )
+    plan = ChunkPlan(
+        chunk_size=chunk_size,
+        entropy=entropy,
+        top1=top1,
+        compute_dh=compute_dh,
+        compute_dw=compute_dw,
+        compute_db=compute_db,
+    )
+    return tuple(
+        _chunk_loop(
+            hidden,
+            weight,
+            bias,
+            labels,
+            options=options,
+            plan=plan,
+            class_weight=class_weight,
+            d_ce=d_ce,
+            d_z=d_z,
+            d_entropy=d_entropy,
+        )
+    )
 
 
 @linear_cross_entropy_chunks.register_fake
-def _(hidden, weight, bias, labels, class_weight, d_ce, d_z, d_entropy, *, ignore_index, softcap, logit_scale,
-      temperature, label_smoothing, lse_square_scale, chunk_size, entropy, top1, compute_dh, compute_dw, compute_db):
+def _(
+    hidden,
+    weight,
+    bias,
+    labels,
+    class_weight,
+    d_ce,
+    d_z,
+    d_entropy,
+    *,
+    ignore_index,
+    softcap,
+    logit_scale,
+    temperature,
+    label_smoothing,
+    lse_square_scale,
+    chunk_size,
+    entropy,
+    top1,
+    compute_dh,
+    compute_dw,
+    compute_db,
+):
     n = hidden.shape[0]
     grads = d_ce is not None
     f32 = dict(dtype=torch.float32)
     return (
-        hidden.new_empty(n, **f32), hidden.new_empty(n, **f32), hidden.new_empty(n if entropy else 0, **f32),
-        hidden.new_empty(n if label_smoothing else 0, **f32), hidden.new_empty(n if top1 else 0, dtype=torch.bool),
+        hidden.new_empty(n, **f32),
+        hidden.new_empty(n, **f32),
+        hidden.new_empty(n if entropy else 0, **f32),
+        hidden.new_empty(n if label_smoothing else 0, **f32),
+        hidden.new_empty(n if top1 else 0, dtype=torch.bool),
         torch.empty_like(hidden) if grads and compute_dh else hidden.new_empty(0),
         torch.empty_like(weight) if grads and compute_dw else weight.new_empty(0),
         (bias.new_empty(weight.shape[0]) if grads and compute_db else hidden.new_empty(0, **f32)),
@@ -287,7 +356,17 @@ def _run_chunks(
     the loop itself on meta tensors (the fake impl only models the op's outputs, not the chunk temporaries inside)."""
     out = call_op(
         linear_cross_entropy_chunks,
-        hidden, weight, bias, labels, class_weight, d_ce, d_z, d_entropy, **options.op_kwargs(), **plan.op_kwargs())
+        hidden,
+        weight,
+        bias,
+        labels,
+        class_weight,
+        d_ce,
+        d_z,
+        d_entropy,
+        **options.op_kwargs(),
+        **plan.op_kwargs(),
+    )
     return ChunkResult(*out)
 
 
@@ -310,9 +389,17 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         else:
             weights = row_weights(labels, options.ignore_index, reduction, n_items, class_weight)
             any_grad = plan.compute_dh or plan.compute_dw or plan.compute_db
-            r = _run_chunks(hidden, weight, bias, labels, options=options, plan=plan, class_weight=class_weight,
-                            d_ce=weights.ce if any_grad else None,
-                            d_z=weights.z if any_grad and options.z_loss else None)
+            r = _run_chunks(
+                hidden,
+                weight,
+                bias,
+                labels,
+                options=options,
+                plan=plan,
+                class_weight=class_weight,
+                d_ce=weights.ce if any_grad else None,
+                d_z=weights.z if any_grad and options.z_loss else None,
+            )
             ctx.save_for_backward(r.dh, r.dw, r.db)
             ce, z = row_losses(r.lse, r.tgt, r.sumf, labels, options, class_weight, vocab)
             loss = (ce * weights.ce).sum() + (0.0 if z is None else (z * weights.z).sum())
@@ -326,9 +413,17 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if reduction == "none":
             hidden, weight, bias, labels, class_weight = ctx.saved_tensors
             drows = torch.where(labels != options.ignore_index, dloss.float(), 0.0)
-            r = _run_chunks(hidden, weight, bias, labels, options=options, class_weight=class_weight, d_ce=drows,
-                            d_z=drows if options.z_loss else None,
-                            plan=dataclasses.replace(plan, entropy=False, top1=False))
+            r = _run_chunks(
+                hidden,
+                weight,
+                bias,
+                labels,
+                options=options,
+                class_weight=class_weight,
+                d_ce=drows,
+                d_z=drows if options.z_loss else None,
+                plan=dataclasses.replace(plan, entropy=False, top1=False),
+            )
             dh, dw, db = r.dh, r.dw, r.db
         else:
             dh, dw, db = ctx.saved_tensors
@@ -337,8 +432,17 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             for t, need in ((dh, plan.compute_dh), (dw, plan.compute_dw), (db, plan.compute_db)):
                 if need:
                     t.mul_(dloss.to(t.dtype))
-        return (dh if plan.compute_dh else None, dw if plan.compute_dw else None, db if plan.compute_db else None,
-                None, None, None, None, None, None)
+        return (
+            dh if plan.compute_dh else None,
+            dw if plan.compute_dw else None,
+            db if plan.compute_db else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 class TokenStats(NamedTuple):
@@ -366,8 +470,9 @@ def check_linear_inputs(op: str, hidden: torch.Tensor, weight: torch.Tensor, bia
     check_floating("hidden", hidden)
     check_floating("weight", weight)
     if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"{op}: need hidden [..., H] and weight [V, H]; got {tuple(hidden.shape)} and "
-                         f"{tuple(weight.shape)}")
+        raise ValueError(
+            f"{op}: need hidden [..., H] and weight [V, H]; got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
     if weight.shape[0] == 0:
         raise ValueError(f"{op}: weight has 0 rows (vocab size 0)")
     if hidden.dtype != weight.dtype:
@@ -375,8 +480,7 @@ def check_linear_inputs(op: str, hidden: torch.Tensor, weight: torch.Tensor, bia
     if bias is not None:
         check_floating("bias", bias)
         if bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype:
-            raise ValueError(f"{op}: bias must be [{weight.shape[0]}] {weight.dtype}; got {tuple(bias.shape)} "
-                             f"{bias.dtype}")
+            raise ValueError(f"{op}: bias must be [{weight.shape[0]}] {weight.dtype}; got {tuple(bias.shape)} {bias.dtype}")
     devices = {t.device for t in (hidden, weight, bias) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"{op}: tensors on different devices: {sorted(map(str, devices))}")
@@ -433,12 +537,18 @@ def linear_cross_entropy(
     check_linear_inputs("linear_cross_entropy", hidden, weight, bias)
     check_reduction(reduction)
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"linear_cross_entropy: labels {tuple(labels.shape)} must have hidden's leading shape "
-                         f"{tuple(hidden.shape[:-1])}")
+        raise ValueError(
+            f"linear_cross_entropy: labels {tuple(labels.shape)} must have hidden's leading shape {tuple(hidden.shape[:-1])}"
+        )
     if labels.device != hidden.device:
         raise ValueError(f"linear_cross_entropy: labels on {labels.device} but hidden on {hidden.device}")
-    options = CrossEntropyOptions(ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale,
-                                  label_smoothing=label_smoothing, lse_square_scale=lse_square_scale)
+    options = CrossEntropyOptions(
+        ignore_index=ignore_index,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        label_smoothing=label_smoothing,
+        lse_square_scale=lse_square_scale,
+    )
     if n_items is not None and reduction == "none":
         raise ValueError("n_items divides a summed loss; it has no meaning with reduction='none'")
     class_weight = check_class_weight(class_weight, weight.shape[0], hidden.device)
@@ -449,16 +559,26 @@ def linear_cross_entropy(
         zero = hidden.float().sum() * 0.0 + weight.float().sum() * 0.0
         loss = hidden.new_zeros(labels.shape, dtype=torch.float32) if reduction == "none" else zero
         if return_token_stats:
-            return TokenStats(loss, hidden.new_zeros(labels.shape, dtype=torch.float32),
-                              torch.zeros(labels.shape, dtype=torch.bool, device=hidden.device))
+            return TokenStats(
+                loss,
+                hidden.new_zeros(labels.shape, dtype=torch.float32),
+                torch.zeros(labels.shape, dtype=torch.bool, device=hidden.device),
+            )
         return loss
     h2 = h2.contiguous()
     grad_on = torch.is_grad_enabled()
     need = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
-    plan = ChunkPlan(chunk_size=resolve_chunk(chunk_size, n, h2, weight.shape[0]), entropy=return_token_stats,
-                     top1=return_token_stats, compute_dh=need[0], compute_dw=need[1], compute_db=need[2])
-    loss, entropy, top1 = LinearCrossEntropyFunction.apply(h2, weight, bias, flat, class_weight, n_items, options,
-                                                           reduction, plan)
+    plan = ChunkPlan(
+        chunk_size=resolve_chunk(chunk_size, n, h2, weight.shape[0]),
+        entropy=return_token_stats,
+        top1=return_token_stats,
+        compute_dh=need[0],
+        compute_dw=need[1],
+        compute_db=need[2],
+    )
+    loss, entropy, top1 = LinearCrossEntropyFunction.apply(
+        h2, weight, bias, flat, class_weight, n_items, options, reduction, plan
+    )
     if reduction == "none":
         loss = loss.reshape(labels.shape)
     if return_token_stats:

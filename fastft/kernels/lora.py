@@ -60,9 +60,15 @@ from fastft.kernels.nf4 import dequantize_nf4
 # Activations: the GLU custom ops (fastft.kernels.glu); names accepted from HF configs and from callers
 # ----------------------------------------------------------------------------------------------------------------
 _ACTIVATION_ALIASES = {
-    "silu": "silu", "swiglu": "silu", "swish": "silu",
-    "gelu": "gelu", "geglu": "gelu",
-    "gelu_tanh": "gelu_tanh", "geglu_tanh": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+    "silu": "silu",
+    "swiglu": "silu",
+    "swish": "silu",
+    "gelu": "gelu",
+    "geglu": "gelu",
+    "gelu_tanh": "gelu_tanh",
+    "geglu_tanh": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
 }
 
 
@@ -170,8 +176,9 @@ def _base_of(layer: nn.Module) -> BaseWeight:
 # ----------------------------------------------------------------------------------------------------------------
 # Shared forward/backward pieces for one projection
 # ----------------------------------------------------------------------------------------------------------------
-def _proj_forward(x2: torch.Tensor, base: BaseWeight, A: torch.Tensor, B: torch.Tensor, s: float,
-                  add_in_base_dtype: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _proj_forward(
+    x2: torch.Tensor, base: BaseWeight, A: torch.Tensor, B: torch.Tensor, s: float, add_in_base_dtype: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """y = X W^T + s (X A^T) B^T with PEFT's casting; returns (y in x2.dtype, a = X A^T in A.dtype)."""
     y = F.linear(x2, base.dense(x2.dtype))
     xa = F.linear(x2 if x2.dtype == A.dtype else x2.to(A.dtype), A)
@@ -190,8 +197,19 @@ def _add_lora(y: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, s: float, add_
     return (y + lora).to(y.dtype)  # PEFT's Linear: add in the promoted dtype, cast back
 
 
-def _proj_backward(dy: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, base: BaseWeight, A: torch.Tensor,
-                   B: torch.Tensor, s: float, dx: torch.Tensor | None, need_x: bool, need_a: bool, need_b: bool):
+def _proj_backward(
+    dy: torch.Tensor,
+    x2: torch.Tensor,
+    xa: torch.Tensor,
+    base: BaseWeight,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    s: float,
+    dx: torch.Tensor | None,
+    need_x: bool,
+    need_a: bool,
+    need_b: bool,
+):
     """Grads of one projection; accumulates dX into ``dx`` (allocated when None). Returns (dx, dA, dB)."""
     dyl = dy if dy.dtype == B.dtype else dy.to(B.dtype)
     dB = (dyl.t() @ xa).mul_(s) if need_b else None
@@ -221,8 +239,9 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 # Autograd functions
 # ----------------------------------------------------------------------------------------------------------------
-def _projections_forward(x: torch.Tensor, bases: tuple, scalings: tuple, add_in_base_dtype: tuple,
-                         adapters: tuple) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, list[torch.Tensor]]:
+def _projections_forward(
+    x: torch.Tensor, bases: tuple, scalings: tuple, add_in_base_dtype: tuple, adapters: tuple
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, list[torch.Tensor]]:
     """LoRAProjections' forward math: (one [..., out_p] per projection, X as rows, each X A_p^T)."""
     x2 = _rows(x)
     outs, xas = [], []
@@ -234,8 +253,9 @@ def _projections_forward(x: torch.Tensor, bases: tuple, scalings: tuple, add_in_
     return tuple(outs), x2, xas
 
 
-def _mlp_forward(x: torch.Tensor, bases: tuple, scalings: tuple, add: tuple, activation: str, recompute: str,
-                 adapters: tuple) -> tuple[torch.Tensor, tuple]:
+def _mlp_forward(
+    x: torch.Tensor, bases: tuple, scalings: tuple, add: tuple, activation: str, recompute: str, adapters: tuple
+) -> tuple[torch.Tensor, tuple]:
     """LoRAMLP's forward math: (y [..., hidden], the tensors its backward saves)."""
     Ag, Bg, Au, Bu, Ad, Bd = adapters
     x2 = _rows(x)
@@ -264,7 +284,7 @@ class LoRAProjections(torch.autograd.Function):
     def backward(ctx, *dys):
         n = len(ctx.bases)
         saved = ctx.saved_tensors
-        x2, adapters, xas = saved[0], saved[1:1 + 2 * n], saved[1 + 2 * n:]
+        x2, adapters, xas = saved[0], saved[1 : 1 + 2 * n], saved[1 + 2 * n :]
         need_x = ctx.needs_input_grad[0]
         dx, grads = None, []
         for i, base in enumerate(ctx.bases):
@@ -285,8 +305,22 @@ class LoRAMLP(torch.autograd.Function):
     """down(act(gate(X)) * up(X)) with LoRA on all three projections. See the module docstring for what is saved."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, bases: tuple, scalings: tuple, add_in_base_dtype: tuple, activation: str,
-                recompute: str, inplace_backward: bool, Ag, Bg, Au, Bu, Ad, Bd):
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        bases: tuple,
+        scalings: tuple,
+        add_in_base_dtype: tuple,
+        activation: str,
+        recompute: str,
+        inplace_backward: bool,
+        Ag,
+        Bg,
+        Au,
+        Bu,
+        Ad,
+        Bd,
+    ):
         y, saved = _mlp_forward(x, bases, scalings, add_in_base_dtype, activation, recompute, (Ag, Bg, Au, Bu, Ad, Bd))
         ctx.save_for_backward(*saved)
         del saved
@@ -348,8 +382,8 @@ def _grad_a_down(dha: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activa
     step = max(1, _H_CHUNK_ELEMENTS // max(n_cols, 1))
     dA = None
     for r in range(0, n_rows, step):
-        h = _act_forward(gate[r:r + step], up[r:r + step], activation)
-        part = dha[r:r + step].t() @ (h if h.dtype == a_dtype else h.to(a_dtype))
+        h = _act_forward(gate[r : r + step], up[r : r + step], activation)
+        part = dha[r : r + step].t() @ (h if h.dtype == a_dtype else h.to(a_dtype))
         dA = part if dA is None else dA.add_(part)
     return dA
 
@@ -408,8 +442,11 @@ def can_fuse(layer: nn.Module) -> tuple[bool, str]:
     base = layer.get_base_layer()
     from fastft.distributed import sharded_reason  # FSDP2 DTensor shards / ZeRO-3 placeholders (outside forward)
 
-    for what, weight in (("base", base.weight), ("lora_A", layer.lora_A[name].weight),
-                         ("lora_B", layer.lora_B[name].weight)):
+    for what, weight in (
+        ("base", base.weight),
+        ("lora_A", layer.lora_A[name].weight),
+        ("lora_B", layer.lora_B[name].weight),
+    ):
         sharded = sharded_reason(weight)
         if sharded:
             return False, f"{what}: {sharded}"
@@ -453,8 +490,19 @@ def _state_key(layer: nn.Module) -> tuple | None:
     if a is None or b is None or type(w) is not nn.Parameter or hasattr(w, "ds_id"):
         return None
     wa, wb = a.__dict__["_parameters"].get("weight"), b.__dict__["_parameters"].get("weight")
-    return (d.get("_disable_adapters", False), len(d.get("merged_adapters", ())), active, id(base), id(w),
-            w.requires_grad, id(a), id(b), id(wa), id(wb), id(mods["lora_dropout"].__dict__["_modules"].get(active)))
+    return (
+        d.get("_disable_adapters", False),
+        len(d.get("merged_adapters", ())),
+        active,
+        id(base),
+        id(w),
+        w.requires_grad,
+        id(a),
+        id(b),
+        id(wa),
+        id(wb),
+        id(mods["lora_dropout"].__dict__["_modules"].get(active)),
+    )
 
 
 def _fusable(layer: nn.Module) -> tuple[bool, str, tuple | None]:
@@ -477,18 +525,19 @@ def _fusable(layer: nn.Module) -> tuple[bool, str, tuple | None]:
     return info
 
 
-def _input_ok(layer: nn.Module, x: torch.Tensor, base: nn.Module | None = None,
-              bnb: bool | None = None) -> tuple[bool, str]:
+def _input_ok(layer: nn.Module, x: torch.Tensor, base: nn.Module | None = None, bnb: bool | None = None) -> tuple[bool, str]:
     base = layer.get_base_layer() if base is None else base
     device = x.device.type
     cast_to = torch.get_autocast_dtype(device) if autocast_enabled(device) else None
-    if (_is_bnb_4bit(base) if bnb is None else bnb):
+    if _is_bnb_4bit(base) if bnb is None else bnb:
         cdt = base.compute_dtype
         if cdt is not None and cdt != x.dtype:
             return False, f"Linear4bit compute_dtype {cdt} differs from the input dtype {x.dtype}"
         if cast_to is not None and cast_to != x.dtype:  # a 4-bit base is left to bitsandbytes' own autocast rules
-            return False, (f"autocast to {cast_to} with a {x.dtype} input and a 4-bit base (fused only when the "
-                           "model already computes in the autocast dtype)")
+            return False, (
+                f"autocast to {cast_to} with a {x.dtype} input and a 4-bit base (fused only when the "
+                "model already computes in the autocast dtype)"
+            )
         return True, ""
     weight = base.weight.dtype
     if cast_to is None:
@@ -500,8 +549,10 @@ def _input_ok(layer: nn.Module, x: torch.Tensor, base: nn.Module | None = None,
     # path makes the same casts (_autocast_input, and the base weight follows the input inside the fused function).
     allowed = (torch.float32, cast_to)
     if x.dtype not in allowed or weight not in allowed:
-        return False, (f"autocast to {cast_to} with a {x.dtype} input and a {weight} base (fused only for inputs and "
-                       f"base weights in float32 or {cast_to})")
+        return False, (
+            f"autocast to {cast_to} with a {x.dtype} input and a {weight} base (fused only for inputs and "
+            f"base weights in float32 or {cast_to})"
+        )
     return True, ""
 
 
@@ -551,8 +602,10 @@ def _check_layers(kind: str, layers: dict[str, nn.Module], x: torch.Tensor) -> l
         if ok:
             ok, reason = _input_ok(layer, x, fusable[0], fusable[1])
         if not ok:
-            info_once(f"fastft: fused LoRA {kind} not used for {attr}: {reason}; running PEFT's path",
-                      key=f"lora-{kind}-{attr}-{reason}")
+            info_once(
+                f"fastft: fused LoRA {kind} not used for {attr}: {reason}; running PEFT's path",
+                key=f"lora-{kind}-{attr}-{reason}",
+            )
             lora_path_counts[(kind, "peft")] += 1
             return None
         parts.append(_adapter(layer, fusable))
@@ -563,8 +616,14 @@ def _check_layers(kind: str, layers: dict[str, nn.Module], x: torch.Tensor) -> l
 # ----------------------------------------------------------------------------------------------------------------
 # Public functions
 # ----------------------------------------------------------------------------------------------------------------
-def lora_mlp(mlp: nn.Module, x: torch.Tensor, activation: str = "silu", *, recompute: str = "activation",
-             inplace_backward: bool = True) -> torch.Tensor:
+def lora_mlp(
+    mlp: nn.Module,
+    x: torch.Tensor,
+    activation: str = "silu",
+    *,
+    recompute: str = "activation",
+    inplace_backward: bool = True,
+) -> torch.Tensor:
     """Fused ``down_proj(act(gate_proj(x)) * up_proj(x))`` for an MLP whose three projections are PEFT LoRA layers.
 
     Args:
@@ -594,8 +653,9 @@ def lora_mlp(mlp: nn.Module, x: torch.Tensor, activation: str = "silu", *, recom
 AdapterParts = tuple[BaseWeight, torch.Tensor, torch.Tensor, float, bool]
 
 
-def mlp_from_parts(x: torch.Tensor, parts: list[AdapterParts], activation: str, recompute: str = "activation",
-                   inplace_backward: bool = True) -> torch.Tensor:
+def mlp_from_parts(
+    x: torch.Tensor, parts: list[AdapterParts], activation: str, recompute: str = "activation", inplace_backward: bool = True
+) -> torch.Tensor:
     """``LoRAMLP`` over (gate, up, down) adapter parts; x [..., hidden] -> [..., hidden] (see :func:`lora_mlp`)."""
     if recompute not in ("activation", "projections"):
         raise ValueError(f"recompute must be 'activation' or 'projections', got {recompute!r}")
@@ -605,10 +665,17 @@ def mlp_from_parts(x: torch.Tensor, parts: list[AdapterParts], activation: str, 
     adapters, no_autocast = _autocast_adapters(x, [g[1], g[2], u[1], u[2], d[1], d[2]])
     with no_autocast:
         if not needs_grad(x, *adapters):  # no graph to record (generation, eval): the same math, no Function
-            return _mlp_forward(x, (g[0], u[0], d[0]), (g[3], u[3], d[3]), (g[4], u[4], d[4]), act, recompute,
-                                tuple(adapters))[0]
+            return _mlp_forward(
+                x, (g[0], u[0], d[0]), (g[3], u[3], d[3]), (g[4], u[4], d[4]), act, recompute, tuple(adapters)
+            )[0]
         return LoRAMLP.apply(
-            x, (g[0], u[0], d[0]), (g[3], u[3], d[3]), (g[4], u[4], d[4]), act, recompute, bool(inplace_backward),
+            x,
+            (g[0], u[0], d[0]),
+            (g[3], u[3], d[3]),
+            (g[4], u[4], d[4]),
+            act,
+            recompute,
+            bool(inplace_backward),
             *adapters,
         )
 
@@ -619,15 +686,18 @@ def projections_from_parts(x: torch.Tensor, parts: list[AdapterParts]) -> tuple[
     flat, no_autocast = _autocast_adapters(x, [t for a in parts for t in (a[1], a[2])])
     with no_autocast:
         if not needs_grad(x, *flat):  # no graph to record (generation, eval): the same math, no Function
-            return _projections_forward(x, tuple(a[0] for a in parts), tuple(a[3] for a in parts),
-                                        tuple(a[4] for a in parts), tuple(flat))[0]
-        return LoRAProjections.apply(x, tuple(a[0] for a in parts), tuple(a[3] for a in parts),
-                                     tuple(a[4] for a in parts), *flat)
+            return _projections_forward(
+                x, tuple(a[0] for a in parts), tuple(a[3] for a in parts), tuple(a[4] for a in parts), tuple(flat)
+            )[0]
+        return LoRAProjections.apply(
+            x, tuple(a[0] for a in parts), tuple(a[3] for a in parts), tuple(a[4] for a in parts), *flat
+        )
 
 
 def _lora_mlp(layers, x, activation, recompute, inplace_backward=True):
-    return mlp_from_parts(x, [_adapter(layers[k]) for k in ("gate_proj", "up_proj", "down_proj")], activation,
-                          recompute, inplace_backward)
+    return mlp_from_parts(
+        x, [_adapter(layers[k]) for k in ("gate_proj", "up_proj", "down_proj")], activation, recompute, inplace_backward
+    )
 
 
 def _lora_projections(layers: list[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -655,13 +725,16 @@ def lora_o(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return _lora_projections([attn.o_proj], x)[0]
 
 
-def fused_mlp_forward(mlp: nn.Module, x: torch.Tensor, activation: str, *,
-                      recompute: str = "activation") -> torch.Tensor | None:
+def fused_mlp_forward(
+    mlp: nn.Module, x: torch.Tensor, activation: str, *, recompute: str = "activation"
+) -> torch.Tensor | None:
     """Entry point for model patching: the fused MLP output, or None (reason logged once) when not fusable."""
     layers = {k: getattr(mlp, k, None) for k in ("gate_proj", "up_proj", "down_proj")}
     if any(v is None for v in layers.values()):
-        info_once(f"fastft: fused LoRA mlp not used: {type(mlp).__name__} lacks gate_proj/up_proj/down_proj",
-                  key=f"lora-mlp-attrs-{type(mlp).__name__}")
+        info_once(
+            f"fastft: fused LoRA mlp not used: {type(mlp).__name__} lacks gate_proj/up_proj/down_proj",
+            key=f"lora-mlp-attrs-{type(mlp).__name__}",
+        )
         return None
     parts = _check_layers("mlp", layers, x)
     if parts is None:
@@ -673,8 +746,10 @@ def fused_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     """Entry point for model patching: (q, k, v) from the fused projections, or None (reason logged once)."""
     layers = {k: getattr(attn, k, None) for k in ("q_proj", "k_proj", "v_proj")}
     if any(v is None for v in layers.values()):
-        info_once(f"fastft: fused LoRA qkv not used: {type(attn).__name__} lacks q_proj/k_proj/v_proj",
-                  key=f"lora-qkv-attrs-{type(attn).__name__}")
+        info_once(
+            f"fastft: fused LoRA qkv not used: {type(attn).__name__} lacks q_proj/k_proj/v_proj",
+            key=f"lora-qkv-attrs-{type(attn).__name__}",
+        )
         return None
     parts = _check_layers("qkv", layers, x)
     return None if parts is None else projections_from_parts(x, parts)
@@ -684,8 +759,9 @@ def fused_o(attn: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """Entry point for model patching: the fused o_proj output, or None (reason logged once)."""
     layer = getattr(attn, "o_proj", None)
     if layer is None:
-        info_once(f"fastft: fused LoRA o not used: {type(attn).__name__} lacks o_proj",
-                  key=f"lora-o-attrs-{type(attn).__name__}")
+        info_once(
+            f"fastft: fused LoRA o not used: {type(attn).__name__} lacks o_proj", key=f"lora-o-attrs-{type(attn).__name__}"
+        )
         return None
     parts = _check_layers("o", {"o_proj": layer}, x)
     return None if parts is None else projections_from_parts(x, parts)[0]

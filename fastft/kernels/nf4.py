@@ -40,9 +40,19 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _dequantize_nf4_kernel(
-        OUT, PACKED, ABSMAX, CODE, ABSMAX2, CODE2, OFFSET,
-        numel, blocksize, blocksize2,
-        NESTED: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr,
+        OUT,
+        PACKED,
+        ABSMAX,
+        CODE,
+        ABSMAX2,
+        CODE2,
+        OFFSET,
+        numel,
+        blocksize,
+        blocksize2,
+        NESTED: tl.constexpr,
+        ROUND_BF16: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0).to(tl.int64)
         idx = pid * BLOCK + tl.arange(0, BLOCK)  # int64: an 8B model's embedding has > 2**31 elements
@@ -74,17 +84,30 @@ if TRITON_AVAILABLE:
 # Reference: the NF4 format written out plainly and bitsandbytes' pure-torch `default` backend are the oracles
 # (tests/bnb_reference.py); this torch path is the same math in torch, used on plain CPU and checked bit for bit.
 # ----------------------------------------------------------------------------------------------------------------
-def _absmax_torch(absmax: torch.Tensor, absmax2: torch.Tensor | None, code2: torch.Tensor | None,
-                  offset: torch.Tensor | None, blocksize2: int) -> torch.Tensor:
+def _absmax_torch(
+    absmax: torch.Tensor,
+    absmax2: torch.Tensor | None,
+    code2: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize2: int,
+) -> torch.Tensor:
     if absmax2 is None:
         return absmax.float()
     idx = torch.arange(absmax.numel(), device=absmax.device) // blocksize2
     return code2[absmax.long()] * absmax2[idx] + offset  # two fp32 roundings, as bitsandbytes
 
 
-def _dequantize_torch(out: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
-                      absmax2: torch.Tensor | None, code2: torch.Tensor | None, offset: torch.Tensor | None,
-                      blocksize: int, blocksize2: int) -> None:
+def _dequantize_torch(
+    out: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    absmax2: torch.Tensor | None,
+    code2: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+    blocksize2: int,
+) -> None:
     numel = out.numel()
     flat = packed.reshape(-1)
     nibbles = torch.stack((flat >> 4, flat & 0xF), dim=1).reshape(-1)[:numel].long()
@@ -93,18 +116,38 @@ def _dequantize_torch(out: torch.Tensor, packed: torch.Tensor, absmax: torch.Ten
     out.view(-1).copy_(code[nibbles] * scale[block])
 
 
-def _dequantize_triton(out: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
-                       absmax2: torch.Tensor | None, code2: torch.Tensor | None, offset: torch.Tensor | None,
-                       blocksize: int, blocksize2: int) -> None:
+def _dequantize_triton(
+    out: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    absmax2: torch.Tensor | None,
+    code2: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+    blocksize2: int,
+) -> None:
     numel = out.numel()
     nested = absmax2 is not None
     dummy = code  # unused pointer arguments when not nested (the NESTED=False variant never loads them)
     launch(
-        _dequantize_nf4_kernel, (triton.cdiv(numel, _BLOCK),),
-        out, packed, absmax, code,
-        absmax2 if nested else dummy, code2 if nested else dummy, offset if nested else dummy,
-        numel, blocksize, blocksize2,
-        NESTED=nested, ROUND_BF16=out.dtype == torch.bfloat16, BLOCK=_BLOCK, num_warps=8, enable_fp_fusion=False,
+        _dequantize_nf4_kernel,
+        (triton.cdiv(numel, _BLOCK),),
+        out,
+        packed,
+        absmax,
+        code,
+        absmax2 if nested else dummy,
+        code2 if nested else dummy,
+        offset if nested else dummy,
+        numel,
+        blocksize,
+        blocksize2,
+        NESTED=nested,
+        ROUND_BF16=out.dtype == torch.bfloat16,
+        BLOCK=_BLOCK,
+        num_warps=8,
+        enable_fp_fusion=False,
     )
 
 
@@ -123,9 +166,15 @@ def _dequantize_into(out, packed, absmax, code, absmax2, code2, offset, blocksiz
 
 @torch.library.custom_op("fastft::dequantize_nf4_out", mutates_args=("out",))
 def dequantize_nf4_out(
-    out: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
-    absmax2: torch.Tensor | None, code2: torch.Tensor | None, offset: torch.Tensor | None,
-    blocksize: int, blocksize2: int,
+    out: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    absmax2: torch.Tensor | None,
+    code2: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+    blocksize2: int,
 ) -> None:
     """Write the dequantized weight into ``out`` (contiguous, quant_state.shape, quant_state.dtype)."""
     _dequantize_into(out, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2)
@@ -138,9 +187,16 @@ def _(out, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2):
 
 @torch.library.custom_op("fastft::dequantize_nf4", mutates_args=())
 def dequantize_nf4_op(
-    packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
-    absmax2: torch.Tensor | None, code2: torch.Tensor | None, offset: torch.Tensor | None,
-    blocksize: int, blocksize2: int, shape: list[int], dtype: torch.dtype,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    absmax2: torch.Tensor | None,
+    code2: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+    blocksize2: int,
+    shape: list[int],
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     """A fresh [*shape] tensor of ``dtype``."""
     out = torch.empty(shape, dtype=dtype, device=packed.device)
@@ -164,9 +220,7 @@ def _unpack_state(packed: torch.Tensor, quant_state: Any):
     if quant_state.blocksize not in _BLOCKSIZES:
         raise ValueError(f"dequantize_nf4: blocksize must be one of {_BLOCKSIZES}, got {quant_state.blocksize}")
     if quant_state.dtype not in _OUT_DTYPES:
-        raise TypeError(
-            f"dequantize_nf4: quant_state.dtype must be float32, float16 or bfloat16, got {quant_state.dtype}"
-        )
+        raise TypeError(f"dequantize_nf4: quant_state.dtype must be float32, float16 or bfloat16, got {quant_state.dtype}")
     if packed.dtype != torch.uint8:
         if not packed.is_contiguous():
             raise ValueError("dequantize_nf4: packed data stored in a non-uint8 quant_storage must be contiguous")
@@ -177,8 +231,7 @@ def _unpack_state(packed: torch.Tensor, quant_state: Any):
         numel *= s
     if packed.numel() != (numel + 1) // 2:
         raise ValueError(
-            f"dequantize_nf4: packed has {packed.numel()} bytes, "
-            f"quant_state.shape {tuple(shape)} needs {(numel + 1) // 2}"
+            f"dequantize_nf4: packed has {packed.numel()} bytes, quant_state.shape {tuple(shape)} needs {(numel + 1) // 2}"
         )
     n_blocks = -(-numel // quant_state.blocksize)
     if quant_state.absmax.numel() != n_blocks:
@@ -215,7 +268,16 @@ def dequantize_nf4(packed: torch.Tensor, quant_state: Any, out: torch.Tensor | N
     if out is None:
         result = call_op(
             dequantize_nf4_op,
-            packed_u8, absmax, code, absmax2, code2, offset, blocksize, blocksize2, shape, quant_state.dtype
+            packed_u8,
+            absmax,
+            code,
+            absmax2,
+            code2,
+            offset,
+            blocksize,
+            blocksize2,
+            shape,
+            quant_state.dtype,
         )
     else:
         if list(out.shape) != shape or out.dtype != quant_state.dtype:
@@ -242,10 +304,25 @@ def compile_cases() -> None:
             code = torch.zeros(16)
             if nested:
                 state2 = SimpleNamespace(absmax=torch.ones(1), code=torch.zeros(256), blocksize=256)
-                qs = SimpleNamespace(quant_type="nf4", blocksize=64, dtype=dtype, shape=(64, 64), code=code,
-                                     absmax=torch.zeros(64, dtype=torch.uint8), nested=True, state2=state2,
-                                     offset=torch.tensor(0.0))
+                qs = SimpleNamespace(
+                    quant_type="nf4",
+                    blocksize=64,
+                    dtype=dtype,
+                    shape=(64, 64),
+                    code=code,
+                    absmax=torch.zeros(64, dtype=torch.uint8),
+                    nested=True,
+                    state2=state2,
+                    offset=torch.tensor(0.0),
+                )
             else:
-                qs = SimpleNamespace(quant_type="nf4", blocksize=64, dtype=dtype, shape=(64, 64), code=code,
-                                     absmax=torch.ones(64), nested=False)
+                qs = SimpleNamespace(
+                    quant_type="nf4",
+                    blocksize=64,
+                    dtype=dtype,
+                    shape=(64, 64),
+                    code=code,
+                    absmax=torch.ones(64),
+                    nested=False,
+                )
             dequantize_nf4(packed, qs)

@@ -44,10 +44,18 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _rms_norm_forward_kernel(
-        Y, X, W, RSTD,
-        stride_y, stride_x,
-        n_rows, n_cols, eps,
-        GEMMA: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+        Y,
+        X,
+        W,
+        RSTD,
+        stride_y,
+        stride_x,
+        n_rows,
+        n_cols,
+        eps,
+        GEMMA: tl.constexpr,
+        BLOCK: tl.constexpr,
+        ROWS: tl.constexpr,
     ):
         # A [ROWS, BLOCK] tile: several short rows per program keeps small hidden sizes from leaving most lanes idle
         # (and is what makes the interpreter fast enough for model-level tests).
@@ -71,10 +79,22 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _rms_norm_backward_kernel(
-        DX, DW_PARTIAL, DY, X, W, RSTD,
-        stride_dx, stride_dy, stride_x,
-        n_rows, n_cols, rows_per_program,
-        GEMMA: tl.constexpr, COMPUTE_DW: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+        DX,
+        DW_PARTIAL,
+        DY,
+        X,
+        W,
+        RSTD,
+        stride_dx,
+        stride_dy,
+        stride_x,
+        n_rows,
+        n_cols,
+        rows_per_program,
+        GEMMA: tl.constexpr,
+        COMPUTE_DW: tl.constexpr,
+        BLOCK: tl.constexpr,
+        ROWS: tl.constexpr,
     ):
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
@@ -163,9 +183,21 @@ def _forward_triton(x2: torch.Tensor, weight: torch.Tensor, eps: float, gemma: b
     block, num_warps = row_block(n_cols)
     rows = _rows_per_tile(block)
     launch(
-        _rms_norm_forward_kernel, (triton.cdiv(n_rows, rows),),
-        y, x2, weight, rstd, y.stride(0), x2.stride(0), n_rows, n_cols, float(eps),
-        GEMMA=gemma, BLOCK=block, ROWS=rows, num_warps=num_warps,
+        _rms_norm_forward_kernel,
+        (triton.cdiv(n_rows, rows),),
+        y,
+        x2,
+        weight,
+        rstd,
+        y.stride(0),
+        x2.stride(0),
+        n_rows,
+        n_cols,
+        float(eps),
+        GEMMA=gemma,
+        BLOCK=block,
+        ROWS=rows,
+        num_warps=num_warps,
     )
     return y, rstd
 
@@ -194,11 +226,25 @@ def _backward_triton(
     dw_partial = torch.empty((programs, n_cols) if compute_dw else (1,), dtype=torch.float32, device=x2.device)
     block, num_warps = row_block(n_cols)
     launch(
-        _rms_norm_backward_kernel, (programs,),
-        dx, dw_partial, dy, x2, weight, rstd,
-        dx.stride(0), dy.stride(0), x2.stride(0),
-        n_rows, n_cols, rows_per_program,
-        GEMMA=gemma, COMPUTE_DW=compute_dw, BLOCK=block, ROWS=_rows_per_tile(block), num_warps=num_warps,
+        _rms_norm_backward_kernel,
+        (programs,),
+        dx,
+        dw_partial,
+        dy,
+        x2,
+        weight,
+        rstd,
+        dx.stride(0),
+        dy.stride(0),
+        x2.stride(0),
+        n_rows,
+        n_cols,
+        rows_per_program,
+        GEMMA=gemma,
+        COMPUTE_DW=compute_dw,
+        BLOCK=block,
+        ROWS=_rows_per_tile(block),
+        num_warps=num_warps,
     )
     dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else weight.new_empty(0)
     return dx, dw

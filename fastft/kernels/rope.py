@@ -46,7 +46,18 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _rotate_heads(
-        OUT, X, stride_oh, stride_xh, n_heads, c1, c2, m12, m21, d, dmask, half,
+        OUT,
+        X,
+        stride_oh,
+        stride_xh,
+        n_heads,
+        c1,
+        c2,
+        m12,
+        m21,
+        d,
+        dmask,
+        half,
         BLOCK_H: tl.constexpr,
     ):
         """o1 = x1 * c1 + x2 * m12, o2 = x2 * c2 + x1 * m21 for every head of one (batch, position)."""
@@ -66,14 +77,36 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _rope_kernel(
-        QO, KO, Q, K, COS, SIN,
-        stride_qb, stride_qh, stride_qs,
-        stride_kb, stride_kh, stride_ks,
-        stride_qob, stride_qoh, stride_qos,
-        stride_kob, stride_koh, stride_kos,
-        stride_cb, stride_cs, stride_sb, stride_ss,
-        seq_len, n_qh, n_kh, half,
-        BACKWARD: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr,
+        QO,
+        KO,
+        Q,
+        K,
+        COS,
+        SIN,
+        stride_qb,
+        stride_qh,
+        stride_qs,
+        stride_kb,
+        stride_kh,
+        stride_ks,
+        stride_qob,
+        stride_qoh,
+        stride_qos,
+        stride_kob,
+        stride_koh,
+        stride_kos,
+        stride_cb,
+        stride_cs,
+        stride_sb,
+        stride_ss,
+        seq_len,
+        n_qh,
+        n_kh,
+        half,
+        BACKWARD: tl.constexpr,
+        BLOCK_HQ: tl.constexpr,
+        BLOCK_HK: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         # The forward and the backward are the same 2x2 mixing of the halves with different coefficients, so one
         # kernel serves both (BACKWARD is a constexpr: no runtime branch).
@@ -95,12 +128,34 @@ if TRITON_AVAILABLE:
             m12 = -s1
             m21 = s2
         _rotate_heads(
-            QO + b * stride_qob + s * stride_qos, Q + b * stride_qb + s * stride_qs, stride_qoh, stride_qh, n_qh,
-            c1, c2, m12, m21, d, dmask, half, BLOCK_HQ,
+            QO + b * stride_qob + s * stride_qos,
+            Q + b * stride_qb + s * stride_qs,
+            stride_qoh,
+            stride_qh,
+            n_qh,
+            c1,
+            c2,
+            m12,
+            m21,
+            d,
+            dmask,
+            half,
+            BLOCK_HQ,
         )
         _rotate_heads(
-            KO + b * stride_kob + s * stride_kos, K + b * stride_kb + s * stride_ks, stride_koh, stride_kh, n_kh,
-            c1, c2, m12, m21, d, dmask, half, BLOCK_HK,
+            KO + b * stride_kob + s * stride_kos,
+            K + b * stride_kb + s * stride_ks,
+            stride_koh,
+            stride_kh,
+            n_kh,
+            c1,
+            c2,
+            m12,
+            m21,
+            d,
+            dmask,
+            half,
+            BLOCK_HK,
         )
 
 
@@ -159,8 +214,13 @@ def _head_block(n_heads: int, block_d: int) -> int:
 
 
 def _rope_triton(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool,
-    q_out: torch.Tensor, k_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    backward: bool,
+    q_out: torch.Tensor,
+    k_out: torch.Tensor,
 ) -> None:
     batch, n_qh, seq, head_dim = q.shape
     n_kh = k.shape[1]
@@ -170,16 +230,39 @@ def _rope_triton(
     cb = 0 if cos.shape[0] == 1 else cos.stride(0)
     sb = 0 if sin.shape[0] == 1 else sin.stride(0)
     launch(
-        _rope_kernel, (batch * seq,),
-        q_out, k_out, q, k, cos, sin,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        q_out.stride(0), q_out.stride(1), q_out.stride(2),
-        k_out.stride(0), k_out.stride(1), k_out.stride(2),
-        cb, cos.stride(1), sb, sin.stride(1),
-        seq, n_qh, n_kh, half,
-        BACKWARD=backward, BLOCK_HQ=_head_block(n_qh, block_d), BLOCK_HK=_head_block(n_kh, block_d),
-        BLOCK_D=block_d, num_warps=_NUM_WARPS,
+        _rope_kernel,
+        (batch * seq,),
+        q_out,
+        k_out,
+        q,
+        k,
+        cos,
+        sin,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        q_out.stride(0),
+        q_out.stride(1),
+        q_out.stride(2),
+        k_out.stride(0),
+        k_out.stride(1),
+        k_out.stride(2),
+        cb,
+        cos.stride(1),
+        sb,
+        sin.stride(1),
+        seq,
+        n_qh,
+        n_kh,
+        half,
+        BACKWARD=backward,
+        BLOCK_HQ=_head_block(n_qh, block_d),
+        BLOCK_HK=_head_block(n_kh, block_d),
+        BLOCK_D=block_d,
+        num_warps=_NUM_WARPS,
     )
 
 
@@ -268,8 +351,9 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
     for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
         check_floating(name, t)
     if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(f"apply_rope: q and k must be [batch, heads, seq, head_dim]; got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}")
+        raise ValueError(
+            f"apply_rope: q and k must be [batch, heads, seq, head_dim]; got q {tuple(q.shape)}, k {tuple(k.shape)}"
+        )
     if q.dtype != k.dtype:
         raise TypeError(f"apply_rope: q and k must have the same dtype, got {q.dtype} and {k.dtype}")
     batch, _, seq, head_dim = q.shape
@@ -278,8 +362,10 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
     if head_dim % 2:
         raise ValueError(f"apply_rope: head_dim must be even, got {head_dim}")
     if cos.shape != sin.shape or cos.dim() not in (2, 3):
-        raise ValueError(f"apply_rope: cos and sin must both be [batch, seq, head_dim] (or [seq, head_dim]); got "
-                         f"cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
+        raise ValueError(
+            f"apply_rope: cos and sin must both be [batch, seq, head_dim] (or [seq, head_dim]); got "
+            f"cos {tuple(cos.shape)}, sin {tuple(sin.shape)}"
+        )
     if cos.dtype != sin.dtype:
         raise TypeError(f"apply_rope: cos and sin must have the same dtype, got {cos.dtype} and {sin.dtype}")
     cos_batch, cos_seq, cos_dim = (1, *cos.shape) if cos.dim() == 2 else cos.shape
@@ -287,20 +373,22 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
         raise ValueError(f"apply_rope: cos/sin head_dim {cos_dim} does not match q/k head_dim {head_dim}")
     if cos_seq != seq:
         what = "shorter than" if cos_seq < seq else "longer than"
-        raise ValueError(f"apply_rope: cos/sin cover {cos_seq} positions, {what} the sequence of {seq}; pass the "
-                         f"cos/sin the rotary embedding returns for these position_ids")
+        raise ValueError(
+            f"apply_rope: cos/sin cover {cos_seq} positions, {what} the sequence of {seq}; pass the "
+            f"cos/sin the rotary embedding returns for these position_ids"
+        )
     if cos_batch not in (1, batch):
         raise ValueError(f"apply_rope: cos/sin batch {cos_batch} must be 1 or q's batch {batch}")
     if len({q.device, k.device, cos.device, sin.device}) != 1:
-        raise ValueError(f"apply_rope: all inputs must be on one device; got q {q.device}, k {k.device}, "
-                         f"cos {cos.device}, sin {sin.device}")
+        raise ValueError(
+            f"apply_rope: all inputs must be on one device; got q {q.device}, k {k.device}, "
+            f"cos {cos.device}, sin {sin.device}"
+        )
     if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
         raise ValueError("apply_rope: no gradient is computed for cos/sin; pass cos.detach(), sin.detach()")
 
 
-def apply_rope(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused rotary embedding, a drop-in for transformers' ``apply_rotary_pos_emb(q, k, cos, sin)``.
 
     Args:
@@ -322,11 +410,16 @@ def compile_cases() -> None:
     """Launch variants: forward/backward x q dtype x cos/sin dtype (same as q, or fp32 as some callers keep them),
     at Llama-3-8B heads (32/8 of 128); plus the other head layouts in bf16: Llama-3.2-1B (32/8 of 64), Gemma (8/1 of
     256, the largest tile), a head_dim whose half is not a power of two (80: masked lanes)."""
-    cases = [(128, 32, 8, dtype, cos_dtype)
-             for dtype in (torch.float32, torch.bfloat16, torch.float16)
-             for cos_dtype in dict.fromkeys((dtype, torch.float32))]
-    cases += [(64, 32, 8, torch.bfloat16, torch.bfloat16), (256, 8, 1, torch.bfloat16, torch.bfloat16),
-              (80, 32, 32, torch.bfloat16, torch.bfloat16)]
+    cases = [
+        (128, 32, 8, dtype, cos_dtype)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16)
+        for cos_dtype in dict.fromkeys((dtype, torch.float32))
+    ]
+    cases += [
+        (64, 32, 8, torch.bfloat16, torch.bfloat16),
+        (256, 8, 1, torch.bfloat16, torch.bfloat16),
+        (80, 32, 32, torch.bfloat16, torch.bfloat16),
+    ]
     for head_dim, n_qh, n_kh, dtype, cos_dtype in cases:
         q = torch.empty(2, n_qh, 5, head_dim, dtype=dtype)
         k = torch.empty(2, n_kh, 5, head_dim, dtype=dtype)

@@ -61,8 +61,14 @@ def selective_log_softmax_reference(
 class SelectiveLogSoftmaxFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, options, plan):
-        r = _run_chunks(hidden, weight, bias, ids, options=options, plan=dataclasses.replace(
-            plan, compute_dh=False, compute_dw=False, compute_db=False))
+        r = _run_chunks(
+            hidden,
+            weight,
+            bias,
+            ids,
+            options=options,
+            plan=dataclasses.replace(plan, compute_dh=False, compute_dw=False, compute_db=False),
+        )
         ctx.save_for_backward(hidden, weight, bias, ids)
         ctx.args = (options, plan)
         logp = r.tgt - r.lse
@@ -79,10 +85,24 @@ class SelectiveLogSoftmaxFunction(torch.autograd.Function):
         # loss_row = lse - tgt = -logp, so d/d loss_row = -d/d logp.
         d_ce = torch.zeros(ids.shape[0], device=ids.device) if g_logp is None else -g_logp.float()
         d_entropy = None if g_ent is None else g_ent.float().contiguous()
-        r = _run_chunks(hidden, weight, bias, ids, options=options, d_ce=d_ce.contiguous(), d_entropy=d_entropy,
-                        plan=dataclasses.replace(plan, entropy=d_entropy is not None))
-        return (r.dh if plan.compute_dh else None, r.dw if plan.compute_dw else None,
-                r.db if plan.compute_db else None, None, None, None)
+        r = _run_chunks(
+            hidden,
+            weight,
+            bias,
+            ids,
+            options=options,
+            d_ce=d_ce.contiguous(),
+            d_entropy=d_entropy,
+            plan=dataclasses.replace(plan, entropy=d_entropy is not None),
+        )
+        return (
+            r.dh if plan.compute_dh else None,
+            r.dw if plan.compute_dw else None,
+            r.db if plan.compute_db else None,
+            None,
+            None,
+            None,
+        )
 
 
 def selective_log_softmax(
@@ -115,12 +135,13 @@ def selective_log_softmax(
     hidden, weight, bias = autocast_inputs(hidden, weight, bias)
     check_linear_inputs("selective_log_softmax", hidden, weight, bias)
     if hidden.dim() != 3 or tuple(token_ids.shape) != tuple(hidden.shape[:2]):
-        raise ValueError(f"selective_log_softmax: need hidden [B, T, H] and token_ids [B, T]; got "
-                         f"{tuple(hidden.shape)} and {tuple(token_ids.shape)}")
+        raise ValueError(
+            f"selective_log_softmax: need hidden [B, T, H] and token_ids [B, T]; got "
+            f"{tuple(hidden.shape)} and {tuple(token_ids.shape)}"
+        )
     if token_ids.device != hidden.device:
         raise ValueError(f"selective_log_softmax: token_ids on {token_ids.device} but hidden on {hidden.device}")
-    options = CrossEntropyOptions(ignore_index=_NO_IGNORE, softcap=softcap, logit_scale=logit_scale,
-                                  temperature=temperature)
+    options = CrossEntropyOptions(ignore_index=_NO_IGNORE, softcap=softcap, logit_scale=logit_scale, temperature=temperature)
     ids = check_labels("token_ids", token_ids.reshape(-1), weight.shape[0], None)
     h2 = hidden.reshape(-1, hidden.shape[-1])
     n = h2.shape[0]
@@ -130,8 +151,13 @@ def selective_log_softmax(
     h2 = h2.contiguous()
     grad_on = torch.is_grad_enabled()
     need = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
-    plan = ChunkPlan(chunk_size=resolve_chunk(chunk_size, n, h2, weight.shape[0]), entropy=bool(return_entropy),
-                     compute_dh=need[0], compute_dw=need[1], compute_db=need[2])
+    plan = ChunkPlan(
+        chunk_size=resolve_chunk(chunk_size, n, h2, weight.shape[0]),
+        entropy=bool(return_entropy),
+        compute_dh=need[0],
+        compute_dw=need[1],
+        compute_db=need[2],
+    )
     out = SelectiveLogSoftmaxFunction.apply(h2, weight, bias, ids, options, plan)
     if return_entropy:
         return out[0].view(token_ids.shape), out[1].view(token_ids.shape)
@@ -142,8 +168,9 @@ def compile_cases() -> None:
     """Entropy on and off, temperature (SCALE), softcap, all dtypes: forward stats and recomputed grads."""
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for softcap, scale, temperature in ((None, None, 1.0), (None, None, 0.7), (30.0, 1.5, 0.7)):
-            options = CrossEntropyOptions(ignore_index=_NO_IGNORE, softcap=softcap, logit_scale=scale,
-                                          temperature=temperature)
+            options = CrossEntropyOptions(
+                ignore_index=_NO_IGNORE, softcap=softcap, logit_scale=scale, temperature=temperature
+            )
             for entropy in (False, True):
                 h = torch.empty(5, 64, dtype=dtype)
                 w = torch.empty(32001, 64, dtype=dtype)
@@ -151,5 +178,13 @@ def compile_cases() -> None:
                 g = torch.ones(5)
                 plan = ChunkPlan(chunk_size=4, entropy=entropy)
                 _run_chunks(h, w, None, ids, options=options, plan=plan)
-                _run_chunks(h, w, None, ids, options=options, d_ce=g, d_entropy=g if entropy else None,
-                            plan=dataclasses.replace(plan, compute_dh=True, compute_dw=True))
+                _run_chunks(
+                    h,
+                    w,
+                    None,
+                    ids,
+                    options=options,
+                    d_ce=g,
+                    d_entropy=g if entropy else None,
+                    plan=dataclasses.replace(plan, compute_dh=True, compute_dw=True),
+                )

@@ -89,8 +89,7 @@ class ExpertsStandIn(nn.Module):
             return grouped_mm_experts_forward(view, hidden, top_k_index, top_k_weights)
         return self._loop(view, hidden, top_k_index, top_k_weights)
 
-    def _loop(self, view: Any, hidden: torch.Tensor, top_k_index: torch.Tensor,
-              top_k_weights: torch.Tensor) -> torch.Tensor:
+    def _loop(self, view: Any, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """transformers' loop over experts, each expert given T*k/E rows (the total is the routing's T*k)."""
         t, k = top_k_index.shape
         out = torch.zeros_like(hidden)
@@ -131,10 +130,16 @@ def replace_experts(model: nn.Module, r: int, alpha: float, fused: bool, device:
                 total += sum(p.numel() for p in child.parameters())
     if not count:
         return []
-    how = "fastft's grouped GEMM" if fused else {
-        "grouped_mm": "transformers' grouped_mm experts path (its default)"}.get(
-        implementation, f"transformers' loop over experts (experts_implementation={implementation!r})")
+    how = (
+        "fastft's grouped GEMM"
+        if fused
+        else {"grouped_mm": "transformers' grouped_mm experts path (its default)"}.get(
+            implementation, f"transformers' loop over experts (experts_implementation={implementation!r})"
+        )
+    )
     lora = f"LoRA r={r} on the stacked experts (PEFT target_parameters)" if r > 0 else "no LoRA on experts"
-    return [f"MoE: {count} expert stacks, {total / 1e9:.2f}B parameters kept in 16 bits (bitsandbytes quantizes "
-            f"nn.Linear only); {lora}; {how}; routing: T*k rows in all"
-            + (", uniform over experts (T*k/E each)" if not fused and implementation == "eager" else "")]
+    return [
+        f"MoE: {count} expert stacks, {total / 1e9:.2f}B parameters kept in 16 bits (bitsandbytes quantizes "
+        f"nn.Linear only); {lora}; {how}; routing: T*k rows in all"
+        + (", uniform over experts (T*k/E each)" if not fused and implementation == "eager" else "")
+    ]

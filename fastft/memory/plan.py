@@ -42,8 +42,21 @@ from fastft.memory import speed_model
 from fastft.memory.step_model import LINEAR_NAMES, StepModel, StepResult, StepSpec, linear_names
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "data" / "configs"
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6, "g": 10**9}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+}
 #: Order in which breakdown rows are printed; phases are where the bytes alive at the peak were allocated.
 PHASE_LABELS = {
     "weights": "weights (base + LoRA + buffers)",
@@ -59,7 +72,7 @@ PHASE_LABELS = {
 
 
 def parse_size(text: str, flag: str | None = None) -> int:
-    """"16 GB" -> 16e9, "16GiB" -> 16 * 2**30, "16000MB" -> 16e9 (GB = 1e9 bytes, GiB = 2**30); bytes as int.
+    """ "16 GB" -> 16e9, "16GiB" -> 16 * 2**30, "16000MB" -> 16e9 (GB = 1e9 bytes, GiB = 2**30); bytes as int.
 
     A number needs its unit ("16" is refused: 16 bytes is never what was meant, and GB vs GiB is 7% apart); only 0
     may stand alone. Bytes are written "B". ``flag`` names the option in the error.
@@ -67,12 +80,15 @@ def parse_size(text: str, flag: str | None = None) -> int:
     where = f"{flag} {text}: " if flag else ""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"{where}cannot parse memory size {text!r}: use a number and a unit, e.g. '16GB', '16 GiB', "
-                         "'16000MB' (GB = 10^9 bytes, GiB = 2^30 bytes)")
+        raise ValueError(
+            f"{where}cannot parse memory size {text!r}: use a number and a unit, e.g. '16GB', '16 GiB', "
+            "'16000MB' (GB = 10^9 bytes, GiB = 2^30 bytes)"
+        )
     number, unit = match.group(1), match.group(2).lower()
     if not unit and float(number) != 0:
-        raise ValueError(f"{where}{number} what? write {number}GB or {number}GiB (GB = 10^9 bytes, GiB = 2^30 bytes; "
-                         f"{number}B for bytes)")
+        raise ValueError(
+            f"{where}{number} what? write {number}GB or {number}GiB (GB = 10^9 bytes, GiB = 2^30 bytes; {number}B for bytes)"
+        )
     return int(float(number) * _UNITS[unit])
 
 
@@ -91,18 +107,22 @@ def parse_gpu_memory(text: str) -> int:
         close = difflib.get_close_matches(key, list(presets), n=2, cutoff=0.5)
         names = dict(zip(presets, GPU_PRESETS))
         hint = f"did you mean {' or '.join(names[c] for c in close)}? " if close else ""
-        raise ValueError(f"--gpu-memory {text}: cannot parse memory size {text!r} and it is not a known GPU; "
-                         f"{hint}known GPUs: {', '.join(GPU_PRESETS)}; sizes look like 16GB or 16GiB")
+        raise ValueError(
+            f"--gpu-memory {text}: cannot parse memory size {text!r} and it is not a known GPU; "
+            f"{hint}known GPUs: {', '.join(GPU_PRESETS)}; sizes look like 16GB or 16GiB"
+        )
     return parse_size(text, "--gpu-memory")
 
 
 def parse_tokens(text: str) -> int:
-    """"1e9", "2B", "500M", "1,000,000", "250k" -> a token count (K/M/B/T = 10^3/10^6/10^9/10^12)."""
+    """ "1e9", "2B", "500M", "1,000,000", "250k" -> a token count (K/M/B/T = 10^3/10^6/10^9/10^12)."""
     match = re.fullmatch(r"\s*([0-9][0-9_,]*\.?[0-9]*(?:e[0-9]+)?)\s*([kmbt]?)\s*", str(text).lower())
     if not match:
         raise ValueError(f"--tokens {text}: not a token count; write e.g. 1000000, 1e9, 500M or 2B")
-    value = float(match.group(1).replace(",", "").replace("_", "")) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9,
-                                                                          "t": 1e12}[match.group(2)]
+    value = (
+        float(match.group(1).replace(",", "").replace("_", ""))
+        * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[match.group(2)]
+    )
     if value < 1:
         raise ValueError(f"--tokens {text}: must be at least 1 token")
     return int(value)
@@ -131,8 +151,10 @@ def load_config(model: str) -> Any:
         aliases = {n.removesuffix("-v0.3"): n for n in names}  # "mistral-7b" -> "mistral-7b-v0.3"
         key = _shipped_name(model, names, aliases)
         if key is None:
-            raise ValueError(f"unknown model {model!r}: not a local directory with config.json, not a config.json "
-                             f"file, and not one of the known names: {', '.join(known_models())}")
+            raise ValueError(
+                f"unknown model {model!r}: not a local directory with config.json, not a config.json "
+                f"file, and not one of the known names: {', '.join(known_models())}"
+            )
         data = json.loads((CONFIG_DIR / f"{names[key]}.json").read_text())
     model_type = data.get("model_type")
     if model_type not in CONFIG_MAPPING:
@@ -145,7 +167,7 @@ _VARIANT_SUFFIXES = ("-bnb-4bit", "-unsloth", "-v0.3", "-instruct", "-it", "-bas
 
 
 def _shipped_name(model: str, names: dict[str, str], aliases: dict[str, str]) -> str | None:
-    """"meta-llama/Meta-Llama-3.1-8B-Instruct", "unsloth/llama-3.2-1b-bnb-4bit", "google/gemma-2-9b-it" -> the shipped
+    """ "meta-llama/Meta-Llama-3.1-8B-Instruct", "unsloth/llama-3.2-1b-bnb-4bit", "google/gemma-2-9b-it" -> the shipped
     base config's key (instruct/chat/quantized repos share the base architecture)."""
     wanted = model.split("/")[-1].lower()
     for _ in range(3):
@@ -171,8 +193,10 @@ def unpatched_reason(config: Any) -> str | None:
     model_type = getattr(config, "model_type", None)
     if model_type in ARCHITECTURES:
         return None
-    return (f"model_type {model_type!r} is not in fastft's architecture table ({', '.join(ARCHITECTURES)}), so "
-            "FastModel loads it without fused kernels, fused LoRA or the fused loss")
+    return (
+        f"model_type {model_type!r} is not in fastft's architecture table ({', '.join(ARCHITECTURES)}), so "
+        "FastModel loads it without fused kernels, fused LoRA or the fused loss"
+    )
 
 
 def _linear_layer_names(config: Any) -> list[str]:
@@ -195,10 +219,15 @@ def lora_targets(config: Any, requested: list[str] | None) -> tuple[tuple[str, .
     if requested is not None:
         unknown = [n for n in requested if n not in present]
         if unknown:
-            hints = "".join(f"; did you mean {close[0]!r} for {n!r}?" for n in unknown
-                            if (close := difflib.get_close_matches(n, present, n=1, cutoff=0.6)))
-            raise ValueError(f"--target-modules: {', '.join(map(repr, unknown))} not among this model's linear "
-                             f"layers ({', '.join(present)}){hints}")
+            hints = "".join(
+                f"; did you mean {close[0]!r} for {n!r}?"
+                for n in unknown
+                if (close := difflib.get_close_matches(n, present, n=1, cutoff=0.6))
+            )
+            raise ValueError(
+                f"--target-modules: {', '.join(map(repr, unknown))} not among this model's linear "
+                f"layers ({', '.join(present)}){hints}"
+            )
         return tuple(requested), None
     usual = tuple(n for n in LINEAR_NAMES if n in present)
     if usual:
@@ -207,12 +236,16 @@ def lora_targets(config: Any, requested: list[str] | None) -> tuple[tuple[str, .
 
     default = PEFT_DEFAULTS.get(config.model_type)
     if default and set(default) <= set(present):
-        return tuple(default), (f"{', '.join(default)} (PEFT's default for {config.model_type}: none of "
-                                f"{', '.join(LINEAR_NAMES)} exist here, so FastModel.get_peft_model needs "
-                                f"target_modules={list(default)!r} for this model; --target-modules to change)")
-    raise ValueError(f"none of the usual projections ({', '.join(LINEAR_NAMES)}) exist in this "
-                     f"{config.model_type} model and PEFT has no default for it; pass --target-modules, "
-                     f"one or more of: {', '.join(present)}")
+        return tuple(default), (
+            f"{', '.join(default)} (PEFT's default for {config.model_type}: none of "
+            f"{', '.join(LINEAR_NAMES)} exist here, so FastModel.get_peft_model needs "
+            f"target_modules={list(default)!r} for this model; --target-modules to change)"
+        )
+    raise ValueError(
+        f"none of the usual projections ({', '.join(LINEAR_NAMES)}) exist in this "
+        f"{config.model_type} model and PEFT has no default for it; pass --target-modules, "
+        f"one or more of: {', '.join(present)}"
+    )
 
 
 class Planner:
@@ -288,14 +321,21 @@ def tensor_budget(gpu_memory: int | None, reserve: int) -> int | None:
     if gpu_memory is None:
         return None
     if reserve >= gpu_memory:
-        raise ValueError(f"--reserve ({format_bytes(reserve)}) leaves nothing of --gpu-memory "
-                         f"({format_bytes(gpu_memory)})")
+        raise ValueError(f"--reserve ({format_bytes(reserve)}) leaves nothing of --gpu-memory ({format_bytes(gpu_memory)})")
     return gpu_memory - reserve
 
 
-def plan_variant(config: Any, spec: StepSpec, seq_len: int, batch_size: int, budget: int | None,
-                 host_budget: int | None = None, planner: Planner | None = None,
-                 gpu: speed_model.GPU | None = None, train_tokens: int | None = None) -> VariantPlan:
+def plan_variant(
+    config: Any,
+    spec: StepSpec,
+    seq_len: int,
+    batch_size: int,
+    budget: int | None,
+    host_budget: int | None = None,
+    planner: Planner | None = None,
+    gpu: speed_model.GPU | None = None,
+    train_tokens: int | None = None,
+) -> VariantPlan:
     """Model ``seq_len`` and, given a tensor ``budget`` (bytes, reserve already taken off), search the max context;
     given a ``gpu``, the modeled (roofline) step time there (and the time for ``train_tokens``)."""
     t0 = time.perf_counter()
@@ -320,37 +360,68 @@ def plan_variant(config: Any, spec: StepSpec, seq_len: int, batch_size: int, bud
         if train_tokens is not None:
             steps, seconds = speed_model.training_time(estimate.step_seconds, seq_len * batch_size, train_tokens)
             speed["train"] = {"tokens": train_tokens, "steps": steps, "seconds": seconds}
-    return VariantPlan(spec.variant, seq_len, result.peak_bytes, fits, result.breakdown, result.host_bytes, best, host,
-                       limited, time.perf_counter() - t0, len(planner.cache), result.notes, speed)
+    return VariantPlan(
+        spec.variant,
+        seq_len,
+        result.peak_bytes,
+        fits,
+        result.breakdown,
+        result.host_bytes,
+        best,
+        host,
+        limited,
+        time.perf_counter() - t0,
+        len(planner.cache),
+        result.notes,
+        speed,
+    )
 
 
 def _print_speed(p: VariantPlan) -> None:
     s = p.speed
     if not s:
         return
-    print(f"{s['label']} step time on {s['gpu']}: {s['step_seconds']:.3g} s/step, {s['tokens_per_s']:,.0f} tokens/s "
-          f"({s['flops'] / 1e12:,.1f} TFLOP, {s['bytes'] / 1e9:,.1f} GB moved, {s['launches']:,} kernel launches)")
-    print(f"  compute-bound ops {s['compute_bound_seconds']:.3g} s + memory-bound ops {s['memory_bound_seconds']:.3g} s "
-          f"+ launch overhead {s['overhead_seconds']:.3g} s ({s['launch_overhead_s'] * 1e6:.0f} us each)")
+    print(
+        f"{s['label']} step time on {s['gpu']}: {s['step_seconds']:.3g} s/step, {s['tokens_per_s']:,.0f} tokens/s "
+        f"({s['flops'] / 1e12:,.1f} TFLOP, {s['bytes'] / 1e9:,.1f} GB moved, {s['launches']:,} kernel launches)"
+    )
+    print(
+        f"  compute-bound ops {s['compute_bound_seconds']:.3g} s + memory-bound ops {s['memory_bound_seconds']:.3g} s "
+        f"+ launch overhead {s['overhead_seconds']:.3g} s ({s['launch_overhead_s'] * 1e6:.0f} us each)"
+    )
     top = ", ".join(f"{o['op']} {o['seconds'] / s['step_seconds']:.0%}" for o in s["top_ops"][:4])
     print(f"  largest shares: {top}")
     if "train" in s:
         t = s["train"]
-        print(f"{s['label']} time to train {t['tokens']:,} tokens on {s['gpu']}: "
-              f"{speed_model.format_duration(t['seconds'])} ({t['steps']:,} steps)")
+        print(
+            f"{s['label']} time to train {t['tokens']:,} tokens on {s['gpu']}: "
+            f"{speed_model.format_duration(t['seconds'])} ({t['steps']:,} steps)"
+        )
     for note in s["notes"]:
         print(f"  note: {note}")
 
 
-def _print_plan(p: VariantPlan, args: argparse.Namespace, gpu_memory: int | None, reserve: int,
-                host_budget: int | None, max_positions: int | None, embedding_bytes: int) -> None:
-    title = {"fastft": "fastft", "unpatched": "fastft, UNPATCHED: no fastft kernels apply to this architecture",
-             "baseline": "baseline: transformers + PEFT LoRA (standard checkpointing)"}[p.variant]
+def _print_plan(
+    p: VariantPlan,
+    args: argparse.Namespace,
+    gpu_memory: int | None,
+    reserve: int,
+    host_budget: int | None,
+    max_positions: int | None,
+    embedding_bytes: int,
+) -> None:
+    title = {
+        "fastft": "fastft",
+        "unpatched": "fastft, UNPATCHED: no fastft kernels apply to this architecture",
+        "baseline": "baseline: transformers + PEFT LoRA (standard checkpointing)",
+    }[p.variant]
     print(f"\n== {title} ==")
     verdict = "" if p.fits is None else ("  -> fits" if p.fits else "  -> DOES NOT FIT")
     with_reserve = f" (+ {format_bytes(reserve)} reserve = {format_bytes(p.peak_bytes + reserve)})" if reserve else ""
-    print(f"modeled peak GPU memory at {p.seq_len:,} tokens x batch {args.batch_size}: "
-          f"{format_bytes(p.peak_bytes)}{with_reserve}{verdict}")
+    print(
+        f"modeled peak GPU memory at {p.seq_len:,} tokens x batch {args.batch_size}: "
+        f"{format_bytes(p.peak_bytes)}{with_reserve}{verdict}"
+    )
     for phase in list(PHASE_LABELS) + sorted(set(p.breakdown) - set(PHASE_LABELS)):
         if p.breakdown.get(phase, 0) >= 5 * 10**6:  # rows under 5 MB are noise at this precision
             print(f"  {PHASE_LABELS.get(phase, phase):<48} {format_bytes(p.breakdown[phase]):>10}")
@@ -359,59 +430,101 @@ def _print_plan(p: VariantPlan, args: argparse.Namespace, gpu_memory: int | None
     if gpu_memory is not None:
         where = f"{format_bytes(gpu_memory)} GPU" + (f" and {format_bytes(host_budget)} host RAM" if host_budget else "")
         if p.max_context:
-            extra = f" (host RAM for offload: {format_bytes(p.max_context_host_bytes)})" if p.max_context_host_bytes \
-                else ""
+            extra = f" (host RAM for offload: {format_bytes(p.max_context_host_bytes)})" if p.max_context_host_bytes else ""
             bound = {"host": "; limited by host RAM", "search cap": " (at least: the search stops there)"}.get(
-                p.limited_by, "")
+                p.limited_by, ""
+            )
             print(f"largest sequence length that fits {where}: {p.max_context:,} tokens{extra}{bound}")
             if max_positions and p.max_context > max_positions:
-                print(f"  note: beyond the model's max_position_embeddings ({max_positions:,}); memory would allow "
-                      "it, the model was not trained for it")
+                print(
+                    f"  note: beyond the model's max_position_embeddings ({max_positions:,}); memory would allow "
+                    "it, the model was not trained for it"
+                )
         else:
             print(f"largest sequence length that fits {where}: none (even 128 tokens exceeds it)")
     _print_speed(p)
     for note in p.notes:
         print(f"  note: {note}")
     if p.variant == "fastft" and args.tiled_mlp is None and p.seq_len > 4096:
-        print("  tip: --tiled-mlp (from_pretrained(tiled_mlp=True)) runs each MLP in 4,096-token tiles, so its "
-              "[tokens, intermediate] activations never exist whole; costs one extra MLP forward per layer in the "
-              "backward, for sequences longer than a tile only")
+        print(
+            "  tip: --tiled-mlp (from_pretrained(tiled_mlp=True)) runs each MLP in 4,096-token tiles, so its "
+            "[tokens, intermediate] activations never exist whole; costs one extra MLP forward per layer in the "
+            "backward, for sequences longer than a tile only"
+        )
     if p.variant != "baseline" and not args.offload_embeddings and embedding_bytes:
-        print(f"  tip: --offload-embeddings (get_peft_model(offload_embeddings=True)) keeps the frozen input embedding "
-              f"in host RAM: {format_bytes(embedding_bytes)} less GPU memory")
+        print(
+            f"  tip: --offload-embeddings (get_peft_model(offload_embeddings=True)) keeps the frozen input embedding "
+            f"in host RAM: {format_bytes(embedding_bytes)} less GPU memory"
+        )
     print(f"  ({p.steps_run} modeled steps in {p.seconds:.1f} s)")
 
 
 def add_parser(sub: Any) -> None:
-    parser = sub.add_parser("plan", help="modeled peak GPU memory and max sequence length for a LoRA/QLoRA run",
-                            description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help=f"local model dir, config.json, or one of: "
-                        f"{', '.join(known_models())}")
+    parser = sub.add_parser(
+        "plan",
+        help="modeled peak GPU memory and max sequence length for a LoRA/QLoRA run",
+        description=__doc__.split("\n")[0],
+    )
+    parser.add_argument(
+        "--model", required=True, help=f"local model dir, config.json, or one of: {', '.join(known_models())}"
+    )
     parser.add_argument("--seq-len", type=int, default=8192)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--lora-alpha", type=float, default=None)
     parser.add_argument("--load-in-4bit", action="store_true")
-    parser.add_argument("--target-modules", nargs="+", default=None, metavar="NAME",
-                        help="LoRA target modules (default: FastModel's, every q/k/v/o/gate/up/down projection present)")
+    parser.add_argument(
+        "--target-modules",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="LoRA target modules (default: FastModel's, every q/k/v/o/gate/up/down projection present)",
+    )
     parser.add_argument("--optim", default="adamw", choices=["adamw", "adamw_8bit", "sgd"])
-    parser.add_argument("--gpu-memory", default=None, help="e.g. 16GB, 16GiB, 16000MB (a unit is required), or a GPU "
-                        f"name: {', '.join(GPU_PRESETS)}; enables the max-length search")
-    parser.add_argument("--gpu", default=None, metavar="NAME", help="modeled (roofline) step time and tokens/s on this "
-                        f"GPU: {', '.join(speed_model.GPUS)}; also its memory unless --gpu-memory is given")
-    parser.add_argument("--tokens", default=None, metavar="N", help="with a GPU: the modeled time to train N tokens "
-                        "(e.g. 1e9, 500M, 2B)")
-    parser.add_argument("--reserve", default="1GiB", help="GPU memory set aside for the CUDA context, workspaces and "
-                        "allocator slack before tensors (default 1GiB; 0 for the tensor-only answer)")
-    parser.add_argument("--host-memory", default=None, help="host RAM free for offloaded tensors, with a unit, e.g. 9GB "
-                        "on a free Colab (12.7 GB total, of which the process itself takes a few); bounds the search")
-    parser.add_argument("--offload-embeddings", action="store_true",
-                        help="fastft variant with the frozen input embedding in host memory (get_peft_model("
-                        "offload_embeddings=True))")
+    parser.add_argument(
+        "--gpu-memory",
+        default=None,
+        help="e.g. 16GB, 16GiB, 16000MB (a unit is required), or a GPU "
+        f"name: {', '.join(GPU_PRESETS)}; enables the max-length search",
+    )
+    parser.add_argument(
+        "--gpu",
+        default=None,
+        metavar="NAME",
+        help="modeled (roofline) step time and tokens/s on this "
+        f"GPU: {', '.join(speed_model.GPUS)}; also its memory unless --gpu-memory is given",
+    )
+    parser.add_argument(
+        "--tokens", default=None, metavar="N", help="with a GPU: the modeled time to train N tokens (e.g. 1e9, 500M, 2B)"
+    )
+    parser.add_argument(
+        "--reserve",
+        default="1GiB",
+        help="GPU memory set aside for the CUDA context, workspaces and "
+        "allocator slack before tensors (default 1GiB; 0 for the tensor-only answer)",
+    )
+    parser.add_argument(
+        "--host-memory",
+        default=None,
+        help="host RAM free for offloaded tensors, with a unit, e.g. 9GB "
+        "on a free Colab (12.7 GB total, of which the process itself takes a few); bounds the search",
+    )
+    parser.add_argument(
+        "--offload-embeddings",
+        action="store_true",
+        help="fastft variant with the frozen input embedding in host memory (get_peft_model(offload_embeddings=True))",
+    )
     parser.add_argument("--no-offload", action="store_true", help="fastft variant without CPU offload of checkpoints")
-    parser.add_argument("--tiled-mlp", nargs="?", type=int, const=4096, default=None, metavar="TOKENS",
-                        help="fastft variant with the sequence-tiled MLP (FastModel.from_pretrained(tiled_mlp=True); "
-                        "tiles of TOKENS, default 4096, used for sequences longer than that)")
+    parser.add_argument(
+        "--tiled-mlp",
+        nargs="?",
+        type=int,
+        const=4096,
+        default=None,
+        metavar="TOKENS",
+        help="fastft variant with the sequence-tiled MLP (FastModel.from_pretrained(tiled_mlp=True); "
+        "tiles of TOKENS, default 4096, used for sequences longer than that)",
+    )
     parser.add_argument("--baseline", action="store_true", help="also model plain transformers + PEFT")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.set_defaults(func=run_plan)
@@ -431,47 +544,83 @@ def run_plan(args: argparse.Namespace) -> int:
             raise ValueError("--seq-len and --batch-size must be >= 1, --lora-r >= 0")
         unpatched = unpatched_reason(config)
         if unpatched and args.tiled_mlp is not None:
-            raise ValueError(f"--tiled-mlp: the tiled MLP is one of fastft's architecture patches, and none apply "
-                             f"here ({unpatched})")
+            raise ValueError(
+                f"--tiled-mlp: the tiled MLP is one of fastft's architecture patches, and none apply here ({unpatched})"
+            )
         targets, targets_note = lora_targets(config, args.target_modules)
     except ValueError as exc:
         print(f"fastft plan: error: {exc}", file=sys.stderr)
         return 2
-    common = dict(load_in_4bit=args.load_in_4bit, lora_r=args.lora_r, lora_alpha=args.lora_alpha, optim=args.optim,
-                  target_modules=targets)
+    common = dict(
+        load_in_4bit=args.load_in_4bit,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        optim=args.optim,
+        target_modules=targets,
+    )
     if args.tiled_mlp is not None and args.tiled_mlp < 1:
         print("fastft plan: error: --tiled-mlp TOKENS must be >= 1", file=sys.stderr)
         return 2
     tiled: bool | int = False if args.tiled_mlp is None else args.tiled_mlp
-    specs = [StepSpec(variant="unpatched" if unpatched else "fastft", offload=False if args.no_offload else None,
-                      tiled_mlp=tiled, offload_embeddings=args.offload_embeddings, **common)]
+    specs = [
+        StepSpec(
+            variant="unpatched" if unpatched else "fastft",
+            offload=False if args.no_offload else None,
+            tiled_mlp=tiled,
+            offload_embeddings=args.offload_embeddings,
+            **common,
+        )
+    ]
     if args.baseline:
         specs.append(StepSpec(variant="baseline", **common))
-    plans = [plan_variant(config, spec, args.seq_len, args.batch_size, budget, host_budget, gpu=gpu,
-                          train_tokens=train_tokens) for spec in specs]
+    plans = [
+        plan_variant(config, spec, args.seq_len, args.batch_size, budget, host_budget, gpu=gpu, train_tokens=train_tokens)
+        for spec in specs
+    ]
     max_positions = getattr(config, "max_position_embeddings", None)
     if args.json:
-        print(json.dumps({"model": args.model, "modeled": True, "model_type": config.model_type,
-                          "architecture_supported": unpatched is None, "unpatched_reason": unpatched,
-                          "lora_target_modules": list(targets), "gpu_memory_bytes": gpu_memory,
-                          "reserve_bytes": reserve, "tensor_budget_bytes": budget, "host_memory_bytes": host_budget,
-                          "max_position_embeddings": max_positions,
-                          "settings": {k: v for k, v in vars(args).items() if k != "func"},
-                          "variants": [dataclasses.asdict(p) for p in plans]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "modeled": True,
+                    "model_type": config.model_type,
+                    "architecture_supported": unpatched is None,
+                    "unpatched_reason": unpatched,
+                    "lora_target_modules": list(targets),
+                    "gpu_memory_bytes": gpu_memory,
+                    "reserve_bytes": reserve,
+                    "tensor_budget_bytes": budget,
+                    "host_memory_bytes": host_budget,
+                    "max_position_embeddings": max_positions,
+                    "settings": {k: v for k, v in vars(args).items() if k != "func"},
+                    "variants": [dataclasses.asdict(p) for p in plans],
+                },
+                indent=2,
+            )
+        )
         return 0
-    print(f"fastft plan (MODELED on meta tensors, not measured on a GPU): {args.model}, "
-          f"{'4-bit QLoRA' if args.load_in_4bit else 'bf16 LoRA'} r={args.lora_r}, optim={args.optim}")
+    print(
+        f"fastft plan (MODELED on meta tensors, not measured on a GPU): {args.model}, "
+        f"{'4-bit QLoRA' if args.load_in_4bit else 'bf16 LoRA'} r={args.lora_r}, optim={args.optim}"
+    )
     if unpatched:
-        print(f"UNPATCHED: {unpatched}. Modeled that way: the model's own forward with full logits, PEFT LoRA, and "
-              "fastft's checkpointing (layer inputs offloaded to host memory), which does not depend on the table")
+        print(
+            f"UNPATCHED: {unpatched}. Modeled that way: the model's own forward with full logits, PEFT LoRA, and "
+            "fastft's checkpointing (layer inputs offloaded to host memory), which does not depend on the table"
+        )
     if targets_note:
         print(f"LoRA targets: {targets_note}")
     if gpu_memory is not None:
-        print(f"GPU memory {format_bytes(gpu_memory)} ({gpu_memory / 2**30:.2f} GiB) - reserve {format_bytes(reserve)} "
-              f"(CUDA context, workspaces, allocator slack) = {format_bytes(budget)} for tensors")
+        print(
+            f"GPU memory {format_bytes(gpu_memory)} ({gpu_memory / 2**30:.2f} GiB) - reserve {format_bytes(reserve)} "
+            f"(CUDA context, workspaces, allocator slack) = {format_bytes(budget)} for tensors"
+        )
     if host_budget is not None:
-        print(f"host RAM for offloaded tensors: {format_bytes(host_budget)} (what is free for them, not the machine "
-              "total: the training process itself also needs a few GB)")
+        print(
+            f"host RAM for offloaded tensors: {format_bytes(host_budget)} (what is free for them, not the machine "
+            "total: the training process itself also needs a few GB)"
+        )
     # bf16 input embedding that --offload-embeddings could move (0 when tied to the LM head: it cannot move)
     tied = getattr(config, "tie_word_embeddings", False)
     embedding_bytes = 0 if tied else config.vocab_size * config.hidden_size * 2
@@ -485,13 +634,17 @@ def run_plan(args: argparse.Namespace) -> int:
 def speed_gpu(args: argparse.Namespace) -> tuple[speed_model.GPU | None, int | None]:
     """(the GPU whose roofline to print, the --tokens count): --gpu NAME, else a --gpu-memory that names a GPU."""
     gpu = speed_model.find_gpu(args.gpu) if args.gpu is not None else None
-    if gpu is None and args.gpu_memory is not None and str(args.gpu_memory).strip().lower() in \
-            {k.lower() for k in speed_model.GPUS}:
+    if (
+        gpu is None
+        and args.gpu_memory is not None
+        and str(args.gpu_memory).strip().lower() in {k.lower() for k in speed_model.GPUS}
+    ):
         gpu = speed_model.find_gpu(args.gpu_memory, "--gpu-memory")
     tokens = parse_tokens(args.tokens) if args.tokens is not None else None
     if tokens is not None and gpu is None:
-        raise ValueError(f"--tokens {args.tokens}: the time to train depends on the GPU; add --gpu NAME "
-                         f"({', '.join(speed_model.GPUS)})")
+        raise ValueError(
+            f"--tokens {args.tokens}: the time to train depends on the GPU; add --gpu NAME ({', '.join(speed_model.GPUS)})"
+        )
     return gpu, tokens
 
 
@@ -501,9 +654,13 @@ def _print_speedup(plans: list[VariantPlan], gpu: speed_model.GPU) -> None:
     base = by_variant.get("baseline")
     print()
     if fast and base:
-        print(f"{speed_model.LABEL} speedup over the baseline on {gpu.name}: "
-              f"{base['step_seconds'] / fast['step_seconds']:.2f}x ({fast['tokens_per_s']:,.0f} vs "
-              f"{base['tokens_per_s']:,.0f} tokens/s); a bound from published peaks, not a measurement")
+        print(
+            f"{speed_model.LABEL} speedup over the baseline on {gpu.name}: "
+            f"{base['step_seconds'] / fast['step_seconds']:.2f}x ({fast['tokens_per_s']:,.0f} vs "
+            f"{base['tokens_per_s']:,.0f} tokens/s); a bound from published peaks, not a measurement"
+        )
     else:
-        print(f"({speed_model.LABEL} figures are bounds from published peaks, not measurements; add --baseline for "
-              "the modeled speedup over transformers + PEFT)")
+        print(
+            f"({speed_model.LABEL} figures are bounds from published peaks, not measurements; add --baseline for "
+            "the modeled speedup over transformers + PEFT)"
+        )

@@ -67,22 +67,56 @@ class GPU:
 #   H200 SXM (sm_90):     FP32 67; TF32 989*; FP16/BF16 1,979*; 141GB HBM3e 4.8 TB/s.
 # Memory sizes are nvidia-smi's totals in MiB (before the CUDA context): 15,360 (T4), 23,034 (L4), 40,960 / 81,920
 # (A100), 81,559 (H100 80GB HBM3), 143,771 (H200).
-GPUS: dict[str, GPU] = {g.name: g for g in (
-    GPU("T4", {"fp32": 8.1, "tf32": None, "fp16": 65.0, "bf16": None}, 320e9, 15_360 * 2**20,
-        "NVIDIA T4 16GB (Turing)"),
-    GPU("L4", {"fp32": 30.3, "tf32": 120 / 2, "fp16": 242 / 2, "bf16": 242 / 2}, 300e9, 23_034 * 2**20,
-        "NVIDIA L4 24GB (Ada)"),
-    GPU("A100-40GB", {"fp32": 19.5, "tf32": 156.0, "fp16": 312.0, "bf16": 312.0}, 1555e9, 40_960 * 2**20,
-        "NVIDIA A100 SXM4 40GB"),
-    GPU("A100-80GB", {"fp32": 19.5, "tf32": 156.0, "fp16": 312.0, "bf16": 312.0}, 2039e9, 81_920 * 2**20,
-        "NVIDIA A100 SXM4 80GB"),
-    GPU("H100", {"fp32": 67.0, "tf32": 989 / 2, "fp16": 1979 / 2, "bf16": 1979 / 2}, 3.35e12, 81_559 * 2**20,
-        "NVIDIA H100 SXM5 80GB"),
-    GPU("H200", {"fp32": 67.0, "tf32": 989 / 2, "fp16": 1979 / 2, "bf16": 1979 / 2}, 4.8e12, 143_771 * 2**20,
-        "NVIDIA H200 SXM 141GB"),
-)}
-_ALIASES = {"h100-sxm": "H100", "h100-sxm5": "H100", "h100-80gb": "H100", "h200-sxm": "H200", "tesla-t4": "T4",
-            "a100-sxm4-40gb": "A100-40GB", "a100-sxm4-80gb": "A100-80GB"}
+GPUS: dict[str, GPU] = {
+    g.name: g
+    for g in (
+        GPU("T4", {"fp32": 8.1, "tf32": None, "fp16": 65.0, "bf16": None}, 320e9, 15_360 * 2**20, "NVIDIA T4 16GB (Turing)"),
+        GPU(
+            "L4",
+            {"fp32": 30.3, "tf32": 120 / 2, "fp16": 242 / 2, "bf16": 242 / 2},
+            300e9,
+            23_034 * 2**20,
+            "NVIDIA L4 24GB (Ada)",
+        ),
+        GPU(
+            "A100-40GB",
+            {"fp32": 19.5, "tf32": 156.0, "fp16": 312.0, "bf16": 312.0},
+            1555e9,
+            40_960 * 2**20,
+            "NVIDIA A100 SXM4 40GB",
+        ),
+        GPU(
+            "A100-80GB",
+            {"fp32": 19.5, "tf32": 156.0, "fp16": 312.0, "bf16": 312.0},
+            2039e9,
+            81_920 * 2**20,
+            "NVIDIA A100 SXM4 80GB",
+        ),
+        GPU(
+            "H100",
+            {"fp32": 67.0, "tf32": 989 / 2, "fp16": 1979 / 2, "bf16": 1979 / 2},
+            3.35e12,
+            81_559 * 2**20,
+            "NVIDIA H100 SXM5 80GB",
+        ),
+        GPU(
+            "H200",
+            {"fp32": 67.0, "tf32": 989 / 2, "fp16": 1979 / 2, "bf16": 1979 / 2},
+            4.8e12,
+            143_771 * 2**20,
+            "NVIDIA H200 SXM 141GB",
+        ),
+    )
+}
+_ALIASES = {
+    "h100-sxm": "H100",
+    "h100-sxm5": "H100",
+    "h100-80gb": "H100",
+    "h200-sxm": "H200",
+    "tesla-t4": "T4",
+    "a100-sxm4-40gb": "A100-40GB",
+    "a100-sxm4-80gb": "A100-80GB",
+}
 
 
 def find_gpu(name: str, flag: str = "--gpu") -> GPU:
@@ -114,17 +148,46 @@ def gpu_from_device_name(device_name: str) -> GPU | None:
 
 _aten = torch.ops.aten
 #: Ops that allocate or relabel without a kernel: no bytes, no launch.
-_FREE = {_aten.empty, _aten.empty_like, _aten.empty_strided, _aten.new_empty, _aten.new_empty_strided,
-         _aten.detach, _aten.alias, _aten.lift_fresh, _aten._unsafe_view, _aten.set_, _aten.resize_}
+_FREE = {
+    _aten.empty,
+    _aten.empty_like,
+    _aten.empty_strided,
+    _aten.new_empty,
+    _aten.new_empty_strided,
+    _aten.detach,
+    _aten.alias,
+    _aten.lift_fresh,
+    _aten._unsafe_view,
+    _aten.set_,
+    _aten.resize_,
+}
 #: In-place ops that overwrite ``self`` without reading it.
-_WRITE_ONLY_SELF = {_aten.copy_, _aten.fill_, _aten.zero_, _aten.uniform_, _aten.normal_, _aten.random_,
-                    _aten.bernoulli_, _aten.index_put_}
+_WRITE_ONLY_SELF = {
+    _aten.copy_,
+    _aten.fill_,
+    _aten.zero_,
+    _aten.uniform_,
+    _aten.normal_,
+    _aten.random_,
+    _aten.bernoulli_,
+    _aten.index_put_,
+}
 #: fastft custom ops with no matrix product inside (memory-bound by construction: FLOPs not counted).
 ELEMENTWISE_CUSTOM = {
-    "fastft::rms_norm_forward", "fastft::rms_norm_backward", "fastft::rope_forward", "fastft::rope_backward",
-    "fastft::swiglu_forward", "fastft::swiglu_backward", "fastft::geglu_forward", "fastft::geglu_backward",
-    "fastft::glu_backward_inplace", "fastft::cross_entropy_forward", "fastft::cross_entropy_backward",
-    "fastft::dequantize_nf4", "fastft::dequantize_nf4_out", "fastft_memmodel::dequantize_4bit",
+    "fastft::rms_norm_forward",
+    "fastft::rms_norm_backward",
+    "fastft::rope_forward",
+    "fastft::rope_backward",
+    "fastft::swiglu_forward",
+    "fastft::swiglu_backward",
+    "fastft::geglu_forward",
+    "fastft::geglu_backward",
+    "fastft::glu_backward_inplace",
+    "fastft::cross_entropy_forward",
+    "fastft::cross_entropy_backward",
+    "fastft::dequantize_nf4",
+    "fastft::dequantize_nf4_out",
+    "fastft_memmodel::dequantize_4bit",
 }
 
 
@@ -146,8 +209,7 @@ def _attention_flops(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backward
 
 def _bind(func: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
     """The op's arguments by schema name (positional and keyword-only alike)."""
-    return {a.name: (args[i] if i < len(args) else kwargs.get(a.name))
-            for i, a in enumerate(func._schema.arguments)}
+    return {a.name: (args[i] if i < len(args) else kwargs.get(a.name)) for i, a in enumerate(func._schema.arguments)}
 
 
 def _custom_flops(name: str, a: dict[str, Any]) -> int | None:
@@ -212,8 +274,9 @@ class OpCounter(TorchDispatchMode):
         packet = func.overloadpacket
         if func.is_view or packet in _FREE or func.namespace == "profiler":
             return
-        if not any(t.device.type == self.device for t in tree_flatten((args, kwargs, out))[0]
-                   if isinstance(t, torch.Tensor)):
+        if not any(
+            t.device.type == self.device for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)
+        ):
             return
         name = str(packet) if func.namespace == "aten" else func._schema.name
         reads = writes = 0
@@ -285,8 +348,10 @@ def peak_flops(gpu: GPU, dtype: str, tf32: bool = False) -> tuple[float, str | N
         kind = "tf32"
     note = None
     if gpu.tflops.get(kind) is None and kind == "bf16":
-        kind, note = "fp16", f"{gpu.name} has no bf16 tensor cores: bf16 matmuls priced at its fp16 peak (fastft " \
-                             "trains in fp16 there)"
+        kind, note = (
+            "fp16",
+            f"{gpu.name} has no bf16 tensor cores: bf16 matmuls priced at its fp16 peak (fastft trains in fp16 there)",
+        )
     value = gpu.tflops.get(kind)
     if value is None:
         raise ValueError(f"{gpu.name}: no published peak for {kind}")
@@ -324,8 +389,14 @@ class SpeedEstimate:
     notes: list[str]
 
 
-def roofline(counter: OpCounter, gpu: GPU, tokens_per_step: int, launch_overhead_s: float = LAUNCH_OVERHEAD_S,
-             tf32: bool = False, top: int = 8) -> SpeedEstimate:
+def roofline(
+    counter: OpCounter,
+    gpu: GPU,
+    tokens_per_step: int,
+    launch_overhead_s: float = LAUNCH_OVERHEAD_S,
+    tf32: bool = False,
+    top: int = 8,
+) -> SpeedEstimate:
     """Sum ``max(flops / peak[dtype], bytes / bandwidth) + launch_overhead_s`` over the counted calls."""
     compute = memory = overhead = 0.0
     by_op: dict[str, OpTime] = {}
@@ -357,9 +428,23 @@ def roofline(counter: OpCounter, gpu: GPU, tokens_per_step: int, launch_overhead
     if counter.no_flop_formula:
         notes.add(f"no FLOP formula for {', '.join(sorted(counter.no_flop_formula))}: timed by their bytes only")
     ranked = sorted(by_op.values(), key=lambda r: -r.seconds)[:top]
-    return SpeedEstimate(gpu.name, LABEL, tokens_per_step, total, tokens_per_step / total if total else math.inf,
-                         counter.flops, counter.bytes, counter.launches, compute, memory, overhead, launch_overhead_s,
-                         dict(by_phase), ranked, sorted(notes))
+    return SpeedEstimate(
+        gpu.name,
+        LABEL,
+        tokens_per_step,
+        total,
+        tokens_per_step / total if total else math.inf,
+        counter.flops,
+        counter.bytes,
+        counter.launches,
+        compute,
+        memory,
+        overhead,
+        launch_overhead_s,
+        dict(by_phase),
+        ranked,
+        sorted(notes),
+    )
 
 
 def training_time(step_seconds: float, tokens_per_step: int, total_tokens: int) -> tuple[int, float]:
@@ -378,8 +463,9 @@ def count_step(model: Any, seq_len: int, batch_size: int = 1) -> tuple[Any, OpCo
     return result, counter
 
 
-def estimate(config: Any, spec: Any, seq_len: int, gpus: list[GPU], batch_size: int = 1,
-             launch_overhead_s: float = LAUNCH_OVERHEAD_S) -> dict[str, SpeedEstimate]:
+def estimate(
+    config: Any, spec: Any, seq_len: int, gpus: list[GPU], batch_size: int = 1, launch_overhead_s: float = LAUNCH_OVERHEAD_S
+) -> dict[str, SpeedEstimate]:
     """Build the step model for ``spec`` on meta, count one step, and price it on each GPU -> {gpu name: estimate}."""
     from fastft.memory.step_model import StepModel
 

@@ -70,6 +70,7 @@ VARIANTS = ("fastft", "baseline", "unpatched")
 # Building and stepping
 # ---------------------------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
     """What to model. ``variant``: "fastft" (fused kernels and loss head, offloaded checkpointing, tiled MLP),
@@ -142,8 +143,13 @@ class StepModel:
         self._replace_linears(model)
         from fastft.memory.moe_model import replace_experts  # MoE: the stacked experts (see moe_model's docstring)
 
-        self.notes += replace_experts(model, spec.lora_r, spec.lora_alpha if spec.lora_alpha is not None else
-                                      2 * spec.lora_r, spec.variant == "fastft" and spec.fused_kernels, device)
+        self.notes += replace_experts(
+            model,
+            spec.lora_r,
+            spec.lora_alpha if spec.lora_alpha is not None else 2 * spec.lora_r,
+            spec.variant == "fastft" and spec.fused_kernels,
+            device,
+        )
         if spec.fp32_embeddings_enabled:
             self._upcast_embeddings(model)
         if spec.variant == "fastft" and spec.fused_kernels:
@@ -172,11 +178,11 @@ class StepModel:
                 in_features, out_features = shape
                 base: nn.Module = child
                 if spec.load_in_4bit:
-                    base = Linear4bit(in_features, out_features, spec.dtype, self.device, spec.double_quant,
-                                      child.bias)
+                    base = Linear4bit(in_features, out_features, spec.dtype, self.device, spec.double_quant, child.bias)
                 if spec.lora_r > 0:
-                    base = LoraLinear(base, in_features, out_features, spec.lora_r, alpha, self.device,
-                                      clone_result=spec.load_in_4bit)
+                    base = LoraLinear(
+                        base, in_features, out_features, spec.lora_r, alpha, self.device, clone_result=spec.load_in_4bit
+                    )
                 setattr(parent, name, base)
 
     def _upcast_embeddings(self, model: nn.Module) -> None:
@@ -192,8 +198,10 @@ class StepModel:
         embed_forward = embed.forward
         embed.forward = lambda ids: embed_forward(ids).to(dtype)
         head.forward = lambda x: torch.nn.functional.linear(x, head.weight.to(x.dtype))
-        self.notes.append("baseline: embed_tokens/lm_head upcast to fp32 (prepare_model_for_kbit_training), "
-                          "used through bf16 casts as under autocast")
+        self.notes.append(
+            "baseline: embed_tokens/lm_head upcast to fp32 (prepare_model_for_kbit_training), "
+            "used through bf16 casts as under autocast"
+        )
 
     def _offload_embeddings(self, model: nn.Module) -> None:
         from fastft.patches.embedding_offload import offload_input_embeddings
@@ -212,8 +220,10 @@ class StepModel:
 
             report = patch_model(model, tiled_mlp=self.spec.tiled_mlp)
         except Exception as exc:  # noqa: BLE001 - a half-written patch must not stop the plan; say what is missing
-            self.notes.append(f"fastft patch_model failed ({type(exc).__name__}: {exc}); fused norm/RoPE/MLP/loss "
-                              "NOT modelled -- offloaded checkpointing only")
+            self.notes.append(
+                f"fastft patch_model failed ({type(exc).__name__}: {exc}); fused norm/RoPE/MLP/loss "
+                "NOT modelled -- offloaded checkpointing only"
+            )
             return
         self.notes.append(f"patch_model: applied {report.applied}, skipped {report.skipped}")
         if self.spec.lora_r > 0:
@@ -238,11 +248,13 @@ class StepModel:
         for name, module in model.named_modules():
             leaf = name.rsplit(".", 1)[-1]
             if hasattr(module, "_fastft_mlp_once") and all(
-                    isinstance(getattr(module, k, None), LoraLinear) for k in ("gate_proj", "up_proj", "down_proj")):
+                isinstance(getattr(module, k, None), LoraLinear) for k in ("gate_proj", "up_proj", "down_proj")
+            ):
                 module._fastft_mlp_once = types.MethodType(mlp_once, module)
                 mlps += 1
             elif hasattr(module, "_fastft_mlp_once") and all(
-                    isinstance(getattr(module, k, None), LoraLinear) for k in ("gate_up_proj", "down_proj")):
+                isinstance(getattr(module, k, None), LoraLinear) for k in ("gate_up_proj", "down_proj")
+            ):
                 module.gate_up_proj.fused = module.down_proj.fused = True  # Phi-3 / GLM-4: each projection fused
                 mlps += 1
             elif isinstance(module, LoraLinear) and leaf in ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj"):
@@ -250,8 +262,7 @@ class StepModel:
                 projections += 1
         self.notes.append(f"fused LoRA (fastft.kernels.lora): {mlps} MLPs, {projections} attention projections")
 
-    def step(self, seq_len: int, batch_size: int = 1, replay_layers: bool | None = None,
-             counter: Any = None) -> StepResult:
+    def step(self, seq_len: int, batch_size: int = 1, replay_layers: bool | None = None, counter: Any = None) -> StepResult:
         """Measure one training step at [batch_size, seq_len] (all tokens real, labels = inputs).
 
         ``replay_layers`` (default: on for meta without a counter) replays identical checkpointed layers instead of
@@ -268,8 +279,9 @@ class StepModel:
         model, spec = self.model, self.spec
         ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device=self.device)
         if self.device != "meta":
-            ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=torch.Generator()
-                                .manual_seed(0)).to(self.device)
+            ids = torch.randint(
+                0, model.config.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(0)
+            ).to(self.device)
         labels = ids.clone()
         if spec.variant == "fastft":
             from fastft.kernels.lora import clear_buffers
@@ -279,14 +291,18 @@ class StepModel:
         for layer in self.layers:
             if isinstance(layer, CheckpointedLayer):
                 layer.tracker, layer.memo = tracker, memo
-        hooks = [p.register_post_accumulate_grad_hook(lambda p: tracker.recharge(p.grad, "gradients"))
-                 for p in self.trainable]
+        hooks = [
+            p.register_post_accumulate_grad_hook(lambda p: tracker.recharge(p.grad, "gradients")) for p in self.trainable
+        ]
         self.ledger.live = self.ledger.peak = 0
         try:
             if counter is not None:
                 counter.phase_of = lambda: tracker.phase
-            with _module_patches(spec.variant == "fastft" and spec.fused_kernels), tracker, \
-                    (counter if counter is not None else contextlib.nullcontext()):
+            with (
+                _module_patches(spec.variant == "fastft" and spec.fused_kernels),
+                tracker,
+                counter if counter is not None else contextlib.nullcontext(),
+            ):
                 tracker.add_existing(list(model.parameters()) + list(model.buffers()), "weights")
                 tracker.add_existing(self.state_tensors, "optimizer_state")
                 tracker.add_existing([ids, labels], "inputs")
@@ -301,11 +317,16 @@ class StepModel:
         finally:
             for h in hooks:
                 h.remove()
-        return StepResult(tracker.peak_bytes, dict(tracker.peak_breakdown), self.ledger.peak + self.host_static,
-                          dict(tracker.peak_by_phase), time.perf_counter() - t0, list(self.notes))
+        return StepResult(
+            tracker.peak_bytes,
+            dict(tracker.peak_breakdown),
+            self.ledger.peak + self.host_static,
+            dict(tracker.peak_by_phase),
+            time.perf_counter() - t0,
+            list(self.notes),
+        )
 
-    def _loss(self, ids: torch.Tensor, labels: torch.Tensor, tracker: LiveBytesTracker,
-              counter: Any = None) -> torch.Tensor:
+    def _loss(self, ids: torch.Tensor, labels: torch.Tensor, tracker: LiveBytesTracker, counter: Any = None) -> torch.Tensor:
         """The model's own loss: transformers' full logits (upcast to fp32 in ForCausalLMLoss) for the baseline and
         unpatched variants, and for fastft whatever ``patch_model`` installed -- its fused loss head, i.e.
         ``fastft.kernels.linear_cross_entropy`` -- with fastft's chunk loop run in place of the op's fake impl on
@@ -319,9 +340,12 @@ class StepModel:
 
         # The loss starts where the backbone ends: the lm_head's input (full logits) or the backbone's output
         # (fastft's fused head never calls lm_head).
-        handles = [model.get_output_embeddings().register_forward_pre_hook(lambda m, args: enter_loss(args[0])),
-                   getattr(model, model.base_model_prefix).register_forward_hook(
-                       lambda m, args, out: enter_loss(out.last_hidden_state))]
+        handles = [
+            model.get_output_embeddings().register_forward_pre_hook(lambda m, args: enter_loss(args[0])),
+            getattr(model, model.base_model_prefix).register_forward_hook(
+                lambda m, args, out: enter_loss(out.last_hidden_state)
+            ),
+        ]
         try:
             with _chunk_loop_visible(self.device == "meta", counter):
                 return model(input_ids=ids, labels=labels).loss
@@ -403,8 +427,12 @@ def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
 
 def linear_names(model: nn.Module) -> list[str]:
     """Names (last part) of the linear layers inside the decoder layers: what ``target_modules`` can choose from."""
-    names = {name.rsplit(".", 1)[-1] for layer in decoder_layers(model) for name, m in layer.named_modules()
-             if _linear_shape(m) is not None}
+    names = {
+        name.rsplit(".", 1)[-1]
+        for layer in decoder_layers(model)
+        for name, m in layer.named_modules()
+        if _linear_shape(m) is not None
+    }
     return sorted(names)
 
 
@@ -417,8 +445,10 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     count = getattr(model.config, "num_hidden_layers", None)
     found = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == count]
     if len(found) != 1:
-        raise ValueError(f"cannot find the decoder layers of {type(model).__name__}: {len(found)} module lists with "
-                         f"num_hidden_layers={count} entries")
+        raise ValueError(
+            f"cannot find the decoder layers of {type(model).__name__}: {len(found)} module lists with "
+            f"num_hidden_layers={count} entries"
+        )
     return found[0]
 
 

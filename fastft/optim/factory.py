@@ -69,7 +69,8 @@ class EmbeddingLRMixin:
     """
 
     embedding_learning_rate: float | None = dataclasses.field(
-        default=None, metadata={"help": "fastft: learning rate for trained embeddings / lm_head (None: learning_rate)"})
+        default=None, metadata={"help": "fastft: learning rate for trained embeddings / lm_head (None: learning_rate)"}
+    )
 
 
 def _optim_name(args: Any) -> str:
@@ -85,7 +86,7 @@ def known_optimizers() -> list[str]:
 
 
 def parse_optim_args(optim_args: str | None) -> dict[str, str]:
-    """"k=v,k=v" -> {"k": "v"} (spaces dropped), as transformers parses ``TrainingArguments.optim_args``."""
+    """ "k=v,k=v" -> {"k": "v"} (spaces dropped), as transformers parses ``TrainingArguments.optim_args``."""
     if not optim_args:
         return {}
     out = {}
@@ -102,6 +103,7 @@ def parse_optim_args(optim_args: str | None) -> dict[str, str]:
 # ----------------------------------------------------------------------------------------------------------------------
 # Parameter classification
 # ----------------------------------------------------------------------------------------------------------------------
+
 
 def _embedding_param_ids(model: nn.Module) -> set[int]:
     ids: set[int] = set()
@@ -145,11 +147,14 @@ def galore_target_param_ids(model: nn.Module, target_modules: Any, optim: str) -
     from transformers.trainer_utils import check_target_module_exists
 
     if target_modules is None:
-        raise ValueError(f"optim={optim!r} needs `optim_target_modules` (e.g. ['attn', 'mlp'], a regex, or "
-                         f"'all-linear') to choose the weights GaLore projects")
+        raise ValueError(
+            f"optim={optim!r} needs `optim_target_modules` (e.g. ['attn', 'mlp'], a regex, or "
+            f"'all-linear') to choose the weights GaLore projects"
+        )
     if not isinstance(target_modules, (list, tuple, str)):
-        raise TypeError(f"optim_target_modules must be a list of names, a regex string or 'all-linear'; "
-                        f"got {target_modules!r}")
+        raise TypeError(
+            f"optim_target_modules must be a list of names, a regex string or 'all-linear'; got {target_modules!r}"
+        )
     all_linear = isinstance(target_modules, str) and target_modules.replace("_", "-") == "all-linear"
     targets = list(target_modules) if isinstance(target_modules, tuple) else target_modules
     ids: set[int] = set()
@@ -163,13 +168,16 @@ def galore_target_param_ids(model: nn.Module, target_modules: Any, optim: str) -
             ids.add(id(w))
     if not ids:
         linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
-        raise ValueError(f"optim_target_modules={target_modules!r} matched no trainable nn.Linear weight for "
-                         f"optim={optim!r}; some nn.Linear modules of this model: {linear}")
+        raise ValueError(
+            f"optim_target_modules={target_modules!r} matched no trainable nn.Linear weight for "
+            f"optim={optim!r}; some nn.Linear modules of this model: {linear}"
+        )
     return ids
 
 
-def build_param_groups(model: nn.Module, args: Any, galore_ids: set[int] | None = None,
-                       galore_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def build_param_groups(
+    model: nn.Module, args: Any, galore_ids: set[int] | None = None, galore_options: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
     """The param groups described in the module docstring; each group has a ``"name"`` key; empty groups dropped."""
     lr = float(args.learning_rate)
     wd = float(getattr(args, "weight_decay", 0.0))
@@ -201,14 +209,14 @@ def build_param_groups(model: nn.Module, args: Any, galore_ids: set[int] | None 
     if not seen:
         raise ValueError("the model has no parameter with requires_grad=True: nothing to optimize")
     if emb_lr is not None and not groups["embedding"]["params"]:
-        warn_once("fastft: embedding_learning_rate is set but no trained embedding / lm_head was found",
-                  key="emb-lr-unused")
+        warn_once("fastft: embedding_learning_rate is set but no trained embedding / lm_head was found", key="emb-lr-unused")
     return [{"name": k, **g} for k, g in groups.items() if g["params"]]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Factory
 # ----------------------------------------------------------------------------------------------------------------------
+
 
 def _galore_kwargs(cls: type, optim: str, args: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     raw = parse_optim_args(getattr(args, "optim_args", None))
@@ -232,19 +240,27 @@ def _galore_kwargs(cls: type, optim: str, args: Any) -> tuple[dict[str, Any], di
 def _check_layerwise(optim: str, args: Any) -> None:
     gas = int(getattr(args, "gradient_accumulation_steps", 1) or 1)
     if gas != 1:
-        raise ValueError(f"optim={optim!r} steps each parameter inside backward, so it cannot accumulate gradients "
-                         f"over micro-batches; got gradient_accumulation_steps={gas}. Use 1 (raise the batch size), "
-                         f"or the non-layerwise {optim.removesuffix('_layerwise')!r}.")
+        raise ValueError(
+            f"optim={optim!r} steps each parameter inside backward, so it cannot accumulate gradients "
+            f"over micro-batches; got gradient_accumulation_steps={gas}. Use 1 (raise the batch size), "
+            f"or the non-layerwise {optim.removesuffix('_layerwise')!r}."
+        )
     world = int(getattr(args, "world_size", 1) or 1)
     if world > 1:
-        raise ValueError(f"optim={optim!r} is not supported under DDP/FSDP (world_size={world}): the hooks "
-                                  f"would step before gradients are all-reduced. Use the non-layerwise variant.")
+        raise ValueError(
+            f"optim={optim!r} is not supported under DDP/FSDP (world_size={world}): the hooks "
+            f"would step before gradients are all-reduced. Use the non-layerwise variant."
+        )
     if getattr(args, "fp16", False):
-        raise ValueError(f"optim={optim!r} cannot run with fp16 loss scaling (the step would use scaled, "
-                         f"unchecked gradients); use bf16 or fp32")
+        raise ValueError(
+            f"optim={optim!r} cannot run with fp16 loss scaling (the step would use scaled, "
+            f"unchecked gradients); use bf16 or fp32"
+        )
     if float(getattr(args, "max_grad_norm", 0.0) or 0.0) > 0:
-        warn_once(f"fastft: optim={optim!r} steps before the Trainer's gradient clipping; max_grad_norm is ignored",
-                  key="layerwise-clip")
+        warn_once(
+            f"fastft: optim={optim!r} steps before the Trainer's gradient clipping; max_grad_norm is ignored",
+            key="layerwise-clip",
+        )
 
 
 def create_optimizer(model: nn.Module, args: Any) -> torch.optim.Optimizer:
@@ -278,12 +294,17 @@ def create_optimizer(model: nn.Module, args: Any) -> torch.optim.Optimizer:
                 if g["name"] == "embedding":
                     g["optim_bits"] = embedding_bits
         if not any(g["name"] == "galore" for g in groups):
-            raise ValueError(f"optim_target_modules={args.optim_target_modules!r} matched only embedding weights; "
-                             f"GaLore has nothing to project")
+            raise ValueError(
+                f"optim_target_modules={args.optim_target_modules!r} matched only embedding weights; "
+                f"GaLore has nothing to project"
+            )
         opt = cls(groups, layerwise=layerwise, **base)
         n_gal = sum(len(g["params"]) for g in groups if g["name"] == "galore")
-        info_once(f"fastft: {cls.__name__} (layerwise={layerwise}) on {n_gal} projected weights, rank "
-                  f"{galore['rank']}, gap {galore['update_proj_gap']}, proj {galore['proj_type']}", key=f"opt-{optim}")
+        info_once(
+            f"fastft: {cls.__name__} (layerwise={layerwise}) on {n_gal} projected weights, rank "
+            f"{galore['rank']}, gap {galore['update_proj_gap']}, proj {galore['proj_type']}",
+            key=f"opt-{optim}",
+        )
         return opt
 
     from transformers import Trainer
@@ -294,12 +315,15 @@ def create_optimizer(model: nn.Module, args: Any) -> torch.optim.Optimizer:
     kwargs = dict(kwargs)
     if is_optimizer_factory(cls) or "optimizer_dict" in kwargs or "params" in kwargs or "model" in kwargs:
         # Optimizers that build their own param split (Muon/Dion factories, LOMO, APOLLO, ...): theirs wins.
-        raise ValueError(f"optim={optim!r} builds its own parameter groups in transformers; use the stock Trainer "
-                         f"create_optimizer for it (fastft.create_optimizer handles the adam/adafactor/bnb family "
-                         f"and GaLore)")
+        raise ValueError(
+            f"optim={optim!r} builds its own parameter groups in transformers; use the stock Trainer "
+            f"create_optimizer for it (fastft.create_optimizer handles the adam/adafactor/bnb family "
+            f"and GaLore)"
+        )
     if kwargs.get("is_paged") and not torch.cuda.is_available():
-        warn_once(f"fastft: {optim} needs CUDA paged memory; no CUDA device, so using the non-paged optimizer",
-                  key="paged-cpu")
+        warn_once(
+            f"fastft: {optim} needs CUDA paged memory; no CUDA device, so using the non-paged optimizer", key="paged-cpu"
+        )
         kwargs["is_paged"] = False
     opt = cls(groups, **kwargs)
     if "bitsandbytes" in str(cls) and kwargs.get("optim_bits") == 8:
@@ -311,6 +335,8 @@ def create_optimizer(model: nn.Module, args: Any) -> torch.optim.Optimizer:
         for module in model.modules():
             if isinstance(module, nn.Embedding) and module.weight.requires_grad:
                 manager.register_module_override(module, "weight", {"optim_bits": 32})
-    info_once(f"fastft: {cls.__name__} for optim={optim!r} over groups "
-              f"{[(g['name'], len(g['params'])) for g in groups]}", key=f"opt-{optim}")
+    info_once(
+        f"fastft: {cls.__name__} for optim={optim!r} over groups {[(g['name'], len(g['params'])) for g in groups]}",
+        key=f"opt-{optim}",
+    )
     return opt

@@ -44,8 +44,7 @@ SVD_METHODS = ("auto", "exact", "randomized")
 #: GaLore's hyperparameters and their defaults, the one place they are declared: transformers' for its galore_*
 #: optims (rank 128, refresh every 200 steps, scale 0.25, "std" projection), plus fastft's SVD choice. The factory
 #: reads them for ``optim_args``; a param group without ``rank`` (or rank None) is a plain, unprojected group.
-GALORE_DEFAULTS: dict[str, Any] = {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std",
-                                   "svd": "auto"}
+GALORE_DEFAULTS: dict[str, Any] = {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std", "svd": "auto"}
 _OVERSAMPLE = 8
 _POWER_ITERS = 2
 
@@ -53,6 +52,7 @@ _POWER_ITERS = 2
 # ----------------------------------------------------------------------------------------------------------------------
 # Orthonormal bases
 # ----------------------------------------------------------------------------------------------------------------------
+
 
 def _randomized_left_basis(a: torch.Tensor, rank: int, seed: int) -> torch.Tensor:
     """Top-``rank`` left singular vectors of fp32 ``a`` (m x n) by a randomized range finder; returns (m, rank)."""
@@ -104,9 +104,14 @@ class GaLoreProjector:
     before the increment, so the first step always builds a basis).
     """
 
-    def __init__(self, rank: int, update_proj_gap: int = GALORE_DEFAULTS["update_proj_gap"],
-                 scale: float = GALORE_DEFAULTS["scale"], proj_type: str = GALORE_DEFAULTS["proj_type"],
-                 svd: str = GALORE_DEFAULTS["svd"]) -> None:
+    def __init__(
+        self,
+        rank: int,
+        update_proj_gap: int = GALORE_DEFAULTS["update_proj_gap"],
+        scale: float = GALORE_DEFAULTS["scale"],
+        proj_type: str = GALORE_DEFAULTS["proj_type"],
+        svd: str = GALORE_DEFAULTS["svd"],
+    ) -> None:
         if proj_type not in PROJ_TYPES:
             raise ValueError(f"GaLore proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
         if svd not in SVD_METHODS:
@@ -119,9 +124,11 @@ class GaLoreProjector:
     def effective_rank(self, shape: torch.Size) -> int:
         limit = min(shape)
         if self.rank > limit:
-            warn_once(f"fastft GaLore: rank {self.rank} > min{tuple(shape)} = {limit}; clamped to {limit} "
-                      f"(the projection then keeps the full subspace and saves no memory on this weight)",
-                      key=f"galore-clamp-{self.rank}-{tuple(shape)}")
+            warn_once(
+                f"fastft GaLore: rank {self.rank} > min{tuple(shape)} = {limit}; clamped to {limit} "
+                f"(the projection then keeps the full subspace and saves no memory on this weight)",
+                key=f"galore-clamp-{self.rank}-{tuple(shape)}",
+            )
             return limit
         return self.rank
 
@@ -162,11 +169,17 @@ class GaLoreProjector:
             except (torch.linalg.LinAlgError, RuntimeError) as err:
                 basis = None
                 if not first:
-                    warn_once(f"fastft GaLore: SVD failed at step {step} for a {tuple(grad.shape)} gradient "
-                              f"({err}); keeping the previous projector", key="galore-svd-failed")
+                    warn_once(
+                        f"fastft GaLore: SVD failed at step {step} for a {tuple(grad.shape)} gradient "
+                        f"({err}); keeping the previous projector",
+                        key="galore-svd-failed",
+                    )
                 else:  # no previous basis: any orthonormal basis keeps training finite until the next refresh
-                    warn_once(f"fastft GaLore: SVD failed on the first step for a {tuple(grad.shape)} gradient "
-                              f"({err}); using a fallback basis until the next refresh", key="galore-svd-failed")
+                    warn_once(
+                        f"fastft GaLore: SVD failed on the first step for a {tuple(grad.shape)} gradient "
+                        f"({err}); using a fallback basis until the next refresh",
+                        key="galore-svd-failed",
+                    )
                     try:
                         basis = orthogonal_basis(torch.nan_to_num(grad), r, side, "randomized", seed=step + 1)
                         if not torch.isfinite(basis).all():
@@ -223,8 +236,9 @@ class _GaLoreBase(torch.optim.Optimizer):
             self.enable_layerwise()
 
     # -- per-parameter protocol implemented by subclasses ----------------------------------------------------------
-    def _init_param_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any],
-                          shape: tuple[int, ...]) -> None:
+    def _init_param_state(
+        self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any], shape: tuple[int, ...]
+    ) -> None:
         raise NotImplementedError
 
     def _unit_update(self, r: torch.Tensor, group: dict[str, Any], state: dict[str, Any], step: int) -> torch.Tensor:
@@ -262,8 +276,9 @@ class _GaLoreBase(torch.optim.Optimizer):
 
     def state_bytes(self) -> int:
         """Bytes held by all state tensors (projectors included)."""
-        return sum(v.numel() * v.element_size() for s in self.state.values() for v in s.values()
-                   if isinstance(v, torch.Tensor))
+        return sum(
+            v.numel() * v.element_size() for s in self.state.values() for v in s.values() if isinstance(v, torch.Tensor)
+        )
 
     # -- stepping --------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -371,11 +386,18 @@ class GaLoreAdamW(_GaLoreBase):
     tests/optim/test_galore_reference.py compares step by step with galore-torch.
     """
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, layerwise: bool = False, **galore: Any) -> None:
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        layerwise: bool = False,
+        **galore: Any,
+    ) -> None:
         _check_common(lr, weight_decay)
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **galore),
-                         layerwise)
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **galore), layerwise)
 
     def _init_param_state(self, p, group, state, shape):
         state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
@@ -430,9 +452,17 @@ class GaLoreAdamW8bit(GaLoreAdamW):
     def _decay_after_step(self, group):
         return group["rank"] is not None  # projected weights after the step (galore-torch), plain ones before (bnb)
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, layerwise: bool = False, min_8bit_size: int = 4096,
-                 **galore: Any) -> None:
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        layerwise: bool = False,
+        min_8bit_size: int = 4096,
+        **galore: Any,
+    ) -> None:
         import bitsandbytes.functional  # noqa: F401  (fail at construction if bitsandbytes is missing)
 
         self.min_8bit_size = int(min_8bit_size)
@@ -465,8 +495,9 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         out = []
         for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
             q = state[name]
-            deq = dequantize_blockwise(q.reshape(-1), absmax=state[name + "_absmax"], code=self._code(q.device, signed),
-                                       blocksize=self.BLOCKSIZE)
+            deq = dequantize_blockwise(
+                q.reshape(-1), absmax=state[name + "_absmax"], code=self._code(q.device, signed), blocksize=self.BLOCKSIZE
+            )
             out.append(deq.reshape(q.shape).float())
         return out[0], out[1]
 
@@ -476,8 +507,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         from bitsandbytes.functional import quantize_blockwise
 
         for name, signed, value in (("exp_avg", True, exp_avg), ("exp_avg_sq", False, exp_avg_sq)):
-            q, qs = quantize_blockwise(value.reshape(-1), code=self._code(value.device, signed),
-                                       blocksize=self.BLOCKSIZE)
+            q, qs = quantize_blockwise(value.reshape(-1), code=self._code(value.device, signed), blocksize=self.BLOCKSIZE)
             state[name].copy_(q.reshape(state[name].shape))
             state[name + "_absmax"].copy_(qs.absmax)
 
@@ -493,12 +523,32 @@ class GaLoreAdafactor(_GaLoreBase):
 
     _update_includes_lr = True
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, eps: tuple[float, float] = (1e-30, 1e-3),
-                 clip_threshold: float = 1.0, decay_rate: float = -0.8, beta1: float | None = None,
-                 weight_decay: float = 0.0, layerwise: bool = False, **galore: Any) -> None:
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        beta1: float | None = None,
+        weight_decay: float = 0.0,
+        layerwise: bool = False,
+        **galore: Any,
+    ) -> None:
         _check_common(lr, weight_decay)
-        super().__init__(params, dict(lr=lr, eps=tuple(eps), clip_threshold=clip_threshold, decay_rate=decay_rate,
-                                      beta1=beta1, weight_decay=weight_decay, **galore), layerwise)
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                eps=tuple(eps),
+                clip_threshold=clip_threshold,
+                decay_rate=decay_rate,
+                beta1=beta1,
+                weight_decay=weight_decay,
+                **galore,
+            ),
+            layerwise,
+        )
 
     def _init_param_state(self, p, group, state, shape):
         kw = dict(dtype=torch.float32, device=p.device)

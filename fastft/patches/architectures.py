@@ -68,71 +68,177 @@ class Architecture:
     experts_class: str | None = None
 
 
-_OLMO2_NORM = ("rms_norm", "its RMSNorm multiplies the weight in fp32 before casting back; fastft's kernel casts "
-               "first (Llama) or scales by 1 + weight (Gemma), which rounds differently in half precision")
-_GPT_OSS_ROPE = ("rope", "gpt-oss passes half-width cos/sin and rotates the head's two halves itself; fastft's RoPE "
-                 "kernel takes full-width cos/sin")
-_GLM4_ROPE = ("rope", "GLM-4 rotates interleaved pairs of a partial rotary slice; fastft's RoPE kernel rotates "
-              "the two halves of the whole head")
-_GEMMA4_NORM = ("rms_norm", "Gemma 4's RMSNorm multiplies the weight in fp32 before casting back (OLMo 2's style, "
-                "neither fastft style), and its v_norm has no weight at all")
-_GEMMA4_ROPE = ("rope", "Gemma 4's apply_rotary_pos_emb rotates one tensor per call (x, cos, sin), with proportional "
-                "partial RoPE on global layers; fastft's RoPE kernel takes q and k together")
+_OLMO2_NORM = (
+    "rms_norm",
+    "its RMSNorm multiplies the weight in fp32 before casting back; fastft's kernel casts "
+    "first (Llama) or scales by 1 + weight (Gemma), which rounds differently in half precision",
+)
+_GPT_OSS_ROPE = (
+    "rope",
+    "gpt-oss passes half-width cos/sin and rotates the head's two halves itself; fastft's RoPE "
+    "kernel takes full-width cos/sin",
+)
+_GLM4_ROPE = (
+    "rope",
+    "GLM-4 rotates interleaved pairs of a partial rotary slice; fastft's RoPE kernel rotates "
+    "the two halves of the whole head",
+)
+_GEMMA4_NORM = (
+    "rms_norm",
+    "Gemma 4's RMSNorm multiplies the weight in fp32 before casting back (OLMo 2's style, "
+    "neither fastft style), and its v_norm has no weight at all",
+)
+_GEMMA4_ROPE = (
+    "rope",
+    "Gemma 4's apply_rotary_pos_emb rotates one tensor per call (x, cos, sin), with proportional "
+    "partial RoPE on global layers; fastft's RoPE kernel takes q and k together",
+)
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     row.model_type: row
     for row in [
-        Architecture("llama", "transformers.models.llama.modeling_llama", "LlamaRMSNorm", "llama", "LlamaMLP",
-                     "hidden_act"),
-        Architecture("mistral", "transformers.models.mistral.modeling_mistral", "MistralRMSNorm", "llama",
-                     "MistralMLP", "hidden_act"),
-        Architecture("qwen2", "transformers.models.qwen2.modeling_qwen2", "Qwen2RMSNorm", "llama", "Qwen2MLP",
-                     "hidden_act"),
-        Architecture("qwen3", "transformers.models.qwen3.modeling_qwen3", "Qwen3RMSNorm", "llama", "Qwen3MLP",
-                     "hidden_act"),
-        Architecture("gemma", "transformers.models.gemma.modeling_gemma", "GemmaRMSNorm", "gemma", "GemmaMLP",
-                     "hidden_activation"),
-        Architecture("gemma2", "transformers.models.gemma2.modeling_gemma2", "Gemma2RMSNorm", "gemma", "Gemma2MLP",
-                     "hidden_activation", final_logit_softcapping_field="final_logit_softcapping"),
+        Architecture("llama", "transformers.models.llama.modeling_llama", "LlamaRMSNorm", "llama", "LlamaMLP", "hidden_act"),
+        Architecture(
+            "mistral", "transformers.models.mistral.modeling_mistral", "MistralRMSNorm", "llama", "MistralMLP", "hidden_act"
+        ),
+        Architecture("qwen2", "transformers.models.qwen2.modeling_qwen2", "Qwen2RMSNorm", "llama", "Qwen2MLP", "hidden_act"),
+        Architecture("qwen3", "transformers.models.qwen3.modeling_qwen3", "Qwen3RMSNorm", "llama", "Qwen3MLP", "hidden_act"),
+        Architecture(
+            "gemma", "transformers.models.gemma.modeling_gemma", "GemmaRMSNorm", "gemma", "GemmaMLP", "hidden_activation"
+        ),
+        Architecture(
+            "gemma2",
+            "transformers.models.gemma2.modeling_gemma2",
+            "Gemma2RMSNorm",
+            "gemma",
+            "Gemma2MLP",
+            "hidden_activation",
+            final_logit_softcapping_field="final_logit_softcapping",
+        ),
         # Phi-3 / 3.5 / 4: fused qkv_proj (attention untouched) and gate_up_proj, split by the MLP patch.
-        Architecture("phi3", "transformers.models.phi3.modeling_phi3", "Phi3RMSNorm", "llama", "Phi3MLP",
-                     "hidden_act", mlp_style="gate_up"),
+        Architecture(
+            "phi3",
+            "transformers.models.phi3.modeling_phi3",
+            "Phi3RMSNorm",
+            "llama",
+            "Phi3MLP",
+            "hidden_act",
+            mlp_style="gate_up",
+        ),
         # Gemma 3 text: q/k norms and the four norms per layer are Gemma3RMSNorm instances; sliding and global
         # layers share apply_rotary_pos_emb (different cos/sin); the embedding scale stays in transformers' code.
-        Architecture("gemma3_text", "transformers.models.gemma3.modeling_gemma3", "Gemma3RMSNorm", "gemma",
-                     "Gemma3MLP", "hidden_activation", final_logit_softcapping_field="final_logit_softcapping"),
-        Architecture("olmo2", "transformers.models.olmo2.modeling_olmo2", "Olmo2RMSNorm", "llama", "Olmo2MLP",
-                     "hidden_act", unfused=(_OLMO2_NORM,)),
-        Architecture("olmo3", "transformers.models.olmo3.modeling_olmo3", "Olmo3RMSNorm", "llama", "Olmo3MLP",
-                     "hidden_act", unfused=(_OLMO2_NORM,)),
+        Architecture(
+            "gemma3_text",
+            "transformers.models.gemma3.modeling_gemma3",
+            "Gemma3RMSNorm",
+            "gemma",
+            "Gemma3MLP",
+            "hidden_activation",
+            final_logit_softcapping_field="final_logit_softcapping",
+        ),
+        Architecture(
+            "olmo2",
+            "transformers.models.olmo2.modeling_olmo2",
+            "Olmo2RMSNorm",
+            "llama",
+            "Olmo2MLP",
+            "hidden_act",
+            unfused=(_OLMO2_NORM,),
+        ),
+        Architecture(
+            "olmo3",
+            "transformers.models.olmo3.modeling_olmo3",
+            "Olmo3RMSNorm",
+            "llama",
+            "Olmo3MLP",
+            "hidden_act",
+            unfused=(_OLMO2_NORM,),
+        ),
         # Granite: embedding / residual / attention multipliers stay in transformers' forwards; logits_scaling
         # divides the logits, so the fused loss head applies it.
-        Architecture("granite", "transformers.models.granite.modeling_granite", "GraniteRMSNorm", "llama",
-                     "GraniteMLP", "hidden_act", logit_divisor_field="logits_scaling"),
+        Architecture(
+            "granite",
+            "transformers.models.granite.modeling_granite",
+            "GraniteRMSNorm",
+            "llama",
+            "GraniteMLP",
+            "hidden_act",
+            logit_divisor_field="logits_scaling",
+        ),
         # SmolLM3: attention skips apply_rotary_pos_emb on its no-RoPE layers; nothing else differs here.
-        Architecture("smollm3", "transformers.models.smollm3.modeling_smollm3", "SmolLM3RMSNorm", "llama",
-                     "SmolLM3MLP", "hidden_act"),
-        Architecture("glm4", "transformers.models.glm4.modeling_glm4", "Glm4RMSNorm", "llama", "Glm4MLP",
-                     "hidden_act", mlp_style="gate_up", unfused=(_GLM4_ROPE,)),
-        Architecture("ministral", "transformers.models.ministral.modeling_ministral", "MinistralRMSNorm", "llama",
-                     "MinistralMLP", "hidden_act"),
-        Architecture("ministral3", "transformers.models.ministral3.modeling_ministral3", "Ministral3RMSNorm",
-                     "llama", "Ministral3MLP", "hidden_act"),
+        Architecture(
+            "smollm3", "transformers.models.smollm3.modeling_smollm3", "SmolLM3RMSNorm", "llama", "SmolLM3MLP", "hidden_act"
+        ),
+        Architecture(
+            "glm4",
+            "transformers.models.glm4.modeling_glm4",
+            "Glm4RMSNorm",
+            "llama",
+            "Glm4MLP",
+            "hidden_act",
+            mlp_style="gate_up",
+            unfused=(_GLM4_ROPE,),
+        ),
+        Architecture(
+            "ministral",
+            "transformers.models.ministral.modeling_ministral",
+            "MinistralRMSNorm",
+            "llama",
+            "MinistralMLP",
+            "hidden_act",
+        ),
+        Architecture(
+            "ministral3",
+            "transformers.models.ministral3.modeling_ministral3",
+            "Ministral3RMSNorm",
+            "llama",
+            "Ministral3MLP",
+            "hidden_act",
+        ),
         # MoE: the experts stack runs the grouped GEMM; router, aux loss and the block's forward stay transformers'.
-        Architecture("qwen3_moe", "transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeRMSNorm", "llama",
-                     "Qwen3MoeMLP", "hidden_act", experts_class="Qwen3MoeExperts"),
-        Architecture("mixtral", "transformers.models.mixtral.modeling_mixtral", "MixtralRMSNorm", "llama", None,
-                     "hidden_act", experts_class="MixtralExperts"),
-        Architecture("gpt_oss", "transformers.models.gpt_oss.modeling_gpt_oss", "GptOssRMSNorm", "llama", None,
-                     "hidden_act", unfused=(_OLMO2_NORM, _GPT_OSS_ROPE), experts_class="GptOssExperts"),
+        Architecture(
+            "qwen3_moe",
+            "transformers.models.qwen3_moe.modeling_qwen3_moe",
+            "Qwen3MoeRMSNorm",
+            "llama",
+            "Qwen3MoeMLP",
+            "hidden_act",
+            experts_class="Qwen3MoeExperts",
+        ),
+        Architecture(
+            "mixtral",
+            "transformers.models.mixtral.modeling_mixtral",
+            "MixtralRMSNorm",
+            "llama",
+            None,
+            "hidden_act",
+            experts_class="MixtralExperts",
+        ),
+        Architecture(
+            "gpt_oss",
+            "transformers.models.gpt_oss.modeling_gpt_oss",
+            "GptOssRMSNorm",
+            "llama",
+            None,
+            "hidden_act",
+            unfused=(_OLMO2_NORM, _GPT_OSS_ROPE),
+            experts_class="GptOssExperts",
+        ),
         # Gemma 4 text (Gemma4ForCausalLM): the dense MLP (double-wide on KV-shared layers; built per layer index) and
         # the softcapped loss head are patched. Per-layer embeddings, KV sharing, k == v global layers and the
         # embedding scale stay in transformers' code; so does the MoE block of the 26B-A4B (enable_moe_block),
         # whose router and experts are Gemma 4's own classes.
-        Architecture("gemma4_text", "transformers.models.gemma4.modeling_gemma4", "Gemma4RMSNorm", "llama",
-                     "Gemma4TextMLP", "hidden_activation", final_logit_softcapping_field="final_logit_softcapping",
-                     unfused=(_GEMMA4_NORM, _GEMMA4_ROPE)),
+        Architecture(
+            "gemma4_text",
+            "transformers.models.gemma4.modeling_gemma4",
+            "Gemma4RMSNorm",
+            "llama",
+            "Gemma4TextMLP",
+            "hidden_activation",
+            final_logit_softcapping_field="final_logit_softcapping",
+            unfused=(_GEMMA4_NORM, _GEMMA4_ROPE),
+        ),
     ]
 }
 
@@ -223,8 +329,10 @@ def _make_rope(original):
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
         # Cover the layout every listed architecture uses; hand anything else to the original, unchanged.
         if unsqueeze_dim != 1 or cos.dim() != 3 or cos.shape[-1] != q.shape[-1] or k.shape[-1] != q.shape[-1]:
-            info_once(f"fastft: RoPE call outside the fused layout (unsqueeze_dim={unsqueeze_dim}, cos {tuple(cos.shape)}, "
-                      f"q {tuple(q.shape)}); using transformers' apply_rotary_pos_emb for it")
+            info_once(
+                f"fastft: RoPE call outside the fused layout (unsqueeze_dim={unsqueeze_dim}, cos {tuple(cos.shape)}, "
+                f"q {tuple(q.shape)}); using transformers' apply_rotary_pos_emb for it"
+            )
             return original(q, k, cos, sin, unsqueeze_dim)
         return apply_rope(q, k, cos, sin)
 
@@ -289,15 +397,25 @@ def _make_causal_lm_forward(original_forward, moe_modeling: Any = None):
             arguments["output_router_logits"] = self.config.output_router_logits if wanted is None else wanted
         outputs = getattr(self, self.base_model_prefix)(**arguments)
         hidden = outputs.last_hidden_state
-        loss = lm_head_loss(self, hidden, labels if shift_labels is None else shift_labels,
-                            shift=shift_labels is None, ignore_index=ignore_index, reduction="mean", n_items=n_items)
-        info_once("fastft: training loss computed from hidden states with linear_cross_entropy; logits are not "
-                  "materialized (outputs.logits is None in training mode with labels)")
+        loss = lm_head_loss(
+            self,
+            hidden,
+            labels if shift_labels is None else shift_labels,
+            shift=shift_labels is None,
+            ignore_index=ignore_index,
+            reduction="mean",
+            n_items=n_items,
+        )
+        info_once(
+            "fastft: training loss computed from hidden states with linear_cross_entropy; logits are not "
+            "materialized (outputs.logits is None in training mode with labels)"
+        )
         if moe_modeling is not None:
             from fastft.patches.moe import router_aux_output
 
-            return router_aux_output(self, moe_modeling, outputs, loss, arguments.get("attention_mask"),
-                                     bool(arguments["output_router_logits"]))
+            return router_aux_output(
+                self, moe_modeling, outputs, loss, arguments.get("attention_mask"), bool(arguments["output_router_logits"])
+            )
         # The backbone's cache / hidden states / attentions, under whatever names this release gives them.
         passed = {name: value for name, value in outputs.items() if name in output_fields and name != "logits"}
         return CausalLMOutputWithPast(loss=loss, logits=None, **passed)
@@ -382,8 +500,7 @@ def _mlp_contract(mlp_cls: type, config: Any, forward: Any, mlp_once: Any) -> st
     small = copy.deepcopy(config)
     small.hidden_size, small.intermediate_size = 16, 24
     parameters = list(inspect.signature(mlp_cls.__init__).parameters.values())[2:]  # after self, config
-    required = [p.name for p in parameters if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD,
-                                                                                  p.KEYWORD_ONLY)]
+    required = [p.name for p in parameters if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     unknown = [name for name in required if name not in _MLP_PROBE_ARGUMENTS]
     if unknown:
         return f"{mlp_cls.__name__}(config, ...) also needs {unknown}; the probe cannot build an instance"
@@ -419,8 +536,9 @@ class PatchReport:
         if not self.supported:
             return f"fastft: model_type {self.model_type!r} is not in the architecture table; loaded unpatched"
         skipped = [f"{name} ({self.reasons[name]})" if name in self.reasons else name for name in self.skipped]
-        return (f"fastft: {self.model_type}: patched {', '.join(self.applied) or 'nothing'}"
-                + (f"; left unpatched: {', '.join(skipped)}" if skipped else ""))
+        return f"fastft: {self.model_type}: patched {', '.join(self.applied) or 'nothing'}" + (
+            f"; left unpatched: {', '.join(skipped)}" if skipped else ""
+        )
 
 
 #: modeling module -> its RoPE Patch (module-level patches are shared by every model of that architecture)
@@ -466,8 +584,14 @@ def patch_model(model: nn.Module, *, tiled_mlp: bool | int = False) -> PatchRepo
     rope = _MODULE_PATCHES.get(row.module)
     if rope is None and "rope" not in unfused:
         rope = _MODULE_PATCHES[row.module] = Patch(
-            f"{model_type} rotary embedding", modeling, row.rope_function, _make_rope, wrap=True,
-            tested=("transformers",), guard=_rope_contract)
+            f"{model_type} rotary embedding",
+            modeling,
+            row.rope_function,
+            _make_rope,
+            wrap=True,
+            tested=("transformers",),
+            guard=_rope_contract,
+        )
     if "rope" in unfused:
         report.record("rope", False, unfused["rope"])
     else:
@@ -533,8 +657,9 @@ def patch_model(model: nn.Module, *, tiled_mlp: bool | int = False) -> PatchRepo
 
             problem = router_aux_contract(lm, modeling)
         replacement = None if problem else types.MethodType(_make_causal_lm_forward(original, moe_modeling), lm)
-        loss_patch = Patch(f"{model_type} causal-LM loss", lm, "forward", replacement, tested=("transformers",),
-                           guard=lambda _: problem)
+        loss_patch = Patch(
+            f"{model_type} causal-LM loss", lm, "forward", replacement, tested=("transformers",), guard=lambda _: problem
+        )
         report.record("fused_loss", loss_patch.apply(), loss_patch.problem)
     logger.info(str(report))
     model._fastft_patch_report = report

@@ -135,8 +135,9 @@ class Patch:
         for package in self.tested:
             note = untested_note(package)
             if note:
-                info_once(f"fastft: {note}; patches whose contract holds are applied (untested release)",
-                          key=f"untested:{package}")
+                info_once(
+                    f"fastft: {note}; patches whose contract holds are applied (untested release)", key=f"untested:{package}"
+                )
         self._owner_obj = owner
         self._original = original
         self._had_own = _has_own(owner, self.attribute)
@@ -150,8 +151,10 @@ class Patch:
     def _skip(self, problem: str) -> bool:
         self.problem = problem
         _SKIPPED[self.name] = problem
-        warn_once(f"fastft: not applying '{self.name}' ({problem}); that piece stays unpatched and runs as upstream "
-                  "wrote it", key=f"skip:{self.name}")
+        warn_once(
+            f"fastft: not applying '{self.name}' ({problem}); that piece stays unpatched and runs as upstream wrote it",
+            key=f"skip:{self.name}",
+        )
         return False
 
     def revert(self) -> None:
@@ -190,7 +193,8 @@ def _has_own(owner: Any, attribute: str) -> bool:
         return attribute in vars(owner)
     # nn.Module keeps submodules/parameters/buffers in its own dicts, not in __dict__
     return attribute in getattr(owner, "__dict__", {}) or any(
-        attribute in getattr(owner, store, {}) for store in ("_modules", "_parameters", "_buffers"))
+        attribute in getattr(owner, store, {}) for store in ("_modules", "_parameters", "_buffers")
+    )
 
 
 def _own_or_inherited(owner: Any, attribute: str) -> Any:

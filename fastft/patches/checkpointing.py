@@ -158,8 +158,10 @@ def enable_checkpointing(model: torch.nn.Module, mode: bool | str) -> str:
         _require_input_grads(base)
         return "fastft (offloaded to pinned host memory)"
     if mode in ("fastft", "unsloth"):
-        info_once("fastft: offloaded checkpointing frees GPU memory; the model is not on CUDA, so standard gradient "
-                  "checkpointing runs instead")
+        info_once(
+            "fastft: offloaded checkpointing frees GPU memory; the model is not on CUDA, so standard gradient "
+            "checkpointing runs instead"
+        )
     base._set_gradient_checkpointing(True, functools.partial(checkpoint, use_reentrant=False))
     return "standard"
 

@@ -79,9 +79,17 @@ class HostEmbedding(nn.Module):
         for key, value in self.inner.state_dict(keep_vars=keep_vars).items():
             destination[prefix + key] = value
 
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
-                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
-        own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    def _load_from_state_dict(
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list,
+        unexpected_keys: list,
+        error_msgs: list,
+    ) -> None:
+        own = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
         result = self.inner.load_state_dict(own, strict=False)
         missing_keys.extend(prefix + k for k in result.missing_keys)
 
@@ -127,19 +135,29 @@ def offload_input_embeddings(model: nn.Module, host: torch.device | str = "cpu")
     embedding = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
     reason = _refusal(base, embedding)
     if reason is not None:
-        logger.warning("fastft: input embedding stays on %s: %s",
-                       getattr(getattr(embedding, "weight", None), "device", "its device"), reason)
+        logger.warning(
+            "fastft: input embedding stays on %s: %s",
+            getattr(getattr(embedding, "weight", None), "device", "its device"),
+            reason,
+        )
         return reason
     if isinstance(embedding, HostEmbedding):
         return None
     owner, attribute = _parent_of(base, embedding)
     nbytes = embedding.weight.numel() * embedding.weight.element_size()
-    patch = _EmbeddingOffload(f"input embedding -> host memory ({type(base).__name__})", owner, attribute,
-                              replacement=lambda original: HostEmbedding(original, host), wrap=True)
+    patch = _EmbeddingOffload(
+        f"input embedding -> host memory ({type(base).__name__})",
+        owner,
+        attribute,
+        replacement=lambda original: HostEmbedding(original, host),
+        wrap=True,
+    )
     if not patch.apply():
         return "the patch could not be applied (see the warning above)"
-    logger.info("fastft: input embedding (%.2f GB) kept in host memory; rows gathered on the host and copied to "
-                "the GPU each step", nbytes / 1e9)
+    logger.info(
+        "fastft: input embedding (%.2f GB) kept in host memory; rows gathered on the host and copied to the GPU each step",
+        nbytes / 1e9,
+    )
     return None
 
 

@@ -102,9 +102,18 @@ def next_token_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.T
     return nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
 
 
-def lm_head_loss(head: Any, hidden: torch.Tensor, labels: torch.Tensor, *, shift: bool = True, ignore_index: int = -100,
-                 reduction: str = "mean", n_items: int | torch.Tensor | None = None, label_smoothing: float = 0.0,
-                 return_token_stats: bool = False) -> Any:
+def lm_head_loss(
+    head: Any,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    shift: bool = True,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    n_items: int | torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    return_token_stats: bool = False,
+) -> Any:
     """Cross-entropy of ``head(hidden)`` against ``labels`` without building the logits.
 
     Args:
@@ -121,14 +130,24 @@ def lm_head_loss(head: Any, hidden: torch.Tensor, labels: torch.Tensor, *, shift
     head = _as_head(head)
     if shift:
         labels = next_token_labels(labels, ignore_index)
-    return linear_cross_entropy(hidden, head.weight, labels.to(hidden.device), bias=head.bias,
-                                ignore_index=ignore_index, softcap=head.softcap, logit_scale=head.scale,
-                                reduction=reduction, n_items=n_items, label_smoothing=label_smoothing,
-                                return_token_stats=return_token_stats)
+    return linear_cross_entropy(
+        hidden,
+        head.weight,
+        labels.to(hidden.device),
+        bias=head.bias,
+        ignore_index=ignore_index,
+        softcap=head.softcap,
+        logit_scale=head.scale,
+        reduction=reduction,
+        n_items=n_items,
+        label_smoothing=label_smoothing,
+        return_token_stats=return_token_stats,
+    )
 
 
-def lm_head_log_probs(head: Any, hidden: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
-                      return_entropy: bool = False) -> Any:
+def lm_head_log_probs(
+    head: Any, hidden: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0, return_entropy: bool = False
+) -> Any:
     """log p(targets) (and the entropy) fp32 ``[N]`` for compacted hidden ``[N, H]`` (scored tokens only).
 
     One chunked ``selective_log_softmax`` call; gradient flows to ``hidden`` and the head. ``hidden`` is cast to
@@ -143,9 +162,16 @@ def lm_head_log_probs(head: Any, hidden: torch.Tensor, targets: torch.Tensor, *,
     if hidden.dtype != head.weight.dtype:
         hidden = hidden.to(head.weight.dtype)
     # The op takes [B, T, H]; the compacted valid tokens are one "sequence" of length N.
-    result = kernels.selective_log_softmax(hidden.unsqueeze(0), head.weight, targets.unsqueeze(0), bias=head.bias,
-                                           temperature=temperature, logit_scale=head.scale, softcap=head.softcap,
-                                           return_entropy=return_entropy)
+    result = kernels.selective_log_softmax(
+        hidden.unsqueeze(0),
+        head.weight,
+        targets.unsqueeze(0),
+        bias=head.bias,
+        temperature=temperature,
+        logit_scale=head.scale,
+        softcap=head.softcap,
+        return_entropy=return_entropy,
+    )
     if return_entropy:
         lp, ent = result
         return lp.squeeze(0).float(), ent.squeeze(0).float()
@@ -153,8 +179,9 @@ def lm_head_log_probs(head: Any, hidden: torch.Tensor, targets: torch.Tensor, *,
 
 
 @torch.no_grad()
-def token_stats(hidden: torch.Tensor, head: HeadWeights, targets: torch.Tensor, wanted: tuple[str, ...],
-                temperature: float = 1.0) -> dict[str, torch.Tensor]:
+def token_stats(
+    hidden: torch.Tensor, head: HeadWeights, targets: torch.Tensor, wanted: tuple[str, ...], temperature: float = 1.0
+) -> dict[str, torch.Tensor]:
     """Per-token metrics of the transformed ``hidden [N, H] @ weight[V, H].T`` in row chunks, without gradient.
 
     Returns the fields of ``wanted`` among ``entropy``, ``is_top1``, ``mean_logits``, ``log_sum_sq_probs``, each
@@ -166,21 +193,22 @@ def token_stats(hidden: torch.Tensor, head: HeadWeights, targets: torch.Tensor, 
     rows = max(1, STATS_CHUNK_ELEMENTS // vocab)
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in wanted}
     for start in range(0, n, rows):
-        z = nn.functional.linear(hidden[start:start + rows].to(weight.dtype), weight, bias)
+        z = nn.functional.linear(hidden[start : start + rows].to(weight.dtype), weight, bias)
         z = transform_reference(z, head.softcap, head.scale, temperature)
         log_p = z.log_softmax(-1)
         if "entropy" in parts:
             parts["entropy"].append(-(log_p.exp() * log_p).sum(-1))
         if "is_top1" in parts:
             # argmax returns the first maximum, like TRL's "target beats every earlier token, ties every later one"
-            parts["is_top1"].append(z.argmax(-1) == targets[start:start + rows])
+            parts["is_top1"].append(z.argmax(-1) == targets[start : start + rows])
         if "mean_logits" in parts:
             parts["mean_logits"].append(z.mean(-1))
         if "log_sum_sq_probs" in parts:
             parts["log_sum_sq_probs"].append(torch.logsumexp(2 * log_p, dim=-1))
         del z, log_p
-    return {name: torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
-            for name, chunks in parts.items()}
+    return {
+        name: torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32) for name, chunks in parts.items()
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------------

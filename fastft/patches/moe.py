@@ -34,8 +34,9 @@ _NUM_EXPERT_FIELDS = ("num_experts", "num_local_experts")
 EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
 
 
-def _experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                     top_k_weights: torch.Tensor) -> torch.Tensor:
+def _experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
     from fastft.kernels.moe import fused_experts
 
     return fused_experts(self, hidden_states, top_k_index, top_k_weights)
@@ -69,8 +70,9 @@ def experts_contract(experts_cls: type, config: Any) -> str | None:
             # experts 0 and 1 only (2 gets zero tokens), in an order that is not sorted by expert
             index = torch.tensor([[1, 0], [0, 1], [1, 0], [1, 0], [0, 1], [1, 0], [0, 1]])
             weights = torch.softmax(torch.randn(7, 2), dim=-1)
-            return _compare(experts_cls.__name__, fused_experts(probe, x, index, weights),
-                            experts_cls.forward(probe, x, index, weights))
+            return _compare(
+                experts_cls.__name__, fused_experts(probe, x, index, weights), experts_cls.forward(probe, x, index, weights)
+            )
     except (TypeError, ValueError, AttributeError, RuntimeError) as exc:
         return f"{experts_cls.__name__}: {type(exc).__name__}: {exc}"
 
@@ -88,8 +90,10 @@ def patch_experts(model: nn.Module, row: Any, modeling: Any, report: Any) -> Non
     if todo:
         problem = all_guards(lambda _: experts_contract(cls, model.config))(cls)
         if problem:
-            warn_once(f"fastft: not applying '{row.model_type} experts' ({problem}); experts run as transformers "
-                      "wrote them", key=f"skip:{row.model_type} experts")
+            warn_once(
+                f"fastft: not applying '{row.model_type} experts' ({problem}); experts run as transformers wrote them",
+                key=f"skip:{row.model_type} experts",
+            )
         else:
             for module in todo:
                 _instance_patch(f"{row.model_type} experts (grouped GEMM)", module, "forward", _experts_forward).apply()
@@ -104,8 +108,9 @@ def router_aux_contract(lm: nn.Module, modeling: Any) -> str | None:
     return f"{type(lm).__name__} lacks {missing}" if missing else None
 
 
-def router_aux_output(lm: nn.Module, modeling: Any, outputs: Any, loss: torch.Tensor, attention_mask: Any,
-                      wanted: bool) -> Any:
+def router_aux_output(
+    lm: nn.Module, modeling: Any, outputs: Any, loss: torch.Tensor, attention_mask: Any, wanted: bool
+) -> Any:
     """The MoE causal-LM output of the fused head: ``loss`` plus the router aux loss as the model adds it (when
     ``wanted``: the resolved ``output_router_logits``), logits None, the backbone's other fields passed through."""
     from transformers.modeling_outputs import MoeCausalLMOutputWithPast
@@ -126,4 +131,3 @@ def expert_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     from fastft.kernels.moe import SUPPORTED_EXPERTS
 
     return [(name, m) for name, m in model.named_modules() if type(m).__name__ in SUPPORTED_EXPERTS]
-

@@ -80,45 +80,83 @@ _OPTIMIZER_HOOK = _Hook("create_optimizer", _hook_create_optimizer)
 _INIT_HOOK = _Hook("__init__", _hook_init, ("model", "args"))
 
 _TRAINERS: dict[str, _TrainerSpec] = {
-    "SFT": _TrainerSpec("trl.trainer.sft_trainer", "SFTTrainer", (
-        _Hook("compute_loss", _hook_sft_compute_loss, ("model", "inputs", "return_outputs", "num_items_in_batch")),
-        _OPTIMIZER_HOOK, _INIT_HOOK,
-    )),
-    "DPO": _TrainerSpec("trl.trainer.dpo_trainer", "DPOTrainer", (
-        _Hook("compute_loss", _hook_per_token_head("DPO"), ("model", "inputs")),
-        _Hook("compute_ref_log_probs", _hook_per_token_head("DPO"), ("model", "inputs")),
-        _OPTIMIZER_HOOK, _INIT_HOOK,
-    )),
-    "GRPO": _TrainerSpec("trl.trainer.grpo_trainer", "GRPOTrainer", (
-        _Hook("_get_per_token_logps_and_entropies", _hook_policy_log_probs("GRPO"), ("model",)),
-        _Hook("_generate_single_turn", _hook_grpo_generation),
-        _OPTIMIZER_HOOK, _INIT_HOOK,
-    )),
+    "SFT": _TrainerSpec(
+        "trl.trainer.sft_trainer",
+        "SFTTrainer",
+        (
+            _Hook("compute_loss", _hook_sft_compute_loss, ("model", "inputs", "return_outputs", "num_items_in_batch")),
+            _OPTIMIZER_HOOK,
+            _INIT_HOOK,
+        ),
+    ),
+    "DPO": _TrainerSpec(
+        "trl.trainer.dpo_trainer",
+        "DPOTrainer",
+        (
+            _Hook("compute_loss", _hook_per_token_head("DPO"), ("model", "inputs")),
+            _Hook("compute_ref_log_probs", _hook_per_token_head("DPO"), ("model", "inputs")),
+            _OPTIMIZER_HOOK,
+            _INIT_HOOK,
+        ),
+    ),
+    "GRPO": _TrainerSpec(
+        "trl.trainer.grpo_trainer",
+        "GRPOTrainer",
+        (
+            _Hook("_get_per_token_logps_and_entropies", _hook_policy_log_probs("GRPO"), ("model",)),
+            _Hook("_generate_single_turn", _hook_grpo_generation),
+            _OPTIMIZER_HOOK,
+            _INIT_HOOK,
+        ),
+    ),
     # KTO: compute_loss covers the policy, KL and in-step reference passes; compute_ref_log_probs the precomputed one.
-    "KTO": _TrainerSpec("trl.trainer.kto_trainer", "KTOTrainer", (
-        _Hook("compute_loss", _hook_per_token_head("KTO"), ("model", "inputs")),
-        _Hook("compute_ref_log_probs", _hook_per_token_head("KTO"), ("model", "inputs")),
-        _OPTIMIZER_HOOK, _INIT_HOOK,
-    )),
+    "KTO": _TrainerSpec(
+        "trl.trainer.kto_trainer",
+        "KTOTrainer",
+        (
+            _Hook("compute_loss", _hook_per_token_head("KTO"), ("model", "inputs")),
+            _Hook("compute_ref_log_probs", _hook_per_token_head("KTO"), ("model", "inputs")),
+            _OPTIMIZER_HOOK,
+            _INIT_HOOK,
+        ),
+    ),
     # RLOO shares GRPO's log-prob method and generation seam (same arguments).
-    "RLOO": _TrainerSpec("trl.trainer.rloo_trainer", "RLOOTrainer", (
-        _Hook("_get_per_token_logps_and_entropies", _hook_policy_log_probs("RLOO"), ("model",)),
-        _Hook("_generate_single_turn", _hook_grpo_generation),
-        _OPTIMIZER_HOOK, _INIT_HOOK,
-    )),
+    "RLOO": _TrainerSpec(
+        "trl.trainer.rloo_trainer",
+        "RLOOTrainer",
+        (
+            _Hook("_get_per_token_logps_and_entropies", _hook_policy_log_probs("RLOO"), ("model",)),
+            _Hook("_generate_single_turn", _hook_grpo_generation),
+            _OPTIMIZER_HOOK,
+            _INIT_HOOK,
+        ),
+    ),
     # No lean head (see the reason): fastft's optimizer, the checkpointing rule and the step-1 summary.
-    "Reward": _TrainerSpec("trl.trainer.reward_trainer", "RewardTrainer", (_OPTIMIZER_HOOK, _INIT_HOOK), (
-        "no LM head to fuse: RewardTrainer scores a sequence-classification head (one scalar per sequence)")),
+    "Reward": _TrainerSpec(
+        "trl.trainer.reward_trainer",
+        "RewardTrainer",
+        (_OPTIMIZER_HOOK, _INIT_HOOK),
+        ("no LM head to fuse: RewardTrainer scores a sequence-classification head (one scalar per sequence)"),
+    ),
     # No fused-head seam: the method reading the full logits is replaced by a lean one (fastft.patches.trl_preference).
-    "ORPO": _TrainerSpec("trl.experimental.orpo.orpo_trainer", "ORPOTrainer", (
-        _Hook("concatenated_forward", _hook_pair_forward("ORPO"), _PAIR_FORWARD_PARAMETERS),
-        _OPTIMIZER_HOOK, _INIT_HOOK), lean_head_problem=lambda: contract_problem("ORPO")),
-    "CPO": _TrainerSpec("trl.experimental.cpo.cpo_trainer", "CPOTrainer", (
-        _Hook("concatenated_forward", _hook_pair_forward("CPO"), _PAIR_FORWARD_PARAMETERS),
-        _OPTIMIZER_HOOK, _INIT_HOOK), lean_head_problem=lambda: contract_problem("CPO")),
-    "OnlineDPO": _TrainerSpec("trl.experimental.online_dpo.online_dpo_trainer", "OnlineDPOTrainer", (
-        _Hook("_forward", _hook_online_dpo_forward, _ONLINE_DPO_FORWARD_PARAMETERS),
-        _OPTIMIZER_HOOK, _INIT_HOOK), lean_head_problem=lambda: contract_problem("OnlineDPO")),
+    "ORPO": _TrainerSpec(
+        "trl.experimental.orpo.orpo_trainer",
+        "ORPOTrainer",
+        (_Hook("concatenated_forward", _hook_pair_forward("ORPO"), _PAIR_FORWARD_PARAMETERS), _OPTIMIZER_HOOK, _INIT_HOOK),
+        lean_head_problem=lambda: contract_problem("ORPO"),
+    ),
+    "CPO": _TrainerSpec(
+        "trl.experimental.cpo.cpo_trainer",
+        "CPOTrainer",
+        (_Hook("concatenated_forward", _hook_pair_forward("CPO"), _PAIR_FORWARD_PARAMETERS), _OPTIMIZER_HOOK, _INIT_HOOK),
+        lean_head_problem=lambda: contract_problem("CPO"),
+    ),
+    "OnlineDPO": _TrainerSpec(
+        "trl.experimental.online_dpo.online_dpo_trainer",
+        "OnlineDPOTrainer",
+        (_Hook("_forward", _hook_online_dpo_forward, _ONLINE_DPO_FORWARD_PARAMETERS), _OPTIMIZER_HOOK, _INIT_HOOK),
+        lean_head_problem=lambda: contract_problem("OnlineDPO"),
+    ),
 }
 
 SUPPORTED_ALGORITHMS = tuple(_TRAINERS)
@@ -145,13 +183,28 @@ def _patches_for(algorithm: str) -> list[Patch]:
 
         _ABSENT[algorithm] = f"TRL {trl.__version__} has no {spec.module}.{spec.class_name} ({exc})"
         return []
-    patches = [Patch(name=f"trl {algorithm}: {spec.class_name}.{hook.method}", owner=cls, attribute=hook.method,
-                     replacement=hook.make, wrap=True, tested=("trl",),
-                     guard=parameters_guard(*hook.needs) if hook.needs else None)
-               for hook in spec.hooks]
+    patches = [
+        Patch(
+            name=f"trl {algorithm}: {spec.class_name}.{hook.method}",
+            owner=cls,
+            attribute=hook.method,
+            replacement=hook.make,
+            wrap=True,
+            tested=("trl",),
+            guard=parameters_guard(*hook.needs) if hook.needs else None,
+        )
+        for hook in spec.hooks
+    ]
     # Last, so it is set only when every hook went in: what patched_algorithm() reads.
-    patches.append(Patch(name=f"trl {algorithm}: {spec.class_name} marker", owner=cls, attribute="_fastft_algorithm",
-                         replacement=algorithm, create=True))
+    patches.append(
+        Patch(
+            name=f"trl {algorithm}: {spec.class_name} marker",
+            owner=cls,
+            attribute="_fastft_algorithm",
+            replacement=algorithm,
+            create=True,
+        )
+    )
     _PATCHES[algorithm] = patches
     return patches
 
@@ -177,8 +230,10 @@ def _normalize(algorithm: str) -> str:
     if key not in _KEYS:
         close = difflib.get_close_matches(key, list(_KEYS), n=1)
         hint = f"; did you mean {_KEYS[close[0]]!r}?" if close else ""
-        raise ValueError(f"PatchFastRL: unknown algorithm {algorithm!r}{hint} Supported: "
-                         f"{', '.join(SUPPORTED_ALGORITHMS)} (or None for all)")
+        raise ValueError(
+            f"PatchFastRL: unknown algorithm {algorithm!r}{hint} Supported: "
+            f"{', '.join(SUPPORTED_ALGORITHMS)} (or None for all)"
+        )
     return _KEYS[key]
 
 

@@ -30,8 +30,7 @@ def _apply_checkpointing(model: Any, args: Any) -> None:
         why = f"TRL's gradient_checkpointing={asked}"
     else:
         ran, why = model._fastft_checkpointing, "set by FastModel.get_peft_model(use_gradient_checkpointing=...)"
-    warn_once(f"fastft: gradient checkpointing: {ran or 'off'} ({why})", key=f"checkpointing:{ran}:{why}",
-              category=_Note)
+    warn_once(f"fastft: gradient checkpointing: {ran or 'off'} ({why})", key=f"checkpointing:{ran}:{why}", category=_Note)
     if asked:
         for name in flags:
             setattr(args, name, False)
@@ -60,13 +59,18 @@ def _apply_max_seq_length(model: Any, args: Any) -> None:
         default = fields["max_length"].default
         if left_default("max_length") and wanted != default:
             args.max_length = wanted
-            warn_once(f"fastft: {config}.max_length was TRL's default {default}; using FastModel's "
-                      f"max_seq_length {wanted} (set max_length to choose another)", key=f"max-length:{wanted}",
-                      category=_Note)
+            warn_once(
+                f"fastft: {config}.max_length was TRL's default {default}; using FastModel's "
+                f"max_seq_length {wanted} (set max_length to choose another)",
+                key=f"max-length:{wanted}",
+                category=_Note,
+            )
         elif args.max_length < wanted:
-            info_once(f"fastft: {config}.max_length={args.max_length} is shorter than FastModel's "
-                      f"max_seq_length {wanted}: examples are truncated to {args.max_length} tokens",
-                      key=f"max-length-short:{args.max_length}")
+            info_once(
+                f"fastft: {config}.max_length={args.max_length} is shorter than FastModel's "
+                f"max_seq_length {wanted}: examples are truncated to {args.max_length} tokens",
+                key=f"max-length-short:{args.max_length}",
+            )
         return
     if not isinstance(getattr(args, "max_completion_length", None), int):
         return
@@ -74,18 +78,27 @@ def _apply_max_seq_length(model: Any, args: Any) -> None:
     completion = args.max_completion_length
     if left_default("max_completion_length") and completion > wanted:
         args.max_completion_length = completion = wanted
-        warn_once(f"fastft: {config}.max_completion_length was TRL's default {fields['max_completion_length'].default}"
-                  f", longer than FastModel's max_seq_length {wanted}; using {wanted} (set it to choose another)",
-                  key=f"max-completion:{wanted}", category=_Note)
+        warn_once(
+            f"fastft: {config}.max_completion_length was TRL's default {fields['max_completion_length'].default}"
+            f", longer than FastModel's max_seq_length {wanted}; using {wanted} (set it to choose another)",
+            key=f"max-completion:{wanted}",
+            category=_Note,
+        )
     prompt = getattr(args, "max_prompt_length", None)
     if left_default("max_prompt_length") and wanted - completion > 0 and prompt != wanted - completion:
         args.max_prompt_length = prompt = wanted - completion
-        warn_once(f"fastft: {config}.max_prompt_length was TRL's default {fields['max_prompt_length'].default}; "
-                  f"using FastModel's max_seq_length {wanted} minus max_completion_length {completion} = {prompt}",
-                  key=f"max-prompt:{prompt}", category=_Note)
+        warn_once(
+            f"fastft: {config}.max_prompt_length was TRL's default {fields['max_prompt_length'].default}; "
+            f"using FastModel's max_seq_length {wanted} minus max_completion_length {completion} = {prompt}",
+            key=f"max-prompt:{prompt}",
+            category=_Note,
+        )
     if isinstance(prompt, int) and prompt + completion > wanted:
-        info_once(f"fastft: {config}: max_prompt_length {prompt} + max_completion_length {completion} exceeds "
-                  f"FastModel's max_seq_length {wanted}", key=f"grpo-lengths:{prompt}:{completion}:{wanted}")
+        info_once(
+            f"fastft: {config}: max_prompt_length {prompt} + max_completion_length {completion} exceeds "
+            f"FastModel's max_seq_length {wanted}",
+            key=f"grpo-lengths:{prompt}:{completion}:{wanted}",
+        )
 
 
 class _Note(UserWarning):

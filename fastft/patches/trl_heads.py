@@ -70,6 +70,7 @@ from fastft.patches.lm_head import (
 #: log-probs). TRL's own fused forward treats any truthy value as ``True``, so a fallback still returns ``loss``.
 LOSS_ONLY = "fastft-loss-only"
 
+
 # --------------------------------------------------------------------------------------------------------------------
 # The fast fused LM head
 # --------------------------------------------------------------------------------------------------------------------
@@ -78,8 +79,9 @@ class FastHeadDeclined(Exception):
     smoothing) but this call cannot take the fast path: the caller runs TRL's own loss instead."""
 
 
-def _make_fast_forward(trl_forward: Callable, *, temperature: float, outputs: tuple[str, ...],
-                       cast_fp32: bool, label_smoothing: float = 0.0) -> Callable:
+def _make_fast_forward(
+    trl_forward: Callable, *, temperature: float, outputs: tuple[str, ...], cast_fp32: bool, label_smoothing: float = 0.0
+) -> Callable:
     """A drop-in for TRL's ``_fused_forward`` closure (same keyword contract) computed with fastft's kernels.
 
     ``trl_forward`` is the bound TRL forward it replaces; calls the fast path does not cover are passed to it.
@@ -87,8 +89,7 @@ def _make_fast_forward(trl_forward: Callable, *, temperature: float, outputs: tu
     take the fast path raises :class:`FastHeadDeclined`.
     """
 
-    def fused_forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
-                      **kwargs):
+    def fused_forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
         head = self.get_output_embeddings()
         text_config = self.config.get_text_config()
         wants_log_probs = fused_lm_head != LOSS_ONLY
@@ -100,8 +101,14 @@ def _make_fast_forward(trl_forward: Callable, *, temperature: float, outputs: tu
                 raise FastHeadDeclined(reason)
             if fused_lm_head and reason:
                 info_once(f"fastft: TRL's fused LM head used for this call ({reason})", key=f"trl-head:{reason}")
-            return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
-                               num_items_in_batch=num_items_in_batch, **kwargs)
+            return trl_forward(
+                *args,
+                fused_lm_head=fused_lm_head,
+                labels=labels,
+                shift_labels=shift_labels,
+                num_items_in_batch=num_items_in_batch,
+                **kwargs,
+            )
 
         from trl.trainer.utils import FusedCausalLMOutput
 
@@ -141,8 +148,15 @@ def _make_fast_forward(trl_forward: Callable, *, temperature: float, outputs: tu
             else:
                 # SFT's entropy / mean_token_accuracy come out of the loss's own chunks: no second LM-head GEMM.
                 metrics = "entropy" in outputs or "is_top1" in outputs
-                result = lm_head_loss(lm_head, h, targets, shift=False, reduction="sum",
-                                      label_smoothing=label_smoothing, return_token_stats=metrics)
+                result = lm_head_loss(
+                    lm_head,
+                    h,
+                    targets,
+                    shift=False,
+                    reduction="sum",
+                    label_smoothing=label_smoothing,
+                    return_token_stats=metrics,
+                )
                 loss_sum = result.loss if metrics else result
                 if metrics:
                     in_pass = {"entropy": result.entropy, "is_top1": result.is_top1}
@@ -152,8 +166,12 @@ def _make_fast_forward(trl_forward: Callable, *, temperature: float, outputs: tu
                 loss_sum = -log_probs.sum()
                 if ent is not None:
                     entropy = ent.new_zeros(mask.shape).masked_scatter(mask, ent)
-            extra = tuple(name for name in outputs if name not in in_pass and (
-                name in ("is_top1", "mean_logits", "log_sum_sq_probs") or (name == "entropy" and entropy is None)))
+            extra = tuple(
+                name
+                for name in outputs
+                if name not in in_pass
+                and (name in ("is_top1", "mean_logits", "log_sum_sq_probs") or (name == "entropy" and entropy is None))
+            )
             stats = token_stats(h, lm_head, targets, extra, temperature) if extra else {}
             stats.update(in_pass)
 
@@ -179,14 +197,16 @@ def _make_fast_forward(trl_forward: Callable, *, temperature: float, outputs: tu
     return fused_forward
 
 
-def _fallback_reason(head: Any, text_config: Any, kwargs: dict, labels: Any, shift_labels: Any,
-                     wants_log_probs: bool, temperature: float) -> str | None:
+def _fallback_reason(
+    head: Any, text_config: Any, kwargs: dict, labels: Any, shift_labels: Any, wants_log_probs: bool, temperature: float
+) -> str | None:
     """Why this call of TRL's fused head runs TRL's own code: the call's arguments, then the head itself
     (:func:`fastft.patches.lm_head.head_fallback_reason`)."""
     if labels is None and shift_labels is None:
         return "no labels"
-    if (kwargs.get("output_router_logits") or getattr(text_config, "output_router_logits", False)) and not \
-            router_aux_modeling(text_config):
+    if (
+        kwargs.get("output_router_logits") or getattr(text_config, "output_router_logits", False)
+    ) and not router_aux_modeling(text_config):
         return "MoE router logits requested"
     reason = head_fallback_reason(head)
     if reason:
@@ -207,8 +227,11 @@ def _router_aux(lm: Any, text_config: Any, backbone_out: Any, kwargs: dict) -> d
 
 def _is_trl_fused_code(func: Any) -> bool:
     code = getattr(func, "__code__", None)
-    return code is not None and code.co_name == "_fused_forward" and code.co_filename.endswith(
-        os.path.join("trl", "trainer", "utils.py"))
+    return (
+        code is not None
+        and code.co_name == "_fused_forward"
+        and code.co_filename.endswith(os.path.join("trl", "trainer", "utils.py"))
+    )
 
 
 def _trl_fused_function(forward: Any) -> tuple[Any, bool]:
@@ -252,8 +275,7 @@ def _trl_head_outputs(forward: Any) -> tuple[str, ...]:
     """The ``outputs`` TRL's ``add_fused_lm_head`` was called with for this model (read from its closure), so the
     fast head fills exactly the fields TRL's loss and metrics read; all of them if that cannot be read."""
     func = _trl_fused_function(forward)[0]
-    cells = dict(zip(getattr(getattr(func, "__code__", None), "co_freevars", ()), getattr(func, "__closure__", None)
-                     or ()))
+    cells = dict(zip(getattr(getattr(func, "__code__", None), "co_freevars", ()), getattr(func, "__closure__", None) or ()))
     try:
         outputs = cells["outputs"].cell_contents
     except (KeyError, ValueError):
@@ -277,8 +299,14 @@ def _under_mixed_precision(trainer: Any, fast: Callable) -> Callable:
 
 
 @contextlib.contextmanager
-def _fast_heads(trainer: Any, *, temperature: float, policy_outputs: tuple[str, ...] | None,
-                ref_outputs: tuple[str, ...] = ("log_probs",), label_smoothing: float = 0.0) -> Iterator[bool]:
+def _fast_heads(
+    trainer: Any,
+    *,
+    temperature: float,
+    policy_outputs: tuple[str, ...] | None,
+    ref_outputs: tuple[str, ...] = ("log_probs",),
+    label_smoothing: float = 0.0,
+) -> Iterator[bool]:
     """While active, the policy's (and reference model's) TRL fused forward is fastft's; yields whether any was.
 
     ``policy_outputs=None``: the per-token fields TRL configured the policy's head with."""
@@ -292,13 +320,16 @@ def _fast_heads(trainer: Any, *, temperature: float, policy_outputs: tuple[str, 
         if getattr(getattr(current, "__func__", None), "_fastft_fast_head", False):
             continue  # already fast (a nested call)
         if not _is_trl_fused_forward(current):
-            info_once(f"fastft: {type(target).__name__} carries no TRL fused LM head; its loss runs as TRL wrote it",
-                      key=f"no-trl-head:{type(target).__name__}")
+            info_once(
+                f"fastft: {type(target).__name__} carries no TRL fused LM head; its loss runs as TRL wrote it",
+                key=f"no-trl-head:{type(target).__name__}",
+            )
             continue
         if outputs is None:
             outputs = _trl_head_outputs(current)
-        fast = _make_fast_forward(current, temperature=temperature, outputs=outputs, cast_fp32=cast_fp32,
-                                  label_smoothing=label_smoothing)
+        fast = _make_fast_forward(
+            current, temperature=temperature, outputs=outputs, cast_fp32=cast_fp32, label_smoothing=label_smoothing
+        )
         if _trl_fused_function(current)[1]:
             fast = _under_mixed_precision(trainer, fast)
         target.forward = types.MethodType(fast, target)
@@ -324,8 +355,10 @@ def _common_problem() -> str | None:
 
     helper = getattr(trl_utils, "add_fused_lm_head", None)
     if helper is None:
-        return (f"TRL {trl.__version__} has no fused LM-head hook (trl.trainer.utils.add_fused_lm_head, TRL >= 1.15), "
-                "so the lean heads cannot run under it")
+        return (
+            f"TRL {trl.__version__} has no fused LM-head hook (trl.trainer.utils.add_fused_lm_head, TRL >= 1.15), "
+            "so the lean heads cannot run under it"
+        )
     problem = parameters_guard(*_FUSED_HEAD_PARAMETERS)(helper)
     if problem:
         return f"trl.trainer.utils.add_fused_lm_head: {problem}"
@@ -350,6 +383,9 @@ def _fused_head_problem() -> str | None:
 def _without_fused_head(algorithm: str) -> bool:
     problem = _fused_head_problem()
     if problem:
-        warn_once(f"fastft: {problem}: PatchFastRL({algorithm!r}) keeps fastft's optimizer and generation hooks, but "
-                  "the loss runs TRL's own code with full logits", key=f"no-fused-head:{algorithm}")
+        warn_once(
+            f"fastft: {problem}: PatchFastRL({algorithm!r}) keeps fastft's optimizer and generation hooks, but "
+            "the loss runs TRL's own code with full logits",
+            key=f"no-fused-head:{algorithm}",
+        )
     return problem is not None

@@ -31,14 +31,15 @@ def _fastft_create_optimizer(trainer: Any, model: Any) -> torch.optim.Optimizer 
     try:
         from fastft.optim import create_optimizer
     except ImportError as exc:
-        info_once(f"fastft: fastft.optim unavailable ({exc}); using the trainer's default optimizer",
-                  key="optim-import")
+        info_once(f"fastft: fastft.optim unavailable ({exc}); using the trainer's default optimizer", key="optim-import")
         return None
     try:
         optimizer = create_optimizer(trainer.model if model is None else model, trainer.args)
     except NotImplementedError as exc:
-        info_once(f"fastft: fastft.optim does not handle this configuration ({exc}); using the default optimizer",
-                  key=f"optim-nie:{exc}")
+        info_once(
+            f"fastft: fastft.optim does not handle this configuration ({exc}); using the default optimizer",
+            key=f"optim-nie:{exc}",
+        )
         return None
     return optimizer
 
@@ -74,8 +75,15 @@ def _fast_model_class() -> Any:
 #: Per-token fields the SFT fast head fills for TRL's metrics (entropy, mean_token_accuracy).
 _SFT_METRIC_OUTPUTS = ("entropy", "is_top1")
 #: Instance attributes of SFTTrainer the fast SFT loss reads (TRL >= 1.15); a trainer without them runs TRL's code.
-_SFT_ATTRIBUTES = ("compute_loss_func", "aux_loss_enabled", "label_smoother", "_metrics", "_total_train_tokens",
-                   "_tp_size", "get_tp_size")
+_SFT_ATTRIBUTES = (
+    "compute_loss_func",
+    "aux_loss_enabled",
+    "label_smoother",
+    "_metrics",
+    "_total_train_tokens",
+    "_tp_size",
+    "get_tp_size",
+)
 
 
 def _sft_fast_loss_problem(trainer: Any, inputs: dict, return_outputs: bool) -> str | None:
@@ -123,8 +131,9 @@ def _hook_sft_compute_loss(original: Callable) -> Callable:
         problem = problem or _sft_fast_loss_problem(self, inputs, return_outputs)
         if problem:
             # e.g. DFT needs per-token log-probs: TRL's code with the fast per-token head underneath.
-            info_once(f"fastft: SFT loss runs TRL's code over fastft's per-token head ({problem})",
-                      key=f"sft-trl-loss:{problem}")
+            info_once(
+                f"fastft: SFT loss runs TRL's code over fastft's per-token head ({problem})", key=f"sft-trl-loss:{problem}"
+            )
             with _fast_heads(self, temperature=1.0, policy_outputs=None):
                 return original(self, model, inputs, return_outputs, num_items_in_batch, **kwargs)
         mode = "train" if self.model.training else "eval"
@@ -135,8 +144,7 @@ def _hook_sft_compute_loss(original: Callable) -> Callable:
             with _fast_heads(self, temperature=1.0, policy_outputs=outputs_wanted, label_smoothing=smoothing) as fast:
                 if smoothing and not fast:
                     raise FastHeadDeclined("no fastft head installed")
-                outputs = model(**inputs, fused_lm_head=LOSS_ONLY if fast else True,
-                                num_items_in_batch=num_items_in_batch)
+                outputs = model(**inputs, fused_lm_head=LOSS_ONLY if fast else True, num_items_in_batch=num_items_in_batch)
         except FastHeadDeclined as exc:  # label smoothing needs fastft's head (TRL's has none): TRL's own loss
             info_once(f"fastft: SFT loss with label smoothing runs TRL's code ({exc})", key=f"sft-smoothing:{exc}")
             with _fast_heads(self, temperature=1.0, policy_outputs=None):
@@ -157,10 +165,12 @@ def _warn_trl_chunked_nll_smoothing(trainer: Any) -> None:
     ``outputs.num_valid_tokens`` off its output (AttributeError). fastft runs TRL's code unchanged there (the same
     error as unpatched TRL) and says why once, with the way out."""
     if getattr(trainer.args, "loss_type", None) == "chunked_nll" and getattr(trainer, "label_smoother", None):
-        warn_once("fastft: this TRL's SFTTrainer with loss_type='chunked_nll' (its default) and label_smoothing_factor "
-                  "> 0 fails in TRL's own compute_loss (no num_valid_tokens: the smoother takes the labels); fastft "
-                  "runs TRL's code unchanged. Set loss_type='nll' to train with label smoothing on this TRL",
-                  key="sft-chunked-nll-smoothing")
+        warn_once(
+            "fastft: this TRL's SFTTrainer with loss_type='chunked_nll' (its default) and label_smoothing_factor "
+            "> 0 fails in TRL's own compute_loss (no num_valid_tokens: the smoother takes the labels); fastft "
+            "runs TRL's code unchanged. Set loss_type='nll' to train with label smoothing on this TRL",
+            key="sft-chunked-nll-smoothing",
+        )
 
 
 def _log_sft_metrics(trainer: Any, mode: str, inputs: dict, outputs: Any) -> None:
@@ -174,8 +184,11 @@ def _log_sft_metrics(trainer: Any, mode: str, inputs: dict, outputs: Any) -> Non
         metrics["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
         metrics["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
     else:
-        info_once("fastft: fastft_token_metrics is False on this trainer: entropy and mean_token_accuracy are not "
-                  "logged (skips their argmax / entropy terms in the loss pass)", key="sft-no-metrics")
+        info_once(
+            "fastft: fastft_token_metrics is False on this trainer: entropy and mean_token_accuracy are not "
+            "logged (skips their argmax / entropy terms in the loss pass)",
+            key="sft-no-metrics",
+        )
     if mode == "train":
         if "attention_mask" in inputs:
             num_tokens = gather(inputs["attention_mask"].sum()).sum().item()
@@ -206,8 +219,9 @@ def _hook_per_token_head(algorithm: str) -> Callable[[Callable], Callable]:
 
 
 #: GRPO log-prob arguments the fast head covers; any other argument that is not None (images, new inputs) -> TRL's.
-_GRPO_TEXT_ARGS = frozenset({"self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size",
-                             "compute_entropy", "compute_aux_loss"})
+_GRPO_TEXT_ARGS = frozenset(
+    {"self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy", "compute_aux_loss"}
+)
 
 
 def _hook_policy_log_probs(algorithm: str) -> Callable[[Callable], Callable]:
@@ -230,13 +244,17 @@ def _hook_grpo_log_probs(original: Callable, algorithm: str = "GRPO") -> Callabl
         other = sorted(name for name, value in arguments.items() if name not in _GRPO_TEXT_ARGS and value is not None)
         temperature = getattr(self, "temperature", None)
         # MoE rows of fastft's table: the fast head returns the model's own aux loss (fastft.patches.trl_heads)
-        aux_uncovered = arguments.get("compute_aux_loss") and router_aux_modeling(
-            getattr(getattr(self, "model", None), "config", None)) is None
+        aux_uncovered = (
+            arguments.get("compute_aux_loss")
+            and router_aux_modeling(getattr(getattr(self, "model", None), "config", None)) is None
+        )
         if aux_uncovered or other or temperature is None:
-            reason = "an MoE aux loss" if aux_uncovered else (
-                f"inputs {', '.join(other)}" if other else "no temperature on the trainer")
-            info_once(f"fastft: {algorithm} log-probs use TRL's path ({reason})",
-                      key=f"{algorithm}-fallback:{reason}")
+            reason = (
+                "an MoE aux loss"
+                if aux_uncovered
+                else (f"inputs {', '.join(other)}" if other else "no temperature on the trainer")
+            )
+            info_once(f"fastft: {algorithm} log-probs use TRL's path ({reason})", key=f"{algorithm}-fallback:{reason}")
             return original(self, *args, **kwargs)
         # The old-policy and reference passes need no entropy: don't compute one (TRL's head always does).
         wants_entropy = arguments.get("compute_entropy") if takes_entropy_flag else True

@@ -52,12 +52,24 @@ from fastft.patches.trl_heads import _fallback_reason, _fused_target, _under_mix
 
 #: row -> (module, class, {method: digest of its syntax tree in TRL 1.16, docstring dropped}); see contract_problem.
 _CONTRACTS: dict[str, tuple[str, str, dict[str, str]]] = {
-    "ORPO": ("trl.experimental.orpo.orpo_trainer", "ORPOTrainer", {
-        "concatenated_forward": "525fe9856926354f", "get_batch_logps": "485955c470f0a34f",
-        "get_batch_loss_metrics": "a138fde8f71522e1"}),
-    "CPO": ("trl.experimental.cpo.cpo_trainer", "CPOTrainer", {
-        "concatenated_forward": "61c6dd8888886d9d", "get_batch_logps": "dbdbcfbf80243d23",
-        "get_batch_loss_metrics": "99bd5a02b2531183"}),
+    "ORPO": (
+        "trl.experimental.orpo.orpo_trainer",
+        "ORPOTrainer",
+        {
+            "concatenated_forward": "525fe9856926354f",
+            "get_batch_logps": "485955c470f0a34f",
+            "get_batch_loss_metrics": "a138fde8f71522e1",
+        },
+    ),
+    "CPO": (
+        "trl.experimental.cpo.cpo_trainer",
+        "CPOTrainer",
+        {
+            "concatenated_forward": "61c6dd8888886d9d",
+            "get_batch_logps": "dbdbcfbf80243d23",
+            "get_batch_loss_metrics": "99bd5a02b2531183",
+        },
+    ),
     "OnlineDPO": ("trl.experimental.online_dpo.online_dpo_trainer", "OnlineDPOTrainer", {"_forward": "5fe301153e9df8a5"}),
 }
 
@@ -108,8 +120,10 @@ def contract_problem(algorithm: str) -> str | None:
         if found != digest:
             changed.append(name)
     if changed:
-        return (f"no lean head: TRL {trl.__version__}'s {cls.__name__}.{', '.join(changed)} differ from the TRL 1.16 "
-                "text fastft's lean head implements the contract of, so the loss runs TRL's code with full logits")
+        return (
+            f"no lean head: TRL {trl.__version__}'s {cls.__name__}.{', '.join(changed)} differ from the TRL 1.16 "
+            "text fastft's lean head implements the contract of, so the loss runs TRL's code with full logits"
+        )
     return None
 
 
@@ -186,8 +200,9 @@ def _instance_forward_problem(target: Any) -> str | None:
 
 
 @torch.no_grad()
-def mean_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None,
-                scale: float | None) -> torch.Tensor:
+def mean_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None, scale: float | None
+) -> torch.Tensor:
     """The mean over the vocabulary of the (scaled, softcapped) logits at every position: fp32 ``hidden.shape[:-1]``.
 
     hidden ``[..., H]``, weight ``[V, H]``. Without softcap the mean is linear: ``hidden . mean_v(W) + mean(b)``
@@ -201,7 +216,7 @@ def mean_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     rows = max(1, _WEIGHT_CHUNK_ELEMENTS // width)
     column_sum = torch.zeros(width, dtype=torch.float32, device=weight.device)
     for start in range(0, vocab, rows):
-        column_sum += weight[start:start + rows].float().sum(0)
+        column_sum += weight[start : start + rows].float().sum(0)
     out = flat.to(weight.device).float() @ (column_sum / vocab)
     if bias is not None:
         out = out + bias.float().mean()
@@ -243,8 +258,12 @@ def _pair_compute(lp_labels: torch.Tensor, nll_labels: torch.Tensor | None) -> C
         if nll_labels is not None:
             shared = nll_mask & ~extra
             nll = -((lp_grid * shared).sum() + lp[n_lp:].sum()) / nll_mask.sum()
-        return {"logps_sum": lp_grid.sum(-1), "logps_count": lp_mask.sum(-1), "nll": nll,
-                "mean_logits": mean_logits(hidden, *head)}
+        return {
+            "logps_sum": lp_grid.sum(-1),
+            "logps_count": lp_mask.sum(-1),
+            "nll": nll,
+            "mean_logits": mean_logits(hidden, *head),
+        }
 
     return compute
 
@@ -257,8 +276,10 @@ def _pair_call_problem(trainer: Any, model: Any, caller: types.CodeType | None, 
     cls = _trl_class(algorithm)
     if caller is not _trl_function(cls, "get_batch_loss_metrics").__code__:
         # Only TRL's own get_batch_loss_metrics is known to read chosen/rejected logits as .mean() alone.
-        return ("concatenated_forward called from somewhere other than TRL's get_batch_loss_metrics (which may read "
-                "the full logits)")
+        return (
+            "concatenated_forward called from somewhere other than TRL's get_batch_loss_metrics (which may read "
+            "the full logits)"
+        )
     # TRL's concatenated_forward calls self.get_batch_logps with the full logits: an override must get them.
     if _trl_function(type(trainer), "get_batch_logps") is not _trl_function(cls, "get_batch_logps"):
         return f"{type(trainer).__name__} overrides get_batch_logps (it takes the full logits)"
@@ -278,8 +299,10 @@ def _hook_pair_forward(algorithm: str) -> Callable[[Callable], Callable]:
         def concatenated_forward(self, model, batch):
             problem = _pair_call_problem(self, model, sys._getframe(1).f_code, algorithm)
             if problem:
-                info_once(f"fastft: {algorithm} concatenated_forward runs TRL's code with full logits ({problem})",
-                          key=f"{algorithm}-trl-forward:{problem}")
+                info_once(
+                    f"fastft: {algorithm} concatenated_forward runs TRL's code with full logits ({problem})",
+                    key=f"{algorithm}-trl-forward:{problem}",
+                )
                 LEAN_CALLS[algorithm, "trl"] += 1
                 return original(self, model, batch)
             LEAN_CALLS[algorithm, "lean"] += 1
@@ -293,8 +316,9 @@ def _hook_pair_forward(algorithm: str) -> Callable[[Callable], Callable]:
 
 def _pair_forward(trainer: Any, model: Any, batch: dict, algorithm: str) -> tuple:
     padding = trainer.padding_value if algorithm == "ORPO" else trainer.pad_token_id
-    concatenated = trainer.concatenated_inputs(batch, is_encoder_decoder=False, padding_value=padding,
-                                               device=trainer.accelerator.device)
+    concatenated = trainer.concatenated_inputs(
+        batch, is_encoder_decoder=False, padding_value=padding, device=trainer.accelerator.device
+    )
     len_chosen = batch["chosen_labels"].shape[0]
     input_ids = concatenated["concatenated_input_ids"]
     attention_mask = concatenated["concatenated_attention_mask"]
@@ -328,10 +352,13 @@ def _hook_online_dpo_forward(original: Callable) -> Callable:
 
     def _forward(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, vision_inputs=None):
         problem = contract_problem("OnlineDPO") or (
-            "vision inputs" if vision_inputs is not None else _head_problem(self, model))
+            "vision inputs" if vision_inputs is not None else _head_problem(self, model)
+        )
         if problem:
-            info_once(f"fastft: OnlineDPO _forward runs TRL's code with full logits ({problem})",
-                      key=f"OnlineDPO-trl-forward:{problem}")
+            info_once(
+                f"fastft: OnlineDPO _forward runs TRL's code with full logits ({problem})",
+                key=f"OnlineDPO-trl-forward:{problem}",
+            )
             LEAN_CALLS["OnlineDPO", "trl"] += 1
             return original(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, vision_inputs)
         LEAN_CALLS["OnlineDPO", "lean"] += 1
@@ -361,7 +388,6 @@ def _hook_online_dpo_forward(original: Callable) -> Callable:
 
 
 _PAIR_FORWARD_PARAMETERS = ("model", "batch")
-_ONLINE_DPO_FORWARD_PARAMETERS = ("model", "prompt_ids", "prompt_mask", "completion_ids", "completion_mask",
-                                  "vision_inputs")
+_ONLINE_DPO_FORWARD_PARAMETERS = ("model", "prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "vision_inputs")
 
 __all__ = ["LEAN_CALLS", "contract_problem", "mean_logits", "method_digest"]

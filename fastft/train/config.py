@@ -67,14 +67,14 @@ TOP_SCHEMA: dict[str, Any] = {
 }
 #: data: is fastft's own (read by fastft.train.data): key -> annotation.
 DATA_SCHEMA: dict[str, Any] = {
-    "path": str,                 # local .jsonl/.json/.csv/.parquet, a datasets name, or builtin:arithmetic
-    "name": str | None,          # datasets config name
+    "path": str,  # local .jsonl/.json/.csv/.parquet, a datasets name, or builtin:arithmetic
+    "name": str | None,  # datasets config name
     "split": str,
-    "eval_path": str | None,     # a local eval file
-    "eval_split": str | None,    # a split of the same dataset
+    "eval_path": str | None,  # a local eval file
+    "eval_split": str | None,  # a split of the same dataset
     "eval_size": int | float | None,  # hold out this fraction (<1) or count (>=1) of the train split
     "format": str,
-    "rename": dict | None,       # {old column: new column}, e.g. {question: prompt} for GSM8K
+    "rename": dict | None,  # {old column: new column}, e.g. {question: prompt} for GSM8K
     "text_field": str,
     "chat_template": str | None,  # a Jinja template string or a path to a .jinja file
     "train_on_responses_only": bool,
@@ -84,8 +84,18 @@ DATA_SCHEMA: dict[str, Any] = {
 }
 #: optim: fields of TrainingArguments that choose and tune the optimizer and schedule.
 OPTIM_FIELDS = (
-    "optim", "optim_args", "optim_target_modules", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2",
-    "adam_epsilon", "max_grad_norm", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps",
+    "optim",
+    "optim_args",
+    "optim_target_modules",
+    "learning_rate",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "max_grad_norm",
+    "lr_scheduler_type",
+    "lr_scheduler_kwargs",
+    "warmup_steps",
     "embedding_learning_rate",
 )
 #: TRL config fields this schema sets from elsewhere; naming them under trainer: is an error pointing there.
@@ -97,8 +107,14 @@ _OWNED_ELSEWHERE = {
     "assistant_only_loss": "`data.train_on_responses_only`",
     "dataset_text_field": "`data.text_field`",
 }
-DEFAULT_DATA = {"split": "train", "format": "auto", "text_field": "text", "train_on_responses_only": False,
-                "packing": False, "seed": 0}
+DEFAULT_DATA = {
+    "split": "train",
+    "format": "auto",
+    "text_field": "text",
+    "train_on_responses_only": False,
+    "packing": False,
+    "seed": 0,
+}
 
 
 class ConfigError(ValueError):
@@ -177,8 +193,11 @@ def signature_fields(func: Any, skip: typing.Iterable[str] = ()) -> dict[str, An
     """``{parameter: annotation}`` for the named parameters of ``func`` (not ``*args``/``**kwargs``, not ``skip``)."""
     hints = typing.get_type_hints(func)
     named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return {name: hints.get(name, Any) for name, param in inspect.signature(func).parameters.items()
-            if param.kind in named and name not in set(skip)}
+    return {
+        name: hints.get(name, Any)
+        for name, param in inspect.signature(func).parameters.items()
+        if param.kind in named and name not in set(skip)
+    }
 
 
 def dataclass_fields(cls: type, skip: typing.Iterable[str] = ()) -> dict[str, Any]:
@@ -187,8 +206,16 @@ def dataclass_fields(cls: type, skip: typing.Iterable[str] = ()) -> dict[str, An
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init and f.name not in set(skip)}
 
 
-def _check_fields(section: dict, fields: dict[str, Any], prefix: str, errors: list[str], out: dict | None = None, *,
-                  unknown: str = "unknown key", valid: str | None = None) -> None:
+def _check_fields(
+    section: dict,
+    fields: dict[str, Any],
+    prefix: str,
+    errors: list[str],
+    out: dict | None = None,
+    *,
+    unknown: str = "unknown key",
+    valid: str | None = None,
+) -> None:
     """Check each key of ``section`` against ``fields`` (name -> annotation); validated values go to ``out``."""
     for key, value in section.items():
         if key not in fields:
@@ -210,9 +237,10 @@ def _check_fields(section: dict, fields: dict[str, Any], prefix: str, errors: li
 #: that FastModel owns it).
 TRAINING_DEFAULTS: dict[str, Any] = {"use_gradient_checkpointing": "fastft"}
 #: model.lora: keys set elsewhere: naming them there is an error pointing to the right place.
-_LORA_OWNED_ELSEWHERE = {"use_gradient_checkpointing": "`model.use_gradient_checkpointing` (it applies with or "
-                                                       "without LoRA)",
-                         "task_type": "fastft (always CAUSAL_LM)"}
+_LORA_OWNED_ELSEWHERE = {
+    "use_gradient_checkpointing": "`model.use_gradient_checkpointing` (it applies with or without LoRA)",
+    "task_type": "fastft (always CAUSAL_LM)",
+}
 
 
 def model_fields() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -237,8 +265,10 @@ def split_model_section(model: dict[str, Any]) -> tuple[dict[str, Any], dict[str
     """A validated model: section -> (``FastModel.from_pretrained`` kwargs without the name, the kwargs for
     ``for_training`` / ``get_peft_model``, defaults from TRAINING_DEFAULTS filled in)."""
     load, training = model_fields()
-    return ({k: v for k, v in model.items() if k in load and k != "name"},
-            {**TRAINING_DEFAULTS, **{k: v for k, v in model.items() if k in training}})
+    return (
+        {k: v for k, v in model.items() if k in load and k != "name"},
+        {**TRAINING_DEFAULTS, **{k: v for k, v in model.items() if k in training}},
+    )
 
 
 def _check_model(model: dict, errors: list[str]) -> None:
@@ -251,8 +281,14 @@ def _check_lora(lora: dict, errors: list[str]) -> None:
     for key in [k for k in lora if k in _LORA_OWNED_ELSEWHERE]:
         errors.append(f"model.lora.{key}: set by {_LORA_OWNED_ELSEWHERE[key]}, not under model.lora")
         del lora[key]
-    _check_fields(lora, {**own, **passed_on}, "model.lora.", errors, lora,
-                  valid=f" (valid: {', '.join(own)}, or a peft.LoraConfig field)")
+    _check_fields(
+        lora,
+        {**own, **passed_on},
+        "model.lora.",
+        errors,
+        lora,
+        valid=f" (valid: {', '.join(own)}, or a peft.LoraConfig field)",
+    )
 
 
 def trainer_config_class(trainer_type: str) -> type:
@@ -287,8 +323,9 @@ class _Loader(yaml.SafeLoader):
     string -- the usual way to write a learning rate."""
 
 
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-                              list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def _yaml(stream: Any) -> Any:
@@ -384,16 +421,14 @@ def validate(raw: dict) -> TrainConfig:
         lora = dict(lora_raw) if isinstance(lora_raw, dict) else {}
         _check_lora(lora, errors)
         _check_at_least_one(lora, "r", "model.lora.", errors)
-    if model.get("full_finetuning") and lora is not None and isinstance(raw.get("model"), dict) \
-            and "lora" in raw["model"]:
+    if model.get("full_finetuning") and lora is not None and isinstance(raw.get("model"), dict) and "lora" in raw["model"]:
         errors.append("model.lora: full_finetuning trains every weight; set model.lora: null (or drop full_finetuning)")
     if model.get("full_finetuning"):
         lora = None
 
     _check_fields(data, DATA_SCHEMA, "data.", errors, data)
     if "path" not in data and isinstance(raw.get("data"), dict):
-        errors.append(f"data.path: required (a local {ACCEPTED_DATA_FILES} file, a datasets name, "
-                      "or builtin:arithmetic)")
+        errors.append(f"data.path: required (a local {ACCEPTED_DATA_FILES} file, a datasets name, or builtin:arithmetic)")
     for key in ("path", "eval_path"):
         problem = check_data_source(data[key]) if isinstance(data.get(key), str) else None
         if problem:
@@ -404,39 +439,47 @@ def validate(raw: dict) -> TrainConfig:
             errors.append(f"data.chat_template: {problem}")
     data = {**DEFAULT_DATA, **data}
     if isinstance(data.get("format"), str) and data["format"] not in DATA_FORMATS:
-        errors.append(f"data.format: {data['format']!r} is not one of {', '.join(DATA_FORMATS)}"
-                      f"{_suggest(data['format'], DATA_FORMATS)}")
+        errors.append(
+            f"data.format: {data['format']!r} is not one of {', '.join(DATA_FORMATS)}"
+            f"{_suggest(data['format'], DATA_FORMATS)}"
+        )
 
     trainer_type = trainer.get("type")
     trainer_args: dict[str, Any] = {}
     if "trainer" in raw and trainer_type is None:
         errors.append(f"trainer.type: required; one of {', '.join(TRAINER_TYPES)}")
     elif trainer_type is not None and trainer_type not in TRAINER_TYPES:
-        errors.append(f"trainer.type: unknown trainer type {trainer_type!r}; supported: {', '.join(TRAINER_TYPES)}"
-                      f"{_suggest(str(trainer_type), TRAINER_TYPES)}")
+        errors.append(
+            f"trainer.type: unknown trainer type {trainer_type!r}; supported: {', '.join(TRAINER_TYPES)}"
+            f"{_suggest(str(trainer_type), TRAINER_TYPES)}"
+        )
         trainer_type = None
     if trainer_type is not None:
         cls = trainer_config_class(trainer_type)
         _check_trainer_fields(trainer, cls, "trainer.", errors, trainer_args)
         for key in optim:
             if key not in OPTIM_FIELDS:
-                errors.append(f"optim.{key}: unknown optimizer field{_suggest(str(key), OPTIM_FIELDS)} "
-                              f"(valid: {', '.join(OPTIM_FIELDS)})")
+                errors.append(
+                    f"optim.{key}: unknown optimizer field{_suggest(str(key), OPTIM_FIELDS)} "
+                    f"(valid: {', '.join(OPTIM_FIELDS)})"
+                )
             elif key in trainer:
                 errors.append(f"optim.{key}: also set as trainer.{key}; set it in one place")
         optim_args: dict[str, Any] = {}
-        _check_trainer_fields({k: v for k, v in optim.items() if k in OPTIM_FIELDS}, cls, "optim.", errors,
-                              optim_args)
+        _check_trainer_fields({k: v for k, v in optim.items() if k in OPTIM_FIELDS}, cls, "optim.", errors, optim_args)
         trainer_args.update(optim_args)
         if data.get("packing") and trainer_type != "sft":
             errors.append("data.packing: packing applies to trainer.type sft only")
         if data.get("train_on_responses_only") and trainer_type != "sft":
-            errors.append("data.train_on_responses_only: DPO and GRPO already score responses only; "
-                          "use it with trainer.type sft")
+            errors.append(
+                "data.train_on_responses_only: DPO and GRPO already score responses only; use it with trainer.type sft"
+            )
         fmt = data.get("format")
         if fmt not in (None, "auto") and fmt in DATA_FORMATS and fmt not in FORMATS_FOR_TRAINER[trainer_type]:
-            errors.append(f"data.format: {fmt!r} does not fit trainer.type {trainer_type}; it takes "
-                          f"{', '.join(FORMATS_FOR_TRAINER[trainer_type])}")
+            errors.append(
+                f"data.format: {fmt!r} does not fit trainer.type {trainer_type}; it takes "
+                f"{', '.join(FORMATS_FOR_TRAINER[trainer_type])}"
+            )
 
     rewards = _check_rewards(raw.get("rewards"), trainer_type, errors)
     export = _check_export(raw.get("export"), errors)
@@ -448,9 +491,17 @@ def validate(raw: dict) -> TrainConfig:
         raise ConfigError(errors)
     max_minutes = raw.get("max_minutes")
     return TrainConfig(
-        trainer_type=trainer_type, model=model, lora=lora, data=data, trainer_args=trainer_args, rewards=rewards,
-        output_dir=str(raw["output_dir"]), resume=resume,
-        max_minutes=float(max_minutes) if max_minutes is not None else None, raw=raw, export=export,
+        trainer_type=trainer_type,
+        model=model,
+        lora=lora,
+        data=data,
+        trainer_args=trainer_args,
+        rewards=rewards,
+        output_dir=str(raw["output_dir"]),
+        resume=resume,
+        max_minutes=float(max_minutes) if max_minutes is not None else None,
+        raw=raw,
+        export=export,
     )
 
 
@@ -459,8 +510,10 @@ def _check_rewards(rewards: Any, trainer_type: str | None, errors: list[str]) ->
 
     if rewards is None:
         if trainer_type == "grpo":
-            errors.append(f"rewards: GRPO needs at least one reward function (built-ins: "
-                          f"{', '.join(BUILTIN_REWARDS)}, or 'pkg.module:function')")
+            errors.append(
+                f"rewards: GRPO needs at least one reward function (built-ins: "
+                f"{', '.join(BUILTIN_REWARDS)}, or 'pkg.module:function')"
+            )
         return []
     if trainer_type is not None and trainer_type != "grpo":
         errors.append(f"rewards: only trainer.type grpo uses reward functions (this is {trainer_type})")
@@ -475,8 +528,9 @@ def _check_rewards(rewards: Any, trainer_type: str | None, errors: list[str]) ->
             continue
         for sub in entry:
             if sub not in ("function", "weight"):
-                errors.append(f"{key}.{sub}: unknown key{_suggest(str(sub), ('function', 'weight'))} "
-                              "(valid: function, weight)")
+                errors.append(
+                    f"{key}.{sub}: unknown key{_suggest(str(sub), ('function', 'weight'))} (valid: function, weight)"
+                )
         weight = entry.get("weight", 1.0)
         weight_ok, weight = check_value(weight, float)
         if not weight_ok:

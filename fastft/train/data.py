@@ -69,8 +69,13 @@ def arithmetic_rows(n: int, kind: str, seed: int = 0, max_operand: int = 20) -> 
             rows.append({"messages": user + [{"role": "assistant", "content": answer}]})
         elif kind == "dpo":
             wrong = str(a + b + rng.choice([-3, -2, -1, 1, 2, 3]))
-            rows.append({"prompt": user, "chosen": [{"role": "assistant", "content": answer}],
-                         "rejected": [{"role": "assistant", "content": wrong}]})
+            rows.append(
+                {
+                    "prompt": user,
+                    "chosen": [{"role": "assistant", "content": answer}],
+                    "rejected": [{"role": "assistant", "content": wrong}],
+                }
+            )
         elif kind == "grpo":
             rows.append({"prompt": user, "answer": answer})
         else:
@@ -85,7 +90,7 @@ def _load_one(source: str, data: dict, split: str, trainer_type: str, count_defa
     if problem:
         raise ConfigError([f"{key}: {problem}"])
     if source.startswith(BUILTIN_PREFIX):
-        _, _, arg = source[len(BUILTIN_PREFIX):].partition(":")
+        _, _, arg = source[len(BUILTIN_PREFIX) :].partition(":")
         n = data.get("max_samples") or count_default
         seed = data["seed"] + (0 if split == "train" else 1_000_003)  # eval problems drawn separately
         rows = arithmetic_rows(n, trainer_type, seed=seed, max_operand=int(arg) if arg else 20)
@@ -100,8 +105,9 @@ def _load_one(source: str, data: dict, split: str, trainer_type: str, count_defa
         # Not found on the hub, offline, unknown split or config, a malformed file: the user's input, so a
         # ConfigError naming the key (with datasets' own explanation), raised before the model loads.
         cause = f" ({type(exc.__cause__).__name__}: {exc.__cause__})" if exc.__cause__ is not None else ""
-        raise ConfigError([f"{key}: datasets could not load {source!r} (split {split!r}): "
-                           f"{type(exc).__name__}: {exc}{cause}"]) from exc
+        raise ConfigError(
+            [f"{key}: datasets could not load {source!r} (split {split!r}): {type(exc).__name__}: {exc}{cause}"]
+        ) from exc
 
 
 def _rename(ds: Any, data: dict, key: str) -> Any:
@@ -109,8 +115,9 @@ def _rename(ds: Any, data: dict, key: str) -> Any:
     missing = [old for old in mapping if old not in ds.column_names]
     if missing:
         hints = "".join(_suggest_column(old, ds.column_names) for old in missing)
-        raise ConfigError([f"data.rename: no column {', '.join(map(repr, missing))} in {key}'s columns "
-                           f"{ds.column_names}{hints}"])
+        raise ConfigError(
+            [f"data.rename: no column {', '.join(map(repr, missing))} in {key}'s columns {ds.column_names}{hints}"]
+        )
     return ds.rename_columns(mapping) if mapping else ds
 
 
@@ -138,7 +145,7 @@ def detect_format(columns: Sequence[str], text_field: str = "text") -> str | Non
 
 
 def _rename_hints(columns: Sequence[str], wanted: Sequence[str]) -> str:
-    """"did you mean `promt` for `prompt`? (data.rename: {promt: prompt})" for each wanted column that is missing
+    """ "did you mean `promt` for `prompt`? (data.rename: {promt: prompt})" for each wanted column that is missing
     and has a near or usual-alias column present."""
     hints = []
     unused = [c for c in columns if c not in wanted]
@@ -164,9 +171,13 @@ def resolve_format(columns: Sequence[str], data: dict, trainer_type: str, key: s
     if fmt != "auto":
         missing = [c for c in _required(fmt, text_field) if c not in columns]
         if missing:
-            raise ConfigError([f"{key}: data.format {fmt} needs the column{'s' if len(missing) > 1 else ''} "
-                               f"{', '.join(f'`{c}`' for c in missing)}; the data has columns {columns}"
-                               f"{_rename_hints(columns, missing)}"])
+            raise ConfigError(
+                [
+                    f"{key}: data.format {fmt} needs the column{'s' if len(missing) > 1 else ''} "
+                    f"{', '.join(f'`{c}`' for c in missing)}; the data has columns {columns}"
+                    f"{_rename_hints(columns, missing)}"
+                ]
+            )
         return fmt
     for candidate in accepted:  # the trainer's own formats first: GRPO data may carry a `completion` column too
         if set(_required(candidate, text_field)) <= set(columns):
@@ -177,8 +188,12 @@ def resolve_format(columns: Sequence[str], data: dict, trainer_type: str, key: s
     if found is None:
         raise ConfigError([f"{key}: cannot tell the format from columns {columns}; {takes}{hints}"])
     users = [t for t, formats in FORMATS_FOR_TRAINER.items() if found in formats]
-    raise ConfigError([f"{key}: columns {columns} are {_describe_format(found, text_field).replace(' (', ' data (', 1)}"
-                       f", which trainer.type {' or '.join(users)} takes; {takes}{hints}"])
+    raise ConfigError(
+        [
+            f"{key}: columns {columns} are {_describe_format(found, text_field).replace(' (', ' data (', 1)}"
+            f", which trainer.type {' or '.join(users)} takes; {takes}{hints}"
+        ]
+    )
 
 
 def _check_reward_columns(columns: Sequence[str], rewards: Sequence[dict], key: str) -> list[str]:
@@ -187,8 +202,10 @@ def _check_reward_columns(columns: Sequence[str], rewards: Sequence[dict], key: 
         needs = REWARD_COLUMNS.get(reward["function"])
         if needs and not set(needs) & set(columns):
             others = ", ".join(f"`{c}`" for c in needs[1:])
-            errors.append(f"rewards[{i}].function: {reward['function']} reads the `{needs[0]}` (or {others}) column, "
-                          f"which {key} lacks (columns {list(columns)}){_rename_hints(columns, needs[:1])}")
+            errors.append(
+                f"rewards[{i}].function: {reward['function']} reads the `{needs[0]}` (or {others}) column, "
+                f"which {key} lacks (columns {list(columns)}){_rename_hints(columns, needs[:1])}"
+            )
     return errors
 
 
@@ -240,8 +257,10 @@ def load_datasets(data: dict, trainer_type: str, rewards: Sequence[dict] = ()) -
         if trainer_type == "grpo":
             errors.extend(_check_reward_columns(ds.column_names, rewards, key))
     if trainer_type == "sft" and data.get("train_on_responses_only") and fmt == "text":
-        errors.append("data.train_on_responses_only: plain `text` data has no response to isolate; use `messages` "
-                      "or `prompt`/`completion` data")
+        errors.append(
+            "data.train_on_responses_only: plain `text` data has no response to isolate; use `messages` "
+            "or `prompt`/`completion` data"
+        )
     if errors:
         raise ConfigError(errors)
     if evaluation is None and data.get("eval_size"):  # held out from the (already renamed) train split
@@ -259,9 +278,11 @@ def load_datasets(data: dict, trainer_type: str, rewards: Sequence[dict] = ()) -
     return Datasets(train, evaluation, fmt, conversational, template or None)
 
 
-_NO_GENERATION_MARKERS = ("data.train_on_responses_only: with `messages` data TRL masks non-assistant tokens via "
-                          "{% generation %} markers, which this chat template lacks; set data.chat_template to one "
-                          "that has them, or use prompt/completion data")
+_NO_GENERATION_MARKERS = (
+    "data.train_on_responses_only: with `messages` data TRL masks non-assistant tokens via "
+    "{% generation %} markers, which this chat template lacks; set data.chat_template to one "
+    "that has them, or use prompt/completion data"
+)
 
 
 def trainer_fields(data: dict, trainer_type: str, loaded: Datasets, tokenizer: Any) -> dict[str, Any]:
@@ -271,8 +292,12 @@ def trainer_fields(data: dict, trainer_type: str, loaded: Datasets, tokenizer: A
     if loaded.chat_template:
         tokenizer.chat_template = loaded.chat_template
     if loaded.conversational and not getattr(tokenizer, "chat_template", None):
-        raise ConfigError(["data.chat_template: the data is conversational but the tokenizer has no chat template; "
-                           "set data.chat_template to a Jinja template (string or .jinja file)"])
+        raise ConfigError(
+            [
+                "data.chat_template: the data is conversational but the tokenizer has no chat template; "
+                "set data.chat_template to a Jinja template (string or .jinja file)"
+            ]
+        )
 
     fields: dict[str, Any] = {}
     if trainer_type == "sft":

@@ -83,9 +83,18 @@ class RunStats:
         return (self.last_tokens[1] - self.first_tokens[1]) / (self.last_tokens[0] - self.first_tokens[0])
 
 
-def write_report(output_dir: str, *, title: str, summary: dict[str, Any], log_history: list[dict],
-                 stats: RunStats, trainer_type: str, patch_report: str | None, path_counts: dict,
-                 device_label: str) -> str:
+def write_report(
+    output_dir: str,
+    *,
+    title: str,
+    summary: dict[str, Any],
+    log_history: list[dict],
+    stats: RunStats,
+    trainer_type: str,
+    patch_report: str | None,
+    path_counts: dict,
+    device_label: str,
+) -> str:
     """Write ``report.md`` and the curve PNGs into ``output_dir``; returns the report path."""
     os.makedirs(output_dir, exist_ok=True)
     lines = [f"# {title}", ""]
@@ -95,16 +104,23 @@ def write_report(output_dir: str, *, title: str, summary: dict[str, Any], log_hi
     rows = dict(summary)
     rows["device"] = device_label
     rows["wall time of this session"] = f"{wall:.1f} s"
-    rows["tokens/second"] = (f"{tps:.1f} (training tokens between the first and last log of this session, "
-                             f"{device_label})" if tps is not None else "n/a (the trainer logged no num_tokens)")
+    rows["tokens/second"] = (
+        f"{tps:.1f} (training tokens between the first and last log of this session, {device_label})"
+        if tps is not None
+        else "n/a (the trainer logged no num_tokens)"
+    )
     rows["peak memory"] = f"{mem:.0f} MiB -- {mem_label}"
     lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows.items()] + [""]
 
     images = []
     loss = series(log_history, "loss")
     eval_loss = series(log_history, "eval_loss")
-    if _plot(os.path.join(output_dir, "loss.png"), f"{trainer_type.upper()} loss",
-             {"train loss": loss, "eval loss": eval_loss}, "loss"):
+    if _plot(
+        os.path.join(output_dir, "loss.png"),
+        f"{trainer_type.upper()} loss",
+        {"train loss": loss, "eval loss": eval_loss},
+        "loss",
+    ):
         images.append(("Loss", "loss.png"))
     if trainer_type == "grpo":
         reward = series(log_history, "reward")
@@ -128,8 +144,10 @@ def write_report(output_dir: str, *, title: str, summary: dict[str, Any], log_hi
 
     lines += ["## Fast paths", "", f"- model patches: {patch_report or 'none recorded'}"]
     if path_counts:
-        lines.append("- kernel calls by path (fastft.kernels.path_counts; 'torch' = the op's torch path, "
-                     "'triton' = its Triton kernel, on CPU only under the Triton interpreter):")
+        lines.append(
+            "- kernel calls by path (fastft.kernels.path_counts; 'torch' = the op's torch path, "
+            "'triton' = its Triton kernel, on CPU only under the Triton interpreter):"
+        )
         lines += [f"  - {op}: {path} x{n}" for (op, path), n in sorted(path_counts.items())]
     else:
         lines.append("- no fastft kernel calls were counted")

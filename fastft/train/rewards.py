@@ -80,8 +80,7 @@ def resolve_reward(name: str) -> Callable[..., list[float]]:
     if name in BUILTIN_REWARDS:
         return BUILTIN_REWARDS[name]
     if ":" not in name:
-        raise ValueError(f"unknown reward {name!r}: use a built-in ({', '.join(BUILTIN_REWARDS)}) "
-                         "or 'pkg.module:function'")
+        raise ValueError(f"unknown reward {name!r}: use a built-in ({', '.join(BUILTIN_REWARDS)}) or 'pkg.module:function'")
     module_name, _, attr = name.partition(":")
     try:
         module = importlib.import_module(module_name)

@@ -36,7 +36,7 @@ class RunResult:
     global_step: int
     log_history: list[dict[str, Any]]
     stopped_reason: str | None  # None: ran to the end; else why it stopped early (a checkpoint was saved)
-    checkpoint: str | None      # the checkpoint written when stopping early
+    checkpoint: str | None  # the checkpoint written when stopping early
     resumed_from: str | None
     report_path: str
     trainer_class: str
@@ -51,7 +51,7 @@ def resolve_model_name(name: str, output_dir: str) -> str:
         return os.path.expanduser(name)
     from fastft.offline import TINY_ARCHITECTURES, save_tiny_model
 
-    arch = name[len(TINY_PREFIX):] or "llama"
+    arch = name[len(TINY_PREFIX) :] or "llama"
     if arch not in TINY_ARCHITECTURES:
         raise ConfigError([f"model.name: no tiny model {arch!r}; known: {', '.join(sorted(TINY_ARCHITECTURES))}"])
     target = os.path.join(output_dir, ".fastft-tiny-model", arch)
@@ -80,8 +80,12 @@ def resolve_resume(resume: bool | str, output_dir: str) -> str | None:
         return resume
     last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
     if last is None and resume is True:
-        raise ConfigError([f"resume: no checkpoint-* directory in {output_dir!r} to resume from "
-                           "(use resume: auto to start fresh when there is none)"])
+        raise ConfigError(
+            [
+                f"resume: no checkpoint-* directory in {output_dir!r} to resume from "
+                "(use resume: auto to start fresh when there is none)"
+            ]
+        )
     return last
 
 
@@ -135,8 +139,7 @@ def _stop_on_signals(callback: Any) -> Iterator[None]:
 
     def handler(signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
-        print(f"\nfastft: received {name}; saving a checkpoint at the end of this step (send again to abort)",
-              flush=True)
+        print(f"\nfastft: received {name}; saving a checkpoint at the end of this step (send again to abort)", flush=True)
         callback.request_stop(f"signal {name}")
         signal.signal(signum, previous.get(signum, signal.SIG_DFL))
 
@@ -156,10 +159,14 @@ def _stop_on_signals(callback: Any) -> Iterator[None]:
 
 def _default_args(cfg: TrainConfig) -> dict[str, Any]:
     on_cuda = torch.cuda.is_available()
-    args: dict[str, Any] = {"output_dir": cfg.output_dir, "report_to": "none", "use_cpu": not on_cuda,
-                            # FastModel.get_peft_model owns checkpointing (offloaded on CUDA); TRL's default
-                            # of enabling it again would wrap the layers twice.
-                            "gradient_checkpointing": False}
+    args: dict[str, Any] = {
+        "output_dir": cfg.output_dir,
+        "report_to": "none",
+        "use_cpu": not on_cuda,
+        # FastModel.get_peft_model owns checkpointing (offloaded on CUDA); TRL's default
+        # of enabling it again would wrap the layers twice.
+        "gradient_checkpointing": False,
+    }
     if on_cuda:
         bf16 = torch.cuda.is_bf16_supported()
         args.update(bf16=bf16, fp16=not bf16)  # T4 (sm_75) has no bf16
@@ -210,8 +217,11 @@ def trainer_class(trainer_type: str) -> tuple[type, str]:
 
         patched = PatchFastRL(TRAINER_NAMES[trainer_type]).get(TRAINER_NAMES[trainer_type], False)
         cls = getattr(trl, name)
-        note = ("TRL's trainer with fastft's fast hooks (PatchFastRL)" if patched
-                else "TRL's trainer (PatchFastRL declined; see warning)")
+        note = (
+            "TRL's trainer with fastft's fast hooks (PatchFastRL)"
+            if patched
+            else "TRL's trainer (PatchFastRL declined; see warning)"
+        )
     except Exception as exc:  # noqa: BLE001 - any failure of the optional fast path falls back, and says so
         from fastft._log import warn_once
 
@@ -229,8 +239,14 @@ def _patch_report(model: Any) -> str | None:
     return str(report) if report is not None else None
 
 
-def run(cfg: TrainConfig, *, max_minutes: float | None = None, resume: bool | str | None = None,
-        callbacks: list[Any] | None = None, quiet: bool = False) -> RunResult:
+def run(
+    cfg: TrainConfig,
+    *,
+    max_minutes: float | None = None,
+    resume: bool | str | None = None,
+    callbacks: list[Any] | None = None,
+    quiet: bool = False,
+) -> RunResult:
     """Train as ``cfg`` says. ``max_minutes``/``resume`` override the config's; ``callbacks`` are added to the
     trainer's; ``quiet`` drops transformers' progress bar and log printing (the demo prints its own lines)."""
     from fastft.kernels import path_counts
@@ -262,8 +278,14 @@ def run(cfg: TrainConfig, *, max_minutes: float | None = None, resume: bool | st
     stats = RunStats()
     stop = make_stop_callback(max_minutes, stats)
     # `stop` goes last so it sees, in the same step, a stop requested by the callbacks before it.
-    kwargs: dict[str, Any] = dict(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                                  processing_class=tokenizer, callbacks=[*(callbacks or []), stop])
+    kwargs: dict[str, Any] = dict(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        callbacks=[*(callbacks or []), stop],
+    )
     if cfg.trainer_type == "grpo":
         kwargs["reward_funcs"] = [resolve_reward(r["function"]) for r in cfg.rewards]
     trainer = cls(**kwargs)
@@ -305,11 +327,25 @@ def run(cfg: TrainConfig, *, max_minutes: float | None = None, resume: bool | st
     if cfg.export:
         summary["export"] = ", ".join(exported) if exported else f"{cfg.export} not written (stopped early)"
     report_path = write_report(
-        cfg.output_dir, title=f"fastft {cfg.trainer_type.upper()} run report", summary=summary,
-        log_history=trainer.state.log_history, stats=stats, trainer_type=cfg.trainer_type,
-        patch_report=_patch_report(model), path_counts=counts, device_label=device,
+        cfg.output_dir,
+        title=f"fastft {cfg.trainer_type.upper()} run report",
+        summary=summary,
+        log_history=trainer.state.log_history,
+        stats=stats,
+        trainer_type=cfg.trainer_type,
+        patch_report=_patch_report(model),
+        path_counts=counts,
+        device_label=device,
     )
-    return RunResult(output_dir=cfg.output_dir, global_step=trainer.state.global_step,
-                     log_history=list(trainer.state.log_history), stopped_reason=stop.reason, checkpoint=checkpoint,
-                     resumed_from=resume_from, report_path=report_path, trainer_class=class_note,
-                     exported=exported, trainer=trainer)
+    return RunResult(
+        output_dir=cfg.output_dir,
+        global_step=trainer.state.global_step,
+        log_history=list(trainer.state.log_history),
+        stopped_reason=stop.reason,
+        checkpoint=checkpoint,
+        resumed_from=resume_from,
+        report_path=report_path,
+        trainer_class=class_note,
+        exported=exported,
+        trainer=trainer,
+    )

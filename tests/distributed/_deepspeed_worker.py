@@ -31,10 +31,12 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     model, _ = FastModel.from_pretrained(model_dir, max_seq_length=64, full_finetuning=True)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    config = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // world, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": int(os.environ.get("ZERO", "3")),
-                                    "stage3_param_persistence_threshold": 0},
-              "optimizer": {"type": "AdamW", "params": {"lr": 5e-3, "torch_adam": True}}}
+    config = {
+        "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": int(os.environ.get("ZERO", "3")), "stage3_param_persistence_threshold": 0},
+        "optimizer": {"type": "AdamW", "params": {"lr": 5e-3, "torch_adam": True}},
+    }
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     engine.train()
     head_problems: list[str | None] = []
@@ -53,8 +55,15 @@ def main() -> None:
         losses.append(float(loss))
     if rank == 0:
         with open(out, "w") as f:
-            json.dump({"losses": losses, "fused": fused, "head_problems": head_problems,
-                       "kernel_calls": {f"{a}:{b}": n for (a, b), n in path_counts.items()}}, f)
+            json.dump(
+                {
+                    "losses": losses,
+                    "fused": fused,
+                    "head_problems": head_problems,
+                    "kernel_calls": {f"{a}:{b}": n for (a, b), n in path_counts.items()},
+                },
+                f,
+            )
 
 
 if __name__ == "__main__":

@@ -54,9 +54,14 @@ def train_variant(model_dir: str, out_dir: str, opts: dict[str, str], world: int
     full = opts.get("full") == "1"
     model, _ = FastModel.from_pretrained(model_dir, max_seq_length=64, full_finetuning=full)
     if not full:
-        model = FastModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0,
-                                         target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
-                                         use_gradient_checkpointing="fastft")
+        model = FastModel.get_peft_model(
+            model,
+            r=4,
+            lora_alpha=8,
+            random_state=0,
+            target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
+            use_gradient_checkpointing="fastft",
+        )
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -88,8 +93,7 @@ def train_variant(model_dir: str, out_dir: str, opts: dict[str, str], world: int
         from fastft.patches.trl import LOSS_ONLY, _make_fast_forward
 
         add_fused_lm_head(base, temperature=1.0, cast_lm_head_to_fp32=False, outputs=("log_probs",))
-        base.forward = types.MethodType(_make_fast_forward(base.forward, temperature=1.0, outputs=(),
-                                                           cast_fp32=False), base)
+        base.forward = types.MethodType(_make_fast_forward(base.forward, temperature=1.0, outputs=(), cast_fp32=False), base)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=5e-3)
 
@@ -120,16 +124,22 @@ def train_variant(model_dir: str, out_dir: str, opts: dict[str, str], world: int
 
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \
-        if world > 1 else {k: v.detach() for k, v in model.state_dict().items()}
+    state = (
+        get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if world > 1
+        else {k: v.detach() for k, v in model.state_dict().items()}
+    )
     if rank == 0:
         from safetensors.torch import save_file
 
         os.makedirs(out_dir, exist_ok=True)
         trained = {k: v.contiguous() for k, v in state.items() if "lora_" in k or full}
         save_file(trained, os.path.join(out_dir, "trained.safetensors"))
-        facts.update(losses=losses, head_weight_seen=sorted(head_types),
-                     kernel_calls={f"{op}:{p}": n for (op, p), n in path_counts.items()})
+        facts.update(
+            losses=losses,
+            head_weight_seen=sorted(head_types),
+            kernel_calls={f"{op}:{p}": n for (op, p), n in path_counts.items()},
+        )
         with open(os.path.join(out_dir, "result.json"), "w") as f:
             json.dump(facts, f)
 

@@ -60,8 +60,14 @@ def run_task(task: str, model_dir: str, work_dir: str, opts: dict[str, str], wor
     global_batch = int(opts.get("global_batch", "4"))
     steps = int(opts.get("steps", "3"))
     model, tokenizer = FastModel.from_pretrained(model_dir, max_seq_length=64)
-    model = FastModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0, use_gradient_checkpointing="fastft",
-                                     target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])
+    model = FastModel.get_peft_model(
+        model,
+        r=4,
+        lora_alpha=8,
+        random_state=0,
+        use_gradient_checkpointing="fastft",
+        target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     if opts.get("gc") == "offload":
         # fastft's offloaded checkpointing (host copies on CPU), forced: on CPU "fastft" mode runs standard
         # checkpointing; this exercises its nested backward under DDP's gradient hooks.
@@ -70,24 +76,48 @@ def run_task(task: str, model_dir: str, work_dir: str, opts: dict[str, str], wor
         model.get_base_model()._set_gradient_checkpointing(True, offloaded_checkpoint)
         model.get_base_model().enable_input_require_grads()
     out_dir = os.path.join(work_dir, task)
-    common = dict(output_dir=out_dir, use_cpu=True, report_to="none", bf16=False, max_steps=steps,
-                  logging_steps=1, learning_rate=5e-3, seed=0, disable_tqdm=True, dataloader_num_workers=0,
-                  lr_scheduler_type="constant", per_device_train_batch_size=global_batch // world,
-                  save_strategy="steps" if opts.get("save") == "1" else "no", save_steps=steps,
-                  optim=opts.get("optim", "adamw_torch"))
+    common = dict(
+        output_dir=out_dir,
+        use_cpu=True,
+        report_to="none",
+        bf16=False,
+        max_steps=steps,
+        logging_steps=1,
+        learning_rate=5e-3,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        lr_scheduler_type="constant",
+        per_device_train_batch_size=global_batch // world,
+        save_strategy="steps" if opts.get("save") == "1" else "no",
+        save_steps=steps,
+        optim=opts.get("optim", "adamw_torch"),
+    )
     if "optim_target_modules" in opts:
         common["optim_target_modules"] = opts["optim_target_modules"].split("+")
     torch.manual_seed(0)
     if task == "sft":
         args = trl.SFTConfig(max_length=48, completion_only_loss=True, **common)
-        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(PROMPT_COMPLETION),
-                                 processing_class=tokenizer)
+        trainer = trl.SFTTrainer(
+            model=model, args=args, train_dataset=Dataset.from_list(PROMPT_COMPLETION), processing_class=tokenizer
+        )
     else:
         # one generation batch = the global batch; 2 completions per prompt
-        args = trl.GRPOConfig(max_completion_length=8, num_generations=2, temperature=1.0, beta=0.04,
-                              generation_batch_size=global_batch, **common)
-        trainer = trl.GRPOTrainer(model=model, args=args, reward_funcs=_reward_len,
-                                  train_dataset=Dataset.from_list(GRPO_PROMPTS), processing_class=tokenizer)
+        args = trl.GRPOConfig(
+            max_completion_length=8,
+            num_generations=2,
+            temperature=1.0,
+            beta=0.04,
+            generation_batch_size=global_batch,
+            **common,
+        )
+        trainer = trl.GRPOTrainer(
+            model=model,
+            args=args,
+            reward_funcs=_reward_len,
+            train_dataset=Dataset.from_list(GRPO_PROMPTS),
+            processing_class=tokenizer,
+        )
     trainer.train()
     trainer.accelerator.wait_for_everyone()
     from fastft.patches.trl import patched_algorithm

@@ -67,7 +67,8 @@ def _accelerate_ddp_config(path: Path, num_processes: int = 2) -> Path:
         f"num_processes: {num_processes}\n"
         "num_machines: 1\nmachine_rank: 0\nmain_process_ip: 127.0.0.1\n"
         f"main_process_port: {_free_port()}\n"
-        "use_cpu: false\nmixed_precision: 'no'\n")
+        "use_cpu: false\nmixed_precision: 'no'\n"
+    )
     return path
 
 
@@ -76,8 +77,13 @@ def _ranks(prefix: Path, world: int) -> list[dict]:
 
 
 def _close(a, b, what: str, rtol: float = 1e-5, atol: float = 1e-6) -> None:
-    torch.testing.assert_close(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64),
-                               rtol=rtol, atol=atol, msg=lambda m: f"{what}: {a} vs {b}\n{m}")
+    torch.testing.assert_close(
+        torch.tensor(a, dtype=torch.float64),
+        torch.tensor(b, dtype=torch.float64),
+        rtol=rtol,
+        atol=atol,
+        msg=lambda m: f"{what}: {a} vs {b}\n{m}",
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -98,8 +104,7 @@ def model_dir(work) -> str:
 @pytest.fixture(scope="module")
 def sft_single(work, model_dir) -> dict:
     out = work / "sft1.json"
-    _run([sys.executable, str(HERE / "_worker.py"), "sft", model_dir, str(out), str(work / "sft1")],
-         work / "sft1.log")
+    _run([sys.executable, str(HERE / "_worker.py"), "sft", model_dir, str(out), str(work / "sft1")], work / "sft1.log")
     return _ranks(out, 1)[0]["sft"]
 
 
@@ -109,8 +114,22 @@ def ddp(work, model_dir) -> list[dict]:
     cfg = _accelerate_ddp_config(work / "ddp.yaml")
     out = work / "ddp.json"
     accelerate = str(Path(sys.executable).parent / "accelerate")
-    _run([accelerate, "launch", "--config_file", str(cfg), str(HERE / "_worker.py"), "sft+grpo+grpo_trl", model_dir,
-          str(out), str(work / "ddp"), "gc=offload", "save=1"], work / "ddp.log")
+    _run(
+        [
+            accelerate,
+            "launch",
+            "--config_file",
+            str(cfg),
+            str(HERE / "_worker.py"),
+            "sft+grpo+grpo_trl",
+            model_dir,
+            str(out),
+            str(work / "ddp"),
+            "gc=offload",
+            "save=1",
+        ],
+        work / "ddp.log",
+    )
     return _ranks(out, 2)
 
 
@@ -120,16 +139,29 @@ FSDP_VARIANTS = ["lora:gc=offload", "full:full=1,shard_head=1", "trl:full=1,shar
 @pytest.fixture(scope="module")
 def fsdp_single(work, model_dir) -> Path:
     out = work / "fsdp1"
-    _run([sys.executable, str(HERE / "_fsdp_worker.py"), model_dir, str(out), "lora:", "full:full=1"],
-         work / "fsdp1.log")
+    _run([sys.executable, str(HERE / "_fsdp_worker.py"), model_dir, str(out), "lora:", "full:full=1"], work / "fsdp1.log")
     return out
 
 
 @pytest.fixture(scope="module")
 def fsdp_two(work, model_dir) -> Path:
     out = work / "fsdp2"
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-          str(_free_port()), str(HERE / "_fsdp_worker.py"), model_dir, str(out), *FSDP_VARIANTS], work / "fsdp2.log")
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            str(HERE / "_fsdp_worker.py"),
+            model_dir,
+            str(out),
+            *FSDP_VARIANTS,
+        ],
+        work / "fsdp2.log",
+    )
     return out
 
 
@@ -235,8 +267,14 @@ def test_fsdp2_checkpoint_reloads_in_one_process(fsdp_single, fsdp_two, model_di
     from fastft.model import FastModel
 
     model, _ = FastModel.from_pretrained(model_dir, max_seq_length=64)
-    model = FastModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0, use_gradient_checkpointing=False,
-                                     target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])
+    model = FastModel.get_peft_model(
+        model,
+        r=4,
+        lora_alpha=8,
+        random_state=0,
+        use_gradient_checkpointing=False,
+        target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     saved = _trained(fsdp_two, "lora")
     missing, unexpected = model.load_state_dict(saved, strict=False)
     assert not unexpected, unexpected
@@ -259,10 +297,20 @@ def test_galore_layerwise_refuses_ddp():
     from fastft.offline import build_tiny_model
     from fastft.optim import create_optimizer
 
-    args = types.SimpleNamespace(optim="galore_adamw_layerwise", gradient_accumulation_steps=1, world_size=2,
-                                 fp16=False, max_grad_norm=0.0, learning_rate=1e-3, weight_decay=0.0,
-                                 adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, optim_args=None,
-                                 optim_target_modules=["mlp"])
+    args = types.SimpleNamespace(
+        optim="galore_adamw_layerwise",
+        gradient_accumulation_steps=1,
+        world_size=2,
+        fp16=False,
+        max_grad_norm=0.0,
+        learning_rate=1e-3,
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        optim_args=None,
+        optim_target_modules=["mlp"],
+    )
     with pytest.raises(ValueError, match="not supported under DDP/FSDP.*world_size=2"):
         create_optimizer(build_tiny_model("llama"), args)
 
@@ -304,11 +352,39 @@ def test_fastft_train_cli_under_accelerate_launch_matches_one_process(work, mode
     cfg = _accelerate_ddp_config(work / "ddp_cli.yaml")
     accelerate = str(Path(sys.executable).parent / "accelerate")
     two, one = work / "cli2", work / "cli1"
-    _run([accelerate, "launch", "--config_file", str(cfg), "-m", "fastft", "train", config,
-          "--set", f"output_dir={two}", "--set", f"model.name={model_dir}"], work / "cli2.log")
-    _run([sys.executable, "-m", "fastft", "train", config, "--set", f"output_dir={one}",
-          "--set", f"model.name={model_dir}",
-          "--set", "trainer.per_device_train_batch_size=8"], work / "cli1.log")
+    _run(
+        [
+            accelerate,
+            "launch",
+            "--config_file",
+            str(cfg),
+            "-m",
+            "fastft",
+            "train",
+            config,
+            "--set",
+            f"output_dir={two}",
+            "--set",
+            f"model.name={model_dir}",
+        ],
+        work / "cli2.log",
+    )
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "fastft",
+            "train",
+            config,
+            "--set",
+            f"output_dir={one}",
+            "--set",
+            f"model.name={model_dir}",
+            "--set",
+            "trainer.per_device_train_batch_size=8",
+        ],
+        work / "cli1.log",
+    )
     losses_two, losses_one = _report_losses(two), _report_losses(one)
     assert len(losses_two) == len(losses_one) == 6
     _close(losses_two, losses_one, "report losses (printed to 4 digits)", rtol=0, atol=1.5e-3)
@@ -330,8 +406,18 @@ def test_deepspeed_zero3_fused_loss_matches_zero0(work, model_dir):
     results = {}
     for stage in (0, 3):
         out = work / f"zero{stage}.json"
-        env_cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                   str(_free_port()), str(HERE / "_deepspeed_worker.py"), model_dir, str(out)]
+        env_cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            str(HERE / "_deepspeed_worker.py"),
+            model_dir,
+            str(out),
+        ]
         os.environ["ZERO"] = str(stage)
         try:
             _run(env_cmd, work / f"zero{stage}.log")

@@ -25,7 +25,7 @@ def file_fields(path: str) -> tuple[str, dict]:
 
     reader = gguf.GGUFReader(path)
     arch = reader.fields["general.architecture"].contents()
-    return arch, {k[len(arch) + 1:]: f.contents() for k, f in reader.fields.items() if k.startswith(arch + ".")}
+    return arch, {k[len(arch) + 1 :]: f.contents() for k, f in reader.fields.items() if k.startswith(arch + ".")}
 
 
 def read_back(model_type: str, path: str) -> torch.nn.Module:
@@ -46,10 +46,12 @@ def read_back(model_type: str, path: str) -> torch.nn.Module:
     if "expert_feed_forward_length" in fields:  # qwen3moe's reader keeps the config default (768)
         extra["moe_intermediate_size"] = fields["expert_feed_forward_length"]
     if "attention.sliding_window_pattern" in fields:
-        extra["layer_types"] = ["sliding_attention" if s else "full_attention"
-                                for s in fields["attention.sliding_window_pattern"]]
-    return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                dtype=torch.float32, **extra).eval()
+        extra["layer_types"] = [
+            "sliding_attention" if s else "full_attention" for s in fields["attention.sliding_window_pattern"]
+        ]
+    return AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32, **extra
+    ).eval()
 
 
 def _read_back_by_names(model_type: str, path: str) -> torch.nn.Module:
@@ -95,19 +97,30 @@ def build_sentencepiece_tokenizer(vocab_size: int = 384):
     byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
     trainer_tok = Tokenizer(models.BPE(unk_token="<unk>"))
     trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=True)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(byte_tokens), special_tokens=specials,
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(byte_tokens), special_tokens=specials, show_progress=False)
     trainer_tok.train_from_iterator(_CORPUS * 20, trainer=trainer)
     trained = json.loads(trainer_tok.to_str())["model"]
-    ordered = specials + byte_tokens + [t for t, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1])
-                                        if t not in specials]
-    bpe = models.BPE(vocab={t: i for i, t in enumerate(ordered)}, merges=[tuple(m) for m in trained["merges"]],
-                     unk_token="<unk>", byte_fallback=True, fuse_unk=True)
+    ordered = (
+        specials + byte_tokens + [t for t, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]) if t not in specials]
+    )
+    bpe = models.BPE(
+        vocab={t: i for i, t in enumerate(ordered)},
+        merges=[tuple(m) for m in trained["merges"]],
+        unk_token="<unk>",
+        byte_fallback=True,
+        fuse_unk=True,
+    )
     tok = Tokenizer(bpe)
     tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
-    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                      additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
     wrapped.chat_template = CHAT_TEMPLATE
     return wrapped

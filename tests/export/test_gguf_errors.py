@@ -36,11 +36,14 @@ def test_architecture_llama_cpp_lacks_or_fastft_does_not_map(tmp_path):
     _assert_nothing_written(tmp_path / "out")
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}, "RoPE scaling 'dynamic'"),
-    ({"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0}, "use_sliding_window=True"),
-    ({"hidden_act": "gelu"}, "activation 'gelu'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}, "RoPE scaling 'dynamic'"),
+        ({"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0}, "use_sliding_window=True"),
+        ({"hidden_act": "gelu"}, "activation 'gelu'"),
+    ],
+)
 def test_config_llama_cpp_would_compute_differently(tmp_path, change, message):
     with pytest.raises(ExportError, match=message):
         save_gguf(build_tiny_model("qwen2", **change), str(tmp_path / "out"), build_tokenizer(), "f16")
@@ -49,11 +52,9 @@ def test_config_llama_cpp_would_compute_differently(tmp_path, change, message):
 
 def test_untied_gemma_and_odd_query_scale_refused(tmp_path):
     with pytest.raises(ExportError, match="untied lm_head"):
-        save_gguf(build_tiny_model("gemma", tie_word_embeddings=False), str(tmp_path / "out"), build_tokenizer(),
-                  "f16")
+        save_gguf(build_tiny_model("gemma", tie_word_embeddings=False), str(tmp_path / "out"), build_tokenizer(), "f16")
     with pytest.raises(ExportError, match="query_pre_attn_scalar=32"):
-        save_gguf(build_tiny_model("gemma2", query_pre_attn_scalar=32), str(tmp_path / "out"), build_tokenizer(),
-                  "f16")
+        save_gguf(build_tiny_model("gemma2", query_pre_attn_scalar=32), str(tmp_path / "out"), build_tokenizer(), "f16")
     _assert_nothing_written(tmp_path / "out")
 
 
@@ -71,8 +72,12 @@ def test_tokenizer_llama_cpp_cannot_represent(tmp_path):
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 
     tok = build_tokenizer()
-    split = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\d|\D+"), "isolated"),
-                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    split = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"\d|\D+"), "isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     cases = [
         (_tokenizer_with(tok, pre_tokenizer=split), r"split regex '\\\\d\|\\\\D\+' is not one llama.cpp names"),
         (_tokenizer_with(tok, normalizer=normalizers.Lowercase()), "normalizer 'Lowercase' cannot be represented"),
@@ -130,8 +135,9 @@ def test_modelfile_content(tmp_path):
     lines = text.splitlines()
     assert lines[0] == f"FROM ./{os.path.basename(path)}"
     template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
-    assert template == ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
-                        "<|im_start|>assistant\n")
+    assert template == (
+        "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+    )
     assert [line for line in lines if line.startswith("PARAMETER stop")] == ['PARAMETER stop "<|im_end|>"']
     assert "PARAMETER temperature" not in text  # greedy by default: no sampling defaults invented
 
@@ -169,8 +175,13 @@ def test_sentencepiece_tokenizer_round_trip(tmp_path):
     types = fields["tokenizer.ggml.token_type"].contents()
     assert types[tok.convert_tokens_to_ids("<0x0A>")] == 6 and types[tok.unk_token_id] == 2
     back = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=os.path.basename(path))
-    for text in ["The quick brown fox jumps over the lazy dog.", "plain ASCII, 12 + 7 = 19.", "  two  spaces",
-                 "héllo wörld – ünïcode 日本語 🙂", "<|im_start|>user\nhi<|im_end|>"]:
+    for text in [
+        "The quick brown fox jumps over the lazy dog.",
+        "plain ASCII, 12 + 7 = 19.",
+        "  two  spaces",
+        "héllo wörld – ünïcode 日本語 🙂",
+        "<|im_start|>user\nhi<|im_end|>",
+    ]:
         assert back(text)["input_ids"] == tok(text)["input_ids"], text
     assert file_fields(path)[0] == "llama"
 
@@ -228,7 +239,11 @@ def test_modelfile_template_renders_like_the_chat_template(tmp_path):
     tok = build_tokenizer()
     save_gguf(build_tiny_model("llama"), str(tmp_path), tok, "f16")
     template = (tmp_path / "Modelfile").read_text().split('TEMPLATE """', 1)[1].split('"""', 1)[0]
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "12 plus 7?"},
-                {"role": "assistant", "content": "19"}, {"role": "user", "content": "and 8 more?"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "12 plus 7?"},
+        {"role": "assistant", "content": "19"},
+        {"role": "user", "content": "and 8 more?"},
+    ]
     want = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert _render_go(template, messages) == want

@@ -34,6 +34,7 @@ def _require_llama_cpp():
     pytest.importorskip("gguf")
     llama_cpp = pytest.importorskip("llama_cpp", reason="needs the fastft[gguf] extra (llama-cpp-python)")
 
+
 #: max |logit difference| / max |logit| vs the merged fp32 model, llama.cpp CPU backend. Measured maxima over the
 #: rows (docs/EXPORT.md): f32 0.072% (llama.cpp keeps the KV cache in f16), f16 0.12%, q8_0 3.1%; k-quants on the
 #: 256-wide llama: q6_k 4.2%, q5_k_m 8.7%, q4_k_m 17.9% (tiny random models: small logits, so large relative figures).
@@ -111,11 +112,19 @@ def test_greedy_generation_equals_transformers_f16(model_type, tmp_path):
 def test_llama_cpp_tokenization_equals_hf(kind, tmp_path):
     tok = build_tokenizer() if kind == "byte-level" else build_sentencepiece_tokenizer()
     llm = _load(save_gguf(build_tiny_model("llama"), str(tmp_path), tok, "f16"))
-    chat = tok.apply_chat_template([{"role": "system", "content": "Be brief."},
-                                    {"role": "user", "content": "hi, 12 plus 7?"}], tokenize=False,
-                                   add_generation_prompt=True)
-    texts = ["plain ASCII text, 12 + 7 = 19.", "The quick brown fox jumps over the lazy dog.", "  two  spaces\n\nnl",
-             "héllo wörld – ünïcode 日本語 🙂", "<|im_start|>user\nhi<|im_end|>", chat]
+    chat = tok.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi, 12 plus 7?"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    texts = [
+        "plain ASCII text, 12 + 7 = 19.",
+        "The quick brown fox jumps over the lazy dog.",
+        "  two  spaces\n\nnl",
+        "héllo wörld – ünïcode 日本語 🙂",
+        "<|im_start|>user\nhi<|im_end|>",
+        chat,
+    ]
     for text in texts:
         want = tok(text)["input_ids"]
         got = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
@@ -133,8 +142,9 @@ def test_llama_cpp_tokenization_equals_hf(kind, tmp_path):
 @pytest.mark.parametrize("quantization", ["q4_k_m", "q5_k_m", "q6_k"])
 def test_k_quants_by_llama_cpp(quantization, tmp_path):
     tok = build_tokenizer()
-    model = build_tiny_model("llama", hidden_size=256, intermediate_size=512, num_attention_heads=4,
-                             num_key_value_heads=2, head_dim=64)
+    model = build_tiny_model(
+        "llama", hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64
+    )
     path = save_gguf(model, str(tmp_path), tok, quantization)
     assert os.path.basename(path) == f"model.{quantization.upper()}.gguf"
     assert sorted(os.listdir(tmp_path)) == ["Modelfile", os.path.basename(path)]  # the F16 staging file is gone

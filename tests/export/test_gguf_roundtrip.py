@@ -66,8 +66,14 @@ def test_llama3_rope_scaling_written_as_llama_cpp_frequency_factors(tmp_path):
     import numpy as np
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
     model = build_tiny_model("llama", rope_parameters=rope, max_position_embeddings=1024)
     path = save_gguf(model, str(tmp_path), build_tokenizer(), "f16")
     tensor = next(t for t in gguf.GGUFReader(path).tensors if t.name == "rope_freqs.weight")
@@ -127,10 +133,10 @@ def test_tokenizer_round_trip(tmp_path):
     tok = build_tokenizer()
     path = save_gguf(build_tiny_model("qwen2"), str(tmp_path), tok, "q8_0")
     back = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=os.path.basename(path))
-    chat = tok.apply_chat_template([{"role": "user", "content": "hi, 12 plus 7?"}], tokenize=False,
-                                   add_generation_prompt=True)
-    for text in ["plain ASCII text, 12 + 7 = 19.", "héllo wörld – ünïcode 日本語 🙂", "<|im_start|>user<|im_end|>",
-                 chat]:
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "hi, 12 plus 7?"}], tokenize=False, add_generation_prompt=True
+    )
+    for text in ["plain ASCII text, 12 + 7 = 19.", "héllo wörld – ünïcode 日本語 🙂", "<|im_start|>user<|im_end|>", chat]:
         assert back(text)["input_ids"] == tok(text)["input_ids"], text
         assert back.decode(tok(text)["input_ids"]) == tok.decode(tok(text)["input_ids"])
     assert back.eos_token == tok.eos_token and back.bos_token == tok.bos_token
@@ -147,17 +153,25 @@ def test_chat_template_stored_without_transformers_only_tags(tmp_path):
 
 
 def test_rope_scaling_and_mistral_window_keys(tmp_path):
-    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 1024,
-            "beta_fast": 16.0}
-    _, fields = file_fields(save_gguf(build_tiny_model("qwen2", rope_parameters=yarn), str(tmp_path / "y"),
-                                      build_tokenizer(), "f16"))
+    yarn = {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 1024,
+        "beta_fast": 16.0,
+    }
+    _, fields = file_fields(
+        save_gguf(build_tiny_model("qwen2", rope_parameters=yarn), str(tmp_path / "y"), build_tokenizer(), "f16")
+    )
     assert (fields["rope.scaling.type"], fields["rope.scaling.factor"]) == ("yarn", 4.0)
     assert fields["rope.scaling.original_context_length"] == 1024 and fields["rope.scaling.yarn_beta_fast"] == 16.0
     assert "rope.scaling.yarn_beta_slow" not in fields  # not in the config: llama.cpp's default is transformers'
     linear = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
-    _, fields = file_fields(save_gguf(build_tiny_model("llama", rope_parameters=linear), str(tmp_path / "l"),
-                                      build_tokenizer(), "f16"))
+    _, fields = file_fields(
+        save_gguf(build_tiny_model("llama", rope_parameters=linear), str(tmp_path / "l"), build_tokenizer(), "f16")
+    )
     assert (fields["rope.scaling.type"], fields["rope.scaling.factor"]) == ("linear", 2.0)
-    _, fields = file_fields(save_gguf(build_tiny_model("mistral", sliding_window=64), str(tmp_path / "m"),
-                                      build_tokenizer(), "f16"))
+    _, fields = file_fields(
+        save_gguf(build_tiny_model("mistral", sliding_window=64), str(tmp_path / "m"), build_tokenizer(), "f16")
+    )
     assert fields["context_length"] == 64  # llama.cpp's llama arch attends fully: equal only up to the window

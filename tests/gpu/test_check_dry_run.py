@@ -13,8 +13,14 @@ REPO = Path(__file__).resolve().parents[2]
 def test_gpu_check_dry_run_end_to_end(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST") and k != "FASTFT_TEST_DEVICE"}
     env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run([str(REPO / "benchmarks/gpu/check.sh"), str(tmp_path), "--dry-run"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [str(REPO / "benchmarks/gpu/check.sh"), str(tmp_path), "--dry-run"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "results.json").read_text())
     report = (tmp_path / "report.md").read_text()

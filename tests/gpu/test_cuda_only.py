@@ -88,9 +88,18 @@ def test_memory_model_peak_within_5_percent_of_cuda_peak(variant, tokens):
 
     from fastft.memory.step_model import StepModel, StepSpec
 
-    cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                      num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=8192,
-                      tie_word_embeddings=False, rms_norm_eps=1e-5)
+    cfg = LlamaConfig(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+    )
     spec = StepSpec(variant=variant, lora_r=16, load_in_4bit=True, optim="adamw")
     modeled = StepModel(cfg, spec, device="meta").step(tokens)
     torch.cuda.empty_cache()
@@ -104,7 +113,8 @@ def test_memory_model_peak_within_5_percent_of_cuda_peak(variant, tokens):
     assert modeled.peak_bytes > resident * 0.5
     assert abs(modeled.peak_bytes - measured) <= 0.05 * measured, (
         f"modeled {modeled.peak_bytes / 2**30:.3f} GiB vs measured {measured / 2**30:.3f} GiB "
-        f"(resident before the step {resident / 2**30:.3f} GiB); breakdown {modeled.breakdown}")
+        f"(resident before the step {resident / 2**30:.3f} GiB); breakdown {modeled.breakdown}"
+    )
 
 
 def test_fp16_gradscaler_step_as_on_a_t4(tmp_path):

@@ -112,8 +112,7 @@ def test_cross_entropy_8b_vocab(softcap):
     before = path_counts[("cross_entropy", "triton")]
     (loss,), (dx,) = _grads(lambda a: cross_entropy(a, labels, softcap=softcap), (logits,), torch.tensor(1.0))
     _ran("cross_entropy", before)
-    (ref,), (dx_ref,) = _grads(lambda a: cross_entropy_reference(a, labels, softcap=softcap), (logits,),
-                               torch.tensor(1.0))
+    (ref,), (dx_ref,) = _grads(lambda a: cross_entropy_reference(a, labels, softcap=softcap), (logits,), torch.tensor(1.0))
     assert_close(loss, ref, FORWARD, torch.float32, "loss")
     assert_close(*_scaled(dx, dx_ref), BACKWARD, BF16, "dlogits")
 
@@ -151,8 +150,7 @@ def test_selective_log_softmax_8b():
     ids = torch.randint(0, VOCAB, (tokens,), device="cuda")
     dy = torch.randn(tokens, device="cuda")
     (lp,), (dh,) = _grads(lambda h: selective_log_softmax(h, weight, ids, temperature=0.7), (hidden,), dy)
-    (lp_ref,), (dh_ref,) = _grads(lambda h: selective_log_softmax_reference(h, weight, ids, temperature=0.7),
-                                  (hidden,), dy)
+    (lp_ref,), (dh_ref,) = _grads(lambda h: selective_log_softmax_reference(h, weight, ids, temperature=0.7), (hidden,), dy)
     assert_close(lp, lp_ref, FORWARD, torch.float32, "logprobs")
     assert_close(*_scaled(dh, dh_ref), BACKWARD, BF16, "dhidden")
 

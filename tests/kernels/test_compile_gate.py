@@ -9,7 +9,10 @@ def test_every_kernel_compiles_for_t4_a100_h100():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
         [sys.executable, "-m", "fastft.kernels.compile_check", "--arch", "75,80,90"],
-        capture_output=True, text=True, env=env, timeout=900,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
     )
     print(proc.stdout[-20000:])
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
@@ -24,7 +27,7 @@ def test_compile_gate_reports_a_broken_kernel(tmp_path):
     """The gate must fail on a kernel that cannot compile (a loop-carried variable that changes dtype), which the
     interpreter accepts. (tl.dot with K < 16 no longer serves: triton 3.9 compiles it.)"""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = r'''
+    code = r"""
 import sys, torch, triton, triton.language as tl
 from fastft.kernels import compile_check, _launch
 
@@ -44,7 +47,7 @@ sys.modules["broken_kernels"] = mod
 rows = compile_check.run([80], ["broken_kernels"])
 print(compile_check.format_table(rows))
 sys.exit(0 if rows and not rows[0].ok else 3)
-'''
+"""
     script = tmp_path / "broken.py"  # triton needs kernel source in a real file
     script.write_text(code)
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)

@@ -44,7 +44,9 @@ def test_triton_matches_reference(case, dtype):
     before = path_counts[("cross_entropy", "triton")], path_counts[("cross_entropy_backward", "triton")]
     loss, dx = _run(cross_entropy, logits, labels, **kw)
     assert (path_counts[("cross_entropy", "triton")], path_counts[("cross_entropy_backward", "triton")]) == (
-        before[0] + 1, before[1] + 1), "the Triton kernels did not run"
+        before[0] + 1,
+        before[1] + 1,
+    ), "the Triton kernels did not run"
     ref, dx_ref = _run(cross_entropy_reference, logits, labels, **kw)
     assert loss.dtype == torch.float32 and dx.dtype == dtype
     # both sides see the same input-dtype logits upcast to fp32, so the loss is fp32-accurate in every dtype
@@ -142,8 +144,13 @@ def test_gradient_never_overwrites_the_callers_logits():
 
 
 @settings(max_examples=15, deadline=None)
-@given(rows=st.integers(1, 5), vocab=st.integers(1, 5000), dtype=st.sampled_from(DTYPES),
-       softcap=st.sampled_from([None, 15.0]), scale=st.sampled_from([None, 0.3]))
+@given(
+    rows=st.integers(1, 5),
+    vocab=st.integers(1, 5000),
+    dtype=st.sampled_from(DTYPES),
+    softcap=st.sampled_from([None, 15.0]),
+    scale=st.sampled_from([None, 0.3]),
+)
 def test_fuzz(rows, vocab, dtype, softcap, scale):
     logits = (torch.randn(rows, vocab) * 3).to(dtype)
     labels = torch.randint(0, vocab, (rows,))
@@ -198,8 +205,7 @@ def test_fake_impl_traces_on_meta_and_under_compile():
     loss.backward()
     assert loss.shape == () and loss.device.type == "meta" and x.grad.shape == x.shape
 
-    compiled = torch.compile(lambda a, b: cross_entropy(a, b, logit_scale=0.5) * 2, backend="aot_eager",
-                             fullgraph=True)
+    compiled = torch.compile(lambda a, b: cross_entropy(a, b, logit_scale=0.5) * 2, backend="aot_eager", fullgraph=True)
     a = torch.randn(3, 40, requires_grad=True)
     b = torch.randint(0, 40, (3,))
     out = compiled(a, b)
@@ -252,8 +258,12 @@ def test_loss_options_match_torch(case, dtype, path):
     """F.cross_entropy(weight=, label_smoothing=) + the z-loss term is the oracle, forward and backward."""
     rows, vocab, smoothing, z_scale, weighted, softcap = case
     logits, labels = _inputs(rows, vocab, dtype)
-    kw = dict(label_smoothing=smoothing, lse_square_scale=z_scale, softcap=softcap,
-              class_weight=_class_weight(vocab) if weighted else None)
+    kw = dict(
+        label_smoothing=smoothing,
+        lse_square_scale=z_scale,
+        softcap=softcap,
+        class_weight=_class_weight(vocab) if weighted else None,
+    )
     for reduction in ("mean", "sum", "none"):
         dloss = torch.randn(rows) if reduction == "none" else torch.tensor(0.37)
         with force_path(path):
@@ -281,13 +291,23 @@ def test_loss_options_with_n_items_and_all_ignored():
 
 
 @settings(max_examples=10, deadline=None)
-@given(rows=st.integers(1, 5), vocab=st.integers(1, 5000), smoothing=st.sampled_from([0.0, 0.05, 1.0]),
-       z_scale=st.sampled_from([0.0, 1e-4]), weighted=st.booleans(), reduction=st.sampled_from(["mean", "sum"]))
+@given(
+    rows=st.integers(1, 5),
+    vocab=st.integers(1, 5000),
+    smoothing=st.sampled_from([0.0, 0.05, 1.0]),
+    z_scale=st.sampled_from([0.0, 1e-4]),
+    weighted=st.booleans(),
+    reduction=st.sampled_from(["mean", "sum"]),
+)
 def test_fuzz_options(rows, vocab, smoothing, z_scale, weighted, reduction):
     logits = torch.randn(rows, vocab) * 3
     labels = torch.randint(0, vocab, (rows,))
-    kw = dict(label_smoothing=smoothing, lse_square_scale=z_scale, reduction=reduction,
-              class_weight=_class_weight(vocab) if weighted else None)
+    kw = dict(
+        label_smoothing=smoothing,
+        lse_square_scale=z_scale,
+        reduction=reduction,
+        class_weight=_class_weight(vocab) if weighted else None,
+    )
     loss, dx = _run(cross_entropy, logits, labels, **kw)
     ref, dx_ref = _run(cross_entropy_reference, logits, labels, **kw)
     assert_close(loss, ref, FORWARD, torch.float32, "loss")

@@ -35,10 +35,16 @@ def _cases():
     offsets = torch.tensor([0, 4, 4, 9])
     return {
         "cross_entropy": ("fastft.cross_entropy_", (h @ w.T,), lambda z: cross_entropy(z, labels, label_smoothing=0.1)),
-        "linear_cross_entropy": ("fastft.linear_cross_entropy_chunks", (h, w),
-                                 lambda a, b: linear_cross_entropy(a, b, labels, softcap=5.0)),
-        "selective_log_softmax": ("fastft.linear_cross_entropy_chunks", (h.view(3, 4, 16), w),
-                                  lambda a, b: selective_log_softmax(a, b, labels.clamp(min=0).view(3, 4)).sum()),
+        "linear_cross_entropy": (
+            "fastft.linear_cross_entropy_chunks",
+            (h, w),
+            lambda a, b: linear_cross_entropy(a, b, labels, softcap=5.0),
+        ),
+        "selective_log_softmax": (
+            "fastft.linear_cross_entropy_chunks",
+            (h.view(3, 4, 16), w),
+            lambda a, b: selective_log_softmax(a, b, labels.clamp(min=0).view(3, 4)).sum(),
+        ),
         "grouped_gemm": ("fastft.grouped_gemm_", (xg, wg), lambda a, b: grouped_gemm(a, b, offsets).square().sum()),
     }
 

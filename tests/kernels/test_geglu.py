@@ -77,7 +77,8 @@ def test_ops_do_not_modify_inputs():
 @pytest.mark.parametrize("approximate", APPROX)
 def test_inplace_backward_matches(approximate):
     (dx_in, unchanged_in), (dx_out, unchanged_out), (dx_ref, _) = _inplace_case(
-        geglu, geglu_reference, approximate=approximate)
+        geglu, geglu_reference, approximate=approximate
+    )
     assert not unchanged_in and unchanged_out
     torch.testing.assert_close(dx_in, dx_out, rtol=0, atol=0)
     assert_close(dx_in, dx_ref, BACKWARD, torch.float32)

@@ -83,8 +83,7 @@ def test_reductions_with_upstream_gradient(reduction, path):
     h, w, b, labels = _inputs((2, 3), 32, 3001, torch.float32, bias=True)
     dloss = torch.randn(2, 3) if reduction == "none" else torch.tensor(0.37)
     with force_path(path):
-        loss, grads = _run(linear_cross_entropy, h, w, b, labels, dloss, reduction=reduction, softcap=20.0,
-                           chunk_size=4)
+        loss, grads = _run(linear_cross_entropy, h, w, b, labels, dloss, reduction=reduction, softcap=20.0, chunk_size=4)
     ref, ref_grads = _run(linear_cross_entropy_reference, h, w, b, labels, dloss, reduction=reduction, softcap=20.0)
     assert loss.shape == ref.shape
     assert_close(loss, ref, FORWARD, torch.float32, "loss")
@@ -252,8 +251,9 @@ def test_fake_impl_traces_on_meta_and_under_compile():
     loss.backward()
     assert loss.device.type == "meta" and h.grad.shape == h.shape and w.grad.shape == w.shape
 
-    compiled = torch.compile(lambda a, b, c: linear_cross_entropy(a, b, c, chunk_size=2) * 2, backend="aot_eager",
-                             fullgraph=True)
+    compiled = torch.compile(
+        lambda a, b, c: linear_cross_entropy(a, b, c, chunk_size=2) * 2, backend="aot_eager", fullgraph=True
+    )
     a = torch.randn(5, 16, requires_grad=True)
     b = torch.randn(40, 16, requires_grad=True)
     c = torch.randint(0, 40, (5,))
@@ -303,8 +303,9 @@ OPTION_CASES = [
 
 # The per-row option math is cross_entropy's (tested there in every dtype); here each case runs in fp32 on both paths,
 # and the case with every option in every dtype under the interpreter (the interpreter is what costs time).
-OPTION_RUNS = ([(case, torch.float32, path) for case in OPTION_CASES for path in ("triton", "torch")]
-               + [(OPTION_CASES[-1], dtype, "triton") for dtype in (torch.bfloat16, torch.float16)])
+OPTION_RUNS = [(case, torch.float32, path) for case in OPTION_CASES for path in ("triton", "torch")] + [
+    (OPTION_CASES[-1], dtype, "triton") for dtype in (torch.bfloat16, torch.float16)
+]
 
 
 @pytest.mark.parametrize("case,dtype,path", OPTION_RUNS, ids=str)
@@ -312,14 +313,17 @@ def test_loss_options_match_torch(case, dtype, path):
     """F.cross_entropy(weight=, label_smoothing=) + z-loss on the full logits is the oracle, every reduction."""
     lead, hidden, vocab, bias, smoothing, z_scale, weighted, softcap, chunk = case
     h, w, b, labels = _inputs(lead, hidden, vocab, dtype, bias)
-    kw = dict(label_smoothing=smoothing, lse_square_scale=z_scale, softcap=softcap,
-              class_weight=(torch.rand(vocab) * 2 + 0.1) if weighted else None)
+    kw = dict(
+        label_smoothing=smoothing,
+        lse_square_scale=z_scale,
+        softcap=softcap,
+        class_weight=(torch.rand(vocab) * 2 + 0.1) if weighted else None,
+    )
     for reduction in ("mean", "sum", "none"):
         dloss = torch.randn(lead) if reduction == "none" else torch.tensor(0.37)
         with force_path(path):
             before = path_counts[("cross_entropy", path)]
-            loss, grads = _run(linear_cross_entropy, h, w, b, labels, dloss, reduction=reduction, chunk_size=chunk,
-                               **kw)
+            loss, grads = _run(linear_cross_entropy, h, w, b, labels, dloss, reduction=reduction, chunk_size=chunk, **kw)
             assert path_counts[("cross_entropy", path)] > before
         ref, ref_grads = _run(linear_cross_entropy_reference, h, w, b, labels, dloss, reduction=reduction, **kw)
         assert loss.shape == ref.shape
@@ -351,8 +355,9 @@ def test_token_stats_equal_full_logits_in_the_same_pass(dtype, path):
     labels[0, 3] = (h[0, 3].float() @ w.float().T + b.float()).argmax()  # a sure top-1 hit
     with force_path(path):
         before = chunk_counts["chunks"]
-        out, grads = _run(lambda *a, **k: linear_cross_entropy(*a, **k, return_token_stats=True).loss, h, w, b,
-                          labels, chunk_size=8)
+        out, grads = _run(
+            lambda *a, **k: linear_cross_entropy(*a, **k, return_token_stats=True).loss, h, w, b, labels, chunk_size=8
+        )
         stats = linear_cross_entropy(h, w, labels, bias=b, chunk_size=8, return_token_stats=True)
         assert chunk_counts["chunks"] - before == 2 * 3  # 21 tokens / 8 per chunk, twice: one GEMM per chunk each
         plain, plain_grads = _run(linear_cross_entropy, h, w, b, labels, chunk_size=8)
@@ -376,8 +381,14 @@ def test_loss_options_bad_input_and_meta():
     assert (sum(path_counts.values()), chunk_counts["chunks"]) == before
     hm = torch.empty(2, 64, 32, device="meta", dtype=torch.bfloat16, requires_grad=True)
     wm = torch.empty(50000, 32, device="meta", dtype=torch.bfloat16)
-    out = linear_cross_entropy(hm, wm, torch.empty(2, 64, device="meta", dtype=torch.long), label_smoothing=0.1,
-                               lse_square_scale=1e-4, class_weight=torch.empty(50000, device="meta"),
-                               return_token_stats=True)
+    out = linear_cross_entropy(
+        hm,
+        wm,
+        torch.empty(2, 64, device="meta", dtype=torch.long),
+        label_smoothing=0.1,
+        lse_square_scale=1e-4,
+        class_weight=torch.empty(50000, device="meta"),
+        return_token_stats=True,
+    )
     out.loss.backward()
     assert out.entropy.shape == (2, 64) and out.is_top1.dtype == torch.bool and hm.grad.shape == hm.shape

@@ -30,8 +30,13 @@ def _linear(n_in, n_out, dtype, nf4, bias=False):
     if not nf4:
         return nn.Linear(n_in, n_out, bias=bias, dtype=dtype)
     layer = bnb.nn.Linear4bit(n_in, n_out, bias=bias, quant_type="nf4", compute_dtype=dtype)
-    layer.weight = bnb.nn.Params4bit((torch.randn(n_out, n_in) * 0.08).to(dtype), requires_grad=False,
-                                     quant_type="nf4", compress_statistics=True, blocksize=64)
+    layer.weight = bnb.nn.Params4bit(
+        (torch.randn(n_out, n_in) * 0.08).to(dtype),
+        requires_grad=False,
+        quant_type="nf4",
+        compress_statistics=True,
+        blocksize=64,
+    )
     return layer.to("cpu")  # quantizes
 
 
@@ -237,8 +242,12 @@ def test_autocast_over_a_4bit_fp32_base_falls_back_with_the_reason(caplog):
 
 
 def test_rslora_and_different_rank_per_projection():
-    _, block = _peft_block(torch.float32, use_rslora=True, lora_alpha=12,
-                           rank_pattern={"gate_proj": 4, "up_proj": 12, "down_proj": 6, "k_proj": 2})
+    _, block = _peft_block(
+        torch.float32,
+        use_rslora=True,
+        lora_alpha=12,
+        rank_pattern={"gate_proj": 4, "up_proj": 12, "down_proj": 6, "k_proj": 2},
+    )
     assert block.up_proj.lora_A["default"].weight.shape[0] == 12
     assert block.gate_proj.scaling["default"] == pytest.approx(12 / 4**0.5)
     x = torch.randn(10, HIDDEN, requires_grad=True)
@@ -296,8 +305,15 @@ def _fallback_blocks():
 
 
 def test_fallbacks_return_none_log_reason_and_peft_path_matches(caplog):
-    expected_words = {"lora_dropout": "dropout", "bias": "bias", "lora_bias": "lora_bias", "DoRA": "DoRA",
-                      "2 active adapters": "2 active", "disabled": "disabled", "merged": "merged"}
+    expected_words = {
+        "lora_dropout": "dropout",
+        "bias": "bias",
+        "lora_bias": "lora_bias",
+        "DoRA": "DoRA",
+        "2 active adapters": "2 active",
+        "disabled": "disabled",
+        "merged": "merged",
+    }
     seen = []
     for label, block in _fallback_blocks():
         reset_once()
@@ -341,8 +357,7 @@ def test_reason_logged_once():
 def test_fused_entry_points_return_results_when_fusable():
     _, block = _peft_block(torch.float32)
     x = torch.randn(10, HIDDEN)
-    torch.testing.assert_close(fused_mlp_forward(block, x, "swiglu"), _peft_mlp(block, x, "silu"),
-                               **FORWARD[torch.float32])
+    torch.testing.assert_close(fused_mlp_forward(block, x, "swiglu"), _peft_mlp(block, x, "silu"), **FORWARD[torch.float32])
     q, k, v = fused_qkv(block, x)
     assert torch.equal(q, block.q_proj(x)) and torch.equal(v, block.v_proj(x))
     assert torch.equal(fused_o(block, x), block.o_proj(x))

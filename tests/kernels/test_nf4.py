@@ -145,10 +145,12 @@ def test_out_buffer_is_reused_and_validated():
 def test_params4bit_from_linear4bit_and_non_uint8_storage():
     import bitsandbytes as bnb
 
-    layer = bnb.nn.Linear4bit(72, 40, bias=False, quant_type="nf4", compute_dtype=torch.bfloat16,
-                              quant_storage=torch.bfloat16)
-    layer.weight = bnb.nn.Params4bit(torch.randn(40, 72, dtype=torch.bfloat16), requires_grad=False,
-                                     quant_type="nf4", quant_storage=torch.bfloat16)
+    layer = bnb.nn.Linear4bit(
+        72, 40, bias=False, quant_type="nf4", compute_dtype=torch.bfloat16, quant_storage=torch.bfloat16
+    )
+    layer.weight = bnb.nn.Params4bit(
+        torch.randn(40, 72, dtype=torch.bfloat16), requires_grad=False, quant_type="nf4", quant_storage=torch.bfloat16
+    )
     layer = layer.to("cpu")
     w = layer.weight
     assert w.dtype == torch.bfloat16 and w.quant_state is not None

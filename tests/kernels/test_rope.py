@@ -24,8 +24,13 @@ SHAPES = [
 
 
 def _rotary(head_dim, n_heads, n_kv, position_ids, dtype):
-    config = LlamaConfig(hidden_size=n_heads * head_dim, num_attention_heads=n_heads, num_key_value_heads=n_kv,
-                         head_dim=head_dim, max_position_embeddings=4096)
+    config = LlamaConfig(
+        hidden_size=n_heads * head_dim,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv,
+        head_dim=head_dim,
+        max_position_embeddings=4096,
+    )
     x = torch.empty(1, dtype=dtype)
     return LlamaRotaryEmbedding(config)(x, position_ids)
 
@@ -79,8 +84,7 @@ def test_triton_matches_hf(shape, dtype):
     cos, sin = _rotary(head_dim, n_q, n_kv, position_ids, dtype)
     before = path_counts[("rope", "triton")], path_counts[("rope_backward", "triton")]
     q_out, k_out, dq, dk = _check(q, k, cos, sin, dtype)
-    assert (path_counts[("rope", "triton")], path_counts[("rope_backward", "triton")]) == (before[0] + 1,
-                                                                                           before[1] + 1)
+    assert (path_counts[("rope", "triton")], path_counts[("rope_backward", "triton")]) == (before[0] + 1, before[1] + 1)
     # outputs keep the input's memory layout (a transposed [b, s, h, d] buffer stays one)
     assert q_out.stride() == q.stride() and k_out.stride() == k.stride()
 
@@ -96,8 +100,9 @@ def test_fp32_cos_sin_with_half_q(dtype):
 def test_q_and_k_rotated_in_one_launch(monkeypatch):
     launches = []
     real_launch = rope_module.launch
-    monkeypatch.setattr(rope_module, "launch", lambda kernel, grid, *a, **kw: (launches.append(grid),
-                                                                               real_launch(kernel, grid, *a, **kw)))
+    monkeypatch.setattr(
+        rope_module, "launch", lambda kernel, grid, *a, **kw: (launches.append(grid), real_launch(kernel, grid, *a, **kw))
+    )
     q, k = _qk(2, 8, 2, 5, 64, "bshd", torch.float32)
     cos, sin = _rotary(64, 8, 2, torch.arange(5)[None], torch.float32)
     q_out, k_out = apply_rope(q.requires_grad_(), k.requires_grad_(), cos, sin)
@@ -157,8 +162,7 @@ def test_torch_path_matches_hf(dtype):
     with force_path("torch"):
         before = path_counts[("rope", "torch")], path_counts[("rope_backward", "torch")]
         q_out, _, _, _ = _check(q, k, cos, sin, dtype)
-        assert (path_counts[("rope", "torch")], path_counts[("rope_backward", "torch")]) == (before[0] + 1,
-                                                                                             before[1] + 1)
+        assert (path_counts[("rope", "torch")], path_counts[("rope_backward", "torch")]) == (before[0] + 1, before[1] + 1)
     assert q_out.stride() == q.stride()
 
 
@@ -211,8 +215,9 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_empty_input_returns_empty_without_launch():
     before = sum(path_counts.values())
-    q_out, k_out = apply_rope(torch.empty(2, 4, 0, 64), torch.empty(2, 2, 0, 64), torch.empty(2, 0, 64),
-                              torch.empty(2, 0, 64))
+    q_out, k_out = apply_rope(
+        torch.empty(2, 4, 0, 64), torch.empty(2, 2, 0, 64), torch.empty(2, 0, 64), torch.empty(2, 0, 64)
+    )
     assert q_out.shape == (2, 4, 0, 64) and k_out.shape == (2, 2, 0, 64)
     assert sum(path_counts.values()) == before
 
@@ -245,5 +250,6 @@ def test_opcheck_schema_and_fake_impls():
     cos, sin = torch.randn(1, 7, 64), torch.randn(1, 7, 64)
     with force_path("torch"):  # the op plumbing is path-independent; the torch path keeps this quick
         for op in (torch.ops.fastft.rope_forward, torch.ops.fastft.rope_backward):
-            torch.library.opcheck(op, (q, k, cos, sin),
-                                  test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+            torch.library.opcheck(
+                op, (q, k, cos, sin), test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static")
+            )

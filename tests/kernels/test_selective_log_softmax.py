@@ -25,7 +25,7 @@ def _run(fn, h, w, b, ids, entropy, train_w=True, **kw):
     b = None if b is None else b.detach().requires_grad_()
     out = fn(h, w, ids, bias=b, return_entropy=entropy, **kw)
     torch.manual_seed(1)
-    logp, ent = (out if entropy else (out, None))
+    logp, ent = out if entropy else (out, None)
     objective = (logp * torch.randn_like(logp)).sum()
     if entropy:
         objective = objective + (ent * torch.randn_like(ent)).sum()
@@ -137,8 +137,9 @@ def test_bad_inputs_raise_before_any_kernel():
 
 def test_empty_batch_returns_zero_without_launch():
     before = sum(path_counts.values())
-    logp, ent = selective_log_softmax(torch.empty(2, 0, 8), torch.randn(10, 8), torch.empty(2, 0, dtype=torch.long),
-                                      return_entropy=True)
+    logp, ent = selective_log_softmax(
+        torch.empty(2, 0, 8), torch.randn(10, 8), torch.empty(2, 0, dtype=torch.long), return_entropy=True
+    )
     assert logp.shape == (2, 0) and ent.shape == (2, 0)
     assert sum(path_counts.values()) == before
 
@@ -151,8 +152,9 @@ def test_fake_impl_traces_on_meta_and_under_compile():
     (logp.sum() + ent.sum()).backward()
     assert logp.shape == (2, 512) and logp.dtype == torch.float32 and h.grad.shape == h.shape
 
-    compiled = torch.compile(lambda a, b, c: selective_log_softmax(a, b, c, temperature=0.5, chunk_size=2),
-                             backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(
+        lambda a, b, c: selective_log_softmax(a, b, c, temperature=0.5, chunk_size=2), backend="aot_eager", fullgraph=True
+    )
     a = torch.randn(2, 3, 16, requires_grad=True)
     b = torch.randn(40, 16)
     c = torch.randint(0, 40, (2, 3))

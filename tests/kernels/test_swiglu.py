@@ -68,7 +68,9 @@ def test_torch_path_matches_reference(dtype):
         before = path_counts[("swiglu", "torch")], path_counts[("swiglu_backward", "torch")]
         _check_against_reference(swiglu, swiglu_reference, gate, up, dtype)
         assert (path_counts[("swiglu", "torch")], path_counts[("swiglu_backward", "torch")]) == (
-            before[0] + 1, before[1] + 1)
+            before[0] + 1,
+            before[1] + 1,
+        )
 
 
 def test_torch_path_chunks_rows(monkeypatch):
@@ -287,10 +289,13 @@ def test_memory_no_saved_activation_and_inplace_backward():
 def test_opcheck_schema_and_fake_impls():
     """torch.library.opcheck: schemas (incl. the in-place op's mutation), fake impls vs real outputs, AOT dispatch."""
     gate, up, dh = torch.randn(3, 7, 50), torch.randn(3, 7, 50), torch.randn(3, 7, 50)
-    calls = [(torch.ops.fastft.swiglu_forward, (gate, up)), (torch.ops.fastft.swiglu_backward, (dh, gate, up)),
-             (torch.ops.fastft.geglu_forward, (gate, up, "tanh")),
-             (torch.ops.fastft.geglu_backward, (dh, gate, up, "none")),
-             (torch.ops.fastft.glu_backward_inplace, (dh, gate.clone(), up.clone(), "silu"))]
+    calls = [
+        (torch.ops.fastft.swiglu_forward, (gate, up)),
+        (torch.ops.fastft.swiglu_backward, (dh, gate, up)),
+        (torch.ops.fastft.geglu_forward, (gate, up, "tanh")),
+        (torch.ops.fastft.geglu_backward, (dh, gate, up, "none")),
+        (torch.ops.fastft.glu_backward_inplace, (dh, gate.clone(), up.clone(), "silu")),
+    ]
     with force_path("torch"):  # the op plumbing is path-independent; the torch path keeps this quick
         for op, args in calls:
             torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))

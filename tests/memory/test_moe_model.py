@@ -16,13 +16,16 @@ _ALIGNED = {"qwen3_moe": {"moe_intermediate_size": 48}, "gpt_oss": {"intermediat
 def test_modeled_expert_lora_has_peft_shapes_and_both_paths_run_on_meta(model_type):
     r = 4
     real = build_tiny_model(model_type, **_ALIGNED[model_type])
-    wrapped = peft.get_peft_model(real, peft.LoraConfig(r=r, target_modules=["q_proj"], target_parameters=[
-        "experts.gate_up_proj", "experts.down_proj"]))
+    wrapped = peft.get_peft_model(
+        real,
+        peft.LoraConfig(r=r, target_modules=["q_proj"], target_parameters=["experts.gate_up_proj", "experts.down_proj"]),
+    )
     peft_shapes = sorted(tuple(p.shape) for n, p in wrapped.named_parameters() if ".experts." in n and "lora_" in n)
     peaks = {}
     for variant in ("fastft", "baseline"):
-        model = StepModel(tiny_config(model_type, **_ALIGNED[model_type]),
-                          StepSpec(variant=variant, load_in_4bit=True, lora_r=r))
+        model = StepModel(
+            tiny_config(model_type, **_ALIGNED[model_type]), StepSpec(variant=variant, load_in_4bit=True, lora_r=r)
+        )
         stand_ins = [m for m in model.model.modules() if isinstance(m, ExpertsStandIn)]
         assert stand_ins and all(m.fused == (variant == "fastft") for m in stand_ins)
         assert all(m.implementation == "grouped_mm" for m in stand_ins)  # transformers 5.24's default

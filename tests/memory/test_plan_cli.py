@@ -9,10 +9,19 @@ from fastft.memory.plan import known_models, load_config, parse_size
 from fastft.patches.architectures import ARCHITECTURES
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("16 GB", 16 * 10**9), ("16GiB", 16 * 2**30), ("16000MB", 16 * 10**9), ("0.5 GiB", 2**29),
-    ("80gb", 80 * 10**9), ("1024B", 1024), ("12 gib", 12 * 2**30), ("0", 0),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("16 GB", 16 * 10**9),
+        ("16GiB", 16 * 2**30),
+        ("16000MB", 16 * 10**9),
+        ("0.5 GiB", 2**29),
+        ("80gb", 80 * 10**9),
+        ("1024B", 1024),
+        ("12 gib", 12 * 2**30),
+        ("0", 0),
+    ],
+)
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
@@ -25,8 +34,20 @@ def test_parse_size_rejects(bad):
 
 def test_known_models_ship_and_load():
     names = known_models()
-    for want in ("Llama-3.1-8B", "Llama-3.2-1B", "Llama-3.2-3B", "Qwen2.5-7B", "Qwen3-8B", "Mistral-7B-v0.3",
-                 "Gemma-2-9B", "Qwen2.5-0.5B", "Qwen2.5-1.5B", "Qwen3-0.6B", "Qwen3-1.7B", "Qwen3-4B"):
+    for want in (
+        "Llama-3.1-8B",
+        "Llama-3.2-1B",
+        "Llama-3.2-3B",
+        "Qwen2.5-7B",
+        "Qwen3-8B",
+        "Mistral-7B-v0.3",
+        "Gemma-2-9B",
+        "Qwen2.5-0.5B",
+        "Qwen2.5-1.5B",
+        "Qwen3-0.6B",
+        "Qwen3-1.7B",
+        "Qwen3-4B",
+    ):
         assert want in names
     cfg = load_config("meta-llama/llama-3.1-8b")
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.vocab_size) == (4096, 32, 8, 128256)
@@ -49,8 +70,27 @@ def test_cli_json_on_local_config(tmp_path, capsys):
     from tests.memory._configs import tiny_llama
 
     tiny_llama(layers=2).save_pretrained(tmp_path)
-    assert main(["plan", "--model", str(tmp_path), "--seq-len", "256", "--lora-r", "4", "--load-in-4bit",
-                 "--gpu-memory", "3MB", "--reserve", "0", "--baseline", "--json"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--model",
+                str(tmp_path),
+                "--seq-len",
+                "256",
+                "--lora-r",
+                "4",
+                "--load-in-4bit",
+                "--gpu-memory",
+                "3MB",
+                "--reserve",
+                "0",
+                "--baseline",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     fast, base = out["variants"]
     assert out["modeled"] is True and fast["variant"] == "fastft" and base["variant"] == "baseline"
@@ -75,8 +115,16 @@ def test_max_context_search_brackets_the_budget():
     assert planner.step(above).peak_bytes > budget and above - best <= max(256, best // 32) + 128
 
 
-@pytest.mark.parametrize("name", ["meta-llama/Meta-Llama-3.1-8B-Instruct", "unsloth/llama-3.2-1b-bnb-4bit",
-                                  "google/gemma-2-9b-it", "mistralai/Mistral-7B-Instruct-v0.3", "Qwen3-8B-Base"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "meta-llama/Meta-Llama-3.1-8B-Instruct",
+        "unsloth/llama-3.2-1b-bnb-4bit",
+        "google/gemma-2-9b-it",
+        "mistralai/Mistral-7B-Instruct-v0.3",
+        "Qwen3-8B-Base",
+    ],
+)
 def test_instruct_and_quantized_repo_names_use_the_base_config(name):
     assert load_config(name).model_type in ("llama", "gemma2", "mistral", "qwen3")
 
@@ -97,8 +145,15 @@ NOTEBOOK_MODELS = {
 @pytest.mark.parametrize("name", sorted(NOTEBOOK_MODELS))
 def test_notebook_and_example_models_have_shipped_configs(name):
     c = load_config(name)
-    got = (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size,
-           c.tie_word_embeddings, c.max_position_embeddings)
+    got = (
+        c.hidden_size,
+        c.num_hidden_layers,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.intermediate_size,
+        c.tie_word_embeddings,
+        c.max_position_embeddings,
+    )
     assert got == NOTEBOOK_MODELS[name]
     assert c.model_type in ARCHITECTURES  # modeled with fastft's kernels, not as an unpatched model
 
@@ -156,8 +211,12 @@ def test_text_output_notes_max_positions(tmp_path, capsys):
     cfg = tiny_llama(layers=1)
     cfg.max_position_embeddings = 512
     cfg.save_pretrained(tmp_path)
-    assert main(["plan", "--model", str(tmp_path), "--seq-len", "128", "--lora-r", "4", "--gpu-memory", "8MB",
-                 "--reserve", "0"]) == 0
+    assert (
+        main(
+            ["plan", "--model", str(tmp_path), "--seq-len", "128", "--lora-r", "4", "--gpu-memory", "8MB", "--reserve", "0"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "MODELED" in out and "beyond the model's max_position_embeddings (512)" in out
 
@@ -211,8 +270,9 @@ def test_gpu_presets_still_work_and_misspelt_ones_get_a_suggestion(capsys):
 def _gpt2(tmp_path):
     from transformers import GPT2Config
 
-    GPT2Config(n_layer=2, n_embd=96, n_head=6, vocab_size=320, n_positions=1024, bos_token_id=0,
-               eos_token_id=0).save_pretrained(tmp_path)
+    GPT2Config(
+        n_layer=2, n_embd=96, n_head=6, vocab_size=320, n_positions=1024, bos_token_id=0, eos_token_id=0
+    ).save_pretrained(tmp_path)
     return str(tmp_path)
 
 
@@ -244,15 +304,23 @@ def test_unsupported_architecture_is_modeled_unpatched_and_says_so(tmp_path, cap
 def test_unsupported_llama_shaped_architecture_gets_no_fused_paths(tmp_path, capsys):
     from transformers import OlmoConfig
 
-    OlmoConfig(hidden_size=96, intermediate_size=224, num_hidden_layers=2, num_attention_heads=6,
-               num_key_value_heads=2, vocab_size=320, max_position_embeddings=1024,
-               pad_token_id=0, bos_token_id=0, eos_token_id=0).save_pretrained(tmp_path)
+    OlmoConfig(
+        hidden_size=96,
+        intermediate_size=224,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        vocab_size=320,
+        max_position_embeddings=1024,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=0,
+    ).save_pretrained(tmp_path)
     assert main(["plan", "--model", str(tmp_path), "--seq-len", "256", "--lora-r", "4", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     (variant,) = out["variants"]
     assert variant["variant"] == "unpatched" and not any("fused LoRA" in n for n in variant["notes"])
-    assert out["lora_target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                          "down_proj"]
+    assert out["lora_target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @pytest.mark.parametrize("load_in_4bit", [True, False])

@@ -31,8 +31,11 @@ def test_every_shipped_config_is_a_table_row(name):
 
 
 #: Shipped configs of newer rows -> the pieces their plan must show patched (the row's unfused pieces aside).
-NEW_ROW_CONFIGS = {"gpt-oss-20b": {"experts", "fused_loss"}, "granite-3.3-8b-instruct": {"rope", "rms_norm", "mlp", "fused_loss"},
-                   "gemma-3-1b-it": {"rope", "rms_norm", "mlp", "fused_loss"}}
+NEW_ROW_CONFIGS = {
+    "gpt-oss-20b": {"experts", "fused_loss"},
+    "granite-3.3-8b-instruct": {"rope", "rms_norm", "mlp", "fused_loss"},
+    "gemma-3-1b-it": {"rope", "rms_norm", "mlp", "fused_loss"},
+}
 
 
 @pytest.mark.parametrize("name", sorted(NEW_ROW_CONFIGS))

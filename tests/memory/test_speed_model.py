@@ -122,8 +122,7 @@ def test_roofline_picks_compute_or_memory_bound():
     assert est.compute_bound_seconds == pytest.approx(2 * big.flops / bf16)
     assert est.memory_bound_seconds == pytest.approx((3 * skinny.bytes + 5 * add.bytes) / gpu.bandwidth)
     assert est.overhead_seconds == pytest.approx(10 * LAUNCH_OVERHEAD_S)
-    assert est.step_seconds == pytest.approx(est.compute_bound_seconds + est.memory_bound_seconds
-                                             + est.overhead_seconds)
+    assert est.step_seconds == pytest.approx(est.compute_bound_seconds + est.memory_bound_seconds + est.overhead_seconds)
     assert est.tokens_per_s == pytest.approx(4096 / est.step_seconds) and est.label == "modeled (roofline)"
     (mm,) = [o for o in est.top_ops if o.op == "aten.mm"]
     assert mm.calls == 5 and mm.compute_bound_calls == 2
@@ -192,19 +191,41 @@ def test_cli_tokens_arithmetic_in_json(tiny_dir, capsys):
     assert train["seconds"] == pytest.approx(train["steps"] * speed["step_seconds"])
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--gpu", "H1000"], "--gpu H1000: not a GPU in the roofline table; did you mean H100 or H200?"),
-    (["--tokens", "5M"], "--tokens 5M: the time to train depends on the GPU; add --gpu NAME"),
-    (["--gpu", "T4", "--tokens", "lots"], "--tokens lots: not a token count"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--gpu", "H1000"], "--gpu H1000: not a GPU in the roofline table; did you mean H100 or H200?"),
+        (["--tokens", "5M"], "--tokens 5M: the time to train depends on the GPU; add --gpu NAME"),
+        (["--gpu", "T4", "--tokens", "lots"], "--tokens lots: not a token count"),
+    ],
+)
 def test_cli_rejects_bad_speed_options(argv, message, capsys):
     assert main(["plan", "--model", "Llama-3.2-1B", *argv]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_gpu_memory_flag_wins_over_the_gpu_preset(tiny_dir, capsys):
-    assert main(["plan", "--model", str(tiny_dir), "--seq-len", "64", "--lora-r", "4", "--gpu", "T4",
-                 "--gpu-memory", "2MB", "--reserve", "0", "--json"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--model",
+                str(tiny_dir),
+                "--seq-len",
+                "64",
+                "--lora-r",
+                "4",
+                "--gpu",
+                "T4",
+                "--gpu-memory",
+                "2MB",
+                "--reserve",
+                "0",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["gpu_memory_bytes"] == 2 * 10**6
     from fastft.memory.plan import GPU_PRESETS, parse_tokens
 
@@ -229,9 +250,10 @@ def test_custom_gemm_ops_have_their_flops():
     assert flops["fastft::grouped_gemm_forward"] == 2 * m * k * n
     assert flops["fastft_memmodel::flash_attention_forward"] == 6 * 64 * 64 * 2 * 16  # (QK^T + PV) / 2, causal
     assert not c.no_flop_formula
-    lce = speed_model._custom_flops("fastft::linear_cross_entropy_chunks", {
-        "hidden": x, "weight": torch.empty(320, k, device="meta"), "d_ce": x, "compute_dh": True,
-        "compute_dw": False})
+    lce = speed_model._custom_flops(
+        "fastft::linear_cross_entropy_chunks",
+        {"hidden": x, "weight": torch.empty(320, k, device="meta"), "d_ce": x, "compute_dh": True, "compute_dw": False},
+    )
     assert lce == 2 * (2 * m * k * 320)  # logits and dhidden
 
 

@@ -33,8 +33,7 @@ def test_linear4bit_buffers_match_bitsandbytes_layout():
 
 @pytest.mark.parametrize("tokens,in_f,out_f,r", [(37, 96, 224, 4), (512, 256, 640, 8)])
 def test_one_lora_4bit_linear_forward_peak_by_hand(tokens, in_f, out_f, r):
-    layer = LoraLinear(Linear4bit(in_f, out_f, torch.bfloat16, "meta"), in_f, out_f, r, 2 * r, "meta",
-                       clone_result=True)
+    layer = LoraLinear(Linear4bit(in_f, out_f, torch.bfloat16, "meta"), in_f, out_f, r, 2 * r, "meta", clone_result=True)
     x = torch.empty(tokens, in_f, dtype=torch.bfloat16, device="meta", requires_grad=True)
     with LiveBytesTracker() as t:
         t.add_existing(list(layer.parameters()) + list(layer.buffers()) + [x])

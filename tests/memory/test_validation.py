@@ -45,8 +45,12 @@ def test_meta_peak_matches_real_cpu_peak(variant, load_in_4bit, optim):
     spec = StepSpec(variant=variant, lora_r=8, load_in_4bit=load_in_4bit, optim=optim, fused_kernels=False)
     real, modeled = _compare(spec, tokens=192)
     assert real.peak_bytes > 0
-    assert abs(modeled.peak_bytes - real.peak_bytes) <= 0.05 * real.peak_bytes, (modeled.peak_bytes, real.peak_bytes,
-                                                                                  modeled.breakdown, real.breakdown)
+    assert abs(modeled.peak_bytes - real.peak_bytes) <= 0.05 * real.peak_bytes, (
+        modeled.peak_bytes,
+        real.peak_bytes,
+        modeled.breakdown,
+        real.breakdown,
+    )
     assert modeled.host_bytes == real.host_bytes
 
 
@@ -58,11 +62,14 @@ def test_fused_kernels_meta_vs_interpreter(options):
     real, modeled = _compare(spec, tokens=96)
     ran = {op for (op, path), n in _launch.path_counts.items() if path == "triton" and n}
     # fused LoRA MLP (in-place GLU backward, NF4 dequantized by fastft), norms and RoPE
-    kernels = {"rms_norm", "rms_norm_backward", "rope", "rope_backward", "swiglu", "glu_backward_inplace",
-               "dequantize_nf4"}
+    kernels = {"rms_norm", "rms_norm_backward", "rope", "rope_backward", "swiglu", "glu_backward_inplace", "dequantize_nf4"}
     assert kernels <= ran, ran  # the fused kernels really ran in the real step
-    assert abs(modeled.peak_bytes - real.peak_bytes) <= 0.05 * real.peak_bytes, (modeled.peak_bytes, real.peak_bytes,
-                                                                                  modeled.breakdown, real.breakdown)
+    assert abs(modeled.peak_bytes - real.peak_bytes) <= 0.05 * real.peak_bytes, (
+        modeled.peak_bytes,
+        real.peak_bytes,
+        modeled.breakdown,
+        real.breakdown,
+    )
     assert modeled.host_bytes == real.host_bytes
 
 
@@ -83,8 +90,9 @@ def _fastmodel_step_peak(directory: str, tokens: int, checkpointing: bool) -> in
     labels = ids.clone()
     with LiveBytesTracker() as tracker:
         tracker.add_existing(list(model.parameters()) + list(model.buffers()), "weights")
-        tracker.add_existing([t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)],
-                             "optimizer_state")
+        tracker.add_existing(
+            [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)], "optimizer_state"
+        )
         tracker.add_existing([ids, labels], "inputs")
         loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
@@ -98,16 +106,31 @@ def _fastmodel_step_peak(directory: str, tokens: int, checkpointing: bool) -> in
 def test_fastmodel_peak_matches_step_model(tmp_path, checkpointing):
     from fastft.offline import save_tiny_model
 
-    save_tiny_model(str(tmp_path), "llama", hidden_size=96, intermediate_size=224, num_attention_heads=6,
-                    num_key_value_heads=2, vocab_size=320)
+    save_tiny_model(
+        str(tmp_path),
+        "llama",
+        hidden_size=96,
+        intermediate_size=224,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        vocab_size=320,
+    )
     tokens = 192
     _launch.path_counts.clear()
     real = _fastmodel_step_peak(str(tmp_path), tokens, checkpointing)
     ran = {op for (op, path), n in _launch.path_counts.items() if path == "triton" and n}
     assert {"rms_norm", "rope", "swiglu", "cross_entropy"} <= ran, ran  # fastft's kernels and loss head ran
     # On CPU FastModel's "fastft" checkpointing is standard (no host offload): model it so.
-    spec = StepSpec(variant="fastft", lora_r=8, lora_alpha=16, load_in_4bit=False, optim="adamw",
-                    dtype=torch.float32, gradient_checkpointing=checkpointing, offload=False)
+    spec = StepSpec(
+        variant="fastft",
+        lora_r=8,
+        lora_alpha=16,
+        load_in_4bit=False,
+        optim="adamw",
+        dtype=torch.float32,
+        gradient_checkpointing=checkpointing,
+        offload=False,
+    )
     modeled = StepModel(AutoConfig.from_pretrained(tmp_path), spec).step(tokens)
     assert real > 0
     assert abs(modeled.peak_bytes - real) <= 0.05 * real, (modeled.peak_bytes, real, modeled.breakdown)

@@ -77,8 +77,9 @@ def test_refusals_are_explained(caplog):
         assert "tied to the LM head" in offload_input_embeddings(tied)
     trainable = build_tiny_model("llama")
     assert "trainable" in offload_input_embeddings(trainable)  # a plain model: every weight requires grad
-    lora = peft.get_peft_model(build_tiny_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj"],
-                                                                          modules_to_save=["embed_tokens"]))
+    lora = peft.get_peft_model(
+        build_tiny_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens"])
+    )
     assert "trainable" in offload_input_embeddings(lora)
     assert "stays on" in caplog.text
 

@@ -1,6 +1,5 @@
 """FastModel: patched vs unpatched for every supported architecture, LoRA training parity, QLoRA, save, unpatch."""
 
-
 import warnings
 
 import peft
@@ -86,8 +85,7 @@ def _projections(model):
 
 def _expert_parameters(model):
     """PEFT target_parameters for the stacked experts of an MoE fixture (None for dense rows)."""
-    return ["experts.gate_up_proj", "experts.down_proj"] if ARCHITECTURES[model.config.model_type].experts_class \
-        else None
+    return ["experts.gate_up_proj", "experts.down_proj"] if ARCHITECTURES[model.config.model_type].experts_class else None
 
 
 def test_patched_matches_unpatched(model_dir, model_type):
@@ -141,7 +139,7 @@ def test_patched_matches_unpatched_in_bf16(model_dir, model_type):
         # expert for that token (measured on mixtral: position 8 of sequence 1, layer 0's 2nd and 3rd logits both
         # -0.1064). Every other token must agree within the table; at most one token may take the other expert.
         table = FORWARD[torch.bfloat16]
-        bad = ((logits.float() - ref_logits.float()).abs() > table["atol"] + table["rtol"] * ref_logits.float().abs())
+        bad = (logits.float() - ref_logits.float()).abs() > table["atol"] + table["rtol"] * ref_logits.float().abs()
         assert int(bad.any(-1).sum()) <= 1, f"{model_type}: {int(bad.any(-1).sum())} tokens differ"
     else:
         assert_close(logits, ref_logits, FORWARD, torch.bfloat16, msg=f"{model_type} logits")
@@ -175,8 +173,14 @@ _LORA_LR = {"olmo2": 3e-3, "olmo3": 3e-3, "gemma4_text": 1e-3}
 def _lora_run_matches(model_dir, steps, path, lr=1e-2, model_type=None):
     batches = [_batch(seed=s, seq=11) for s in range(4)]
     plain = _plain(model_dir)
-    lora = dict(r=8, lora_alpha=16, target_modules=_projections(plain), target_parameters=_expert_parameters(plain),
-                lora_dropout=0.0, task_type="CAUSAL_LM")
+    lora = dict(
+        r=8,
+        lora_alpha=16,
+        target_modules=_projections(plain),
+        target_parameters=_expert_parameters(plain),
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+    )
     torch.manual_seed(3407)
     ref = peft.get_peft_model(plain, peft.LoraConfig(**lora))
     ref.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -190,8 +194,9 @@ def _lora_run_matches(model_dir, steps, path, lr=1e-2, model_type=None):
         losses = _train(model, steps, batches, lr=lr)
     assert losses[-1] < losses[0]
     if model_type != "gpt_oss":  # gpt-oss: q/k/v/o have biases (PEFT's path, said once) and there is no dense MLP
-        assert lora_path_counts[("linear", "fused")] + lora_path_counts[("mlp", "fused")] > fused_before, \
+        assert lora_path_counts[("linear", "fused")] + lora_path_counts[("mlp", "fused")] > fused_before, (
             "no fused LoRA path ran"
+        )
     if ARCHITECTURES[model_type].experts_class:  # the experts were adapted, through the grouped GEMM
         assert {n for n, p in model.named_parameters() if p.requires_grad and ".experts." in n}
         assert path_counts.get(("grouped_gemm_backward", path), 0) > experts_before
@@ -255,9 +260,26 @@ def test_unpatch_restores_everything(model_dir, model_type):
 
 
 # llama untied; gemma2 tied and softcapped; then every newer row (fused projections, multipliers, q/k norms)
-@pytest.mark.parametrize("model_type", ["llama", "gemma2", "phi3", "gemma3_text", "olmo2", "olmo3", "granite",
-                                        "smollm3", "glm4", "ministral", "ministral3", "qwen3_moe", "mixtral",
-                                        "gpt_oss", "gemma4_text"])
+@pytest.mark.parametrize(
+    "model_type",
+    [
+        "llama",
+        "gemma2",
+        "phi3",
+        "gemma3_text",
+        "olmo2",
+        "olmo3",
+        "granite",
+        "smollm3",
+        "glm4",
+        "ministral",
+        "ministral3",
+        "qwen3_moe",
+        "mixtral",
+        "gpt_oss",
+        "gemma4_text",
+    ],
+)
 def test_merged_save_round_trip(model_dir, model_type, tmp_path):
     ids, labels = _batch(seed=3)
     model, tok = FastModel.from_pretrained(model_dir)
@@ -265,8 +287,7 @@ def test_merged_save_round_trip(model_dir, model_type, tmp_path):
     model.eval()
     with torch.no_grad():
         expected = model(input_ids=ids).logits
-    out = model.save_pretrained_merged(str(tmp_path / "merged"), tok, save_method="merged_16bit",
-                                       dtype=torch.float32)
+    out = model.save_pretrained_merged(str(tmp_path / "merged"), tok, save_method="merged_16bit", dtype=torch.float32)
     fastft.unpatch()
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -294,13 +315,20 @@ def test_qlora_nf4_trains_and_matches_unfused_peft(model_dir, model_type, bnb_de
     from tests.bnb_reference import routed_calls
 
     batches = [_batch(seed=s, seq=9) for s in range(2)]
-    qconf = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.float32)
+    qconf = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
+    )
     torch.manual_seed(3407)
-    ref = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=qconf, device_map="cpu",
-                                               dtype=torch.float32)
-    ref = peft.get_peft_model(ref, peft.LoraConfig(r=4, lora_alpha=8, target_modules=[
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], task_type="CAUSAL_LM"))
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=qconf, device_map="cpu", dtype=torch.float32)
+    ref = peft.get_peft_model(
+        ref,
+        peft.LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            task_type="CAUSAL_LM",
+        ),
+    )
     routed_before = routed_calls["dequantize_4bit"]
     ref_losses = _train(ref, 6, batches)
     assert routed_calls["dequantize_4bit"] > routed_before  # the baseline really dequantized through the fixture
@@ -375,12 +403,18 @@ def test_fused_lora_runs_under_trainer_style_autocast(model_dir, model_type, mon
     from fastft.kernels import lora
 
     ids, labels = _batch(seq=11)
-    lora_cfg = dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                          "up_proj", "down_proj"], lora_dropout=0.0,
-                    task_type="CAUSAL_LM", init_lora_weights=False)
+    lora_cfg = dict(
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+        init_lora_weights=False,
+    )
     torch.manual_seed(3407)  # FastModel.get_peft_model's random_state: the same adapters
-    ref = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16),
-                              peft.LoraConfig(**lora_cfg))
+    ref = peft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16), peft.LoraConfig(**lora_cfg)
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref_loss, ref_grads = _loss_and_grads(ref, ids, labels)
 
@@ -389,8 +423,9 @@ def test_fused_lora_runs_under_trainer_style_autocast(model_dir, model_type, mon
         fn = getattr(lora, name)
         monkeypatch.setattr(fn, "apply", (lambda f, n: lambda *a: calls.append(n) or f(*a))(fn.apply, name))
     model, _ = FastModel.from_pretrained(model_dir, dtype=torch.bfloat16)
-    model = FastModel.get_peft_model(model, use_gradient_checkpointing=False, **{
-        k: v for k, v in lora_cfg.items() if k not in ("task_type",)})
+    model = FastModel.get_peft_model(
+        model, use_gradient_checkpointing=False, **{k: v for k, v in lora_cfg.items() if k not in ("task_type",)}
+    )
     with force_path("torch"), torch.autocast("cpu", dtype=torch.bfloat16):
         loss, grads = _loss_and_grads(model, ids, labels)
     assert calls.count("LoRAMLP") == 2 and calls.count("LoRAProjections") >= 8, calls  # 2 layers, fused
@@ -453,8 +488,9 @@ def test_bad_arguments_are_rejected_up_front(model_dir, model_type, tmp_path, mo
     assert "q_proj" in str(info.value)  # the message lists what exists
     with pytest.raises(ValueError, match=r"'up_prj' \(did you mean 'up_proj'\?\)"):
         FastModel.get_peft_model(model, r=4, target_modules=["up_prj"])
-    peft_model = FastModel.get_peft_model(model, r=4, target_modules=["model.layers.0.self_attn.q_proj", "v_proj"],
-                                          use_gradient_checkpointing=False)  # PEFT's dotted-suffix names match
+    peft_model = FastModel.get_peft_model(
+        model, r=4, target_modules=["model.layers.0.self_attn.q_proj", "v_proj"], use_gradient_checkpointing=False
+    )  # PEFT's dotted-suffix names match
     assert len([n for n, _ in peft_model.named_modules() if n.endswith("q_proj.lora_A")]) == 1
 
 
@@ -476,8 +512,9 @@ def test_default_lora_targets_cover_fused_projections(model_dir, model_type, rec
     model = FastModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)
     lora_layers = [name for name, m in model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
     adapted = {name.rsplit(".", 1)[-1] for name in lora_layers}
-    linears = {name.rsplit(".", 1)[-1] for name, m in _plain(model_dir).named_modules()
-               if isinstance(m, torch.nn.Linear)} - {"lm_head"}
+    linears = {
+        name.rsplit(".", 1)[-1] for name, m in _plain(model_dir).named_modules() if isinstance(m, torch.nn.Linear)
+    } - {"lm_head"}
     assert adapted == linears and "gate_up_proj" in adapted, adapted
     assert ("qkv_proj" in adapted) == (model_type == "phi3")
     assert not [w for w in recwarn if "without an adapter" in str(w.message)]

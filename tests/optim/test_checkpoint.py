@@ -30,14 +30,28 @@ def _dataset():
 
 
 def _run(out_dir, optim, resume=None, max_grad_norm=1.0):
-    extra = {"8bit": "rank=8,update_proj_gap=2,min_8bit_size=256"}.get("8bit" if "8bit" in optim else "",
-                                                                      "rank=8,update_proj_gap=2")
+    extra = {"8bit": "rank=8,update_proj_gap=2,min_8bit_size=256"}.get(
+        "8bit" if "8bit" in optim else "", "rank=8,update_proj_gap=2"
+    )
     args = TrainingArguments(
-        str(out_dir), optim=optim, optim_target_modules=["self_attn", "mlp"] if "galore" in optim else None,
-        optim_args=extra if "galore" in optim else None, learning_rate=3e-3, lr_scheduler_type="linear",
-        weight_decay=0.01, per_device_train_batch_size=2, max_steps=6, save_steps=3, save_strategy="steps",
-        logging_steps=1, use_cpu=True, report_to="none", seed=0, disable_tqdm=True,
-        max_grad_norm=0.0 if optim.endswith("layerwise") else max_grad_norm, dataloader_num_workers=0,
+        str(out_dir),
+        optim=optim,
+        optim_target_modules=["self_attn", "mlp"] if "galore" in optim else None,
+        optim_args=extra if "galore" in optim else None,
+        learning_rate=3e-3,
+        lr_scheduler_type="linear",
+        weight_decay=0.01,
+        per_device_train_batch_size=2,
+        max_steps=6,
+        save_steps=3,
+        save_strategy="steps",
+        logging_steps=1,
+        use_cpu=True,
+        report_to="none",
+        seed=0,
+        disable_tqdm=True,
+        max_grad_norm=0.0 if optim.endswith("layerwise") else max_grad_norm,
+        dataloader_num_workers=0,
     )
     trainer = _Trainer(model=build_tiny_model().train(), args=args, train_dataset=_dataset())
     trainer.train(resume_from_checkpoint=resume)
@@ -47,8 +61,9 @@ def _run(out_dir, optim, resume=None, max_grad_norm=1.0):
     return losses, trainer
 
 
-@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_8bit", "galore_adamw", "galore_adamw_8bit",
-                                   "galore_adafactor", "galore_adamw_layerwise"])
+@pytest.mark.parametrize(
+    "optim", ["adamw_torch", "adamw_8bit", "galore_adamw", "galore_adamw_8bit", "galore_adafactor", "galore_adamw_layerwise"]
+)
 def test_resume_continues_exactly(tmp_path, optim):
     full, trainer = _run(tmp_path / "a", optim)
     assert sorted(full) == [1, 2, 3, 4, 5, 6]

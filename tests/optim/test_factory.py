@@ -47,8 +47,9 @@ def test_param_groups_peft_modules_to_save_and_mixin(tmp_path):
 
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(build_tiny_model(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
-                                                          modules_to_save=["lm_head", "embed_tokens"]))
+    model = get_peft_model(
+        build_tiny_model(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head", "embed_tokens"])
+    )
 
     @dataclasses.dataclass
     class Config(EmbeddingLRMixin, TrainingArguments):
@@ -58,8 +59,10 @@ def test_param_groups_peft_modules_to_save_and_mixin(tmp_path):
     groups = _groups(create_optimizer(model, args))
     names = {id(p): n for n, p in model.named_parameters()}
     emb = sorted(names[id(p)] for p in groups["embedding"]["params"])
-    assert emb == ["base_model.model.lm_head.modules_to_save.default.weight",
-                   "base_model.model.model.embed_tokens.modules_to_save.default.weight"]
+    assert emb == [
+        "base_model.model.lm_head.modules_to_save.default.weight",
+        "base_model.model.model.embed_tokens.modules_to_save.default.weight",
+    ]
     assert groups["embedding"]["lr"] == 5e-6
     assert all("lora_" in names[id(p)] for p in groups["decay"]["params"]) and len(groups["decay"]["params"]) == 8
 
@@ -70,8 +73,7 @@ def test_galore_groups_hold_only_target_linear_weights(tmp_path):
     assert isinstance(opt, GaLoreAdamW)
     g = _groups(opt)
     names = {id(p): n for n, p in model.named_parameters()}
-    assert sorted({names[id(p)].rsplit(".", 2)[-2] for p in g["galore"]["params"]}) == ["down_proj", "gate_proj",
-                                                                                         "up_proj"]
+    assert sorted({names[id(p)].rsplit(".", 2)[-2] for p in g["galore"]["params"]}) == ["down_proj", "gate_proj", "up_proj"]
     assert g["galore"]["rank"] == 8 and g["galore"]["update_proj_gap"] == 5 and g["galore"]["scale"] == 1.0
     assert g["decay"]["rank"] is None  # attention weights: plain AdamW
     regex = create_optimizer(model, _args(tmp_path, "galore_adamw", optim_target_modules=r".*\.q_proj"))
@@ -105,8 +107,17 @@ def test_paged_on_cpu_falls_back_with_warning(tmp_path):
     assert "bitsandbytes" in type(opt).__module__
 
 
-OPTIMS = ["adamw_torch", "adamw_8bit", "adafactor", "galore_adamw", "galore_adamw_8bit", "galore_adafactor",
-          "galore_adamw_layerwise", "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise"]
+OPTIMS = [
+    "adamw_torch",
+    "adamw_8bit",
+    "adafactor",
+    "galore_adamw",
+    "galore_adamw_8bit",
+    "galore_adafactor",
+    "galore_adamw_layerwise",
+    "galore_adamw_8bit_layerwise",
+    "galore_adafactor_layerwise",
+]
 
 
 @pytest.mark.parametrize("optim", OPTIMS)
@@ -129,8 +140,10 @@ def test_layerwise_matches_regular_and_frees_grads(tmp_path):
     params = []
     for optim in ("galore_adamw", "galore_adamw_layerwise"):
         model = build_tiny_model().train()
-        opt = create_optimizer(model, _args(tmp_path, optim, learning_rate=3e-3, max_grad_norm=0.0,
-                                            optim_args="rank=8,update_proj_gap=2,svd=exact"))
+        opt = create_optimizer(
+            model,
+            _args(tmp_path, optim, learning_rate=3e-3, max_grad_norm=0.0, optim_args="rank=8,update_proj_gap=2,svd=exact"),
+        )
         for b in batches:
             model(input_ids=b, labels=b).loss.backward()
             if optim.endswith("layerwise"):
@@ -146,8 +159,9 @@ def test_layerwise_matches_regular_and_frees_grads(tmp_path):
 @pytest.mark.parametrize("bits", [32, 8])
 def test_galore_8bit_keeps_embeddings_32bit_unless_asked(tmp_path, bits):
     model = build_tiny_model()
-    opt = create_optimizer(model, _args(tmp_path, "galore_adamw_8bit",
-                                        optim_args=f"rank=8,min_8bit_size=256,embedding_bits={bits}"))
+    opt = create_optimizer(
+        model, _args(tmp_path, "galore_adamw_8bit", optim_args=f"rank=8,min_8bit_size=256,embedding_bits={bits}")
+    )
     batch = torch.randint(5, 384, (2, 8))
     model(input_ids=batch, labels=batch).loss.backward()
     opt.step()

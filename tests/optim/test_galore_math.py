@@ -24,8 +24,7 @@ def _grads(shape, steps, seed=1):
     return [torch.randn(shape, generator=g) for _ in range(steps)]
 
 
-@pytest.mark.parametrize("proj_type,shape", [("left", (5, 7)), ("right", (7, 5)), ("full", (6, 6)),
-                                              ("std", (7, 5))])
+@pytest.mark.parametrize("proj_type,shape", [("left", (5, 7)), ("right", (7, 5)), ("full", (6, 6)), ("std", (7, 5))])
 def test_identity_projector_matches_adamw_step_for_step(monkeypatch, proj_type, shape):
     # rank = min(shape) makes the (forced) identity basis square, so P^T G = G and P @ R = R exactly; the plain AdamW
     # galore_adamw stands for is transformers' (galore-torch's base: eps on the uncorrected sqrt(v), decay after)
@@ -37,9 +36,16 @@ def test_identity_projector_matches_adamw_step_for_step(monkeypatch, proj_type, 
     ref_w, ref_b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
     our_w, our_b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
     ref = ReferenceAdamW([ref_w, ref_b], lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, no_deprecation_warning=True)
-    ours = GaLoreAdamW([{"params": [our_w], "rank": min(shape), "proj_type": proj_type, "scale": 1.0,
-                         "update_proj_gap": 2},
-                        {"params": [our_b]}], lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
+    ours = GaLoreAdamW(
+        [
+            {"params": [our_w], "rank": min(shape), "proj_type": proj_type, "scale": 1.0, "update_proj_gap": 2},
+            {"params": [our_b]},
+        ],
+        lr=LR,
+        betas=BETAS,
+        eps=EPS,
+        weight_decay=WD,
+    )
     for gw, gb in zip(_grads(shape, 6), _grads((shape[1],), 6, seed=2)):
         for p, g in ((ref_w, gw), (ref_b, gb), (our_w, gw), (our_b, gb)):
             p.grad = g.clone()
@@ -50,14 +56,21 @@ def test_identity_projector_matches_adamw_step_for_step(monkeypatch, proj_type, 
     assert ours.state[our_w]["exp_avg"].shape == shape
 
 
-@pytest.mark.parametrize("proj_type,shape,side", [("std", (9, 6), "right"), ("std", (6, 9), "left"),
-                                                   ("reverse_std", (9, 6), "left"), ("right", (6, 9), "right")])
+@pytest.mark.parametrize(
+    "proj_type,shape,side",
+    [("std", (9, 6), "right"), ("std", (6, 9), "left"), ("reverse_std", (9, 6), "left"), ("right", (6, 9), "right")],
+)
 def test_one_step_equals_hand_computed_projection(proj_type, shape, side):
     rank, scale = 3, 0.25
     w0 = torch.randn(shape)
     w = w0.clone().requires_grad_()
-    opt = GaLoreAdamW([{"params": [w], "rank": rank, "proj_type": proj_type, "scale": scale, "svd": "exact"}],
-                      lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
+    opt = GaLoreAdamW(
+        [{"params": [w], "rank": rank, "proj_type": proj_type, "scale": scale, "svd": "exact"}],
+        lr=LR,
+        betas=BETAS,
+        eps=EPS,
+        weight_decay=WD,
+    )
     g = torch.randn(shape)
     w.grad = g.clone()
     opt.step()
@@ -187,11 +200,9 @@ def test_adafactor_plain_matches_transformers_and_identity_galore_matches_plain(
     ref_w, ref_b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
     pl_w, pl_b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
     id_w = w0.clone().requires_grad_()
-    ref = Adafactor([ref_w, ref_b], lr=LR, scale_parameter=False, relative_step=False, warmup_init=False,
-                    weight_decay=WD)
+    ref = Adafactor([ref_w, ref_b], lr=LR, scale_parameter=False, relative_step=False, warmup_init=False, weight_decay=WD)
     plain = GaLoreAdafactor([pl_w, pl_b], lr=LR, weight_decay=WD)
-    ident = GaLoreAdafactor([{"params": [id_w], "rank": 5, "proj_type": "right", "scale": 1.0}], lr=LR,
-                            weight_decay=WD)
+    ident = GaLoreAdafactor([{"params": [id_w], "rank": 5, "proj_type": "right", "scale": 1.0}], lr=LR, weight_decay=WD)
     for gw, gb in zip(_grads((7, 5), 5), _grads((5,), 5, seed=2)):
         for p, g in ((ref_w, gw), (ref_b, gb), (pl_w, gw), (pl_b, gb), (id_w, gw)):
             p.grad = g.clone()
@@ -212,8 +223,12 @@ def test_state_dict_round_trip_resumes_exactly_and_keeps_dtypes(cls):
     grads = _grads((40, 24), 7)
 
     def make(w, b):
-        return cls([{"params": [w], "rank": 4, "update_proj_gap": 3, "svd": "randomized"}, {"params": [b]}],
-                   lr=LR, weight_decay=WD, **kw)
+        return cls(
+            [{"params": [w], "rank": 4, "update_proj_gap": 3, "svd": "randomized"}, {"params": [b]}],
+            lr=LR,
+            weight_decay=WD,
+            **kw,
+        )
 
     wa, ba = w0.clone().requires_grad_(), b0.clone().requires_grad_()
     oa = make(wa, ba)

@@ -48,12 +48,19 @@ _SHAPES = [("std", (12, 8)), ("std", (8, 12)), ("reverse_std", (12, 8)), ("left"
 # eps 1e-3: where eps sits visibly changes the step (torch's placement fails this). "full" runs with it only: at a
 # refresh step the two-sided projection of the gradient the basis came from is diag(s) exactly, so its off-diagonal
 # entries are rounding noise, which Adam with eps 1e-8 scales up to O(1) steps -- in any implementation, differently.
-@pytest.mark.parametrize("proj_type,shape,eps", [*[(t, s, 1e-8) for t, s in _SHAPES],
-                                                  *[(t, s, 1e-3) for t, s in _SHAPES], ("full", (10, 10), 1e-3)])
+@pytest.mark.parametrize(
+    "proj_type,shape,eps",
+    [*[(t, s, 1e-8) for t, s in _SHAPES], *[(t, s, 1e-3) for t, s in _SHAPES], ("full", (10, 10), 1e-3)],
+)
 def test_galore_adamw_equals_galore_torch_step_by_step(proj_type, shape, eps):
     kw = dict(lr=1e-2, betas=(0.9, 0.99), eps=eps, weight_decay=0.1)
-    _run_pair(lambda groups: RefAdamW(groups, no_deprecation_warning=True, **kw),
-              lambda groups: GaLoreAdamW(groups, **kw), shape, 3, proj_type)
+    _run_pair(
+        lambda groups: RefAdamW(groups, no_deprecation_warning=True, **kw),
+        lambda groups: GaLoreAdamW(groups, **kw),
+        shape,
+        3,
+        proj_type,
+    )
 
 
 def test_galore_adamw_is_not_torch_adamw_when_eps_matters():
@@ -73,8 +80,13 @@ def test_galore_adamw_is_not_torch_adamw_when_eps_matters():
 def test_galore_adafactor_equals_galore_torch_step_by_step(beta1):
     # transformers builds galore_adafactor with scale_parameter=False, relative_step=False (external lr)
     kw = dict(lr=1e-2, beta1=beta1, weight_decay=0.1)
-    _run_pair(lambda groups: RefAdafactor(groups, scale_parameter=False, relative_step=False, warmup_init=False, **kw),
-              lambda groups: GaLoreAdafactor(groups, **kw), (12, 8), 3, "std")
+    _run_pair(
+        lambda groups: RefAdafactor(groups, scale_parameter=False, relative_step=False, warmup_init=False, **kw),
+        lambda groups: GaLoreAdafactor(groups, **kw),
+        (12, 8),
+        3,
+        "std",
+    )
 
 
 def test_create_optimizer_galore_adamw_equals_transformers_galore(tmp_path):
@@ -84,9 +96,17 @@ def test_create_optimizer_galore_adamw_equals_transformers_galore(tmp_path):
 
     from fastft.offline import build_tiny_model
 
-    args = TrainingArguments(output_dir=str(tmp_path), optim="galore_adamw", optim_target_modules=["mlp"],
-                             optim_args=f"rank=4,update_proj_gap={GAP},scale=0.25", learning_rate=1e-2,
-                             weight_decay=0.0, adam_epsilon=1e-6, use_cpu=True, report_to="none")
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        optim="galore_adamw",
+        optim_target_modules=["mlp"],
+        optim_args=f"rank=4,update_proj_gap={GAP},scale=0.25",
+        learning_rate=1e-2,
+        weight_decay=0.0,
+        adam_epsilon=1e-6,
+        use_cpu=True,
+        report_to="none",
+    )
     torch.manual_seed(0)
     ref_model = build_tiny_model("llama")
     our_model = build_tiny_model("llama")

@@ -155,11 +155,14 @@ def _gemma_style_norm(self, hidden_states):
     return (x * (1.0 + self.weight.float())).to(hidden_states.dtype)
 
 
-@pytest.mark.parametrize("piece,target,replacement", [
-    ("rope", "apply_rotary_pos_emb", _negated_sin_rope),
-    ("mlp", "LlamaMLP.forward", _swapped_mlp),
-    ("rms_norm", "LlamaRMSNorm.forward", _gemma_style_norm),
-])
+@pytest.mark.parametrize(
+    "piece,target,replacement",
+    [
+        ("rope", "apply_rotary_pos_emb", _negated_sin_rope),
+        ("mlp", "LlamaMLP.forward", _swapped_mlp),
+        ("rms_norm", "LlamaRMSNorm.forward", _gemma_style_norm),
+    ],
+)
 def test_probe_leaves_a_changed_function_unpatched_and_the_rest_patched(piece, target, replacement, monkeypatch):
     owner = llama if "." not in target else getattr(llama, target.split(".")[0])
     monkeypatch.setattr(owner, target.split(".")[-1], replacement)

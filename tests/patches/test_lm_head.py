@@ -22,8 +22,9 @@ from fastft.patches.lm_head import (
 _LOGIT_FIELDS = ("final_logit_softcapping_field", "logit_scale_field", "logit_divisor_field")
 
 
-@pytest.mark.parametrize("row", [r for r in ARCHITECTURES.values() if any(getattr(r, f) for f in _LOGIT_FIELDS)],
-                         ids=lambda r: r.model_type)
+@pytest.mark.parametrize(
+    "row", [r for r in ARCHITECTURES.values() if any(getattr(r, f) for f in _LOGIT_FIELDS)], ids=lambda r: r.model_type
+)
 def test_head_transform_reads_every_logit_field_a_row_declares(row):
     """A row's logit fields are data: the one reading (head_transform) must apply each of them, as the model does."""
     for field in _LOGIT_FIELDS:
@@ -33,8 +34,11 @@ def test_head_transform_reads_every_logit_field_a_row_declares(row):
         config = CONFIG_MAPPING[row.model_type]()
         setattr(config, name, 4.0)
         softcap, scale = head_transform(config)
-        want = {"final_logit_softcapping_field": (4.0, softcap), "logit_scale_field": (4.0, scale),
-                "logit_divisor_field": (0.25, scale)}[field]
+        want = {
+            "final_logit_softcapping_field": (4.0, softcap),
+            "logit_scale_field": (4.0, scale),
+            "logit_divisor_field": (0.25, scale),
+        }[field]
         assert want[0] == want[1], (row.model_type, name, softcap, scale)
 
 
@@ -46,7 +50,8 @@ def test_head_transform_of_plain_rows_is_identity():
 def test_head_fallback_reason_names_the_head():
     assert head_fallback_reason(torch.nn.Linear(4, 6)) is None
     assert head_fallback_reason(torch.nn.Sequential(torch.nn.Linear(4, 6))) == (
-        "the LM head is a Sequential, not a plain nn.Linear")
+        "the LM head is a Sequential, not a plain nn.Linear"
+    )
 
     class Sub(torch.nn.Linear):
         pass

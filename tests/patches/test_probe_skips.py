@@ -11,8 +11,9 @@ from fastft.patches import architectures
 from fastft.patches.base import skipped_patches
 
 
-@pytest.mark.parametrize("piece, contract, name", [("rms_norm", "_norm_contract", "llama RMSNorm"),
-                                                  ("mlp", "_mlp_contract", "llama MLP")])
+@pytest.mark.parametrize(
+    "piece, contract, name", [("rms_norm", "_norm_contract", "llama RMSNorm"), ("mlp", "_mlp_contract", "llama MLP")]
+)
 def test_a_failed_probe_is_a_skipped_patch_with_its_reason(piece, contract, name, monkeypatch):
     monkeypatch.setattr(architectures, contract, lambda *a, **k: "probe mismatch, max |diff| 1 (forced)")
     model = build_tiny_model("llama")

@@ -39,28 +39,37 @@ def test_valid_config_maps_sections():
     assert "model.lora.offload_embeddings" in " ".join(_errors(_base(**{"model.lora.offload_embeddings": "yes"})))
 
 
-@pytest.mark.parametrize("dotted, value, expect", [
-    ("trainer.learnig_rate", 1e-4, "trainer.learnig_rate: not a field of SFTConfig; did you mean `learning_rate`?"),
-    ("model.lora.lora_alhpa", 8, "model.lora.lora_alhpa: unknown key; did you mean `lora_alpha`?"),
-    ("model.max_seq_lenght", 8, "model.max_seq_lenght: unknown key; did you mean `max_seq_length`?"),
-    ("data.train_on_response_only", True, "data.train_on_response_only: unknown key; did you mean "
-                                          "`train_on_responses_only`?"),
-    ("optim.weight_decy", 0.1, "optim.weight_decy: unknown optimizer field; did you mean `weight_decay`?"),
-    ("ouput_dir", "x", "ouput_dir: unknown key; did you mean `output_dir`?"),
-])
+@pytest.mark.parametrize(
+    "dotted, value, expect",
+    [
+        ("trainer.learnig_rate", 1e-4, "trainer.learnig_rate: not a field of SFTConfig; did you mean `learning_rate`?"),
+        ("model.lora.lora_alhpa", 8, "model.lora.lora_alhpa: unknown key; did you mean `lora_alpha`?"),
+        ("model.max_seq_lenght", 8, "model.max_seq_lenght: unknown key; did you mean `max_seq_length`?"),
+        (
+            "data.train_on_response_only",
+            True,
+            "data.train_on_response_only: unknown key; did you mean `train_on_responses_only`?",
+        ),
+        ("optim.weight_decy", 0.1, "optim.weight_decy: unknown optimizer field; did you mean `weight_decay`?"),
+        ("ouput_dir", "x", "ouput_dir: unknown key; did you mean `output_dir`?"),
+    ],
+)
 def test_unknown_key_names_it_and_suggests(dotted, value, expect):
     errors = _errors(_base(**{dotted: value}))
     assert any(e.startswith(expect) for e in errors), errors
 
 
-@pytest.mark.parametrize("dotted, value, expect", [
-    ("model.max_seq_length", "long", "model.max_seq_length: expected int or null, got str 'long'"),
-    ("model.load_in_4bit", "yes please", "model.load_in_4bit: expected bool"),
-    ("trainer.max_steps", 2.5, "trainer.max_steps: expected int, got float 2.5"),
-    ("trainer.learning_rate", "fast", "trainer.learning_rate: expected float, got str 'fast'"),
-    ("trainer.gradient_accumulation_steps", True, "trainer.gradient_accumulation_steps: expected int, got bool"),
-    ("model.lora.r", "16", "model.lora.r: expected int, got str '16'"),
-])
+@pytest.mark.parametrize(
+    "dotted, value, expect",
+    [
+        ("model.max_seq_length", "long", "model.max_seq_length: expected int or null, got str 'long'"),
+        ("model.load_in_4bit", "yes please", "model.load_in_4bit: expected bool"),
+        ("trainer.max_steps", 2.5, "trainer.max_steps: expected int, got float 2.5"),
+        ("trainer.learning_rate", "fast", "trainer.learning_rate: expected float, got str 'fast'"),
+        ("trainer.gradient_accumulation_steps", True, "trainer.gradient_accumulation_steps: expected int, got bool"),
+        ("model.lora.r", "16", "model.lora.r: expected int, got str '16'"),
+    ],
+)
 def test_wrong_type_names_the_key(dotted, value, expect):
     errors = _errors(_base(**{dotted: value}))
     assert any(e.startswith(expect) for e in errors), errors
@@ -73,8 +82,17 @@ def test_unknown_trainer_type():
 
 
 def test_all_problems_reported_at_once_and_owned_fields_redirect():
-    errors = _errors(_base(**{"trainer.packing": True, "trainer.output_dir": "/x", "model.dtype": 3,
-                              "trainer.type": "dpo", "rewards": ["exact_answer"]}))
+    errors = _errors(
+        _base(
+            **{
+                "trainer.packing": True,
+                "trainer.output_dir": "/x",
+                "model.dtype": 3,
+                "trainer.type": "dpo",
+                "rewards": ["exact_answer"],
+            }
+        )
+    )
     joined = "\n".join(errors)
     assert "trainer.packing: set it with `data.packing`" in joined
     assert "trainer.output_dir: set it with the top-level `output_dir`" in joined
@@ -95,13 +113,16 @@ def test_grpo_rewards_are_checked_before_training():
     assert [r["weight"] for r in validate(raw).rewards] == [1.0, 0.5]
 
 
-@pytest.mark.parametrize("assignment, expect", [
-    ("trainer.learning_rate", "expected KEY=VALUE"),
-    ("=3", "empty key segment"),
-    ("trainer..max_steps=3", "empty key segment"),
-    ("model.name.sub=1", "`model.name` is str 'tiny:llama', not a section"),
-    ("trainer.max_steps=[1", "is not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "assignment, expect",
+    [
+        ("trainer.learning_rate", "expected KEY=VALUE"),
+        ("=3", "empty key segment"),
+        ("trainer..max_steps=3", "empty key segment"),
+        ("model.name.sub=1", "`model.name` is str 'tiny:llama', not a section"),
+        ("trainer.max_steps=[1", "is not valid YAML"),
+    ],
+)
 def test_bad_set_override(assignment, expect):
     with pytest.raises(ConfigError) as info:
         apply_override(_base(), assignment)
@@ -111,8 +132,16 @@ def test_bad_set_override(assignment, expect):
 def test_set_overrides_parse_with_yaml(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(_base()))
-    cfg = load_config(path, ["trainer.max_steps=7", "trainer.learning_rate=1e-4", "model.lora=null",
-                             "data.packing=true", "trainer.report_to=[]"])
+    cfg = load_config(
+        path,
+        [
+            "trainer.max_steps=7",
+            "trainer.learning_rate=1e-4",
+            "model.lora=null",
+            "data.packing=true",
+            "trainer.report_to=[]",
+        ],
+    )
     assert cfg.trainer_args["max_steps"] == 7 and cfg.trainer_args["learning_rate"] == 1e-4
     assert cfg.lora is None and cfg.data["packing"] is True and cfg.trainer_args["report_to"] == []
 
@@ -124,8 +153,9 @@ def test_yaml_is_loaded_safely(tmp_path):
         load_config(path)
 
 
-@pytest.mark.parametrize("name", ["sft_tiny.yaml", "dpo_tiny.yaml", "grpo_tiny.yaml", "sft_qlora_t4.yaml",
-                                  "dpo_t4.yaml", "grpo_t4.yaml"])
+@pytest.mark.parametrize(
+    "name", ["sft_tiny.yaml", "dpo_tiny.yaml", "grpo_tiny.yaml", "sft_qlora_t4.yaml", "dpo_t4.yaml", "grpo_t4.yaml"]
+)
 def test_examples_validate(name):
     cfg = load_config(example(name))
     assert cfg.trainer_type in name
@@ -154,8 +184,7 @@ def test_rewards():
     assert extract_answer("<answer> 12 </answer>") == "12"
     assert extract_answer("3 then 19") == "19"
     assert extract_answer("none") is None
-    completions = [[{"role": "assistant", "content": "19"}], [{"role": "assistant", "content": "18"}], "20",
-                   "#### 19.0"]
+    completions = [[{"role": "assistant", "content": "19"}], [{"role": "assistant", "content": "18"}], "20", "#### 19.0"]
     assert exact_answer(completions, answer=["19", "19", "#### 19", "19"]) == [1.0, 0.0, 0.0, 1.0]
     assert format_reward(["19", "the sum is 19", "\\boxed{19}", " -3. "]) == [1.0, 0.0, 1.0, 1.0]
     with pytest.raises(ValueError, match="needs an `answer`"):

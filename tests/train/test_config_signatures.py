@@ -32,8 +32,9 @@ def _errors(raw) -> list[str]:
 
 def test_every_named_parameter_of_the_called_functions_is_a_key():
     load, training = config.model_fields()
-    expected = {n for n, p in inspect.signature(FastModel.from_pretrained).parameters.items()
-                if p.kind is not p.VAR_KEYWORD} - {"model_name"}
+    expected = {
+        n for n, p in inspect.signature(FastModel.from_pretrained).parameters.items() if p.kind is not p.VAR_KEYWORD
+    } - {"model_name"}
     assert set(load) == {"name"} | expected
     assert "token" in load and "tiled_mlp" in load  # token: unknown to the hand-written schema this replaced
     assert set(training) == {"use_gradient_checkpointing"}
@@ -58,8 +59,9 @@ def test_token_reaches_from_pretrained_and_checkpointing_the_training_call(monke
         calls["get_peft_model"] = kwargs
         return model
 
-    cfg = validate(_base(model={"token": "hf_abc", "max_seq_length": 64, "tiled_mlp": 512},
-                         lora={"use_dora": True, "lora_dropout": 0}))
+    cfg = validate(
+        _base(model={"token": "hf_abc", "max_seq_length": 64, "tiled_mlp": 512}, lora={"use_dora": True, "lora_dropout": 0})
+    )
     load, training = split_model_section({"name": "x", "use_gradient_checkpointing": False, "dtype": "bf16"})
     assert load == {"dtype": "bf16"} and training == {"use_gradient_checkpointing": False}
     split = split_model_section(cfg.model)  # by the real signatures, before the stand-ins below replace them
@@ -68,8 +70,12 @@ def test_token_reaches_from_pretrained_and_checkpointing_the_training_call(monke
     monkeypatch.setattr(run, "split_model_section", lambda model: split)
     run.load_model(cfg, "/some/dir")
     assert calls["from_pretrained"] == ("/some/dir", {"token": "hf_abc", "max_seq_length": 64, "tiled_mlp": 512})
-    assert calls["get_peft_model"] == {"r": 4, "use_dora": True, "lora_dropout": 0.0,
-                                       "use_gradient_checkpointing": "fastft"}  # train's default, stated once
+    assert calls["get_peft_model"] == {
+        "r": 4,
+        "use_dora": True,
+        "lora_dropout": 0.0,
+        "use_gradient_checkpointing": "fastft",
+    }  # train's default, stated once
 
 
 def test_a_parameter_added_to_from_pretrained_is_accepted_with_its_type(monkeypatch):
@@ -84,16 +90,19 @@ def test_a_parameter_added_to_from_pretrained_is_accepted_with_its_type(monkeypa
     assert _errors(_base(model={"dtype": "bf16"}))[0].startswith("model.dtype: unknown key")  # gone with it
 
 
-@pytest.mark.parametrize("section, key, value, expect", [
-    ("model", "token", 123, "model.token: expected str or null, got int 123"),
-    ("model", "tiled_mlp", "big", "model.tiled_mlp: expected bool or int, got str 'big'"),
-    ("model", "use_gradient_checkpointing", 1.5, "model.use_gradient_checkpointing: expected bool or str or null"),
-    ("lora", "use_dora", "yes", "model.lora.use_dora: expected bool, got str 'yes'"),
-    ("lora", "layers_to_transform", "all", "model.lora.layers_to_transform: expected list[int] or int or null"),
-    ("lora", "lora_alpha", 8.5, "model.lora.lora_alpha: expected int, got float 8.5"),
-    ("trainer", "embedding_learning_rate", "fast", "trainer.embedding_learning_rate: expected float or null"),
-    ("trainer", "report_to", 3, "trainer.report_to: expected "),
-])
+@pytest.mark.parametrize(
+    "section, key, value, expect",
+    [
+        ("model", "token", 123, "model.token: expected str or null, got int 123"),
+        ("model", "tiled_mlp", "big", "model.tiled_mlp: expected bool or int, got str 'big'"),
+        ("model", "use_gradient_checkpointing", 1.5, "model.use_gradient_checkpointing: expected bool or str or null"),
+        ("lora", "use_dora", "yes", "model.lora.use_dora: expected bool, got str 'yes'"),
+        ("lora", "layers_to_transform", "all", "model.lora.layers_to_transform: expected list[int] or int or null"),
+        ("lora", "lora_alpha", 8.5, "model.lora.lora_alpha: expected int, got float 8.5"),
+        ("trainer", "embedding_learning_rate", "fast", "trainer.embedding_learning_rate: expected float or null"),
+        ("trainer", "report_to", 3, "trainer.report_to: expected "),
+    ],
+)
 def test_wrong_type_is_rejected_naming_the_signature_type(section, key, value, expect):
     raw = _base(**{section: {key: value}})
     assert any(e.startswith(expect) for e in _errors(raw)), _errors(raw)
@@ -109,14 +118,16 @@ def test_lora_keys_owned_elsewhere_and_misspelt_passed_on_fields():
 
 def test_yaml_exponent_floats_load_as_floats(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text(textwrap.dedent("""\
+    path.write_text(
+        textwrap.dedent("""\
         model: {name: "tiny:llama", lora: {r: 4, lora_dropout: 5e-2}}
         data: {path: "builtin:arithmetic", eval_size: 8}
         trainer: {type: sft, max_steps: 2}
         optim: {learning_rate: 2e-4, embedding_learning_rate: 1E-5}
         output_dir: /tmp/unused
         max_minutes: 1e1
-    """))
+    """)
+    )
     cfg = load_config(path, ["optim.weight_decay=1e-2"])
     assert cfg.lora["lora_dropout"] == 0.05 and cfg.max_minutes == 10.0
     assert cfg.trainer_args["learning_rate"] == 2e-4 and cfg.trainer_args["embedding_learning_rate"] == 1e-5

@@ -14,8 +14,13 @@ from tests.train.conftest import example
 
 
 def _raw(export):
-    return {"model": {"name": "tiny:llama"}, "data": {"path": "builtin:arithmetic"},
-            "trainer": {"type": "sft", "max_steps": 1}, "output_dir": "/tmp/unused", "export": export}
+    return {
+        "model": {"name": "tiny:llama"},
+        "data": {"path": "builtin:arithmetic"},
+        "trainer": {"type": "sft", "max_steps": 1},
+        "output_dir": "/tmp/unused",
+        "export": export,
+    }
 
 
 def _errors(raw) -> list[str]:
@@ -40,8 +45,7 @@ def test_export_section_is_checked_before_training(monkeypatch):
 
 @pytest.mark.usefixtures("torch_path")
 def test_sft_run_writes_the_gguf_file(tmp_path):
-    cfg = load_config(example("sft_tiny.yaml"), [f"output_dir={tmp_path}", "trainer.max_steps=1",
-                                                 "export={gguf: f16}"])
+    cfg = load_config(example("sft_tiny.yaml"), [f"output_dir={tmp_path}", "trainer.max_steps=1", "export={gguf: f16}"])
     result = run(cfg, quiet=True)
     assert len(result.exported) == 1 and result.exported[0].startswith(os.path.join(str(tmp_path), "gguf"))
     with open(result.exported[0], "rb") as fh:

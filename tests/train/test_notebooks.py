@@ -14,8 +14,14 @@ import nbformat
 import pytest
 
 NOTEBOOKS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "notebooks", "*.ipynb")))
-TINY = {"model_name": "tiny:llama", "dataset_name": "builtin:arithmetic", "max_samples": 16, "max_steps": 2,
-        "max_seq_length": 64, "load_in_4bit": False}
+TINY = {
+    "model_name": "tiny:llama",
+    "dataset_name": "builtin:arithmetic",
+    "max_samples": 16,
+    "max_steps": 2,
+    "max_seq_length": 64,
+    "load_in_4bit": False,
+}
 
 
 def test_there_are_three_notebooks():
@@ -39,8 +45,13 @@ def test_notebook_runs_on_tiny_model(path, tmp_path, monkeypatch):
     assert "Qwen/" in params.source or "meta-llama/" in params.source  # written for real users on a T4
     extra = {"num_generations": 4, "max_completion_length": 6} if "grpo" in path else {}
     _inject(book, {**TINY, **extra, "output_dir": str(tmp_path / "out")})
-    for key, value in {"TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-                       "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}.items():
+    for key, value in {
+        "TRITON_INTERPRET": "0",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }.items():
         monkeypatch.setenv(key, value)
     NotebookClient(book, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = "".join(o.get("text", "") for c in book.cells if c.cell_type == "code" for o in c.get("outputs", []))

@@ -137,8 +137,9 @@ def test_missing_chat_template_file(tmp_path):
 
 # -- formats and columns (the data is read, the model is not) --------------------------------------------------------
 def test_dpo_on_messages_only_data(tmp_path, capsys):
-    path = _jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "1+1="},
-                                                          {"role": "assistant", "content": "2"}]}])
+    path = _jsonl(
+        tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}]}]
+    )
     err = _train(tmp_path, _raw(tmp_path, trainer="dpo", data={"path": path}), capsys)
     assert "columns ['messages'] are `messages` data (chat turns), which trainer.type sft takes" in err
     assert "trainer.type dpo takes `chosen` + `rejected`" in err

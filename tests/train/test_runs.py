@@ -33,8 +33,23 @@ def _check_report(out, *, pngs=("loss.png",)):
 
 def test_sft_from_yaml_cli(tmp_path, capsys):
     out = str(tmp_path / "sft")
-    assert main(["train", example("sft_tiny.yaml"), "--set", f"output_dir={out}", "--set", "trainer.max_steps=3",
-                 "--set", "data.eval_size=8", "--set", "trainer.eval_steps=3"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                example("sft_tiny.yaml"),
+                "--set",
+                f"output_dir={out}",
+                "--set",
+                "trainer.max_steps=3",
+                "--set",
+                "data.eval_size=8",
+                "--set",
+                "trainer.eval_steps=3",
+            ]
+        )
+        == 0
+    )
     assert "training finished at step 3" in capsys.readouterr().out
     text = _check_report(out)
     assert "TRL's trainer with fastft's fast hooks" in text

@@ -33,14 +33,26 @@ def assert_head_calls(calls: int, what: str) -> None:
 def lora_config():
     from peft import LoraConfig
 
-    return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"],
-                      task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"], task_type="CAUSAL_LM"
+    )
 
 
 def common_args(tmp_path, **overrides: Any) -> dict[str, Any]:
-    args = dict(output_dir=str(tmp_path), use_cpu=True, report_to="none", bf16=False, max_steps=STEPS,
-                logging_steps=1, learning_rate=5e-3, seed=0, save_strategy="no", disable_tqdm=True,
-                dataloader_num_workers=0, lr_scheduler_type="constant")
+    args = dict(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to="none",
+        bf16=False,
+        max_steps=STEPS,
+        logging_steps=1,
+        learning_rate=5e-3,
+        seed=0,
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        lr_scheduler_type="constant",
+    )
     args.update(overrides)
     return args
 
@@ -62,9 +74,15 @@ def trainer_class(algorithm: str, patched: bool) -> type:
     return cls
 
 
-def run(algorithm: str, patched: bool, make: Callable[[type], Any], model_type: str = "llama",
-        build: Callable[[], Any] | None = None, keep: list | None = None,
-        **model_kwargs: Any) -> tuple[list[dict[str, float]], int]:
+def run(
+    algorithm: str,
+    patched: bool,
+    make: Callable[[type], Any],
+    model_type: str = "llama",
+    build: Callable[[], Any] | None = None,
+    keep: list | None = None,
+    **model_kwargs: Any,
+) -> tuple[list[dict[str, float]], int]:
     """Train a fresh tiny model (``build()``, default a causal LM of ``model_type``) for STEPS steps; return the
     logged rows and how many fastft LM-head kernel calls ran. ``keep``: the trainer is appended to it."""
     cls = trainer_class(algorithm, patched)
@@ -89,11 +107,16 @@ def _kernel_calls() -> int:
     return sum(n for (op, _), n in path_counts.items() if op.startswith("cross_entropy"))
 
 
-def assert_same_run(fast: list[dict[str, float]], slow: list[dict[str, float]], keys: tuple[str, ...],
-                    rtol: float = 2e-5, atol: float = 2e-6) -> None:
+def assert_same_run(
+    fast: list[dict[str, float]], slow: list[dict[str, float]], keys: tuple[str, ...], rtol: float = 2e-5, atol: float = 2e-6
+) -> None:
     for step, (f, s) in enumerate(zip(fast, slow, strict=True), start=1):
         for key in keys:
             note = f"step {step}, {key}: fast {f[key]} vs TRL {s[key]}"
-            torch.testing.assert_close(torch.tensor(f[key], dtype=torch.float64),
-                                       torch.tensor(s[key], dtype=torch.float64), rtol=rtol, atol=atol,
-                                       msg=lambda m, note=note: f"{note}\n{m}")
+            torch.testing.assert_close(
+                torch.tensor(f[key], dtype=torch.float64),
+                torch.tensor(s[key], dtype=torch.float64),
+                rtol=rtol,
+                atol=atol,
+                msg=lambda m, note=note: f"{note}\n{m}",
+            )

@@ -46,12 +46,22 @@ def _train(patched: bool, source: str, precision: str, checkpointing: bool, tmp_
     try:
         model = _model(source, directory)
         torch.manual_seed(0)
-        args = SFTConfig(**common_args(tmp_path, max_steps=STEPS, per_device_train_batch_size=2, max_length=48,
-                                       bf16=precision == "bf16", fp16=precision == "fp16",
-                                       gradient_checkpointing=checkpointing, completion_only_loss=True))
+        args = SFTConfig(
+            **common_args(
+                tmp_path,
+                max_steps=STEPS,
+                per_device_train_batch_size=2,
+                max_length=48,
+                bf16=precision == "bf16",
+                fp16=precision == "fp16",
+                gradient_checkpointing=checkpointing,
+                completion_only_loss=True,
+            )
+        )
         before = _kernel_calls()
-        trainer = cls(model=model, args=args, train_dataset=Dataset.from_list(PROMPT_COMPLETION),
-                      processing_class=build_tokenizer())
+        trainer = cls(
+            model=model, args=args, train_dataset=Dataset.from_list(PROMPT_COMPLETION), processing_class=build_tokenizer()
+        )
         trainer.train()
         calls = _kernel_calls() - before
     finally:
@@ -61,14 +71,18 @@ def _train(patched: bool, source: str, precision: str, checkpointing: bool, tmp_
     return rows, calls, trainer.accelerator.native_amp
 
 
-CELLS = [(source, precision, False) for source in ("string", "plain", "peft", "fastmodel", "fastmodel_lora")
-         for precision in ("fp32", "bf16")]
+CELLS = [
+    (source, precision, False)
+    for source in ("string", "plain", "peft", "fastmodel", "fastmodel_lora")
+    for precision in ("fp32", "bf16")
+]
 CELLS += [("plain", "fp16", False), ("fastmodel_lora", "fp16", False)]
 CELLS += [("plain", "bf16", True), ("fastmodel_lora", "bf16", True), ("peft", "fp32", True)]
 
 
-@pytest.mark.parametrize("source,precision,checkpointing", CELLS,
-                         ids=[f"{s}-{p}-{'gc' if c else 'nogc'}" for s, p, c in CELLS])
+@pytest.mark.parametrize(
+    "source,precision,checkpointing", CELLS, ids=[f"{s}-{p}-{'gc' if c else 'nogc'}" for s, p, c in CELLS]
+)
 def test_fast_head_runs_in_every_configuration(source, precision, checkpointing, tmp_path):
     directory = save_tiny_model(str(tmp_path / "model"), "llama")
     fast, calls, native_amp = _train(True, source, precision, checkpointing, tmp_path / "fast", directory)
@@ -79,4 +93,3 @@ def test_fast_head_runs_in_every_configuration(source, precision, checkpointing,
     # rounding of the logits. fp32: float rounding.
     tolerance = dict(rtol=2e-2, atol=2e-3) if precision == "bf16" else dict(rtol=2e-5, atol=2e-6)
     assert_same_run(fast, slow, ("loss",), **tolerance)
-

@@ -11,7 +11,7 @@ import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "trl_conformance" / "run.py"
 
-TESTS = '''
+TESTS = """
 import os
 
 from datasets import load_dataset
@@ -33,7 +33,7 @@ def test_passes_only_unpatched():
     from trl import SFTTrainer
 
     assert getattr(SFTTrainer, "_fastft_algorithm", None) is None
-'''
+"""
 
 
 @pytest.mark.benchmark
@@ -43,9 +43,23 @@ def test_conformance_script_runs_both_ways_and_reports_regressions(tmp_path):
     (source / "tests" / "__init__.py").write_text("")
     (source / "tests" / "test_sft_trainer.py").write_text(TESTS)
     out = tmp_path / "result.json"
-    done = subprocess.run([sys.executable, str(SCRIPT), "--trainers", "SFT", "--source", str(source),
-                           "--workdir", str(tmp_path / "work"), "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--trainers",
+            "SFT",
+            "--source",
+            str(source),
+            "--workdir",
+            str(tmp_path / "work"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 1, done.stdout + done.stderr
     row = json.loads(out.read_text())["trainers"]["SFT"]
     assert row["unpatched"] == {"passed": 2, "failed": 0, "skipped": 0}, done.stdout

@@ -21,14 +21,21 @@ def _make(tmp_path, **config):
         # A fingerprint per run: DPO caches precomputed reference log-probs by (dataset fingerprint, model hash), and
         # two identical from_list datasets share one, so the second run would reuse the first run's values.
         dataset = Dataset.from_list(PAIRS).map(lambda row: row, new_fingerprint=f"fastft-dpo-{tmp_path.name}")
-        return cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                   peft_config=lora_config())
+        return cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora_config())
 
     return make
 
 
-KEYS = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "logits/chosen", "logits/rejected",
-        "entropy", "mean_token_accuracy")
+KEYS = (
+    "loss",
+    "grad_norm",
+    "rewards/chosen",
+    "rewards/rejected",
+    "logits/chosen",
+    "logits/rejected",
+    "entropy",
+    "mean_token_accuracy",
+)
 
 
 @pytest.mark.parametrize("precompute", [False, True], ids=["ref_in_step", "ref_precomputed"])

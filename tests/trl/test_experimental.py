@@ -36,15 +36,18 @@ def _make(algorithm: str, tmp_path):
         else:
             args = config_cls(**base, max_length=48)
             dataset, extra = Dataset.from_list(PAIRS), {}
-        return cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                   peft_config=lora_config(), **extra)
+        return cls(
+            model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora_config(), **extra
+        )
 
     return make
 
 
-KEYS = {"ORPO": ("loss", "grad_norm", "nll_loss", "log_odds_ratio", "rewards/chosen", "logits/chosen"),
-        "CPO": ("loss", "grad_norm", "nll_loss", "rewards/chosen", "rewards/rejected", "logits/chosen"),
-        "OnlineDPO": ("loss", "grad_norm", "objective/kl", "objective/scores", "rewards/chosen")}
+KEYS = {
+    "ORPO": ("loss", "grad_norm", "nll_loss", "log_odds_ratio", "rewards/chosen", "logits/chosen"),
+    "CPO": ("loss", "grad_norm", "nll_loss", "rewards/chosen", "rewards/rejected", "logits/chosen"),
+    "OnlineDPO": ("loss", "grad_norm", "objective/kl", "objective/scores", "rewards/chosen"),
+}
 
 
 @pytest.mark.parametrize("algorithm", list(KEYS))

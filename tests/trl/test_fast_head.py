@@ -22,8 +22,7 @@ def _heads(model_type, temperature):
     model = build_tiny_model(model_type)
     add_fused_lm_head(model, temperature=temperature, outputs=ALL)
     trl_forward = model.forward
-    fast = types.MethodType(_make_fast_forward(trl_forward, temperature=temperature, outputs=ALL, cast_fp32=False),
-                            model)
+    fast = types.MethodType(_make_fast_forward(trl_forward, temperature=temperature, outputs=ALL, cast_fp32=False), model)
     return model, trl_forward, fast
 
 

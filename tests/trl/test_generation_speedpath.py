@@ -39,14 +39,28 @@ def _grpo(model_dir: str, tmp_path, fast: bool) -> tuple[list, list[dict]]:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         torch.manual_seed(3407)  # FastModel.get_peft_model's default random_state: the same adapter init
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
-                                                 task_type="CAUSAL_LM"))
-    args = trl.GRPOConfig(output_dir=str(tmp_path / ("fast" if fast else "plain")), use_cpu=True, report_to="none",
-                          bf16=False, max_steps=2, logging_steps=1, seed=0, save_strategy="no", disable_tqdm=True,
-                          dataloader_num_workers=0, per_device_train_batch_size=8, num_generations=4,
-                          max_completion_length=12, learning_rate=1e-2)
-    trainer = trl.GRPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(PROMPTS),
-                              processing_class=tokenizer, reward_funcs=_reward)
+        model = get_peft_model(
+            model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+        )
+    args = trl.GRPOConfig(
+        output_dir=str(tmp_path / ("fast" if fast else "plain")),
+        use_cpu=True,
+        report_to="none",
+        bf16=False,
+        max_steps=2,
+        logging_steps=1,
+        seed=0,
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=12,
+        learning_rate=1e-2,
+    )
+    trainer = trl.GRPOTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(PROMPTS), processing_class=tokenizer, reward_funcs=_reward
+    )
     sampled: list = []
     generate = trainer._generate_single_turn  # the patched class's hook (for_inference around TRL's) runs inside
 

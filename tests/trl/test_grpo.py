@@ -33,10 +33,25 @@ def _make(tmp_path, **config):
     def make(cls, model, tokenizer):
         from trl import GRPOConfig
 
-        args = GRPOConfig(**common_args(tmp_path, per_device_train_batch_size=4, num_generations=4,
-                                        steps_per_generation=2, max_completion_length=8, beta=0.04, **config))
-        return cls(model=model, reward_funcs=reward_len, args=args, train_dataset=Dataset.from_list(PROMPTS),
-                   processing_class=tokenizer, peft_config=lora_config())
+        args = GRPOConfig(
+            **common_args(
+                tmp_path,
+                per_device_train_batch_size=4,
+                num_generations=4,
+                steps_per_generation=2,
+                max_completion_length=8,
+                beta=0.04,
+                **config,
+            )
+        )
+        return cls(
+            model=model,
+            reward_funcs=reward_len,
+            args=args,
+            train_dataset=Dataset.from_list(PROMPTS),
+            processing_class=tokenizer,
+            peft_config=lora_config(),
+        )
 
     return make
 

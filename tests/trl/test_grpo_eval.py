@@ -25,13 +25,31 @@ def _evaluate(patched: bool, tmp_path) -> tuple[list[dict[str, float]], int]:
         # dropout > 0: an eval pass run in train mode would differ from TRL's (and from run to run)
         model = build_tiny_model("llama", attention_dropout=0.3)
         torch.manual_seed(0)
-        args = GRPOConfig(**common_args(tmp_path, max_steps=2, per_device_train_batch_size=4,
-                                        per_device_eval_batch_size=4, num_generations=4, num_generations_eval=4,
-                                        steps_per_generation=2, max_completion_length=8, beta=0.04,
-                                        eval_strategy="steps", eval_steps=2, eval_on_start=True))
-        trainer = cls(model=model, reward_funcs=reward_len, args=args, train_dataset=Dataset.from_list(PROMPTS),
-                      eval_dataset=Dataset.from_list(PROMPTS[:8]), processing_class=build_tokenizer(),
-                      peft_config=lora_config())
+        args = GRPOConfig(
+            **common_args(
+                tmp_path,
+                max_steps=2,
+                per_device_train_batch_size=4,
+                per_device_eval_batch_size=4,
+                num_generations=4,
+                num_generations_eval=4,
+                steps_per_generation=2,
+                max_completion_length=8,
+                beta=0.04,
+                eval_strategy="steps",
+                eval_steps=2,
+                eval_on_start=True,
+            )
+        )
+        trainer = cls(
+            model=model,
+            reward_funcs=reward_len,
+            args=args,
+            train_dataset=Dataset.from_list(PROMPTS),
+            eval_dataset=Dataset.from_list(PROMPTS[:8]),
+            processing_class=build_tokenizer(),
+            peft_config=lora_config(),
+        )
         before = _kernel_calls()
         trainer.train()
         calls = _kernel_calls() - before
@@ -51,7 +69,11 @@ def test_grpo_evaluation_matches_trl(tmp_path, monkeypatch):
         for key in EVAL_KEYS:
             if key not in s:
                 continue
-            torch.testing.assert_close(torch.tensor(f[key], dtype=torch.float64),
-                                       torch.tensor(s[key], dtype=torch.float64), rtol=2e-5, atol=2e-6,
-                                       msg=lambda m, k=key, w=when: f"{w}, {k}: fast vs TRL\n{m}")
+            torch.testing.assert_close(
+                torch.tensor(f[key], dtype=torch.float64),
+                torch.tensor(s[key], dtype=torch.float64),
+                rtol=2e-5,
+                atol=2e-6,
+                msg=lambda m, k=key, w=when: f"{w}, {k}: fast vs TRL\n{m}",
+            )
     assert "eval_loss" in slow[0] and "eval_reward" in slow[0]

@@ -26,7 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 #: TRL < 1.15 has no fused-head hook: there the losses run TRL's code (said once) and no fastft head kernel runs.
 FUSED_HEAD = _fused_head_problem() is None
 
-USER_SCRIPT = textwrap.dedent('''
+USER_SCRIPT = textwrap.dedent("""
     import json, sys
     from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer  # the script's old top
     from datasets import Dataset
@@ -66,13 +66,14 @@ USER_SCRIPT = textwrap.dedent('''
         model=m, reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions], train_dataset=prompts,
         args=GRPOConfig(**common, num_generations=2, max_completion_length=4), processing_class=t))
     print("FACTS " + json.dumps(facts))
-''')
+""")
 
 
 def _run(code: str, *args: str, timeout: int = 300) -> str:
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout,
-                         env=env, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     return out.stdout
 
@@ -92,7 +93,7 @@ def test_trainers_imported_at_the_top_of_the_script_run_fastft(tmp_path):
 @pytest.mark.parametrize("first", ["trl,peft,transformers", "fastft"])
 def test_fast_model_patches_whichever_library_was_imported_first(first, tmp_path):
     imports = "import fastft\n" if first == "fastft" else "".join(f"import {m}\n" for m in first.split(","))
-    code = imports + textwrap.dedent('''
+    code = imports + textwrap.dedent("""
         import sys
         from fastft import FastModel
         from fastft.offline import build_tiny_model, build_tokenizer
@@ -101,7 +102,7 @@ def test_fast_model_patches_whichever_library_was_imported_first(first, tmp_path
         build_tokenizer().save_pretrained(sys.argv[1])
         model, _ = FastModel.from_pretrained(sys.argv[1])
         print("APPLIED " + ",".join(sorted(model._fastft_patch_report.applied)))
-    ''')
+    """)
     stdout = _run(code, str(tmp_path / "model"))
     applied = next(line for line in stdout.splitlines() if line.startswith("APPLIED "))[8:].split(",")
     assert applied == ["fused_loss", "mlp:swiglu", "rms_norm", "rope"], applied
@@ -119,8 +120,12 @@ def _sft_trainer(cls, tmp_path):
     model, tokenizer = FastModel.from_pretrained(model_dir)
     model = FastModel.get_peft_model(model, r=4, target_modules=["q_proj", "v_proj"])
     args = SFTConfig(**common_args(tmp_path, per_device_train_batch_size=2, max_steps=2, max_length=32))
-    return cls(model=model, args=args, processing_class=tokenizer,
-               train_dataset=Dataset.from_list([{"text": "The quick brown fox jumps over the lazy dog."}] * 4))
+    return cls(
+        model=model,
+        args=args,
+        processing_class=tokenizer,
+        train_dataset=Dataset.from_list([{"text": "The quick brown fox jumps over the lazy dog."}] * 4),
+    )
 
 
 @pytest.mark.parametrize("when", ["after_the_trainer_is_built", "twice"])

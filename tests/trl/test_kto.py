@@ -23,14 +23,12 @@ def _make(tmp_path, **config):
         args = KTOConfig(**common_args(tmp_path, per_device_train_batch_size=4, max_length=48, **config))
         # A fingerprint per run, so a precomputed-reference cache is never shared between the two runs (see DPO).
         dataset = Dataset.from_list(KTO_ROWS).map(lambda row: row, new_fingerprint=f"fastft-kto-{tmp_path.name}")
-        return cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                   peft_config=lora_config())
+        return cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora_config())
 
     return make
 
 
-KEYS = ("loss", "grad_norm", "kl", "rewards/chosen_sum", "rewards/rejected_sum", "logits/chosen_sum",
-        "logits/rejected_sum")
+KEYS = ("loss", "grad_norm", "kl", "rewards/chosen_sum", "rewards/rejected_sum", "logits/chosen_sum", "logits/rejected_sum")
 
 
 @pytest.mark.parametrize("precompute", [False, True], ids=["ref_in_step", "ref_precomputed"])

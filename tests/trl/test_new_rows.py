@@ -45,8 +45,7 @@ def _dpo(tmp_path, model_type):
 
         args = DPOConfig(**common_args(tmp_path, per_device_train_batch_size=2, max_length=24, max_steps=2))
         dataset = Dataset.from_list(test_dpo.PAIRS).map(lambda row: row, new_fingerprint=f"rows-{tmp_path.name}")
-        return cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                   peft_config=_lora(model_type))
+        return cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=_lora(model_type))
 
     return make
 
@@ -56,11 +55,25 @@ def _grpo(tmp_path, model_type):
         from trl import GRPOConfig
 
         # steps_per_generation 2: the old-policy pass runs; beta > 0: the reference pass (adapters off) runs too
-        args = GRPOConfig(**common_args(tmp_path, per_device_train_batch_size=2, num_generations=2, max_steps=2,
-                                        steps_per_generation=2, max_completion_length=8, beta=0.04))
-        return cls(model=model, reward_funcs=test_grpo.reward_len, args=args,
-                   train_dataset=Dataset.from_list(test_grpo.PROMPTS), processing_class=tokenizer,
-                   peft_config=_lora(model_type))
+        args = GRPOConfig(
+            **common_args(
+                tmp_path,
+                per_device_train_batch_size=2,
+                num_generations=2,
+                max_steps=2,
+                steps_per_generation=2,
+                max_completion_length=8,
+                beta=0.04,
+            )
+        )
+        return cls(
+            model=model,
+            reward_funcs=test_grpo.reward_len,
+            args=args,
+            train_dataset=Dataset.from_list(test_grpo.PROMPTS),
+            processing_class=tokenizer,
+            peft_config=_lora(model_type),
+        )
 
     return make
 
@@ -94,13 +107,19 @@ def test_grpo_on_every_row_matches_trl(model_type, tmp_path, monkeypatch, caplog
 def test_sft_on_moe_adds_the_router_aux_loss_through_fastfts_head(tmp_path):
     """TRL turns output_router_logits on for MoE models and adds coef * outputs.aux_loss: fastft's head now returns
     the model's own aux loss, so the step runs fastft's head (no fallback to TRL's) and equals TRL's."""
+
     def make(path):
         def build(cls, model, tokenizer):
             from trl import SFTConfig
 
             args = SFTConfig(**common_args(path, per_device_train_batch_size=2, max_length=48, max_steps=3))
-            return cls(model=model, args=args, train_dataset=Dataset.from_list(test_sft.PROMPT_COMPLETION),
-                       processing_class=tokenizer, peft_config=_lora("qwen3_moe"))
+            return cls(
+                model=model,
+                args=args,
+                train_dataset=Dataset.from_list(test_sft.PROMPT_COMPLETION),
+                processing_class=tokenizer,
+                peft_config=_lora("qwen3_moe"),
+            )
 
         return build
 

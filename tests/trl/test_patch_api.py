@@ -14,10 +14,17 @@ from fastft.patches.trl import patched_algorithm
 from tests.trl._common import common_args, lora_config
 
 #: every row -> the module that defines its trainer (trl.experimental's for ORPO, CPO, Online DPO)
-ALL_NAMES = {"SFT": "trl.trainer.sft_trainer", "DPO": "trl.trainer.dpo_trainer", "GRPO": "trl.trainer.grpo_trainer",
-             "KTO": "trl.trainer.kto_trainer", "RLOO": "trl.trainer.rloo_trainer",
-             "Reward": "trl.trainer.reward_trainer", "ORPO": "trl.experimental.orpo.orpo_trainer",
-             "CPO": "trl.experimental.cpo.cpo_trainer", "OnlineDPO": "trl.experimental.online_dpo.online_dpo_trainer"}
+ALL_NAMES = {
+    "SFT": "trl.trainer.sft_trainer",
+    "DPO": "trl.trainer.dpo_trainer",
+    "GRPO": "trl.trainer.grpo_trainer",
+    "KTO": "trl.trainer.kto_trainer",
+    "RLOO": "trl.trainer.rloo_trainer",
+    "Reward": "trl.trainer.reward_trainer",
+    "ORPO": "trl.experimental.orpo.orpo_trainer",
+    "CPO": "trl.experimental.cpo.cpo_trainer",
+    "OnlineDPO": "trl.experimental.online_dpo.online_dpo_trainer",
+}
 
 
 def _present(algorithm: str) -> bool:
@@ -33,16 +40,20 @@ NAMES = {alg: module for alg, module in ALL_NAMES.items() if _present(alg)}
 ALL_PATCHED = {alg: alg in NAMES for alg in ALL_NAMES}
 _GENERATING = ("_get_per_token_logps_and_entropies", "_generate_single_turn", "create_optimizer", "__init__")
 #: methods each trainer's hooks replace (create_optimizer is inherited from transformers.Trainer)
-HOOKED = {alg: hooked for alg, hooked in {
-    "SFT": ("compute_loss", "create_optimizer", "__init__"),
-    "DPO": ("compute_loss", "compute_ref_log_probs", "create_optimizer", "__init__"),
-    "GRPO": _GENERATING,
-    "KTO": ("compute_loss", "compute_ref_log_probs", "create_optimizer", "__init__"),
-    "RLOO": _GENERATING,
-    "Reward": ("create_optimizer", "__init__"),
-    **{alg: ("concatenated_forward", "create_optimizer", "__init__") for alg in ("ORPO", "CPO")},
-    "OnlineDPO": ("_forward", "create_optimizer", "__init__")}.items()
-    if alg in NAMES}
+HOOKED = {
+    alg: hooked
+    for alg, hooked in {
+        "SFT": ("compute_loss", "create_optimizer", "__init__"),
+        "DPO": ("compute_loss", "compute_ref_log_probs", "create_optimizer", "__init__"),
+        "GRPO": _GENERATING,
+        "KTO": ("compute_loss", "compute_ref_log_probs", "create_optimizer", "__init__"),
+        "RLOO": _GENERATING,
+        "Reward": ("create_optimizer", "__init__"),
+        **{alg: ("concatenated_forward", "create_optimizer", "__init__") for alg in ("ORPO", "CPO")},
+        "OnlineDPO": ("_forward", "create_optimizer", "__init__"),
+    }.items()
+    if alg in NAMES
+}
 
 
 def _all_names(algorithm):
@@ -55,9 +66,19 @@ def _all_names(algorithm):
 
 
 def _own_methods(cls):
-    return {name: vars(cls).get(name) for name in ("compute_loss", "compute_ref_log_probs", "create_optimizer",
-                                                   "_get_per_token_logps_and_entropies", "_generate_single_turn",
-                                                   "concatenated_forward", "_forward", "__init__")}
+    return {
+        name: vars(cls).get(name)
+        for name in (
+            "compute_loss",
+            "compute_ref_log_probs",
+            "create_optimizer",
+            "_get_per_token_logps_and_entropies",
+            "_generate_single_turn",
+            "concatenated_forward",
+            "_forward",
+            "__init__",
+        )
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -132,11 +153,13 @@ def test_patch_before_trl_import_in_fresh_interpreter():
     # `import fastft` + PatchFastRL with trl never imported; then the user's `from trl import ...` sees the hooks.
     import subprocess
 
-    code = ("import sys, fastft; assert 'trl' not in sys.modules; fastft.PatchFastRL('SFT'); "
-            "from trl import SFTTrainer; from trl.trainer import SFTTrainer as B; "
-            "from fastft.patches.trl import patched_algorithm as p; "
-            "assert p(SFTTrainer) == 'SFT' and B is SFTTrainer; fastft.unpatch(); "
-            "from trl import SFTTrainer as C; assert p(C) is None and C is SFTTrainer; print('ok')")
+    code = (
+        "import sys, fastft; assert 'trl' not in sys.modules; fastft.PatchFastRL('SFT'); "
+        "from trl import SFTTrainer; from trl.trainer import SFTTrainer as B; "
+        "from fastft.patches.trl import patched_algorithm as p; "
+        "assert p(SFTTrainer) == 'SFT' and B is SFTTrainer; fastft.unpatch(); "
+        "from trl import SFTTrainer as C; assert p(C) is None and C is SFTTrainer; print('ok')"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
 
@@ -150,14 +173,19 @@ def test_create_optimizer_goes_through_fastft_optim(tmp_path, monkeypatch):
     fastft.PatchFastRL("SFT")
     from trl import SFTConfig, SFTTrainer
 
-    trainer = SFTTrainer(model=build_tiny_model(), args=SFTConfig(**common_args(tmp_path, max_steps=1)),
-                         train_dataset=Dataset.from_list([{"text": "The quick brown fox."}] * 2),
-                         processing_class=build_tokenizer(), peft_config=lora_config())
+    trainer = SFTTrainer(
+        model=build_tiny_model(),
+        args=SFTConfig(**common_args(tmp_path, max_steps=1)),
+        train_dataset=Dataset.from_list([{"text": "The quick brown fox."}] * 2),
+        processing_class=build_tokenizer(),
+        peft_config=lora_config(),
+    )
     optimizer = trainer.create_optimizer()
     assert calls == [1] and optimizer is trainer.optimizer
     # NotImplementedError from fastft.optim defers to the parent's optimizer
-    monkeypatch.setattr(fastft.optim, "create_optimizer", lambda model, args: (_ for _ in ()).throw(
-        NotImplementedError("not this one")))
+    monkeypatch.setattr(
+        fastft.optim, "create_optimizer", lambda model, args: (_ for _ in ()).throw(NotImplementedError("not this one"))
+    )
     trainer.optimizer = None
     assert type(trainer.create_optimizer()).__name__ == "AdamW"
 
@@ -214,8 +242,13 @@ def test_a_renamed_parameter_leaves_trainer_unpatched_and_working(tmp_path, monk
     from trl import SFTConfig
 
     args = SFTConfig(**common_args(tmp_path, per_device_train_batch_size=2, max_steps=1))
-    trainer = cls(model=build_tiny_model(), args=args, processing_class=build_tokenizer(), peft_config=lora_config(),
-                  train_dataset=Dataset.from_list([{"text": "The quick brown fox jumps."}] * 2))
+    trainer = cls(
+        model=build_tiny_model(),
+        args=args,
+        processing_class=build_tokenizer(),
+        peft_config=lora_config(),
+        train_dataset=Dataset.from_list([{"text": "The quick brown fox jumps."}] * 2),
+    )
     trainer.train()
     assert trainer.state.log_history[0]["loss"] > 0
 
@@ -263,8 +296,11 @@ def test_generation_hooks_restore_the_mode_they_found(monkeypatch):
             events.append("training")
             model.training = True
 
-    monkeypatch.setattr(grpo_module.GRPOTrainer, "_generate_single_turn",
-                        lambda self, *a, **k: events.append(("generate", a, k)) or ([[1]], None))
+    monkeypatch.setattr(
+        grpo_module.GRPOTrainer,
+        "_generate_single_turn",
+        lambda self, *a, **k: events.append(("generate", a, k)) or ([[1]], None),
+    )
     fastft.PatchFastRL("GRPO", FastModel=FakeFastModel)
     try:
         cls = grpo_module.GRPOTrainer
@@ -275,8 +311,7 @@ def test_generation_hooks_restore_the_mode_they_found(monkeypatch):
             events.clear()
             trainer.model = _FakeModel(training)
             assert cls._generate_single_turn(trainer, [[1]], None, {}, 1, has_tool_images=False) == ([[1]], None)
-            assert events == ["inference", ("generate", ([[1]], None, {}, 1), {"has_tool_images": False}),
-                              "training"]
+            assert events == ["inference", ("generate", ([[1]], None, {}, 1), {"has_tool_images": False}), "training"]
             assert trainer.model.training is training
     finally:
         from fastft.patches import trl_hooks
@@ -302,20 +337,24 @@ def test_max_seq_length_reaches_trl_unless_set_explicitly(tmp_path):
         args = SFTConfig(**common_args(tmp_path / f"{asked}-{explicit}", max_steps=1, **extra))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            trainer = SFTTrainer(model=model, args=args, train_dataset=long_text, processing_class=tokenizer,
-                                 peft_config=lora_config())
+            trainer = SFTTrainer(
+                model=model, args=args, train_dataset=long_text, processing_class=tokenizer, peft_config=lora_config()
+            )
         assert trainer.args.max_length == expected
         assert max(len(row["input_ids"]) for row in trainer.train_dataset) == expected  # the text is longer
         said = [str(w.message) for w in caught if "max_seq_length" in str(w.message)]
         assert (len(said) == 1) == (explicit is None and asked is not None), said
 
 
-@pytest.mark.parametrize("fastmodel_choice,trl_flag,expected_on", [
-    (None, False, False),   # the default follows TRL: an explicit gradient_checkpointing=False is honored
-    (None, True, True),     # ... and True turns on fastft's checkpointing (standard on CPU)
-    (False, True, False),   # an explicit FastModel choice wins over TRL's flag
-    ("fastft", False, True),
-])
+@pytest.mark.parametrize(
+    "fastmodel_choice,trl_flag,expected_on",
+    [
+        (None, False, False),  # the default follows TRL: an explicit gradient_checkpointing=False is honored
+        (None, True, True),  # ... and True turns on fastft's checkpointing (standard on CPU)
+        (False, True, False),  # an explicit FastModel choice wins over TRL's flag
+        ("fastft", False, True),
+    ],
+)
 def test_one_checkpointing_rule(fastmodel_choice, trl_flag, expected_on, tmp_path):
     from trl import SFTConfig, SFTTrainer
 
@@ -329,8 +368,12 @@ def test_one_checkpointing_rule(fastmodel_choice, trl_flag, expected_on, tmp_pat
     args = SFTConfig(**common_args(tmp_path, max_steps=1, gradient_checkpointing=trl_flag, max_length=32))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
-                             train_dataset=Dataset.from_list([{"text": "The quick brown fox jumps."}] * 2))
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            processing_class=tokenizer,
+            train_dataset=Dataset.from_list([{"text": "The quick brown fox jumps."}] * 2),
+        )
     said = [str(w.message) for w in caught if "gradient checkpointing:" in str(w.message)]
     assert len(said) == 1, said  # visible, once, without any log switch
     trainer.train()
@@ -364,8 +407,12 @@ def test_trl_default_bf16_on_cpu_runs_the_fused_lora(tmp_path, monkeypatch):
     model, tokenizer = FastModel.from_pretrained(model_dir)
     model = FastModel.get_peft_model(model, r=4)
     args = SFTConfig(**common_args(tmp_path, max_steps=1, max_length=32, bf16=True))
-    trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
-                         train_dataset=Dataset.from_list([{"text": "The quick brown fox jumps."}] * 2))
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        processing_class=tokenizer,
+        train_dataset=Dataset.from_list([{"text": "The quick brown fox jumps."}] * 2),
+    )
     trainer.train()
     assert calls["mlp"] > 0 and calls["projections"] > 0, calls
     assert trainer.state.log_history[0]["loss"] > 0
@@ -385,10 +432,18 @@ def test_max_seq_length_sizes_grpo_generation_unless_set_explicitly(tmp_path):
     for asked, explicit, expected in ((256, None, 256), (256, 64, 64), (None, None, 512)):
         model, tokenizer = FastModel.from_pretrained(model_dir, max_seq_length=asked)
         extra = {} if explicit is None else {"max_completion_length": explicit}
-        args = GRPOConfig(**common_args(tmp_path / f"{asked}-{explicit}", max_steps=1, num_generations=2,
-                                        per_device_train_batch_size=2, **extra))
-        trainer = GRPOTrainer(model=model, args=args, train_dataset=prompts, processing_class=tokenizer,
-                              reward_funcs=lambda completions, **_: [0.0] * len(completions))
+        args = GRPOConfig(
+            **common_args(
+                tmp_path / f"{asked}-{explicit}", max_steps=1, num_generations=2, per_device_train_batch_size=2, **extra
+            )
+        )
+        trainer = GRPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=prompts,
+            processing_class=tokenizer,
+            reward_funcs=lambda completions, **_: [0.0] * len(completions),
+        )
         assert trainer.args.max_completion_length == expected
 
 

@@ -39,7 +39,8 @@ def _contract_trl() -> bool:
 
 pytestmark = pytest.mark.skipif(
     any(importlib.util.find_spec(f"trl.experimental.{m}") is None for m in MODULES.values()),
-    reason="this TRL has no trl.experimental ORPO/CPO/OnlineDPO")
+    reason="this TRL has no trl.experimental ORPO/CPO/OnlineDPO",
+)
 
 
 class FullLogitsWatch(TorchDispatchMode):
@@ -60,8 +61,7 @@ class FullLogitsWatch(TorchDispatchMode):
         return out
 
 
-def _make(algorithm: str, tmp_path, trainer_base: type | None = None, peft: bool = True, bf16: bool = False,
-          **config):
+def _make(algorithm: str, tmp_path, trainer_base: type | None = None, peft: bool = True, bf16: bool = False, **config):
     def make(cls, model, tokenizer):
         module = importlib.import_module(f"trl.experimental.{MODULES[algorithm]}")
         config_cls = getattr(module, f"{algorithm}Config")
@@ -76,23 +76,31 @@ def _make(algorithm: str, tmp_path, trainer_base: type | None = None, peft: bool
         if trainer_base is not None:  # a user subclass of the (patched) TRL class
             methods = {name: value for name, value in vars(trainer_base).items() if callable(value)}
             cls = type(f"User{cls.__name__}", (cls,), methods)
-        return cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                   peft_config=lora_config() if peft else None, **extra)
+        return cls(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=lora_config() if peft else None,
+            **extra,
+        )
 
     return make
 
 
-def _compare(algorithm: str, tmp_path, *, model_type: str = "llama", trainer_base: type | None = None,
-             **config) -> tuple[list[dict], list[dict], dict, FullLogitsWatch, FullLogitsWatch]:
+def _compare(
+    algorithm: str, tmp_path, *, model_type: str = "llama", trainer_base: type | None = None, **config
+) -> tuple[list[dict], list[dict], dict, FullLogitsWatch, FullLogitsWatch]:
     before = dict(trl_preference.LEAN_CALLS)
     with FullLogitsWatch(VOCAB) as fast_watch:
-        fast, _ = run(algorithm, True, _make(algorithm, tmp_path / "fast", trainer_base, **config), model_type,
-                      vocab_size=VOCAB)
-    calls = {path: trl_preference.LEAN_CALLS[algorithm, path] - before.get((algorithm, path), 0)
-             for path in ("lean", "trl")}
+        fast, _ = run(
+            algorithm, True, _make(algorithm, tmp_path / "fast", trainer_base, **config), model_type, vocab_size=VOCAB
+        )
+    calls = {path: trl_preference.LEAN_CALLS[algorithm, path] - before.get((algorithm, path), 0) for path in ("lean", "trl")}
     with FullLogitsWatch(VOCAB) as slow_watch:
-        slow, _ = run(algorithm, False, _make(algorithm, tmp_path / "slow", trainer_base, **config), model_type,
-                      vocab_size=VOCAB)
+        slow, _ = run(
+            algorithm, False, _make(algorithm, tmp_path / "slow", trainer_base, **config), model_type, vocab_size=VOCAB
+        )
     return fast, slow, calls, fast_watch, slow_watch
 
 
@@ -161,8 +169,9 @@ def test_user_override_of_get_batch_loss_metrics_gets_trls_path(tmp_path):
     fast, slow, calls, fast_watch, _ = _compare("ORPO", tmp_path, trainer_base=Override)
     assert calls["lean"] == 0 and calls["trl"] > 0, calls
     assert fast_watch.seen  # TRL's path: the full logits exist, as the override needs
-    assert any("runs TRL's code with full logits" in note and "get_batch_loss_metrics" in note
-               for note in notes_since(since)), notes_since(since)
+    assert any(
+        "runs TRL's code with full logits" in note and "get_batch_loss_metrics" in note for note in notes_since(since)
+    ), notes_since(since)
     assert_same_run(fast, slow, ("loss", "grad_norm", "logits_max"))
 
 
@@ -186,8 +195,9 @@ def test_call_guards_name_why_trls_path_runs():
     def problem(cls, caller=metrics):
         return trl_preference._pair_call_problem(object.__new__(cls), None, caller, "CPO")
 
-    assert "other than TRL's get_batch_loss_metrics" in problem(Moe, caller=test_call_guards_name_why_trls_path_runs
-                                                                .__code__)
+    assert "other than TRL's get_batch_loss_metrics" in problem(
+        Moe, caller=test_call_guards_name_why_trls_path_runs.__code__
+    )
     assert problem(OwnLogps) == "OwnLogps overrides get_batch_logps (it takes the full logits)"
     assert problem(EncoderDecoder) == "an encoder-decoder model"
     assert problem(Moe) == "an MoE aux loss (output_router_logits)"
@@ -263,5 +273,6 @@ def test_instance_forward_guard():
     assert trl_preference._instance_forward_problem(model) is None
     model.forward = types.MethodType(lambda self, *a, **k: None, model)
     assert "instance forward fastft does not know" in trl_preference._instance_forward_problem(model)
-    assert "instance forward" in trl_preference._head_problem(types.SimpleNamespace(
-        accelerator=types.SimpleNamespace(unwrap_model=lambda m: m)), model)
+    assert "instance forward" in trl_preference._head_problem(
+        types.SimpleNamespace(accelerator=types.SimpleNamespace(unwrap_model=lambda m: m)), model
+    )

@@ -13,10 +13,13 @@ PROMPT_COMPLETION = [
 ] * 3
 
 CONVERSATIONS = [
-    {"messages": [{"role": "user", "content": "What is 12 plus 7?"},
-                  {"role": "assistant", "content": "The answer is 19."}]},
-    {"messages": [{"role": "user", "content": "Say something."},
-                  {"role": "assistant", "content": "The quick brown fox jumps."}]},
+    {"messages": [{"role": "user", "content": "What is 12 plus 7?"}, {"role": "assistant", "content": "The answer is 19."}]},
+    {
+        "messages": [
+            {"role": "user", "content": "Say something."},
+            {"role": "assistant", "content": "The quick brown fox jumps."},
+        ]
+    },
 ] * 6
 
 
@@ -25,8 +28,13 @@ def _make(dataset, **config):
         from trl import SFTConfig
 
         args = SFTConfig(**common_args(config.pop("tmp_path"), per_device_train_batch_size=2, max_length=48, **config))
-        return cls(model=model, args=args, train_dataset=Dataset.from_list(dataset), processing_class=tokenizer,
-                   peft_config=lora_config())
+        return cls(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(dataset),
+            processing_class=tokenizer,
+            peft_config=lora_config(),
+        )
 
     return make
 

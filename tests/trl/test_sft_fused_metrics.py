@@ -27,8 +27,14 @@ from tests.trl.test_sft import PROMPT_COMPLETION
 
 lce_module = importlib.import_module("fastft.kernels.linear_cross_entropy")  # the module, not the function
 add_fused_lm_head = getattr(trl.trainer.utils, "add_fused_lm_head", None)
-_GEMMS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default,
-          torch.ops.aten.mm.out, torch.ops.aten.linear.default, torch.ops.aten.matmul.default}
+_GEMMS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.addmm_.default,
+    torch.ops.aten.mm.out,
+    torch.ops.aten.linear.default,
+    torch.ops.aten.matmul.default,
+}
 
 
 class HeadGemmCounter(TorchDispatchMode):
@@ -57,8 +63,9 @@ class HeadGemmCounter(TorchDispatchMode):
 def test_sft_metrics_cost_one_lm_head_gemm_per_chunk(model_type, path, monkeypatch):
     model = build_tiny_model(model_type)
     add_fused_lm_head(model, temperature=1.0, outputs=("log_probs", "entropy", "is_top1"))  # as SFTTrainer does
-    fast = types.MethodType(_make_fast_forward(model.forward, temperature=1.0, outputs=("entropy", "is_top1"),
-                                               cast_fp32=False), model)
+    fast = types.MethodType(
+        _make_fast_forward(model.forward, temperature=1.0, outputs=("entropy", "is_top1"), cast_fp32=False), model
+    )
     torch.manual_seed(1)
     ids = torch.randint(5, model.config.vocab_size, (2, 12))
     labels = ids.clone()
@@ -89,8 +96,7 @@ def test_sft_metrics_cost_one_lm_head_gemm_per_chunk(model_type, path, monkeypat
     log_p = z.log_softmax(-1)
     assert torch.equal(out.label_mask, mask)
     assert torch.equal(out.is_top1, (z.argmax(-1) == y) & mask)
-    torch.testing.assert_close(out.entropy, torch.where(mask, -(log_p.exp() * log_p).sum(-1), 0.0), rtol=1e-5,
-                               atol=1e-5)
+    torch.testing.assert_close(out.entropy, torch.where(mask, -(log_p.exp() * log_p).sum(-1), 0.0), rtol=1e-5, atol=1e-5)
     nll = -log_p.gather(-1, y.clamp(min=0)[..., None])[..., 0]
     torch.testing.assert_close(out.loss, (nll * mask).sum() / mask.sum(), rtol=1e-5, atol=1e-6)
 
@@ -105,8 +111,13 @@ def _make(**config):
         from trl import SFTConfig
 
         args = SFTConfig(**common_args(config.pop("tmp_path"), per_device_train_batch_size=2, max_length=48, **config))
-        return cls(model=model, args=args, train_dataset=Dataset.from_list(PROMPT_COMPLETION),
-                   processing_class=tokenizer, peft_config=lora_config())
+        return cls(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(PROMPT_COMPLETION),
+            processing_class=tokenizer,
+            peft_config=lora_config(),
+        )
 
     return make
 
@@ -132,8 +143,9 @@ def test_sft_label_smoothing_runs_the_fused_loss_and_matches_trl(tmp_path, monke
         for patched in (False, True):
             with pytest.raises(AttributeError, match="num_valid_tokens"):
                 run("SFT", patched, _make(tmp_path=tmp_path / f"chunked-{patched}", **config))
-        assert any("loss_type='chunked_nll'" in note and "loss_type='nll'" in note for note in notes_since(since)), \
+        assert any("loss_type='chunked_nll'" in note and "loss_type='nll'" in note for note in notes_since(since)), (
             notes_since(since)
+        )
         config["loss_type"] = "nll"
     fast, head_calls = run("SFT", True, _make(tmp_path=tmp_path / "fast", **config))
     slow, _ = run("SFT", False, _make(tmp_path=tmp_path / "slow", **config))

@@ -31,8 +31,7 @@ def _train_sft(model_dir, tmp_path, *, patched=True, lora_kwargs=None, **args):
         model, tokenizer = FastModel.from_pretrained(model_dir)
         model = FastModel.get_peft_model(model, r=4, **(lora_kwargs or {}))
         config = SFTConfig(**common_args(tmp_path, max_steps=2, per_device_train_batch_size=2, **args))
-        trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(DATA),
-                             processing_class=tokenizer)
+        trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(DATA), processing_class=tokenizer)
         trainer.train()
     finally:
         fastft.unpatch()
@@ -44,7 +43,7 @@ def _block(out: str) -> list[str]:
     starts = [i for i, line in enumerate(lines) if line.startswith("fastft: SFTTrainer step 1")]
     assert len(starts) == 1, f"expected one summary block, got {len(starts)}:\n{out}"
     block = [lines[starts[0]]]
-    for line in lines[starts[0] + 1:]:
+    for line in lines[starts[0] + 1 :]:
         if not line.startswith("  "):
             break
         block.append(line)

@@ -9,6 +9,7 @@ import torch
 
 ATTENTION_NAME = "fastft_meta_sdpa_free"
 
+
 def _attention_reference(q, k, v, scale, softcap):
     """q [B, H, T, D], k/v [B, Hkv, T, D] -> (out [B, T, H, D] in q.dtype, lse [B, H, T] fp32); causal."""
     rep = q.shape[1] // k.shape[1]
@@ -85,8 +86,7 @@ class _FlashAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-def meta_flash_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
-                         **kwargs):
+def meta_flash_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
     """transformers AttentionInterface entry: causal attention with FlashAttention-2's memory (see module doc)."""
     if attention_mask is not None:
         raise ValueError("fastft_meta_sdpa_free models causal attention on full (padded) sequences; got a mask")

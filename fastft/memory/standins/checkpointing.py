@@ -41,8 +41,9 @@ def _phase(tracker: LiveBytesTracker | None, name: str) -> Iterator[None]:
 
 class _Checkpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run: Callable[[torch.Tensor], torch.Tensor], owner: CheckpointedLayer, x: torch.Tensor,
-                *params: torch.Tensor):
+    def forward(
+        ctx, run: Callable[[torch.Tensor], torch.Tensor], owner: CheckpointedLayer, x: torch.Tensor, *params: torch.Tensor
+    ):
         ctx.run, ctx.owner = run, owner
         tracker, memo = owner.tracker, owner.memo
         key = ("forward", owner.signature, tuple(x.shape), x.dtype)
@@ -52,7 +53,7 @@ class _Checkpoint(torch.autograd.Function):
             tracker.transient(extra)
             out = x.new_empty(out_shape, dtype=out_dtype)
         else:
-            with torch.no_grad(), (tracker.local_peak() if memo is not None else contextlib.nullcontext([])) as peak:
+            with torch.no_grad(), tracker.local_peak() if memo is not None else contextlib.nullcontext([]) as peak:
                 before = tracker.live_bytes if tracker is not None else 0
                 out = run(x)
             if memo is not None:
@@ -85,7 +86,7 @@ class _Checkpoint(torch.autograd.Function):
             with _phase(tracker, "backward"):
                 dx = grad.new_empty(grad.shape)
             return (None, None, dx) + (None,) * (len(ctx.needs_input_grad) - 3)
-        with (tracker.local_peak() if memo is not None else contextlib.nullcontext([])) as peak:
+        with tracker.local_peak() if memo is not None else contextlib.nullcontext([]) as peak:
             before = tracker.live_bytes if tracker is not None else 0
             with _phase(tracker, "recompute"):
                 x = host.clone() if owner.offload else ctx.saved_tensors[0]  # copy-back: a counted allocation
@@ -127,9 +128,15 @@ class CheckpointedLayer(nn.Module):
     def signature(self) -> tuple:
         sig = getattr(self, "_signature", None)
         if sig is None:
-            sig = self._signature = (type(self.layer).__name__, self.attention_type, self.offload, tuple(
-                (n, tuple(t.shape), t.dtype, t.requires_grad) for n, t in
-                list(self.layer.named_parameters()) + list(self.layer.named_buffers())))
+            sig = self._signature = (
+                type(self.layer).__name__,
+                self.attention_type,
+                self.offload,
+                tuple(
+                    (n, tuple(t.shape), t.dtype, t.requires_grad)
+                    for n, t in list(self.layer.named_parameters()) + list(self.layer.named_buffers())
+                ),
+            )
         return sig
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -15,14 +15,30 @@ QUANT_BLOCK = 64  # bitsandbytes' default 4-bit blocksize
 NESTED_BLOCK = 256  # double quantization: one fp32 scale per 256 quantized absmax values
 
 # NF4 codebook (bitsandbytes' 16 values), used only when the step runs on real tensors.
-_NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-        0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
+_NF4 = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
 
 
 @torch.library.custom_op("fastft_memmodel::dequantize_4bit", mutates_args=())
-def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, out_features: int, in_features: int,
-                    dtype: torch.dtype) -> torch.Tensor:
+def dequantize_4bit(
+    packed: torch.Tensor, absmax: torch.Tensor, out_features: int, in_features: int, dtype: torch.dtype
+) -> torch.Tensor:
     codes = torch.stack([packed.view(-1) >> 4, packed.view(-1) & 0xF], dim=1).view(-1)[: out_features * in_features]
     table = torch.tensor(_NF4, device=packed.device)
     scale = absmax.float().repeat_interleave(QUANT_BLOCK)[: codes.numel()]
@@ -52,8 +68,15 @@ class _Matmul4bit(torch.autograd.Function):
 class Linear4bit(nn.Module):
     """A frozen base linear stored as bitsandbytes NF4 (buffers sized exactly as bnb stores them)."""
 
-    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device | str,
-                 double_quant: bool = True, bias: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        double_quant: bool = True,
+        bias: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.in_features, self.out_features, self.compute_dtype = in_features, out_features, dtype
@@ -72,8 +95,7 @@ class Linear4bit(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         # The absmax de-nesting is a handful of KB; only the [out, in] weight matters, and that is what the op outputs.
-        absmax = self.absmax2.repeat_interleave(NESTED_BLOCK)[: self.absmax_q.numel()] if self.double_quant \
-            else self.absmax
+        absmax = self.absmax2.repeat_interleave(NESTED_BLOCK)[: self.absmax_q.numel()] if self.double_quant else self.absmax
         return dequantize_4bit(self.packed, absmax, self.out_features, self.in_features, self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,11 +107,20 @@ class Linear4bit(nn.Module):
 
         if self.double_quant:
             nested = _QuantState(self.absmax2, self.code2, NESTED_BLOCK, None, torch.float32)
-            state = _QuantState(self.absmax_q, self.code, QUANT_BLOCK, "nf4", self.compute_dtype,
-                                (self.out_features, self.in_features), self.offset, nested)
+            state = _QuantState(
+                self.absmax_q,
+                self.code,
+                QUANT_BLOCK,
+                "nf4",
+                self.compute_dtype,
+                (self.out_features, self.in_features),
+                self.offset,
+                nested,
+            )
         else:
-            state = _QuantState(self.absmax, self.code, QUANT_BLOCK, "nf4", self.compute_dtype,
-                                (self.out_features, self.in_features))
+            state = _QuantState(
+                self.absmax, self.code, QUANT_BLOCK, "nf4", self.compute_dtype, (self.out_features, self.in_features)
+            )
         return BaseWeight(self.packed, state)
 
 

@@ -14,8 +14,16 @@ from fastft.memory.standins.linear4bit import Linear4bit
 class LoraLinear(nn.Module):
     """PEFT LoRA's forward op for op: base(x) [+ clone for 4-bit] + lora_B(lora_A(x)) * scaling."""
 
-    def __init__(self, base: nn.Module, in_features: int, out_features: int, r: int, alpha: float,
-                 device: torch.device | str, clone_result: bool) -> None:
+    def __init__(
+        self,
+        base: nn.Module,
+        in_features: int,
+        out_features: int,
+        r: int,
+        alpha: float,
+        device: torch.device | str,
+        clone_result: bool,
+    ) -> None:
         super().__init__()
         self.base_layer = base
         self.lora_A = nn.Parameter(torch.zeros(r, in_features, device=device))  # fp32 master weights

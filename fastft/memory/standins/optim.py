@@ -21,8 +21,12 @@ class Adam8bitModel:
         for p in self.params:
             if p.numel() >= 4096:
                 blocks = math.ceil(p.numel() / 256)
-                self.state[p] = [torch.zeros_like(p, dtype=torch.uint8), torch.zeros_like(p, dtype=torch.uint8),
-                                 p.new_zeros(blocks, dtype=torch.float32), p.new_zeros(blocks, dtype=torch.float32)]
+                self.state[p] = [
+                    torch.zeros_like(p, dtype=torch.uint8),
+                    torch.zeros_like(p, dtype=torch.uint8),
+                    p.new_zeros(blocks, dtype=torch.float32),
+                    p.new_zeros(blocks, dtype=torch.float32),
+                ]
             else:
                 self.state[p] = [torch.zeros_like(p, dtype=torch.float32), torch.zeros_like(p, dtype=torch.float32)]
 
