@@ -135,7 +135,9 @@ def _trainer_rows() -> list[dict[str, Any]]:
         with _quiet():
             patched = fast_trl.PatchFastRL(algorithm)[algorithm]
         skipped = {name: why for name, why in skipped_patches().items() if name.startswith(f"trl {algorithm}:")}
-        head = fast_trl.lean_head_absent(algorithm) or fast_trl._fused_head_problem()
+        head = fast_trl.lean_head_absent(algorithm)
+        if head is None and fast_trl.uses_trl_head_seam(algorithm):  # ORPO/CPO/OnlineDPO need no TRL seam
+            head = fast_trl._fused_head_problem()
         rows.append(
             {
                 "trainer": f"{algorithm}Trainer",

@@ -224,6 +224,13 @@ def lean_head_absent(algorithm: str | None) -> str | None:
     return spec.no_lean_head or (spec.lean_head_problem() if spec.lean_head_problem else None)
 
 
+def uses_trl_head_seam(algorithm: str) -> bool:
+    """Whether ``algorithm``'s lean head goes through TRL's fused-head seam (``add_fused_lm_head``, TRL >= 1.15), as
+    SFT/DPO/GRPO/KTO/RLOO do; ORPO/CPO/Online DPO replace their method instead, and Reward has no lean head."""
+    spec = _TRAINERS[algorithm]
+    return not spec.no_lean_head and spec.lean_head_problem is None
+
+
 def _normalize(algorithm: str) -> str:
     key = str(algorithm).upper().replace("_", "").replace("-", "").replace(" ", "")
     key = key.removesuffix("TRAINER") if key.removesuffix("TRAINER") in _KEYS else key
