@@ -37,12 +37,15 @@ import hashlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+# The sibling benchmark (this directory is on sys.path when run as a script): the same reward, subprocess runner and
+# median (min-max) formatting, so the two tables are made the same way.
+from bench_trl_cpu import _ms, _reward, run_result
 
 MODELS: dict[str, dict[str, Any]] = {
     "demo": dict(
@@ -70,10 +73,6 @@ MODELS: dict[str, dict[str, Any]] = {
 #: (prompts per step, completions per prompt, max new tokens) per model: the demo's shape, and a smaller batch for 100M.
 SHAPES: dict[str, tuple[int, int, int]] = {"demo": (4, 8, 32), "100m": (2, 4, 16)}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def _reward(completions, **_: Any) -> list[float]:
-    return [float(len(set(c.split()))) for c in completions]
 
 
 def run_one(model_name: str, variant: str, steps: int, threads: int, model_dir: str, out_dir: str) -> dict:
@@ -183,15 +182,7 @@ def _subprocess(model_name: str, variant: str, args: argparse.Namespace, model_d
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
         if variant == "baseline":
             env["PYTHONPATH"] = os.pathsep.join([args.baseline_src, env.get("PYTHONPATH", "")])
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        raise RuntimeError(f"{model_name} {variant} failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
-
-
-def _ms(values: list[float]) -> str:
-    return f"{statistics.median(values) * 1e3:.0f} ({min(values) * 1e3:.0f}-{max(values) * 1e3:.0f})"
+        return run_result(cmd, env, f"{model_name} {variant}")
 
 
 def table(results: list[dict], warmup: int, variants: list[str]) -> str:

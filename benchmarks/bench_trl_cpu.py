@@ -205,11 +205,15 @@ def _subprocess(cell: tuple[str, str, str], variant: str, steps: int, model_dir:
             "--run-dir",
             out,
         ]
-        env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        return run_result(cmd, dict(os.environ, TOKENIZERS_PARALLELISM="false"), f"{cell} {variant}")
+
+
+def run_result(cmd: list[str], env: dict[str, str], label: str) -> dict:
+    """Run one measurement subprocess and return the JSON of its last ``RESULT `` line (raise with its stderr tail)."""
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
-        raise RuntimeError(f"{cell} {variant} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+        raise RuntimeError(f"{label} failed ({done.returncode}):\n{done.stderr[-4000:]}")
     return json.loads(lines[-1][len("RESULT ") :])
 
 
