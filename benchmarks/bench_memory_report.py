@@ -10,7 +10,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from fastft.memory.plan import Planner, load_config
+from fastft.memory.model_configs import load_config
+from fastft.memory.plan import Planner
 from fastft.memory.step_model import StepSpec
 
 MODEL = "Llama-3.1-8B"

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fastft.memory import speed_model  # noqa: E402
-from fastft.memory.plan import load_config  # noqa: E402
+from fastft.memory.model_configs import load_config  # noqa: E402
 from fastft.memory.step_model import StepModel, StepSpec  # noqa: E402
 
 MODEL = "Llama-3.1-8B"

@@ -30,33 +30,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
-import re
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from fastft.memory import speed_model
-from fastft.memory.step_model import LINEAR_NAMES, StepModel, StepResult, StepSpec, linear_names
+from fastft.memory.model_configs import known_models, load_config, lora_targets, unpatched_reason
+from fastft.memory.step_model import StepModel, StepResult, StepSpec
+from fastft.memory.units import GPU_PRESETS, format_bytes, parse_gpu_memory, parse_size, parse_tokens
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "data" / "configs"
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-    "k": 10**3,
-    "m": 10**6,
-    "g": 10**9,
-}
 #: Order in which breakdown rows are printed; phases are where the bytes alive at the peak were allocated.
 PHASE_LABELS = {
     "weights": "weights (base + LoRA + buffers)",
@@ -69,183 +52,6 @@ PHASE_LABELS = {
     "optimizer_step": "optimizer step temporaries",
     "inputs": "input ids / labels",
 }
-
-
-def parse_size(text: str, flag: str | None = None) -> int:
-    """ "16 GB" -> 16e9, "16GiB" -> 16 * 2**30, "16000MB" -> 16e9 (GB = 1e9 bytes, GiB = 2**30); bytes as int.
-
-    A number needs its unit ("16" is refused: 16 bytes is never what was meant, and GB vs GiB is 7% apart); only 0
-    may stand alone. Bytes are written "B". ``flag`` names the option in the error.
-    """
-    where = f"{flag} {text}: " if flag else ""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(
-            f"{where}cannot parse memory size {text!r}: use a number and a unit, e.g. '16GB', '16 GiB', "
-            "'16000MB' (GB = 10^9 bytes, GiB = 2^30 bytes)"
-        )
-    number, unit = match.group(1), match.group(2).lower()
-    if not unit and float(number) != 0:
-        raise ValueError(
-            f"{where}{number} what? write {number}GB or {number}GiB (GB = 10^9 bytes, GiB = 2^30 bytes; {number}B for bytes)"
-        )
-    return int(float(number) * _UNITS[unit])
-
-
-#: Memory as nvidia-smi reports it (MiB, before the CUDA context), for ``--gpu-memory T4`` and the like; the GPU
-#: table (with its sources) is fastft.memory.speed_model.GPUS.
-GPU_PRESETS = {name: gpu.memory_bytes for name, gpu in speed_model.GPUS.items()}
-
-
-def parse_gpu_memory(text: str) -> int:
-    """A size (see :func:`parse_size`) or a GPU name from ``GPU_PRESETS`` (case-insensitive)."""
-    presets = {k.lower(): v for k, v in GPU_PRESETS.items()}
-    key = str(text).strip().lower()
-    if key in presets:
-        return presets[key]
-    if not re.match(r"\s*[0-9.]", str(text)):  # not a number: a GPU name, perhaps misspelt
-        close = difflib.get_close_matches(key, list(presets), n=2, cutoff=0.5)
-        names = dict(zip(presets, GPU_PRESETS))
-        hint = f"did you mean {' or '.join(names[c] for c in close)}? " if close else ""
-        raise ValueError(
-            f"--gpu-memory {text}: cannot parse memory size {text!r} and it is not a known GPU; "
-            f"{hint}known GPUs: {', '.join(GPU_PRESETS)}; sizes look like 16GB or 16GiB"
-        )
-    return parse_size(text, "--gpu-memory")
-
-
-def parse_tokens(text: str) -> int:
-    """ "1e9", "2B", "500M", "1,000,000", "250k" -> a token count (K/M/B/T = 10^3/10^6/10^9/10^12)."""
-    match = re.fullmatch(r"\s*([0-9][0-9_,]*\.?[0-9]*(?:e[0-9]+)?)\s*([kmbt]?)\s*", str(text).lower())
-    if not match:
-        raise ValueError(f"--tokens {text}: not a token count; write e.g. 1000000, 1e9, 500M or 2B")
-    value = (
-        float(match.group(1).replace(",", "").replace("_", ""))
-        * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[match.group(2)]
-    )
-    if value < 1:
-        raise ValueError(f"--tokens {text}: must be at least 1 token")
-    return int(value)
-
-
-def format_bytes(n: int | float) -> str:
-    return f"{n / 1e9:.2f} GB" if abs(n) >= 10**8 else f"{n / 1e6:.2f} MB"
-
-
-def known_models() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
-
-
-def load_config(model: str) -> Any:
-    """A transformers config from a local model dir, a config.json path, or a shipped name (case-insensitive;
-    "meta-llama/Llama-3.1-8B" and "Llama-3.1-8B" both work). Offline."""
-    from transformers import CONFIG_MAPPING
-
-    path = Path(model).expanduser()
-    if path.is_dir() and (path / "config.json").is_file():
-        path = path / "config.json"
-    if path.is_file():
-        data = json.loads(path.read_text())
-    else:
-        names = {name.lower(): name for name in known_models()}
-        aliases = {n.removesuffix("-v0.3"): n for n in names}  # "mistral-7b" -> "mistral-7b-v0.3"
-        key = _shipped_name(model, names, aliases)
-        if key is None:
-            raise ValueError(
-                f"unknown model {model!r}: not a local directory with config.json, not a config.json "
-                f"file, and not one of the known names: {', '.join(known_models())}"
-            )
-        data = json.loads((CONFIG_DIR / f"{names[key]}.json").read_text())
-    model_type = data.get("model_type")
-    if model_type not in CONFIG_MAPPING:
-        raise ValueError(f"config for {model!r} has model_type {model_type!r}, which transformers does not know")
-    return CONFIG_MAPPING[model_type].from_dict(data)
-
-
-#: Suffixes/prefixes of hub names whose architecture is the shipped base model's (same sizes, same memory).
-_VARIANT_SUFFIXES = ("-bnb-4bit", "-unsloth", "-v0.3", "-instruct", "-it", "-base", "-chat")
-
-
-def _shipped_name(model: str, names: dict[str, str], aliases: dict[str, str]) -> str | None:
-    """ "meta-llama/Meta-Llama-3.1-8B-Instruct", "unsloth/llama-3.2-1b-bnb-4bit", "google/gemma-2-9b-it" -> the shipped
-    base config's key (instruct/chat/quantized repos share the base architecture)."""
-    wanted = model.split("/")[-1].lower()
-    for _ in range(3):
-        if wanted in names:
-            return wanted
-        if wanted in aliases:
-            return aliases[wanted]
-        stripped = wanted.removeprefix("meta-")
-        for suffix in _VARIANT_SUFFIXES:
-            stripped = stripped.removesuffix(suffix)
-        if stripped == wanted:
-            return None
-        wanted = stripped
-    return None
-
-
-def unpatched_reason(config: Any) -> str | None:
-    """None when fastft patches this architecture; else why it is modeled UNPATCHED (``patch_model`` and the fused
-    LoRA act only on rows of ``fastft.patches.architectures.ARCHITECTURES``; other models load as transformers
-    wrote them)."""
-    from fastft.patches.architectures import ARCHITECTURES
-
-    model_type = getattr(config, "model_type", None)
-    if model_type in ARCHITECTURES:
-        return None
-    return (
-        f"model_type {model_type!r} is not in fastft's architecture table ({', '.join(ARCHITECTURES)}), so "
-        "FastModel loads it without fused kernels, fused LoRA or the fused loss"
-    )
-
-
-def _linear_layer_names(config: Any) -> list[str]:
-    """The linear layers' names in the decoder layers (the model built on meta: no memory, no weights)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return linear_names(model)
-
-
-def lora_targets(config: Any, requested: list[str] | None) -> tuple[tuple[str, ...], str | None]:
-    """(LoRA target module names, a note saying where they came from or None). FastModel.get_peft_model's default
-    is every usual projection present (LINEAR_NAMES); a model that has none of them (GPT-2: c_attn, c_proj, c_fc) is
-    modeled with PEFT's own default for its model_type, and the note says FastModel needs target_modules for it."""
-    if requested is None and unpatched_reason(config) is None:
-        return LINEAR_NAMES, None  # every table architecture has all of them
-    present = _linear_layer_names(config)
-    if requested is not None:
-        unknown = [n for n in requested if n not in present]
-        if unknown:
-            hints = "".join(
-                f"; did you mean {close[0]!r} for {n!r}?"
-                for n in unknown
-                if (close := difflib.get_close_matches(n, present, n=1, cutoff=0.6))
-            )
-            raise ValueError(
-                f"--target-modules: {', '.join(map(repr, unknown))} not among this model's linear "
-                f"layers ({', '.join(present)}){hints}"
-            )
-        return tuple(requested), None
-    usual = tuple(n for n in LINEAR_NAMES if n in present)
-    if usual:
-        return usual, None
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
-
-    default = PEFT_DEFAULTS.get(config.model_type)
-    if default and set(default) <= set(present):
-        return tuple(default), (
-            f"{', '.join(default)} (PEFT's default for {config.model_type}: none of "
-            f"{', '.join(LINEAR_NAMES)} exist here, so FastModel.get_peft_model needs "
-            f"target_modules={list(default)!r} for this model; --target-modules to change)"
-        )
-    raise ValueError(
-        f"none of the usual projections ({', '.join(LINEAR_NAMES)}) exist in this "
-        f"{config.model_type} model and PEFT has no default for it; pass --target-modules, "
-        f"one or more of: {', '.join(present)}"
-    )
 
 
 class Planner:

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from fastft.cli import main
-from fastft.memory.plan import known_models, load_config, parse_size
+from fastft.memory.model_configs import known_models, load_config
+from fastft.memory.units import parse_size
 from fastft.patches.architectures import ARCHITECTURES
 
 
@@ -159,7 +160,7 @@ def test_notebook_and_example_models_have_shipped_configs(name):
 
 
 def test_every_shipped_config_is_documented_in_sources_md():
-    from fastft.memory.plan import CONFIG_DIR
+    from fastft.memory.model_configs import CONFIG_DIR
 
     sources = (CONFIG_DIR / "SOURCES.md").read_text()
     for name in known_models():
@@ -172,7 +173,8 @@ def test_a_different_release_is_not_mapped_to_a_shipped_config():
 
 
 def test_gpu_presets_reserve_and_errors(capsys):
-    from fastft.memory.plan import parse_gpu_memory, tensor_budget
+    from fastft.memory.plan import tensor_budget
+    from fastft.memory.units import parse_gpu_memory
 
     assert parse_gpu_memory("t4") == 15_360 * 2**20 and parse_gpu_memory("16GB") == 16 * 10**9
     assert tensor_budget(16 * 2**30, 2**30) == 15 * 2**30 and tensor_budget(None, 2**30) is None
@@ -259,7 +261,7 @@ def test_bare_numbers_need_a_unit(flag, capsys):
 
 
 def test_gpu_presets_still_work_and_misspelt_ones_get_a_suggestion(capsys):
-    from fastft.memory.plan import parse_gpu_memory
+    from fastft.memory.units import parse_gpu_memory
 
     assert parse_gpu_memory("T4") == 15_360 * 2**20 and parse_gpu_memory("a100-80gb") == 81_920 * 2**20
     assert main(["plan", "--model", "Llama-3.2-1B", "--gpu-memory", "T5"]) == 2

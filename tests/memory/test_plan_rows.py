@@ -4,7 +4,7 @@ config is a table row, and the newer rows' shipped configs (gpt-oss, Granite 3.3
 
 import pytest
 
-from fastft.memory.plan import known_models, load_config, unpatched_reason
+from fastft.memory.model_configs import known_models, load_config, unpatched_reason
 from fastft.memory.step_model import StepModel, StepSpec
 from fastft.offline import tiny_config
 from fastft.patches.architectures import ARCHITECTURES

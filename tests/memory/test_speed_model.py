@@ -227,7 +227,7 @@ def test_gpu_memory_flag_wins_over_the_gpu_preset(tiny_dir, capsys):
         == 0
     )
     assert json.loads(capsys.readouterr().out)["gpu_memory_bytes"] == 2 * 10**6
-    from fastft.memory.plan import GPU_PRESETS, parse_tokens
+    from fastft.memory.units import GPU_PRESETS, parse_tokens
 
     assert GPU_PRESETS["T4"] == GPUS["T4"].memory_bytes == 15_360 * 2**20
     assert parse_tokens("2B") == 2 * 10**9 and parse_tokens("1,000") == 1000 and parse_tokens("250k") == 250_000
