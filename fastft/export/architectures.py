@@ -32,6 +32,7 @@ class ArchitectureRow:
     softcapping: bool = False  # Gemma 2/3: attention and/or final logit softcapping keys
     sliding_window: bool = False  # Gemma 2/3: per-layer sliding-window pattern (llama.cpp reads it)
     llama3_rope: bool = False  # the arch loads a rope_freqs tensor (Llama 3.1 "llama3" RoPE scaling)
+    partial_rotary: bool = False  # llama.cpp rotates only the first rope.dimension_count dims, as transformers
 
 
 ARCHITECTURES: dict[str, ArchitectureRow] = {
@@ -48,20 +49,37 @@ ARCHITECTURES: dict[str, ArchitectureRow] = {
         # Phi-3: fused qkv_proj and gate_up_proj are llama.cpp's own attn_qkv / ffn_up layout; RoPE rotates halves.
         ArchitectureRow("phi3", "phi3"),
         ArchitectureRow("qwen3_moe", "qwen3moe"),
+        # Mixtral: llama.cpp converts it as its llama arch with experts (softmax router, top-k renormalized).
+        ArchitectureRow("mixtral", "llama", permute_qk=True, llama3_rope=True),
+        # Ministral (8B): llama.cpp has no converter of its own; its GGUFs run as the llama arch (full attention).
+        ArchitectureRow("ministral", "llama", permute_qk=True, llama3_rope=True),
+        # Granite: llama layout plus four multipliers (embedding, residual, attention, logits) as GGUF keys.
+        ArchitectureRow("granite", "granite", permute_qk=True, llama3_rope=True),
+        # OLMo 2/3: post-norms and whole-projection Q/K norms; RoPE rotates halves (llama.cpp NEOX). OLMo 3 is
+        # llama.cpp's olmo2 arch with a sliding window and per-layer pattern.
+        ArchitectureRow("olmo2", "olmo2"),
+        ArchitectureRow("olmo3", "olmo2", sliding_window=True),
+        # SmolLM3: llama layout; llama.cpp skips RoPE in every 4th layer (fixed step), checked against no_rope_layers.
+        ArchitectureRow("smollm3", "smollm3", permute_qk=True),
+        # GLM-4: partial RoPE over interleaved pairs (llama.cpp NORM rope on the first rope.dimension_count dims, the
+        # layout transformers uses, so no permutation); fused gate_up_proj is llama.cpp's double-wide ffn_up.
+        ArchitectureRow("glm4", "glm4", partial_rotary=True),
     ]
 }
 
 #: Rows of fastft's architecture table that GGUF export does not cover yet, and why (named in the error).
 NOT_EXPORTED = {
-    "olmo2": "post-norm layout not mapped yet",
-    "olmo3": "post-norm layout not mapped yet",
-    "granite": "its four multipliers are not mapped yet",
-    "smollm3": "its no-RoPE layers are not mapped yet",
-    "glm4": "partial interleaved RoPE not mapped yet",
-    "ministral": "per-layer sliding window not mapped yet",
-    "ministral3": "not mapped yet",
-    "mixtral": "its experts are not mapped yet",
-    "gpt_oss": "MXFP4 experts and attention sinks not mapped yet",
+    "ministral3": (
+        "llama.cpp's mistral3 arch needs YaRN with mscale_all_dim (rope.scaling.yarn_log_multiplier) and Llama-4 "
+        "attention temperature scaling, neither of which this exporter writes yet"
+    ),
+    "gpt_oss": (
+        "llama.cpp's gpt-oss arch expects attention sinks, biased experts with the interleaved clamped SwiGLU and "
+        "MXFP4 expert weights; not mapped yet"
+    ),
+    "gemma4_text": (
+        "llama.cpp's gemma4 arch (per-layer input embeddings, shared KV layers, k == v) is not mapped by this exporter"
+    ),
 }
 
 
@@ -130,8 +148,14 @@ def _rope_keys(row: ArchitectureRow, config: Any) -> dict[str, Any]:
     meta: dict[str, Any] = {"rope.freq_base": float(params.get("rope_theta", 10000.0))}
     if local_theta is not None:
         meta["rope.freq_base_swa"] = float(local_theta)
-    if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise ExportError(f"{row.model_type}: partial_rotary_factor={params['partial_rotary_factor']} is not exported")
+    partial = float(params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0))
+    if partial != 1.0:
+        if not row.partial_rotary:
+            raise ExportError(f"{row.model_type}: partial_rotary_factor={partial} is not exported")
+        rot = int(head_dim_of(config) * partial)
+        if rot % 2:
+            raise ExportError(f"{row.model_type}: partial rotary over an odd number of dims ({rot}) is not exported")
+        meta["rope.dimension_count"] = rot
     kind = params["rope_type"]
     if kind == "default":
         return meta
@@ -169,6 +193,10 @@ def _rope_keys(row: ArchitectureRow, config: Any) -> dict[str, Any]:
     return meta
 
 
+#: Rows whose transformers model has a sliding window that llama.cpp's arch for them does not apply.
+_FULL_ATTENTION_IN_LLAMA_CPP = ("mistral", "phi3", "mixtral", "ministral")
+
+
 def _sliding_keys(row: ArchitectureRow, config: Any) -> dict[str, Any]:
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
@@ -184,7 +212,7 @@ def _sliding_keys(row: ArchitectureRow, config: Any) -> dict[str, Any]:
             f"{row.model_type} use_sliding_window=True: llama.cpp's {row.gguf_arch} arch attends the "
             "whole context; export a model with use_sliding_window=False"
         )
-    if row.model_type in ("mistral", "phi3") and window and window < config.max_position_embeddings:
+    if row.model_type in _FULL_ATTENTION_IN_LLAMA_CPP and window and window < config.max_position_embeddings:
         # llama.cpp runs Mistral as llama and Phi-3 with its sliding window disabled, i.e. full attention: equal to
         # transformers up to the window's length.
         logger.warning(
@@ -231,6 +259,51 @@ def _moe_keys(row: ArchitectureRow, config: Any) -> dict[str, Any]:
     }
 
 
+def _whole_width_heads(row: ArchitectureRow, config: Any, head_dim: int) -> None:
+    # llama.cpp's granite/olmo2 graphs take the head size as hidden / heads (granite's converter drops head_dim)
+    if head_dim * config.num_attention_heads != config.hidden_size:
+        raise ExportError(
+            f"{row.model_type} head_dim={head_dim} with {config.num_attention_heads} heads != hidden_size "
+            f"{config.hidden_size}: llama.cpp's {row.gguf_arch} arch derives the head size as hidden / heads"
+        )
+
+
+def _family_keys(row: ArchitectureRow, config: Any, head_dim: int) -> dict[str, Any]:
+    """Keys and checks of one model family beyond the shared ones."""
+    kind = row.model_type
+    if kind == "qwen3_moe":
+        return _moe_keys(row, config)
+    if kind == "mixtral":  # llama.cpp's llama MoE: softmax router, top-k renormalized -- Mixtral's routing
+        return {"expert_count": int(config.num_local_experts), "expert_used_count": int(config.num_experts_per_tok)}
+    if kind == "granite":
+        _whole_width_heads(row, config, head_dim)
+        # llama.cpp: inputs * embedding_scale, Q.K * attention.scale, residual += out * residual_scale,
+        # logits / logit_scale -- transformers' four multipliers, one for one
+        return {
+            "embedding_scale": float(config.embedding_multiplier),
+            "residual_scale": float(config.residual_multiplier),
+            "attention.scale": float(config.attention_multiplier),
+            "logit_scale": float(config.logits_scaling),
+        }
+    if kind in ("olmo2", "olmo3"):
+        _whole_width_heads(row, config, head_dim)
+        sliding = (getattr(config, "rope_parameters", None) or {}).get("sliding_attention") or {}
+        if sliding.get("rope_type", "default") != "default":
+            raise ExportError(f"{kind}: sliding layers' RoPE {sliding['rope_type']!r}: llama.cpp's olmo2 uses plain RoPE")
+        return {}
+    if kind == "smollm3":
+        if getattr(config, "use_sliding_window", False):
+            raise ExportError("smollm3 use_sliding_window=True: llama.cpp's smollm3 arch attends the whole context")
+        # llama.cpp's smollm3 graph skips RoPE in layer i iff (i + 1) % 4 == 0 (n_no_rope_layer_step, not a GGUF key)
+        want = [int((i + 1) % 4 != 0) for i in range(config.num_hidden_layers)]
+        if [int(x) for x in config.no_rope_layers] != want:
+            raise ExportError(
+                f"smollm3 no_rope_layers={list(config.no_rope_layers)}: llama.cpp's smollm3 arch always skips RoPE in "
+                f"every 4th layer ({want})"
+            )
+    return {}
+
+
 def architecture_metadata(row: ArchitectureRow, config: Any) -> dict[str, Any]:
     """The ``{arch}.*`` GGUF keys for ``config`` (full key -> Python value: int -> uint32, float -> float32, str,
     list[bool] -> array), checked for what llama.cpp can run."""
@@ -257,8 +330,7 @@ def architecture_metadata(row: ArchitectureRow, config: Any) -> dict[str, Any]:
     if row.model_type == "gemma3_text" and getattr(config, "attn_logit_softcapping", None) is not None:
         raise ExportError("gemma3 attn_logit_softcapping: llama.cpp's gemma3 graph has no attention softcapping")
     _attention_scale_check(row, config, head_dim)
-    if row.model_type == "qwen3_moe":
-        meta.update(_moe_keys(row, config))
+    meta.update(_family_keys(row, config, head_dim))
     act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
     want = "gelu_pytorch_tanh" if row.model_type.startswith("gemma") else "silu"
     if act not in (want, "gelu_new" if want.startswith("gelu") else "swish"):

@@ -28,12 +28,21 @@ def file_fields(path: str) -> tuple[str, dict]:
     return arch, {k[len(arch) + 1 :]: f.contents() for k, f in reader.fields.items() if k.startswith(arch + ".")}
 
 
-def read_back(model_type: str, path: str) -> torch.nn.Module:
-    """The GGUF at ``path`` as a transformers model (fp32, eval)."""
+#: Rows transformers 5.24's GGUF loader cannot read (no loader for the arch, or -- mixtral -- a llama-arch file with
+#: experts, which it reads as a dense Llama): their tensors are read by gguf's own name table instead.
+READ_BY_NAMES = {"gemma", "mixtral", "granite", "olmo2", "olmo3", "smollm3", "glm4"}
+#: llama.cpp archs whose RoPE rotates adjacent pairs (LLAMA_ROPE_TYPE_NORM) while transformers rotates halves, so
+#: llama.cpp's converter permutes Q/K rows (glm4 is NORM too, but transformers' GLM-4 already rotates pairs).
+_PAIRWISE_ROPE = {"llama", "granite", "smollm3"}
+
+
+def read_back(model_type: str, path: str, overrides: dict | None = None) -> torch.nn.Module:
+    """The GGUF at ``path`` as a transformers model (fp32, eval); ``overrides``: the fixture's config changes (rows
+    read by names rebuild the model from the same fixture config)."""
     from transformers import AutoModelForCausalLM
 
-    if model_type == "gemma":
-        return _read_back_by_names(model_type, path)
+    if model_type in READ_BY_NAMES:
+        return _read_back_by_names(model_type, path, overrides or {})
     arch, fields = file_fields(path)
     extra = {}
     if arch in ("qwen3", "gemma2", "gemma3"):
@@ -54,25 +63,48 @@ def read_back(model_type: str, path: str) -> torch.nn.Module:
     ).eval()
 
 
-def _read_back_by_names(model_type: str, path: str) -> torch.nn.Module:
+def _unpermute_pairs(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's interleaved-pair Q/K row order back to transformers' rotate-half order (per head: rows 0, 2, 4, ...
+    are the first half, 1, 3, 5, ... the second)."""
+    rows = weight.shape[0]
+    return weight.reshape(n_head, rows // n_head // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _read_back_by_names(model_type: str, path: str, overrides: dict) -> torch.nn.Module:
     import gguf
 
     from fastft.offline import build_tiny_model
 
     reader = gguf.GGUFReader(path)
-    model = build_tiny_model(model_type, seed=123)  # same config, other weights: every one is overwritten below
-    arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == reader.fields["general.architecture"].contents())
-    name_map = gguf.get_tensor_name_map(arch, model.config.num_hidden_layers)
+    model = build_tiny_model(model_type, seed=123, **overrides)  # same config, other weights: all overwritten below
+    config = model.config
+    arch_name = reader.fields["general.architecture"].contents()
+    arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch_name)
+    name_map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     to_hf = {}
     for hf_name in model.state_dict():
         base, _, suffix = hf_name.rpartition(".")
-        if (g := name_map.get_name(base)) is not None:
-            to_hf.setdefault(f"{g}.{suffix}", hf_name)
-    state = {}
+        if suffix in ("gate_up_proj", "down_proj") and base.endswith(".experts"):  # stacked experts [E, out, in]
+            for part in ("gate_proj", "up_proj") if suffix == "gate_up_proj" else ("down_proj",):
+                to_hf[f"{name_map.get_name(f'{base}.{part}')}.weight"] = (hf_name, part)
+        elif (g := name_map.get_name(base)) is not None:
+            to_hf.setdefault(f"{g}.{suffix}", (hf_name, None))
+    state, parts = {}, {}
+    n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     for t in reader.tensors:
         data = gguf.dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
         data = torch.from_numpy(np.array(data, dtype=np.float32))
-        state[to_hf[t.name]] = data - 1.0 if t.name.endswith("norm.weight") else data
+        hf_name, part = to_hf[t.name]
+        if arch_name in _PAIRWISE_ROPE and t.name.endswith((".attn_q.weight", ".attn_k.weight")):
+            data = _unpermute_pairs(data, config.num_attention_heads if ".attn_q." in t.name else n_kv)
+        if arch_name.startswith("gemma") and t.name.endswith("norm.weight"):
+            data = data - 1.0  # Gemma norms scale by 1 + w; llama.cpp's by w
+        if part is None:
+            state[hf_name] = data
+        else:
+            parts.setdefault(hf_name, {})[part] = data
+    for hf_name, got in parts.items():  # transformers' gate_up_proj holds the gate rows first
+        state[hf_name] = got["down_proj"] if "down_proj" in got else torch.cat([got["gate_proj"], got["up_proj"]], 1)
     missing = set(model.state_dict()) - set(state) - {"lm_head.weight"}
     assert not missing, missing
     model.load_state_dict(state, strict=False)

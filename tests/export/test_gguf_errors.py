@@ -8,8 +8,8 @@ import pytest
 
 pytest.importorskip("gguf")
 
-from fastft.export import ExportError, save_gguf  # noqa: E402
-from fastft.offline import build_tiny_model, build_tokenizer  # noqa: E402
+from fastft.export import ExportError, save_gguf
+from fastft.offline import build_tiny_model, build_tokenizer
 
 
 def _assert_nothing_written(directory):
@@ -29,8 +29,8 @@ def test_architecture_llama_cpp_lacks_or_fastft_does_not_map(tmp_path):
     model.config.model_type = "lama"  # a typo-like type nobody has
     with pytest.raises(ExportError, match=r"no row for model_type 'lama'.*Did you mean 'llama'"):
         save_gguf(model, str(tmp_path / "out"), build_tokenizer(), "f16")
-    with pytest.raises(ExportError, match=r"does not cover model_type 'mixtral' yet \(its experts"):
-        save_gguf(build_tiny_model("mixtral"), str(tmp_path / "out"), build_tokenizer(), "f16")
+    with pytest.raises(ExportError, match=r"does not cover model_type 'gpt_oss' yet \(llama.cpp's gpt-oss arch"):
+        save_gguf(build_tiny_model("gpt_oss"), str(tmp_path / "out"), build_tokenizer(), "f16")
     with pytest.raises(ExportError, match=r"qwen3_moe with dense layers \(mlp_only_layers=\[1\]"):
         save_gguf(build_tiny_model("qwen3_moe"), str(tmp_path / "out"), build_tokenizer(), "f16")
     _assert_nothing_written(tmp_path / "out")
@@ -47,6 +47,24 @@ def test_architecture_llama_cpp_lacks_or_fastft_does_not_map(tmp_path):
 def test_config_llama_cpp_would_compute_differently(tmp_path, change, message):
     with pytest.raises(ExportError, match=message):
         save_gguf(build_tiny_model("qwen2", **change), str(tmp_path / "out"), build_tokenizer(), "f16")
+    _assert_nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "model_type, change, message",
+    [
+        # the fixture's own pattern (layer 1 without RoPE): llama.cpp would rotate layer 1
+        ("smollm3", {}, r"no_rope_layers=\[1, 0\]: llama.cpp's smollm3 arch always skips RoPE in every 4th"),
+        ("smollm3", {"num_hidden_layers": 4, "no_rope_layers": [1] * 4, "use_sliding_window": True}, "use_sliding"),
+        ("granite", {"head_dim": 32}, r"head_dim=32 with 4 heads != hidden_size 64"),
+        ("olmo2", {"head_dim": 8}, r"llama.cpp's olmo2 arch derives the head size as hidden / heads"),
+        ("glm4", {"partial_rotary_factor": 0.3125}, r"partial rotary over an odd number of dims \(5\)"),
+        ("llama", {"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5 is not exported"),
+    ],
+)
+def test_family_config_llama_cpp_would_compute_differently(tmp_path, model_type, change, message):
+    with pytest.raises(ExportError, match=message):
+        save_gguf(build_tiny_model(model_type, **change), str(tmp_path / "out"), build_tokenizer(), "f16")
     _assert_nothing_written(tmp_path / "out")
 
 

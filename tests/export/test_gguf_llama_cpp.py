@@ -23,6 +23,7 @@ import torch
 from fastft.export import save_gguf
 from fastft.offline import build_tiny_model, build_tokenizer
 from tests.export.gguf_reader import build_sentencepiece_tokenizer, relative_logit_error
+from tests.export.test_gguf_roundtrip import OVERRIDES, ROWS  # every exported row, the same fixtures
 
 pytestmark = pytest.mark.benchmark
 llama_cpp = None  # imported by the fixture below: a default run deselects these tests without a skip line
@@ -40,9 +41,6 @@ def _require_llama_cpp():
 #: 256-wide llama: q6_k 4.2%, q5_k_m 8.7%, q4_k_m 17.9% (tiny random models: small logits, so large relative figures).
 BOUNDS = {"f32": 2e-3, "f16": 0.005, "q8_0": 0.06, "q6_k": 0.08, "q5_k_m": 0.15, "q4_k_m": 0.30}
 PROMPT = "The quick brown fox: what is 12 plus 7? The answer is 19."
-ROWS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "qwen3_moe"]
-#: llama.cpp's qwen3moe makes every layer sparse: the fixture's dense layer 1 is switched off
-OVERRIDES = {"qwen3_moe": {"mlp_only_layers": []}}
 
 
 def _load(path: str):

@@ -15,15 +15,25 @@ import torch
 
 pytest.importorskip("gguf")
 
-from fastft.export import save_gguf  # noqa: E402
-from fastft.offline import build_tiny_model, build_tokenizer  # noqa: E402
-from tests.export.gguf_reader import file_fields, read_back, relative_logit_error  # noqa: E402
+from fastft.export import save_gguf
+from fastft.offline import build_tiny_model, build_tokenizer
+from tests.export.gguf_reader import file_fields, read_back, relative_logit_error
 
 BOUNDS = {"f32": 1e-5, "f16": 0.005, "bf16": 0.02, "q8_0": 0.05}
 PROMPT = "The quick brown fox: what is 12 plus 7? The answer is 19."
 ROWS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "qwen3_moe"]
-#: llama.cpp's qwen3moe makes every layer sparse: the fixture's dense layer 1 is switched off
-OVERRIDES = {"qwen3_moe": {"mlp_only_layers": []}}
+ROWS += ["mixtral", "ministral", "granite", "olmo2", "olmo3", "smollm3", "glm4"]
+#: Fixture changes llama.cpp needs: qwen3moe makes every layer sparse (the fixture's layer 1 is dense); smollm3 skips
+#: RoPE in every 4th layer (the fixture skips it in layer 1); llama.cpp runs ministral with full attention (a window
+#: longer than the prompt; the GGUF's context_length is capped to it). Granite's attention multiplier is moved off
+#: 1/sqrt(head_dim) (the fixture's 0.0625) and its weights drawn 10x wider, so attention is not near uniform and a
+#: file without the multiplier shows (llama.cpp: 14% logit error without it, vs 0.0004% at the fixture's init).
+OVERRIDES = {
+    "granite": {"attention_multiplier": 0.1, "initializer_range": 0.2},
+    "qwen3_moe": {"mlp_only_layers": []},
+    "smollm3": {"num_hidden_layers": 4, "no_rope_layers": [1, 1, 1, 0]},
+    "ministral": {"sliding_window": 64},
+}
 
 
 @pytest.mark.parametrize("quantization", list(BOUNDS))
@@ -33,7 +43,7 @@ def test_logits_match_merged_model(model_type, quantization, tmp_path):
     model = build_tiny_model(model_type, **OVERRIDES.get(model_type, {}))
     path = save_gguf(model, str(tmp_path), tok, quantization)
     assert os.path.basename(path) == f"model.{quantization.upper()}.gguf"
-    loaded = read_back(model_type, path)
+    loaded = read_back(model_type, path, OVERRIDES.get(model_type))
     ids = torch.tensor([tok(PROMPT)["input_ids"]])
     assert ids.shape[1] > 5  # longer than gemma3's sliding window: the per-layer pattern matters
     with torch.no_grad():
