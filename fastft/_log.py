@@ -1,5 +1,5 @@
 """One logger for the package, warn-once helpers so a notebook is not flooded by a message per layer, and the
-record of what fastft said, which the start-of-training summary (:mod:`fastft.summary`) lists again in one block.
+record of what fastft said, which the start-of-training summary (:mod:`fastft.patches.trl_summary`) lists again in one block.
 
 ``FASTFT_LOG`` (``debug``, ``info``, ``warning``, ``error``) sets the level of the ``fastft`` logger and sends its
 records to stderr: ``FASTFT_LOG=debug`` logs the path (triton or torch) of every fused call, ``info`` every fallback

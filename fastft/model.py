@@ -23,12 +23,14 @@ import torch
 from torch import nn
 
 from fastft._log import info_once, logger, mark, warn_once
+from fastft.patches import modes
 from fastft.patches.architectures import enable_fused_lora, patch_model
 from fastft.patches.checkpointing import enable_checkpointing
 from fastft.patches.embedding_offload import HostEmbedding, offload_input_embeddings
+from fastft.patches.modes import base_model
 
-#: Every linear projection of the supported decoder layers.
-#: Default LoRA targets, those a model has: split projections, and Phi-3 / GLM-4's fused qkv_proj and gate_up_proj.
+#: FastModel.get_peft_model's default LoRA targets, those a model has: the split projections of the supported decoder
+#: layers, and Phi-3 / GLM-4's fused qkv_proj and gate_up_proj.
 ALL_LINEAR_PROJECTIONS = [
     "q_proj",
     "k_proj",
@@ -212,7 +214,7 @@ class FastModel:
         if load_in_4bit:
             _keep_nf4_layout_on_cpu(model)
         report = patch_model(model, tiled_mlp=tiled_mlp)
-        model._fastft_patch_report = report  # read by the start-of-training summary (fastft.summary)
+        model._fastft_patch_report = report  # read by the start-of-training summary (fastft.patches.trl_summary)
         model._fastft_notes_from = notes_from
         model.max_seq_length = max_seq_length
         model._fastft_asked_max_seq_length = asked_length
@@ -322,27 +324,12 @@ class FastModel:
     @staticmethod
     def for_inference(model: nn.Module) -> nn.Module:
         """Eval mode, KV cache on, checkpointing off (remembered for ``for_training``)."""
-        base = _base_model(model)
-        if not hasattr(model, "_fastft_checkpointing"):
-            model._fastft_checkpointing = bool(getattr(base, "is_gradient_checkpointing", False))
-        if getattr(base, "is_gradient_checkpointing", False):
-            base._set_gradient_checkpointing(False)
-        model.eval()
-        base.config.use_cache = True
-        if getattr(base, "generation_config", None) is not None:
-            base.generation_config.use_cache = True
-        return model
+        return modes.for_inference(model)
 
     @staticmethod
     def for_training(model: nn.Module, use_gradient_checkpointing: bool | str | None = None) -> nn.Module:
         """Train mode (dropout back on), checkpointing restored as get_peft_model set it, KV cache off."""
-        mode = use_gradient_checkpointing
-        if mode is None:
-            mode = getattr(model, "_fastft_checkpointing", False)
-        enable_checkpointing(model, mode)
-        model.train()
-        _base_model(model).config.use_cache = False
-        return model
+        return modes.for_training(model, use_gradient_checkpointing)
 
 
 def _keep_nf4_layout_on_cpu(model: nn.Module) -> None:
@@ -429,9 +416,8 @@ def _merged_param_wrapper(module: nn.Module, dtype: torch.dtype) -> tuple[nn.Mod
     return inner, merged
 
 
-def _base_model(model: nn.Module) -> nn.Module:
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
+#: The name fastft.export.gguf_file imports (export/ can import ``fastft.patches.modes.base_model`` directly).
+_base_model = base_model
 
 
 def _attach_methods(model: nn.Module) -> None:
@@ -467,7 +453,7 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.T
     from peft.tuners.lora.layer import ParamWrapper
     from peft.utils import ModulesToSaveWrapper
 
-    base = _base_model(model)
+    base = base_model(model)
     state: dict[str, torch.Tensor] = {}
 
     def visit(module: nn.Module, prefix: str) -> None:
@@ -532,7 +518,7 @@ def save_pretrained_merged(
     else:
         from huggingface_hub import save_torch_state_dict
 
-        base = _base_model(self)
+        base = base_model(self)
         if dtype is None:
             compute = next((p.dtype for p in base.parameters() if p.is_floating_point()), torch.float32)
             dtype = compute if compute in (torch.float16, torch.bfloat16) else torch.bfloat16

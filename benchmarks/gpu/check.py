@@ -61,7 +61,7 @@ def environment(carried: list[str]) -> dict:
         try:
             importlib.import_module(module)
             env[f"import {module}"] = "ok"
-        except Exception as exc:  # the point of this line: say exactly why a layer cannot run here
+        except Exception as exc:  # noqa: BLE001 - the point of this line: say exactly why a layer cannot run here
             env[f"import {module}"] = f"FAILED {type(exc).__name__}: {exc}"[:300]
     return env
 
@@ -70,7 +70,7 @@ def importable(module: str) -> str | None:
     try:
         importlib.import_module(module)
         return None
-    except Exception as exc:  # reported as the reason a column is skipped
+    except Exception as exc:  # noqa: BLE001 - reported as the reason a column is skipped
         return f"{type(exc).__name__}: {exc}"[:200]
 
 
@@ -164,7 +164,7 @@ def start_modeled(out: Path, dry_run: bool, gpu_name: str, notes: list[str]) -> 
         PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
     )
     cmd = [sys.executable, "-m", "benchmarks.gpu.modeled", "--gpu", gpu, "--json", str(path)]
-    log = open(out / "modeled.log", "w")  # noqa: SIM115 - the child writes it until finish_modeled
+    log = open(out / "modeled.log", "w")  # no `with`: the child writes it until finish_modeled
     proc = subprocess.Popen(
         cmd + (["--dry-run"] if dry_run else []),
         cwd=REPO,

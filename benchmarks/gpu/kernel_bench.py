@@ -192,7 +192,7 @@ def run(dry_run: bool, deadline: float) -> dict:
         errors: dict[str, str] = {}
         try:
             impls["liger"] = op["liger"]()
-        except Exception as exc:  # recorded in the report, never hidden
+        except Exception as exc:  # noqa: BLE001 - recorded in the report, never hidden
             errors["liger"] = f"does not import: {type(exc).__name__}: {exc}"[:300]
         # last: the slowest to set up (an inductor compile per graph), so a spent budget costs this column first
         impls["compile"] = torch.compile(op["eager"], backend="aot_eager" if dry_run else "inductor")
@@ -206,7 +206,7 @@ def run(dry_run: bool, deadline: float) -> dict:
                     continue
                 try:
                     ms = _bench_one(fn, op["make"], timer, backward)
-                except Exception as exc:  # recorded in the report
+                except Exception as exc:  # noqa: BLE001 - recorded in the report
                     errors[key] = f"{type(exc).__name__}: {exc}"[:300]
                     continue
                 row = {

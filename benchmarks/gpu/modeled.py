@@ -80,7 +80,7 @@ def run(gpu_name: str, dry_run: bool, path: Path) -> None:
                 launches=estimate.launches,
                 top_ops=[(o.op, o.seconds) for o in estimate.top_ops[:4]],
             )
-        except Exception as exc:  # recorded: the report says which row has no model and why
+        except Exception as exc:  # noqa: BLE001 - recorded: the report says which row has no model and why
             row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         row["model_seconds"] = round(time.perf_counter() - t0, 1)
         result["rows"].append(row)

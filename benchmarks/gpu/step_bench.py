@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     tokens = [int(t) for t in args.tokens.split(",") if t]
     try:
         result = run(args.config, args.mode, args.impl, tokens, args.steps, args.warmup)
-    except Exception as exc:  # recorded, not hidden: the report shows which implementation could not run and why
+    except Exception as exc:  # noqa: BLE001 - recorded, not hidden: the report shows which implementation could not run and why
         result = {
             "config": args.config,
             "mode": args.mode,

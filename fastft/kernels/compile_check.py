@@ -136,7 +136,7 @@ def compile_launch(launch: Launch, arch: int) -> Row:
         compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
         regs, spills = _ptxas_usage(compiled.asm["ptx"], arch)
         return Row(name, variant, arch, True, regs, spills, compiled.metadata.shared, time.perf_counter() - start)
-    except Exception as exc:  # report every failure, keep compiling the rest
+    except Exception as exc:  # noqa: BLE001 - report every failure, keep compiling the rest
         first = str(exc).strip().splitlines()
         return Row(
             name,

@@ -81,7 +81,7 @@ class Planner:
     def max_context(self, budget: int, host_budget: int | None = None, start: int = 1024, limit: int = 1 << 20) -> int:
         """Largest measured sequence length whose modeled peak fits ``budget`` GPU bytes (and ``host_budget`` host
         bytes, if given); 0 if even 128 tokens do not fit."""
-        fits = lambda t: self.fits(t, budget, host_budget)  # noqa: E731
+        fits = lambda t: self.fits(t, budget, host_budget)
         lo, hi = 0, start
         while hi <= limit and fits(hi):
             lo, hi = hi, hi * 2

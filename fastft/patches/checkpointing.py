@@ -39,7 +39,6 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.prefetcher = prefetcher
         with torch.no_grad():
             out = function(hidden, *extra)
-        ctx.tuple_out = isinstance(out, tuple)
         return out
 
     @staticmethod

@@ -244,7 +244,7 @@ def _normalize(algorithm: str) -> str:
     return _KEYS[key]
 
 
-def PatchFastRL(algorithm: str | None = None, FastModel: Any = None) -> dict[str, bool]:  # noqa: N802, N803 (Unsloth's names)
+def PatchFastRL(algorithm: str | None = None, FastModel: Any = None) -> dict[str, bool]:  # Unsloth's names
     """Give TRL's trainer classes fastft's lean LM-head losses, optimizer and generation hooks, in place.
 
     The hooks go onto TRL's class object itself (``trl.SFTTrainer`` and every name it is imported by), so the order
@@ -257,7 +257,7 @@ def PatchFastRL(algorithm: str | None = None, FastModel: Any = None) -> dict[str
             rest: optimizer, checkpointing rule, step-1 summary; any
             case, ``_``/``-`` ignored), or None for all of them.
         FastModel: accepted for Unsloth compatibility; when it has ``for_inference``/``for_training``, GRPO calls them
-            around generation (default: ``fastft.model.FastModel``).
+            around generation (default: fastft's own, :mod:`fastft.patches.modes`, which ``FastModel``'s are).
 
     Returns:
         ``{algorithm: patched}``; False means a method fastft hooks no longer has the parameters it relies on, or

@@ -12,12 +12,13 @@ from typing import Any
 import torch
 
 from fastft._log import info_once, logger, mark, warn_once
+from fastft.patches import modes, trl_summary
 from fastft.patches.architectures import logits_required
 from fastft.patches.lm_head import router_aux_modeling
 from fastft.patches.trl_config import _apply_checkpointing, _apply_max_seq_length
 from fastft.patches.trl_heads import LOSS_ONLY, FastHeadDeclined, _fast_heads, _without_fused_head
 
-#: The ``FastModel`` passed to PatchFastRL (Unsloth compatibility); None -> ``fastft.model.FastModel`` if it exists.
+#: The ``FastModel`` passed to PatchFastRL (Unsloth compatibility); None -> fastft's own modes (fastft.patches.modes).
 _FAST_MODEL: Any = None
 
 
@@ -58,14 +59,12 @@ def _hook_create_optimizer(original: Callable) -> Callable:
     return create_optimizer
 
 
-def _fast_model_class() -> Any:
-    if _FAST_MODEL is not None:
-        return _FAST_MODEL
-    try:
-        from fastft.model import FastModel
-    except ImportError:
-        return None
-    return FastModel
+def _mode_switches() -> tuple[Callable | None, Callable | None]:
+    """(for_inference, for_training) around GRPO's generation: the FastModel PatchFastRL was given (Unsloth's, say),
+    else fastft's own (:mod:`fastft.patches.modes`, which FastModel's methods are)."""
+    if _FAST_MODEL is None:
+        return modes.for_inference, modes.for_training
+    return getattr(_FAST_MODEL, "for_inference", None), getattr(_FAST_MODEL, "for_training", None)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -285,9 +284,7 @@ def _hook_grpo_generation(original: Callable) -> Callable:
     train/eval mode it found: a generation during evaluation leaves the model in eval mode."""
 
     def _generate_single_turn(self, *args, **kwargs):
-        fast_model = _fast_model_class()
-        for_inference = getattr(fast_model, "for_inference", None)
-        for_training = getattr(fast_model, "for_training", None)
+        for_inference, for_training = _mode_switches()
         if getattr(self, "use_vllm", False) or for_inference is None or for_training is None:
             return original(self, *args, **kwargs)
         unwrapped = self.accelerator.unwrap_model(self.model)
@@ -313,12 +310,10 @@ def _hook_init(original: Callable) -> Callable:
             arguments = _named_arguments(signature, self, *args, **kwargs)
         except TypeError:
             arguments = {}
-        from fastft import summary
-
         since = mark()
         _apply_max_seq_length(arguments.get("model"), arguments.get("args"))
         _apply_checkpointing(arguments.get("model"), arguments.get("args"))
         original(self, *args, **kwargs)
-        summary.attach(self, since=since)
+        trl_summary.attach(self, since=since)
 
     return __init__

@@ -7,8 +7,8 @@ import torch
 
 pytest.importorskip("gguf")
 
-from fastft.cli import main  # noqa: E402
-from tests.export.gguf_reader import read_back, relative_logit_error  # noqa: E402
+from fastft.cli import main
+from tests.export.gguf_reader import read_back, relative_logit_error
 
 
 @pytest.fixture

@@ -427,7 +427,7 @@ def test_saved_activations_are_at_most_half_of_peft():
     peft = _saved_storages(lambda t: _peft_mlp(block, t, "silu"), x, params)
     fused = _saved_storages(lambda t: lora_mlp(block, t, "silu"), x, params)
     lean = _saved_storages(lambda t: lora_mlp(block, t, "silu", recompute="projections"), x, params)
-    big = lambda saved: sum(n for n in saved.values() if n >= one)  # noqa: E731  ([T, I] activations)
+    big = lambda saved: sum(n for n in saved.values() if n >= one)  # [T, I] activations
     assert big(peft) == 4 * one  # gate, silu(gate), up, h
     assert big(fused) == 2 * one  # gate, up
     assert sum(fused.values()) <= 0.52 * sum(peft.values())  # plus the same rank-r products in both

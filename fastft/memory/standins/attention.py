@@ -62,7 +62,7 @@ def flash_attention_backward(
         ds = ds * (1 - capped * capped)
     dq = torch.matmul(ds, kf) * scale
     dk = torch.matmul(ds.transpose(-1, -2), qf) * scale
-    fold = lambda g: g.view(b, k.shape[1], rep, t, -1).sum(2)  # noqa: E731
+    fold = lambda g: g.view(b, k.shape[1], rep, t, -1).sum(2)
     return dq.to(q.dtype), fold(dk).to(k.dtype), fold(dv).to(v.dtype)
 
 
