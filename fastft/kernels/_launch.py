@@ -13,9 +13,10 @@ signatures and constexpr variants the code really launches.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -179,3 +180,35 @@ def check_floating(name: str, t: torch.Tensor) -> None:
     """Clear error for integer/bool/complex inputs before anything reaches a kernel."""
     if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Non-tensor options of a custom op: one frozen dataclass per concept (the loss options, a chunk plan), whose fields
+# become the op's keyword-only arguments. The schema is written from the fields, so the option list lives once.
+# ----------------------------------------------------------------------------------------------------------------
+#: Field annotation -> schema type, as torch.library infers it from a Python signature (int is SymInt there).
+_SCHEMA_TYPES = {"int": "SymInt", "float": "float", "float | None": "float?", "bool": "bool"}
+
+
+def option_schema(*option_types: type) -> str:
+    """The keyword-only part of a custom op schema: every field of each frozen dataclass, in field order, e.g.
+    ``"SymInt ignore_index, float? softcap"``. The op's body then takes them as ``**options``."""
+    parts = []
+    for cls in option_types:
+        for field in dataclasses.fields(cls):
+            annotation = field.type if isinstance(field.type, str) else field.type.__name__
+            if annotation not in _SCHEMA_TYPES:
+                raise TypeError(f"{cls.__name__}.{field.name}: no custom-op schema type for {annotation!r}")
+            parts.append(f"{_SCHEMA_TYPES[annotation]} {field.name}")
+    return ", ".join(parts)
+
+
+def option_kwargs(*options: Any) -> dict[str, Any]:
+    """The fields of option dataclasses as the op's keyword arguments (the inverse of :func:`option_schema`)."""
+    # not dataclasses.asdict (a deepcopy); torch.compile traces this call
+    return {field.name: getattr(o, field.name) for o in options for field in dataclasses.fields(o)}
+
+
+def options_from_kwargs(kwargs: Mapping[str, Any], *option_types: type) -> tuple:
+    """The option dataclasses back from an op's keyword arguments (the inverse of :func:`option_kwargs`)."""
+    return tuple(cls(**{field.name: kwargs[field.name] for field in dataclasses.fields(cls)}) for cls in option_types)

@@ -44,7 +44,7 @@ at least 1.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -54,21 +54,27 @@ from fastft.kernels._launch import (
     check_floating,
     launch,
     next_power_of_2,
+    option_schema,
     use_triton,
 )
 from fastft.kernels.cross_entropy_math import (  # noqa: F401  (re-exported: the family's shared host-side math)
     CrossEntropyOptions,
     GradCoefficients,
+    LossOptions,
     check_class_weight,
     check_labels,
-    check_reduction,
+    cross_entropy_reference,
     fold_transform,
     grad_coefficients,
-    loss_reference,
+    reduce_rows,
+    resolve_loss_options,
     row_losses,
     row_weights,
     transform_reference,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11
 
 if TRITON_AVAILABLE:
     import triton
@@ -230,37 +236,7 @@ if TRITON_AVAILABLE:
             dx_ptr += BLOCK
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Reference: the plain math on full fp32 logits, differentiable by autograd. The test oracle.
-# ----------------------------------------------------------------------------------------------------------------
-def cross_entropy_reference(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    ignore_index: int = -100,
-    softcap: float | None = None,
-    logit_scale: float | None = None,
-    reduction: str = "mean",
-    n_items: int | torch.Tensor | None = None,
-    class_weight: torch.Tensor | None = None,
-    label_smoothing: float = 0.0,
-    lse_square_scale: float = 0.0,
-) -> torch.Tensor:
-    """``F.cross_entropy`` (+ the z-loss term) on the transformed fp32 logits (transformers' semantics for n_items).
-
-    All-ignored "mean" gives NaN here, as in torch; the fused op returns 0 (see the module docstring).
-    """
-    z = transform_reference(logits, softcap, logit_scale)
-    return loss_reference(
-        z,
-        labels,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        n_items=n_items,
-        class_weight=class_weight,
-        label_smoothing=label_smoothing,
-        lse_square_scale=lse_square_scale,
-    )
+# The torch reference (the test oracle) is the family's: cross_entropy_math.cross_entropy_reference, imported above.
 
 
 def vocab_block(n_cols: int) -> tuple[int, int]:
@@ -297,7 +273,8 @@ def _transform_torch(x: torch.Tensor, scale: float, cap: float, scale_on: bool, 
     return x, None
 
 
-def _empty_stats(n: int, device: torch.device, entropy: bool, smooth: bool, top1: bool) -> RowStats:
+def empty_row_stats(n: int, device: torch.device, entropy: bool, smooth: bool, top1: bool) -> RowStats:
+    """Buffers for the statistics of n rows: lse and tgt always, the others empty unless asked for."""
     f32 = dict(dtype=torch.float32, device=device)
     return RowStats(
         torch.empty(n, **f32),
@@ -310,7 +287,7 @@ def _empty_stats(n: int, device: torch.device, entropy: bool, smooth: bool, top1
 
 def _stats_torch(x2, labels, options, class_weight, entropy, top1) -> RowStats:
     softcap_on, scale_on, scale, cap = options.fold
-    out = _empty_stats(x2.shape[0], x2.device, entropy, options.smoothing, top1)
+    out = empty_row_stats(x2.shape[0], x2.device, entropy, options.smoothing, top1)
     step = _rows_per_piece(x2.shape[1])
     for r0 in range(0, x2.shape[0], step):
         r1 = min(r0 + step, x2.shape[0])
@@ -359,41 +336,35 @@ def _grad_torch(dx, x2, labels, lse, coef, options, class_weight, dent, ef):
 # ----------------------------------------------------------------------------------------------------------------
 # Triton launchers
 # ----------------------------------------------------------------------------------------------------------------
-def _stats_triton(x2, labels, options, class_weight, entropy, top1) -> RowStats:
+def _row_walk_args(x2, options, entropy: bool, smooth: bool, class_weight) -> tuple[tuple, dict]:
+    """What both row kernels end with: the walk over x2's rows and the transform (positional), and the constexprs
+    they share with the block size and warps (by keyword)."""
     softcap_on, scale_on, scale, cap = options.fold
-    n, v = x2.shape
+    block, num_warps = vocab_block(x2.shape[1])
+    args = (x2.stride(0), x2.shape[1], options.ignore_index, float(scale), float(cap))
+    constexprs = dict(
+        SCALE=scale_on,
+        SOFTCAP=softcap_on,
+        ENTROPY=entropy,
+        SMOOTH=smooth,
+        CLASS_WEIGHT=smooth and class_weight is not None,
+        BLOCK=block,
+        num_warps=num_warps,
+    )
+    return args, constexprs
+
+
+def _stats_triton(x2, labels, options, class_weight, entropy, top1) -> RowStats:
+    n = x2.shape[0]
     lse = torch.empty(n, dtype=torch.float32, device=x2.device)
     tgt = torch.empty_like(lse)
     # outputs not asked for get a 1-element stand-in (never written: their constexpr is off)
     ef = torch.empty(n if entropy else 1, dtype=torch.float32, device=x2.device)
     sumf = torch.empty(n if options.smoothing else 1, dtype=torch.float32, device=x2.device)
     top = torch.empty(n if top1 else 1, dtype=torch.int8, device=x2.device)
-    block, num_warps = vocab_block(v)
-    launch(
-        _ce_stats_kernel,
-        (n,),
-        lse,
-        tgt,
-        ef,
-        sumf,
-        top,
-        x2,
-        labels,
-        (lse if class_weight is None else class_weight),
-        x2.stride(0),
-        v,
-        options.ignore_index,
-        float(scale),
-        float(cap),
-        SCALE=scale_on,
-        SOFTCAP=softcap_on,
-        ENTROPY=entropy,
-        SMOOTH=options.smoothing,
-        CLASS_WEIGHT=options.smoothing and class_weight is not None,
-        ARGMAX=top1,
-        BLOCK=block,
-        num_warps=num_warps,
-    )
+    cw = lse if class_weight is None else class_weight
+    walk, constexprs = _row_walk_args(x2, options, entropy, options.smoothing, class_weight)
+    launch(_ce_stats_kernel, (n,), lse, tgt, ef, sumf, top, x2, labels, cw, *walk, ARGMAX=top1, **constexprs)
     return RowStats(
         lse,
         tgt,
@@ -404,37 +375,14 @@ def _stats_triton(x2, labels, options, class_weight, entropy, top1) -> RowStats:
 
 
 def _grad_triton(dx, x2, labels, lse, coef, options, class_weight, dent, ef):
-    softcap_on, scale_on, scale, cap = options.fold
-    n, v = x2.shape
     entropy, smooth = dent is not None, coef.smooth is not None
-    block, num_warps = vocab_block(v)
-    launch(
-        _ce_grad_kernel,
-        (n,),
-        dx,
-        x2,
-        labels,
-        lse,
-        coef.p,
-        coef.target,
-        (coef.smooth if smooth else lse),
-        (class_weight if smooth and class_weight is not None else lse),
-        (dent if entropy else lse),
-        (ef if entropy else lse),
-        dx.stride(0),
-        x2.stride(0),
-        v,
-        options.ignore_index,
-        float(scale),
-        float(cap),
-        SCALE=scale_on,
-        SOFTCAP=softcap_on,
-        ENTROPY=entropy,
-        SMOOTH=smooth,
-        CLASS_WEIGHT=smooth and class_weight is not None,
-        BLOCK=block,
-        num_warps=num_warps,
-    )
+    # options not in use get lse as a stand-in pointer (never read: their constexpr is off)
+    d_smooth = coef.smooth if smooth else lse
+    cw = class_weight if smooth and class_weight is not None else lse
+    dent, ef = (dent, ef) if entropy else (lse, lse)
+    walk, constexprs = _row_walk_args(x2, options, entropy, smooth, class_weight)
+    tensors = (dx, x2, labels, lse, coef.p, coef.target, d_smooth, cw, dent, ef)
+    launch(_ce_grad_kernel, (x2.shape[0],), *tensors, dx.stride(0), *walk, **constexprs)
     return dx
 
 
@@ -474,40 +422,43 @@ def ce_grad(
 
 # ----------------------------------------------------------------------------------------------------------------
 # Custom ops (fake impls let torch.compile and the meta-tensor memory model trace them) and autograd. The ops take
-# the options one by one (a schema cannot hold a dataclass); Python callers pass ``**options.op_kwargs()``.
+# the options one by one (a schema cannot hold a dataclass: _launch.option_schema writes them from its fields);
+# Python callers pass ``**options.op_kwargs()``.
 # ----------------------------------------------------------------------------------------------------------------
 def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-@torch.library.custom_op("fastft::cross_entropy_forward", mutates_args=())
+#: The ops' keyword-only arguments: the CrossEntropyOptions fields (their body rebuilds the dataclass).
+_OPTIONS_SCHEMA = option_schema(CrossEntropyOptions)
+
+
+@torch.library.custom_op(
+    "fastft::cross_entropy_forward",
+    mutates_args=(),
+    schema=f"(Tensor logits, Tensor labels, Tensor? class_weight, *, {_OPTIONS_SCHEMA}) -> (Tensor, Tensor, Tensor)",
+)
 def cross_entropy_forward(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    class_weight: torch.Tensor | None,
-    *,
-    ignore_index: int,
-    softcap: float | None,
-    logit_scale: float | None,
-    temperature: float,
-    label_smoothing: float,
-    lse_square_scale: float,
+    logits: torch.Tensor, labels: torch.Tensor, class_weight: torch.Tensor | None, **options: Any
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(lse [N], f[label] [N] (0 at ignored rows), sum_j w_j f_j [N] or empty without smoothing), fp32, for logits
     [N, V], int64 labels [N] and fp32 class weights [V] or None."""
-    options = CrossEntropyOptions(ignore_index, softcap, logit_scale, temperature, label_smoothing, lse_square_scale)
-    stats = ce_stats(_rows(logits), labels, options, class_weight=class_weight)
+    stats = ce_stats(_rows(logits), labels, CrossEntropyOptions(**options), class_weight=class_weight)
     return stats.lse, stats.tgt, stats.sumf
 
 
 @cross_entropy_forward.register_fake
-def _(logits, labels, class_weight, *, ignore_index, softcap, logit_scale, temperature, label_smoothing, lse_square_scale):
-    n = logits.shape[0]
-    f32 = dict(dtype=torch.float32)
-    return logits.new_empty(n, **f32), logits.new_empty(n, **f32), logits.new_empty(n if label_smoothing else 0, **f32)
+def _(logits, labels, class_weight, **options):
+    stats = empty_row_stats(logits.shape[0], logits.device, False, options["label_smoothing"] > 0.0, False)
+    return stats.lse, stats.tgt, stats.sumf
 
 
-@torch.library.custom_op("fastft::cross_entropy_backward", mutates_args=())
+@torch.library.custom_op(
+    "fastft::cross_entropy_backward",
+    mutates_args=(),
+    schema="(Tensor logits, Tensor labels, Tensor lse, Tensor d_p, Tensor d_target, Tensor? d_smooth, "
+    f"Tensor? class_weight, *, {_OPTIONS_SCHEMA}) -> Tensor",
+)
 def cross_entropy_backward(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -516,40 +467,17 @@ def cross_entropy_backward(
     d_target: torch.Tensor,
     d_smooth: torch.Tensor | None,
     class_weight: torch.Tensor | None,
-    *,
-    ignore_index: int,
-    softcap: float | None,
-    logit_scale: float | None,
-    temperature: float,
-    label_smoothing: float,
-    lse_square_scale: float,
+    **options: Any,
 ) -> torch.Tensor:
     """dlogits [N, V] in logits.dtype from the gradient coefficients (cross_entropy_math.grad_coefficients), a fresh
     buffer (never the logits: the caller may still hold them)."""
-    options = CrossEntropyOptions(ignore_index, softcap, logit_scale, temperature, label_smoothing, lse_square_scale)
     x2 = _rows(logits)
-    return ce_grad(
-        torch.empty_like(x2), x2, labels, lse, GradCoefficients(d_p, d_target, d_smooth), options, class_weight=class_weight
-    )
+    coef = GradCoefficients(d_p, d_target, d_smooth)
+    return ce_grad(torch.empty_like(x2), x2, labels, lse, coef, CrossEntropyOptions(**options), class_weight=class_weight)
 
 
 @cross_entropy_backward.register_fake
-def _(
-    logits,
-    labels,
-    lse,
-    d_p,
-    d_target,
-    d_smooth,
-    class_weight,
-    *,
-    ignore_index,
-    softcap,
-    logit_scale,
-    temperature,
-    label_smoothing,
-    lse_square_scale,
-):
+def _(logits, *tensors, **options):
     return torch.empty_like(logits)
 
 
@@ -560,12 +488,8 @@ class CrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, logits, labels, class_weight, options, reduction, n_items):
         lse, tgt, sumf = call_op(cross_entropy_forward, logits, labels, class_weight, **options.op_kwargs())
         ce, z = row_losses(lse, tgt, sumf, labels, options, class_weight, logits.shape[1])
-        if reduction == "none":
-            weights = None
-            loss = ce if z is None else ce + z
-        else:
-            weights = row_weights(labels, options.ignore_index, reduction, n_items, class_weight)
-            loss = (ce * weights.ce).sum() + (0.0 if z is None else (z * weights.z).sum())
+        weights = row_weights(labels, options.ignore_index, reduction, n_items, class_weight)
+        loss = reduce_rows(ce, z, weights)
         ctx.save_for_backward(logits, labels, lse, class_weight, *(() if weights is None else weights[1:]))
         ctx.args = (options, reduction)
         return loss
@@ -581,38 +505,19 @@ class CrossEntropyFunction(torch.autograd.Function):
         return dlogits, None, None, None, None, None
 
 
-def cross_entropy(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    ignore_index: int = -100,
-    softcap: float | None = None,
-    logit_scale: float | None = None,
-    reduction: str = "mean",
-    n_items: int | torch.Tensor | None = None,
-    class_weight: torch.Tensor | None = None,
-    label_smoothing: float = 0.0,
-    lse_square_scale: float = 0.0,
-) -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, **options: Unpack[LossOptions]) -> torch.Tensor:
     """Fused cross-entropy on precomputed logits, vocab-chunked inside the kernel.
 
     Args:
         logits: [N, V] fp32/bf16/fp16 (already shifted: row i predicts labels[i]).
         labels: [N] integer; values in [0, V) or ``ignore_index``.
-        softcap: Gemma-2 final-logit softcap (``softcap * tanh(logits / softcap)``), applied after ``logit_scale``.
-        logit_scale: Cohere/Granite multiplier on the logits.
-        reduction: "mean" (over non-ignored labels -- weighted by their class weight --, or ``/ n_items``), "sum"
-            (``/ n_items`` if given) or "none".
-        n_items: the target-token count across gradient-accumulation steps (transformers' ``num_items_in_batch``).
-        class_weight: [V] floating, ``F.cross_entropy``'s ``weight`` (not differentiated).
-        label_smoothing: ``F.cross_entropy``'s, in [0, 1].
-        lse_square_scale: z-loss weight: adds ``lse_square_scale * logsumexp^2`` per non-ignored row (unweighted;
-            "mean" divides its sum by the number of non-ignored rows).
+        **options: :class:`~fastft.kernels.cross_entropy_math.LossOptions`: ignore_index, softcap, logit_scale,
+            reduction, n_items, class_weight, label_smoothing, lse_square_scale.
     Returns:
         fp32 scalar, or fp32 [N] for "none" (0 at ignored rows). "mean" with every label ignored is 0.0 (zero grads).
     """
     check_floating("logits", logits)
-    check_reduction(reduction)
+    call = resolve_loss_options("cross_entropy", options)
     if logits.dim() != 2 or labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
         raise ValueError(
             f"cross_entropy: logits must be [N, V] and labels [N]; got {tuple(logits.shape)} and {tuple(labels.shape)}"
@@ -621,15 +526,12 @@ def cross_entropy(
         raise ValueError(f"cross_entropy: logits on {logits.device} but labels on {labels.device}")
     if logits.shape[1] == 0:
         raise ValueError("cross_entropy: vocab size is 0")
-    labels = check_labels("labels", labels, logits.shape[1], ignore_index)
-    options = CrossEntropyOptions(ignore_index, softcap, logit_scale, 1.0, label_smoothing, lse_square_scale)
-    class_weight = check_class_weight(class_weight, logits.shape[1], logits.device)
-    if n_items is not None and reduction == "none":
-        raise ValueError("n_items divides a summed loss; it has no meaning with reduction='none'")
+    labels = check_labels("labels", labels, logits.shape[1], call.options.ignore_index)
+    class_weight = check_class_weight(call.class_weight, logits.shape[1], logits.device)
     if logits.shape[0] == 0:
         # nothing to launch; keep the graph connected so .backward() still works
-        return logits.new_zeros(0, dtype=torch.float32) if reduction == "none" else logits.float().sum() * 0.0
-    return CrossEntropyFunction.apply(logits, labels, class_weight, options, reduction, n_items)
+        return logits.new_zeros(0, dtype=torch.float32) if call.reduction == "none" else logits.float().sum() * 0.0
+    return CrossEntropyFunction.apply(logits, labels, class_weight, call.options, call.reduction, call.n_items)
 
 
 def compile_cases() -> None:

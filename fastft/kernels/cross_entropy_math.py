@@ -21,9 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
 
 import torch
+
+from fastft.kernels._launch import option_kwargs
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -85,15 +91,64 @@ class CrossEntropyOptions:
 
     def op_kwargs(self) -> dict:
         """The options as the custom ops' keyword arguments (the ops' schemas take them one by one)."""
-        # written out, not dataclasses.asdict (a deepcopy): torch.compile traces this call
-        return dict(
-            ignore_index=self.ignore_index,
-            softcap=self.softcap,
-            logit_scale=self.logit_scale,
-            temperature=self.temperature,
-            label_smoothing=self.label_smoothing,
-            lse_square_scale=self.lse_square_scale,
-        )
+        return option_kwargs(self)
+
+
+class LossOptions(TypedDict, total=False):
+    """The keyword options of ``cross_entropy`` and ``linear_cross_entropy`` and their references, declared once
+    (defaults in brackets; the transform and loss defaults are :class:`CrossEntropyOptions`').
+
+    ignore_index [-100]: label value whose rows count for nothing.
+    softcap [None]: Gemma-2 final-logit softcap (``softcap * tanh(logits / softcap)``), applied after ``logit_scale``.
+    logit_scale [None]: Cohere/Granite multiplier on the logits.
+    reduction ["mean"]: "mean" (over non-ignored labels -- weighted by their class weight --, or ``/ n_items``), "sum"
+        (``/ n_items`` if given) or "none".
+    n_items [None]: the target-token count across gradient-accumulation micro-batches (transformers'
+        ``num_items_in_batch``).
+    class_weight [None]: [V] floating, ``F.cross_entropy``'s ``weight`` (not differentiated).
+    label_smoothing [0.0]: ``F.cross_entropy``'s, in [0, 1].
+    lse_square_scale [0.0]: z-loss weight: adds ``lse_square_scale * logsumexp^2`` per non-ignored row (unweighted;
+        "mean" divides its sum by the number of non-ignored rows).
+    """
+
+    ignore_index: int
+    softcap: float | None
+    logit_scale: float | None
+    reduction: str
+    n_items: int | torch.Tensor | None
+    class_weight: torch.Tensor | None
+    label_smoothing: float
+    lse_square_scale: float
+
+
+#: LossOptions' names (a constant tuple: torch.compile traces resolve_loss_options).
+LOSS_OPTION_NAMES = tuple(LossOptions.__annotations__)
+_REDUCTION_OPTIONS = ("reduction", "n_items", "class_weight")
+
+
+class LossCall(NamedTuple):
+    """:class:`LossOptions` resolved: defaults filled in, values checked. ``class_weight`` is as given (the public
+    ops check it against the vocab with :func:`check_class_weight`)."""
+
+    options: CrossEntropyOptions
+    reduction: str
+    n_items: int | torch.Tensor | None
+    class_weight: torch.Tensor | None
+
+
+def resolve_loss_options(op: str, kwargs: Mapping[str, Any]) -> LossCall:
+    """Check ``op``'s :class:`LossOptions` keyword arguments and fill in the defaults, before any work."""
+    for name in kwargs:
+        if name not in LOSS_OPTION_NAMES:
+            known = ", ".join(LOSS_OPTION_NAMES)
+            raise TypeError(f"{op}() got an unexpected keyword argument {name!r}; its options: {known}")
+    reduction = kwargs.get("reduction", "mean")
+    check_reduction(reduction)
+    n_items = kwargs.get("n_items")
+    if n_items is not None and reduction == "none":
+        raise ValueError("n_items divides a summed loss; it has no meaning with reduction='none'")
+    options = CrossEntropyOptions(**{k: v for k, v in kwargs.items() if k not in _REDUCTION_OPTIONS})
+    return LossCall(options, reduction, n_items, kwargs.get("class_weight"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -113,31 +168,28 @@ def transform_reference(
     return z
 
 
-def loss_reference(
-    z: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    n_items: int | torch.Tensor | None = None,
-    class_weight: torch.Tensor | None = None,
-    label_smoothing: float = 0.0,
-    lse_square_scale: float = 0.0,
-) -> torch.Tensor:
-    """``F.cross_entropy`` on transformed fp32 logits z [N, V] plus the z-loss term (see the module docstring)."""
-    cw = None if class_weight is None else class_weight.float()
-    ce_kw = dict(weight=cw, ignore_index=ignore_index, label_smoothing=label_smoothing)
-    valid = labels != ignore_index
-    z_rows = lse_square_scale * torch.where(valid, torch.logsumexp(z, -1), 0.0) ** 2
-    if n_items is not None:
+def cross_entropy_reference(logits: torch.Tensor, labels: torch.Tensor, **options: Unpack[LossOptions]) -> torch.Tensor:
+    """The family's test oracle: ``F.cross_entropy`` (+ the z-loss term, see the module docstring) on the transformed
+    fp32 logits [N, V], labels [N], with transformers' semantics for n_items.
+
+    All-ignored "mean" gives NaN here, as in torch; the fused ops return 0 (see cross_entropy's module docstring).
+    """
+    call = resolve_loss_options("cross_entropy_reference", options)
+    o = call.options
+    z = transform_reference(logits, o.softcap, o.logit_scale)
+    cw = None if call.class_weight is None else call.class_weight.float()
+    ce_kw = dict(weight=cw, ignore_index=o.ignore_index, label_smoothing=o.label_smoothing)
+    valid = labels != o.ignore_index
+    z_rows = o.lse_square_scale * torch.where(valid, torch.logsumexp(z, -1), 0.0) ** 2
+    if call.n_items is not None:
         ce = torch.nn.functional.cross_entropy(z, labels, reduction="sum", **ce_kw)
-        return (ce + z_rows.sum()) / n_items if lse_square_scale else ce / n_items
-    ce = torch.nn.functional.cross_entropy(z, labels, reduction=reduction, **ce_kw)
-    if not lse_square_scale:
+        return (ce + z_rows.sum()) / call.n_items if o.lse_square_scale else ce / call.n_items
+    ce = torch.nn.functional.cross_entropy(z, labels, reduction=call.reduction, **ce_kw)
+    if not o.lse_square_scale:
         return ce
-    if reduction == "none":
+    if call.reduction == "none":
         return ce + z_rows
-    return ce + (z_rows.sum() / valid.sum() if reduction == "mean" else z_rows.sum())
+    return ce + (z_rows.sum() / valid.sum() if call.reduction == "mean" else z_rows.sum())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -219,13 +271,16 @@ def row_weights(
     reduction: str,
     n_items: int | float | torch.Tensor | None,
     class_weight: torch.Tensor | None = None,
-) -> RowWeights:
-    """The reduction as per-row weights of ce_i and z_i, for "mean" / "sum" (see the module docstring)."""
+) -> RowWeights | None:
+    """The reduction as per-row weights of ce_i and z_i, for "mean" / "sum" (see the module docstring); None for
+    "none" (the per-row losses themselves: nothing to weigh)."""
+    if reduction == "none":
+        if n_items is not None:
+            raise ValueError("n_items divides a summed loss; it has no meaning with reduction='none'")
+        return None
     valid = labels != ignore_index
     ones = valid.float()
     if n_items is not None:
-        if reduction == "none":
-            raise ValueError("n_items divides a summed loss; it has no meaning with reduction='none'")
         if isinstance(n_items, torch.Tensor):
             denom = n_items.to(device=labels.device, dtype=torch.float32).clamp_min(1.0)
         else:
@@ -264,6 +319,14 @@ def row_losses(
         ce = (1.0 - eps) * nll + (eps / n_classes) * smooth
     z = torch.where(valid, options.lse_square_scale * lse * lse, 0.0) if options.z_loss else None
     return ce, z
+
+
+def reduce_rows(ce: torch.Tensor, z: torch.Tensor | None, weights: RowWeights | None) -> torch.Tensor:
+    """The loss from the per-row terms of :func:`row_losses`: ``ce + z`` per row without weights (reduction "none"),
+    else the sum of each term times its :func:`row_weights` weight."""
+    if weights is None:
+        return ce if z is None else ce + z
+    return (ce * weights.ce).sum() + (0.0 if z is None else (z * weights.z).sum())
 
 
 class GradCoefficients(NamedTuple):

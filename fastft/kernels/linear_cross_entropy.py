@@ -42,23 +42,35 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from fastft.kernels._launch import call_op, check_floating, next_power_of_2
-from fastft.kernels.cross_entropy import ce_grad, ce_stats
+from fastft.kernels._launch import (
+    call_op,
+    check_floating,
+    next_power_of_2,
+    option_kwargs,
+    option_schema,
+    options_from_kwargs,
+)
+from fastft.kernels.cross_entropy import ce_grad, ce_stats, empty_row_stats
 from fastft.kernels.cross_entropy_math import (
     CrossEntropyOptions,
+    LossOptions,
     check_class_weight,
     check_labels,
-    check_reduction,
+    cross_entropy_reference,
     grad_coefficients,
-    loss_reference,
+    reduce_rows,
+    resolve_loss_options,
     row_losses,
     row_weights,
     transform_reference,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11
 
 #: What the chunk loop did: "chunks" (one logits GEMM each), "dweight_chunks", "dbias_chunks". Tests read it to prove
 #: a frozen weight costs no weight-gradient work.
@@ -74,30 +86,13 @@ def linear_cross_entropy_reference(
     labels: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    softcap: float | None = None,
-    logit_scale: float | None = None,
-    reduction: str = "mean",
-    n_items: int | torch.Tensor | None = None,
-    class_weight: torch.Tensor | None = None,
-    label_smoothing: float = 0.0,
-    lse_square_scale: float = 0.0,
+    **options: Unpack[LossOptions],
 ) -> torch.Tensor:
-    """``F.cross_entropy`` (+ z-loss) on the full fp32-upcast logits ``hidden @ weight.T + bias`` (transformers'
-    semantics for n_items)."""
+    """``F.cross_entropy`` (+ z-loss) on the full fp32-upcast logits ``hidden @ weight.T + bias`` (the family's
+    :func:`~fastft.kernels.cross_entropy_math.cross_entropy_reference` on them)."""
     logits = torch.nn.functional.linear(hidden, weight, bias)
-    z = transform_reference(logits.reshape(-1, logits.shape[-1]), softcap, logit_scale)
-    loss = loss_reference(
-        z,
-        labels.reshape(-1),
-        ignore_index=ignore_index,
-        reduction=reduction,
-        n_items=n_items,
-        class_weight=class_weight,
-        label_smoothing=label_smoothing,
-        lse_square_scale=lse_square_scale,
-    )
-    return loss.reshape(labels.shape) if reduction == "none" and n_items is None else loss
+    loss = cross_entropy_reference(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), **options)
+    return loss.reshape(labels.shape) if loss.dim() == 1 else loss  # "none": per token, in labels' shape
 
 
 def token_stats_reference(
@@ -148,16 +143,6 @@ class ChunkPlan:
     compute_dw: bool = False
     compute_db: bool = False
 
-    def op_kwargs(self) -> dict:
-        return dict(
-            chunk_size=self.chunk_size,
-            entropy=self.entropy,
-            top1=self.top1,
-            compute_dh=self.compute_dh,
-            compute_dw=self.compute_dw,
-            compute_db=self.compute_db,
-        )
-
 
 class ChunkResult(NamedTuple):
     """fp32 [N] row statistics (each empty unless asked for: ef with entropy, sumf with label smoothing, top1 bool
@@ -189,10 +174,7 @@ def _chunk_loop(
     n, vocab = hidden.shape[0], weight.shape[0]
     grads = d_ce is not None
     f32 = dict(dtype=torch.float32, device=hidden.device)
-    lse, tgt = torch.empty(n, **f32), torch.empty(n, **f32)
-    ef = torch.empty(n if plan.entropy else 0, **f32)
-    sumf = torch.empty(n if options.smoothing else 0, **f32)
-    top1 = torch.empty(n if plan.top1 else 0, dtype=torch.bool, device=hidden.device)
+    lse, tgt, ef, sumf, top1 = empty_row_stats(n, hidden.device, plan.entropy, options.smoothing, plan.top1)
     dh = torch.empty_like(hidden) if grads and plan.compute_dh else hidden.new_empty(0)
     dw = torch.zeros_like(weight) if grads and plan.compute_dw else weight.new_empty(0)
     compute_db = grads and plan.compute_db
@@ -238,7 +220,12 @@ def _chunk_loop(
     return ChunkResult(lse, tgt, ef, sumf, top1, dh, dw, db.to(bias.dtype) if compute_db else db)
 
 
-@torch.library.custom_op("fastft::linear_cross_entropy_chunks", mutates_args=())
+@torch.library.custom_op(
+    "fastft::linear_cross_entropy_chunks",
+    mutates_args=(),
+    schema="(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor? class_weight, Tensor? d_ce, Tensor? d_z, "
+    f"Tensor? d_entropy, *, {option_schema(CrossEntropyOptions, ChunkPlan)}) -> ({', '.join(['Tensor'] * 8)})",
+)
 def linear_cross_entropy_chunks(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -248,94 +235,29 @@ def linear_cross_entropy_chunks(
     d_ce: torch.Tensor | None,
     d_z: torch.Tensor | None,
     d_entropy: torch.Tensor | None,
-    *,
-    ignore_index: int,
-    softcap: float | None,
-    logit_scale: float | None,
-    temperature: float,
-    label_smoothing: float,
-    lse_square_scale: float,
-    chunk_size: int,
-    entropy: bool,
-    top1: bool,
-    compute_dh: bool,
-    compute_dw: bool,
-    compute_db: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    **options_and_plan: Any,
+) -> tuple[torch.Tensor, ...]:
     """Chunked ``hidden [N, H] @ weight.T`` + log-softmax statistics, and optionally the gradients: a
     :class:`ChunkResult` as a tuple. Options are keyword-only: the CrossEntropyOptions and ChunkPlan fields.
 
     With ``d_ce`` (d/d ce_row, and ``d_z`` d/d z_row under z-loss, see cross_entropy_math) the gradients of
     ``sum(d_ce * ce_row + d_z * z_row + d_entropy * entropy_row)`` are computed per chunk from the same logits.
     """
-    options = CrossEntropyOptions(
-        ignore_index=ignore_index,
-        softcap=softcap,
-        logit_scale=logit_scale,
-        temperature=temperature,
-        label_smoothing=label_smoothing,
-        lse_square_scale=lse_square_scale,
-    )
-    plan = ChunkPlan(
-        chunk_size=chunk_size,
-        entropy=entropy,
-        top1=top1,
-        compute_dh=compute_dh,
-        compute_dw=compute_dw,
-        compute_db=compute_db,
-    )
-    return tuple(
-        _chunk_loop(
-            hidden,
-            weight,
-            bias,
-            labels,
-            options=options,
-            plan=plan,
-            class_weight=class_weight,
-            d_ce=d_ce,
-            d_z=d_z,
-            d_entropy=d_entropy,
-        )
-    )
+    options, plan = options_from_kwargs(options_and_plan, CrossEntropyOptions, ChunkPlan)
+    tensors = dict(class_weight=class_weight, d_ce=d_ce, d_z=d_z, d_entropy=d_entropy)
+    return tuple(_chunk_loop(hidden, weight, bias, labels, options=options, plan=plan, **tensors))
 
 
 @linear_cross_entropy_chunks.register_fake
-def _(
-    hidden,
-    weight,
-    bias,
-    labels,
-    class_weight,
-    d_ce,
-    d_z,
-    d_entropy,
-    *,
-    ignore_index,
-    softcap,
-    logit_scale,
-    temperature,
-    label_smoothing,
-    lse_square_scale,
-    chunk_size,
-    entropy,
-    top1,
-    compute_dh,
-    compute_dw,
-    compute_db,
-):
-    n = hidden.shape[0]
+def _(hidden, weight, bias, labels, class_weight, d_ce, d_z, d_entropy, **options_and_plan):
+    options, plan = options_from_kwargs(options_and_plan, CrossEntropyOptions, ChunkPlan)
     grads = d_ce is not None
-    f32 = dict(dtype=torch.float32)
+    stats = empty_row_stats(hidden.shape[0], hidden.device, plan.entropy, options.smoothing, plan.top1)
     return (
-        hidden.new_empty(n, **f32),
-        hidden.new_empty(n, **f32),
-        hidden.new_empty(n if entropy else 0, **f32),
-        hidden.new_empty(n if label_smoothing else 0, **f32),
-        hidden.new_empty(n if top1 else 0, dtype=torch.bool),
-        torch.empty_like(hidden) if grads and compute_dh else hidden.new_empty(0),
-        torch.empty_like(weight) if grads and compute_dw else weight.new_empty(0),
-        (bias.new_empty(weight.shape[0]) if grads and compute_db else hidden.new_empty(0, **f32)),
+        *stats,
+        torch.empty_like(hidden) if grads and plan.compute_dh else hidden.new_empty(0),
+        torch.empty_like(weight) if grads and plan.compute_dw else weight.new_empty(0),
+        (bias.new_empty(weight.shape[0]) if grads and plan.compute_db else hidden.new_empty(0, dtype=torch.float32)),
     )
 
 
@@ -354,20 +276,8 @@ def _run_chunks(
 ) -> ChunkResult:
     """The chunk op, called by keyword. Same signature as :func:`_chunk_loop`, so the memory benchmark can swap in
     the loop itself on meta tensors (the fake impl only models the op's outputs, not the chunk temporaries inside)."""
-    out = call_op(
-        linear_cross_entropy_chunks,
-        hidden,
-        weight,
-        bias,
-        labels,
-        class_weight,
-        d_ce,
-        d_z,
-        d_entropy,
-        **options.op_kwargs(),
-        **plan.op_kwargs(),
-    )
-    return ChunkResult(*out)
+    tensors = (hidden, weight, bias, labels, class_weight, d_ce, d_z, d_entropy)
+    return ChunkResult(*call_op(linear_cross_entropy_chunks, *tensors, **option_kwargs(options, plan)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -379,15 +289,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, class_weight, n_items, options, reduction, plan):
-        vocab = weight.shape[0]
         ctx.args = (options, reduction, plan)
-        if reduction == "none":
+        weights = row_weights(labels, options.ignore_index, reduction, n_items, class_weight)
+        if weights is None:
             r = _run_chunks(hidden, weight, bias, labels, options=options, plan=plan, class_weight=class_weight)
             ctx.save_for_backward(hidden, weight, bias, labels, class_weight)
-            ce, z = row_losses(r.lse, r.tgt, r.sumf, labels, options, class_weight, vocab)
-            loss = ce if z is None else ce + z
         else:
-            weights = row_weights(labels, options.ignore_index, reduction, n_items, class_weight)
             any_grad = plan.compute_dh or plan.compute_dw or plan.compute_db
             r = _run_chunks(
                 hidden,
@@ -401,8 +308,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 d_z=weights.z if any_grad and options.z_loss else None,
             )
             ctx.save_for_backward(r.dh, r.dw, r.db)
-            ce, z = row_losses(r.lse, r.tgt, r.sumf, labels, options, class_weight, vocab)
-            loss = (ce * weights.ce).sum() + (0.0 if z is None else (z * weights.z).sum())
+        ce, z = row_losses(r.lse, r.tgt, r.sumf, labels, options, class_weight, weight.shape[0])
+        loss = reduce_rows(ce, z, weights)
         entropy = torch.where(labels != options.ignore_index, r.lse - r.ef, 0.0) if plan.entropy else r.ef
         ctx.mark_non_differentiable(entropy, r.top1)
         return loss, entropy, r.top1
@@ -486,12 +393,27 @@ def check_linear_inputs(op: str, hidden: torch.Tensor, weight: torch.Tensor, bia
         raise ValueError(f"{op}: tensors on different devices: {sorted(map(str, devices))}")
 
 
-def resolve_chunk(chunk_size: int | None, n: int, hidden: torch.Tensor, vocab: int) -> int:
+def chunk_plan(
+    chunk_size: int | None,
+    h2: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    entropy: bool = False,
+    top1: bool = False,
+) -> ChunkPlan:
+    """The plan for one call on ``h2`` [N, H] (``hidden`` reshaped): ``chunk_size`` checked (None: choose_chunk_size)
+    and the gradient of each of hidden, weight, bias computed only when grad mode is on and it requires grad."""
+    n = h2.shape[0]
     if chunk_size is not None:
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-        return min(int(chunk_size), n)
-    return choose_chunk_size(n, hidden.shape[-1], vocab, hidden.dtype, hidden.device)
+        rows = min(int(chunk_size), n)
+    else:
+        rows = choose_chunk_size(n, h2.shape[-1], weight.shape[0], h2.dtype, h2.device)
+    dh, dw, db = (torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias))
+    return ChunkPlan(chunk_size=rows, entropy=entropy, top1=top1, compute_dh=dh, compute_dw=dw, compute_db=db)
 
 
 def linear_cross_entropy(
@@ -500,16 +422,9 @@ def linear_cross_entropy(
     labels: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    softcap: float | None = None,
-    logit_scale: float | None = None,
-    reduction: str = "mean",
-    n_items: int | torch.Tensor | None = None,
-    class_weight: torch.Tensor | None = None,
-    label_smoothing: float = 0.0,
-    lse_square_scale: float = 0.0,
     return_token_stats: bool = False,
     chunk_size: int | None = None,
+    **options: Unpack[LossOptions],
 ) -> torch.Tensor | TokenStats:
     """Cross-entropy of ``hidden @ weight.T + bias`` without materializing the logits.
 
@@ -519,45 +434,30 @@ def linear_cross_entropy(
             autocast dtype, as F.linear does. Its gradient is computed only when it requires grad.
         labels: [...] integer, hidden's leading shape; values in [0, V) or ``ignore_index``.
         bias: optional [V].
-        softcap, logit_scale: Gemma-2 softcap and Cohere/Granite scale (see cross_entropy).
-        reduction: "mean" (non-ignored labels -- weighted by their class weight --, or ``/ n_items``), "sum"
-            (``/ n_items`` if given) or "none".
-        n_items: target-token count across gradient-accumulation micro-batches (transformers' num_items_in_batch).
-        class_weight: [V] floating, ``F.cross_entropy``'s ``weight`` (not differentiated).
-        label_smoothing: ``F.cross_entropy``'s, in [0, 1].
-        lse_square_scale: z-loss weight (``s * logsumexp^2`` per non-ignored token; see cross_entropy).
         return_token_stats: also return per-token entropy and top-1 correctness (TRL's ``entropy`` and
             ``mean_token_accuracy``), computed from the same chunk logits as the loss: no second LM-head GEMM.
         chunk_size: tokens per chunk (default: :func:`choose_chunk_size`).
+        **options: :class:`~fastft.kernels.cross_entropy_math.LossOptions`, as for ``cross_entropy``: ignore_index,
+            softcap, logit_scale, reduction, n_items, class_weight, label_smoothing, lse_square_scale.
     Returns:
         fp32 scalar, or fp32 [...] for "none"; with ``return_token_stats`` a :class:`TokenStats`. "mean" with every
         label ignored is 0.0 with zero gradients.
     """
     hidden, weight, bias = autocast_inputs(hidden, weight, bias)
     check_linear_inputs("linear_cross_entropy", hidden, weight, bias)
-    check_reduction(reduction)
+    call = resolve_loss_options("linear_cross_entropy", options)
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(
             f"linear_cross_entropy: labels {tuple(labels.shape)} must have hidden's leading shape {tuple(hidden.shape[:-1])}"
         )
     if labels.device != hidden.device:
         raise ValueError(f"linear_cross_entropy: labels on {labels.device} but hidden on {hidden.device}")
-    options = CrossEntropyOptions(
-        ignore_index=ignore_index,
-        softcap=softcap,
-        logit_scale=logit_scale,
-        label_smoothing=label_smoothing,
-        lse_square_scale=lse_square_scale,
-    )
-    if n_items is not None and reduction == "none":
-        raise ValueError("n_items divides a summed loss; it has no meaning with reduction='none'")
-    class_weight = check_class_weight(class_weight, weight.shape[0], hidden.device)
-    flat = check_labels("labels", labels.reshape(-1), weight.shape[0], ignore_index)
+    class_weight = check_class_weight(call.class_weight, weight.shape[0], hidden.device)
+    flat = check_labels("labels", labels.reshape(-1), weight.shape[0], call.options.ignore_index)
     h2 = hidden.reshape(-1, hidden.shape[-1])
-    n = h2.shape[0]
-    if n == 0:
+    if h2.shape[0] == 0:
         zero = hidden.float().sum() * 0.0 + weight.float().sum() * 0.0
-        loss = hidden.new_zeros(labels.shape, dtype=torch.float32) if reduction == "none" else zero
+        loss = hidden.new_zeros(labels.shape, dtype=torch.float32) if call.reduction == "none" else zero
         if return_token_stats:
             return TokenStats(
                 loss,
@@ -566,20 +466,11 @@ def linear_cross_entropy(
             )
         return loss
     h2 = h2.contiguous()
-    grad_on = torch.is_grad_enabled()
-    need = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
-    plan = ChunkPlan(
-        chunk_size=resolve_chunk(chunk_size, n, h2, weight.shape[0]),
-        entropy=return_token_stats,
-        top1=return_token_stats,
-        compute_dh=need[0],
-        compute_dw=need[1],
-        compute_db=need[2],
-    )
+    plan = chunk_plan(chunk_size, h2, hidden, weight, bias, entropy=return_token_stats, top1=return_token_stats)
     loss, entropy, top1 = LinearCrossEntropyFunction.apply(
-        h2, weight, bias, flat, class_weight, n_items, options, reduction, plan
+        h2, weight, bias, flat, class_weight, call.n_items, call.options, call.reduction, plan
     )
-    if reduction == "none":
+    if call.reduction == "none":
         loss = loss.reshape(labels.shape)
     if return_token_stats:
         return TokenStats(loss, entropy.reshape(labels.shape), top1.reshape(labels.shape))

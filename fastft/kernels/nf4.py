@@ -24,7 +24,7 @@ Output: quant_state.shape in quant_state.dtype (fp32/bf16/fp16). No autograd: th
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -33,6 +33,28 @@ from fastft.kernels._launch import TRITON_AVAILABLE, call_op, launch, use_triton
 _BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BLOCK = 1024  # output elements per program: 4 per thread at 8 warps, enough bytes in flight to be memory-bound
+
+
+class NF4Parts(NamedTuple):
+    """A quantized weight as the dequantization reads it (the module docstring's format): uint8 ``packed`` codes,
+    ``absmax`` (fp32, or uint8 codes when nested), the fp32 16-entry ``code`` table, and for nested absmax only
+    ``absmax2`` / ``code2`` / ``offset`` (fp32; None when plain); ``blocksize`` and ``blocksize2`` (1 when plain)."""
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    code: torch.Tensor
+    absmax2: torch.Tensor | None
+    code2: torch.Tensor | None
+    offset: torch.Tensor | None
+    blocksize: int
+    blocksize2: int
+
+
+#: NF4Parts as arguments of a custom op schema, in field order (both ops take the parts one by one).
+_PARTS_SCHEMA = (
+    "Tensor packed, Tensor absmax, Tensor code, Tensor? absmax2, Tensor? code2, Tensor? offset, SymInt blocksize, "
+    "SymInt blocksize2"
+)
 
 if TRITON_AVAILABLE:
     import triton
@@ -84,65 +106,39 @@ if TRITON_AVAILABLE:
 # Reference: the NF4 format written out plainly and bitsandbytes' pure-torch `default` backend are the oracles
 # (tests/bnb_reference.py); this torch path is the same math in torch, used on plain CPU and checked bit for bit.
 # ----------------------------------------------------------------------------------------------------------------
-def _absmax_torch(
-    absmax: torch.Tensor,
-    absmax2: torch.Tensor | None,
-    code2: torch.Tensor | None,
-    offset: torch.Tensor | None,
-    blocksize2: int,
-) -> torch.Tensor:
-    if absmax2 is None:
-        return absmax.float()
-    idx = torch.arange(absmax.numel(), device=absmax.device) // blocksize2
-    return code2[absmax.long()] * absmax2[idx] + offset  # two fp32 roundings, as bitsandbytes
+def _absmax_torch(q: NF4Parts) -> torch.Tensor:
+    if q.absmax2 is None:
+        return q.absmax.float()
+    idx = torch.arange(q.absmax.numel(), device=q.absmax.device) // q.blocksize2
+    return q.code2[q.absmax.long()] * q.absmax2[idx] + q.offset  # two fp32 roundings, as bitsandbytes
 
 
-def _dequantize_torch(
-    out: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    code: torch.Tensor,
-    absmax2: torch.Tensor | None,
-    code2: torch.Tensor | None,
-    offset: torch.Tensor | None,
-    blocksize: int,
-    blocksize2: int,
-) -> None:
+def _dequantize_torch(out: torch.Tensor, q: NF4Parts) -> None:
     numel = out.numel()
-    flat = packed.reshape(-1)
+    flat = q.packed.reshape(-1)
     nibbles = torch.stack((flat >> 4, flat & 0xF), dim=1).reshape(-1)[:numel].long()
-    scale = _absmax_torch(absmax, absmax2, code2, offset, blocksize2)
-    block = torch.arange(numel, device=out.device) // blocksize
-    out.view(-1).copy_(code[nibbles] * scale[block])
+    scale = _absmax_torch(q)
+    block = torch.arange(numel, device=out.device) // q.blocksize
+    out.view(-1).copy_(q.code[nibbles] * scale[block])
 
 
-def _dequantize_triton(
-    out: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    code: torch.Tensor,
-    absmax2: torch.Tensor | None,
-    code2: torch.Tensor | None,
-    offset: torch.Tensor | None,
-    blocksize: int,
-    blocksize2: int,
-) -> None:
+def _dequantize_triton(out: torch.Tensor, q: NF4Parts) -> None:
     numel = out.numel()
-    nested = absmax2 is not None
-    dummy = code  # unused pointer arguments when not nested (the NESTED=False variant never loads them)
+    nested = q.absmax2 is not None
+    dummy = q.code  # unused pointer arguments when not nested (the NESTED=False variant never loads them)
     launch(
         _dequantize_nf4_kernel,
         (triton.cdiv(numel, _BLOCK),),
         out,
-        packed,
-        absmax,
-        code,
-        absmax2 if nested else dummy,
-        code2 if nested else dummy,
-        offset if nested else dummy,
+        q.packed,
+        q.absmax,
+        q.code,
+        q.absmax2 if nested else dummy,
+        q.code2 if nested else dummy,
+        q.offset if nested else dummy,
         numel,
-        blocksize,
-        blocksize2,
+        q.blocksize,
+        q.blocksize2,
         NESTED=nested,
         ROUND_BF16=out.dtype == torch.bfloat16,
         BLOCK=_BLOCK,
@@ -152,67 +148,53 @@ def _dequantize_triton(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Custom ops (with fake impls, so torch.compile and the meta-tensor memory model can trace them)
+# Custom ops (with fake impls, so torch.compile and the meta-tensor memory model can trace them); each takes the
+# NF4Parts one by one (a schema cannot hold a tuple of mixed types).
 # ----------------------------------------------------------------------------------------------------------------
-def _dequantize_into(out, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2) -> None:
+def _dequantize_into(out: torch.Tensor, q: NF4Parts) -> None:
     if out.numel() == 0:
         return
-    packed = packed.reshape(-1)
-    if use_triton("dequantize_nf4", packed):
-        _dequantize_triton(out, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2)
+    q = q._replace(packed=q.packed.reshape(-1))
+    if use_triton("dequantize_nf4", q.packed):
+        _dequantize_triton(out, q)
     else:
-        _dequantize_torch(out, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2)
+        _dequantize_torch(out, q)
 
 
-@torch.library.custom_op("fastft::dequantize_nf4_out", mutates_args=("out",))
-def dequantize_nf4_out(
-    out: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    code: torch.Tensor,
-    absmax2: torch.Tensor | None,
-    code2: torch.Tensor | None,
-    offset: torch.Tensor | None,
-    blocksize: int,
-    blocksize2: int,
-) -> None:
+@torch.library.custom_op(
+    "fastft::dequantize_nf4_out", mutates_args=("out",), schema=f"(Tensor(a0!) out, {_PARTS_SCHEMA}) -> ()"
+)
+def dequantize_nf4_out(out: torch.Tensor, *parts: Any) -> None:
     """Write the dequantized weight into ``out`` (contiguous, quant_state.shape, quant_state.dtype)."""
-    _dequantize_into(out, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2)
+    _dequantize_into(out, NF4Parts(*parts))
 
 
 @dequantize_nf4_out.register_fake
-def _(out, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2):
+def _(out, *parts):
     return None
 
 
-@torch.library.custom_op("fastft::dequantize_nf4", mutates_args=())
-def dequantize_nf4_op(
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    code: torch.Tensor,
-    absmax2: torch.Tensor | None,
-    code2: torch.Tensor | None,
-    offset: torch.Tensor | None,
-    blocksize: int,
-    blocksize2: int,
-    shape: list[int],
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """A fresh [*shape] tensor of ``dtype``."""
-    out = torch.empty(shape, dtype=dtype, device=packed.device)
-    _dequantize_into(out, packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2)
+@torch.library.custom_op(
+    "fastft::dequantize_nf4", mutates_args=(), schema=f"({_PARTS_SCHEMA}, SymInt[] shape, ScalarType dtype) -> Tensor"
+)
+def dequantize_nf4_op(*parts_shape_dtype: Any) -> torch.Tensor:
+    """A fresh [*shape] tensor of ``dtype`` from the NF4Parts."""
+    *parts, shape, dtype = parts_shape_dtype
+    out = torch.empty(shape, dtype=dtype, device=parts[0].device)
+    _dequantize_into(out, NF4Parts(*parts))
     return out
 
 
 @dequantize_nf4_op.register_fake
-def _(packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, shape, dtype):
+def _(packed, *parts_shape_dtype):
+    *_, shape, dtype = parts_shape_dtype
     return torch.empty(shape, dtype=dtype, device=packed.device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Public function
 # ----------------------------------------------------------------------------------------------------------------
-def _unpack_state(packed: torch.Tensor, quant_state: Any):
+def _unpack_state(packed: torch.Tensor, quant_state: Any) -> tuple[NF4Parts, list[int]]:
     if quant_state is None:
         raise ValueError("dequantize_nf4: quant_state is required")
     if quant_state.quant_type != "nf4":
@@ -249,7 +231,7 @@ def _unpack_state(packed: torch.Tensor, quant_state: Any):
         blocksize2 = int(s2.blocksize)
     else:
         absmax, absmax2, code2, offset, blocksize2 = quant_state.absmax.to(torch.float32), None, None, None, 1
-    return packed, absmax, code, absmax2, code2, offset, int(quant_state.blocksize), blocksize2, shape
+    return NF4Parts(packed, absmax, code, absmax2, code2, offset, int(quant_state.blocksize), blocksize2), shape
 
 
 def dequantize_nf4(packed: torch.Tensor, quant_state: Any, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -264,21 +246,9 @@ def dequantize_nf4(packed: torch.Tensor, quant_state: Any, out: torch.Tensor | N
         [*quant_state.shape] in quant_state.dtype (``out`` itself when given). Like bitsandbytes, a packed tensor
         of shape [1, n] (the legacy transposed form) returns the result transposed.
     """
-    packed_u8, absmax, code, absmax2, code2, offset, blocksize, blocksize2, shape = _unpack_state(packed, quant_state)
+    parts, shape = _unpack_state(packed, quant_state)
     if out is None:
-        result = call_op(
-            dequantize_nf4_op,
-            packed_u8,
-            absmax,
-            code,
-            absmax2,
-            code2,
-            offset,
-            blocksize,
-            blocksize2,
-            shape,
-            quant_state.dtype,
-        )
+        result = call_op(dequantize_nf4_op, *parts, shape, quant_state.dtype)
     else:
         if list(out.shape) != shape or out.dtype != quant_state.dtype:
             raise ValueError(
@@ -286,7 +256,7 @@ def dequantize_nf4(packed: torch.Tensor, quant_state: Any, out: torch.Tensor | N
             )
         if not out.is_contiguous() or out.device != packed.device:
             raise ValueError("dequantize_nf4: out must be contiguous and on the packed tensor's device")
-        torch.ops.fastft.dequantize_nf4_out(out, packed_u8, absmax, code, absmax2, code2, offset, blocksize, blocksize2)
+        torch.ops.fastft.dequantize_nf4_out(out, *parts)
         result = out
     if packed.dim() == 2 and packed.shape[0] == 1:  # bitsandbytes' backward-compatibility shim, kept for parity
         return result.t()
@@ -301,28 +271,10 @@ def compile_cases() -> None:
     for dtype in _OUT_DTYPES:
         for nested in (False, True):
             packed = torch.empty(numel // 2, 1, dtype=torch.uint8)
-            code = torch.zeros(16)
+            qs = SimpleNamespace(quant_type="nf4", blocksize=64, dtype=dtype, shape=(64, 64), code=torch.zeros(16))
             if nested:
-                state2 = SimpleNamespace(absmax=torch.ones(1), code=torch.zeros(256), blocksize=256)
-                qs = SimpleNamespace(
-                    quant_type="nf4",
-                    blocksize=64,
-                    dtype=dtype,
-                    shape=(64, 64),
-                    code=code,
-                    absmax=torch.zeros(64, dtype=torch.uint8),
-                    nested=True,
-                    state2=state2,
-                    offset=torch.tensor(0.0),
-                )
+                qs.absmax, qs.nested, qs.offset = torch.zeros(64, dtype=torch.uint8), True, torch.tensor(0.0)
+                qs.state2 = SimpleNamespace(absmax=torch.ones(1), code=torch.zeros(256), blocksize=256)
             else:
-                qs = SimpleNamespace(
-                    quant_type="nf4",
-                    blocksize=64,
-                    dtype=dtype,
-                    shape=(64, 64),
-                    code=code,
-                    absmax=torch.ones(64),
-                    nested=False,
-                )
+                qs.absmax, qs.nested = torch.ones(64), False
             dequantize_nf4(packed, qs)

@@ -32,7 +32,7 @@ from fastft.kernels.linear_cross_entropy import (
     _run_chunks,
     autocast_inputs,
     check_linear_inputs,
-    resolve_chunk,
+    chunk_plan,
 )
 
 _NO_IGNORE = -(2**62)  # an ignore_index no token id can equal: every row counts
@@ -149,15 +149,7 @@ def selective_log_softmax(
         zero = hidden.new_zeros(token_ids.shape, dtype=torch.float32)
         return (zero, zero.clone()) if return_entropy else zero
     h2 = h2.contiguous()
-    grad_on = torch.is_grad_enabled()
-    need = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
-    plan = ChunkPlan(
-        chunk_size=resolve_chunk(chunk_size, n, h2, weight.shape[0]),
-        entropy=bool(return_entropy),
-        compute_dh=need[0],
-        compute_dw=need[1],
-        compute_db=need[2],
-    )
+    plan = chunk_plan(chunk_size, h2, hidden, weight, bias, entropy=bool(return_entropy))
     out = SelectiveLogSoftmaxFunction.apply(h2, weight, bias, ids, options, plan)
     if return_entropy:
         return out[0].view(token_ids.shape), out[1].view(token_ids.shape)
