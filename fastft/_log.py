@@ -52,6 +52,16 @@ def _record(message: str) -> None:
         del _notes[next(iter(_notes))]
 
 
+def _first_time(message: str, key: str | None) -> bool:
+    """Record ``message`` for the summary (every time it is asked for) and say whether its key is new."""
+    _record(message)
+    key = key or message
+    if key in _already_said:
+        return False
+    _already_said.add(key)
+    return True
+
+
 def mark() -> int:
     """A point in the record: :func:`notes_since` of it lists what was said (or would have been) after it."""
     return next(_sequence)
@@ -65,23 +75,15 @@ def notes_since(point: int) -> list[str]:
 
 def warn_once(message: str, *, key: str | None = None, category: type[Warning] = UserWarning) -> None:
     """Emit ``message`` as a Python warning (visible in notebooks) and a log record, once per ``key``."""
-    _record(message)
-    key = key or message
-    if key in _already_said:
-        return
-    _already_said.add(key)
-    logger.warning(message)
-    warnings.warn(message, category, stacklevel=3)
+    if _first_time(message, key):
+        logger.warning(message)
+        warnings.warn(message, category, stacklevel=3)
 
 
 def info_once(message: str, *, key: str | None = None) -> None:
     """Log ``message`` at INFO level once per ``key`` (and keep it for the start-of-training summary)."""
-    _record(message)
-    key = key or message
-    if key in _already_said:
-        return
-    _already_said.add(key)
-    logger.info(message)
+    if _first_time(message, key):
+        logger.info(message)
 
 
 def reset_once() -> None:

@@ -19,51 +19,44 @@ from typing import Any
 
 import torch
 
+from fastft.offline import TINY_SIZES, save_tiny_model
+
 #: Two sizes: the full demo and ``--quick`` (the test suite's smoke run). Steps, learning rates and the sampling
 #: temperature were tuned on CPU so that, in the full run, the sampled reward and greedy accuracy rose (lr 1e-3 or
 #: T=1.0 made GRPO drift: accuracy fell); the quick run only checks that every stage runs end to end, and what it
 #: prints says so (see describe_reward_change).
+_FULL: dict[str, Any] = dict(
+    max_operand=9,
+    model=dict(
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+    ),
+    sft_steps=60,
+    sft_batch=50,
+    sft_lr=3e-3,
+    grpo_steps=40,
+    grpo_prompts=16,
+    generations=8,
+    grpo_lr=2e-4,
+    temperature=0.7,
+    grpo_lora=None,
+)
 SETTINGS: dict[str, dict[str, Any]] = {
-    "full": dict(
-        max_operand=9,
-        model=dict(
-            hidden_size=128,
-            intermediate_size=344,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=32,
-        ),
-        sft_steps=60,
-        sft_batch=50,
-        sft_lr=3e-3,
-        grpo_steps=40,
-        grpo_prompts=16,
-        generations=8,
-        grpo_lr=2e-4,
-        temperature=0.7,
-        grpo_lora=None,
-    ),
-    "quick": dict(
-        max_operand=9,
-        model=dict(
-            hidden_size=64,
-            intermediate_size=176,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-        ),
-        sft_steps=8,
-        sft_batch=16,
-        sft_lr=3e-3,
-        grpo_steps=2,
-        grpo_prompts=2,
-        generations=4,
-        grpo_lr=2e-4,
-        temperature=0.7,
-        grpo_lora=None,
-    ),
+    "full": _FULL,
+    # the test fixtures' tiny model, a few steps of each stage
+    "quick": {
+        **_FULL,
+        "model": dict(TINY_SIZES),
+        "sft_steps": 8,
+        "sft_batch": 16,
+        "grpo_steps": 2,
+        "grpo_prompts": 2,
+        "generations": 4,
+    },
 }
 
 
@@ -168,7 +161,6 @@ def _loss_printer(every: int) -> Any:
 
 
 def run_demo(output_dir: str | None = None, quick: bool = False) -> int:
-    from fastft.offline import save_tiny_model
     from fastft.train.config import validate
     from fastft.train.run import run
 

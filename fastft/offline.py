@@ -176,6 +176,18 @@ def build_tokenizer(vocab_size: int = 384):
     return tok
 
 
+#: The tiny decoder's sizes (2 layers, hidden 64, GQA 4:2, head_dim 16): every fixture's, ``fastft demo --quick``'s and
+#: the GPU check's dry run's.
+TINY_SIZES: dict[str, int] = dict(
+    hidden_size=64,
+    intermediate_size=176,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+)
+
+
 def tiny_config(model_type: str = "llama", vocab_size: int = 384, **overrides: Any):
     """A transformers config for a tiny ``model_type`` model (2 layers, hidden 64, GQA 4:2, head_dim 16)."""
     import transformers
@@ -185,12 +197,7 @@ def tiny_config(model_type: str = "llama", vocab_size: int = 384, **overrides: A
     cls_name, extra = TINY_ARCHITECTURES[model_type]
     fields = dict(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=176,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
+        **TINY_SIZES,
         max_position_embeddings=4096,
         pad_token_id=0,
         bos_token_id=1,

@@ -26,28 +26,11 @@ from typing import Any
 
 import torch
 
-# NF4's 16 levels (QLoRA, Dettmers et al. 2023: quantiles of N(0, 1) scaled to [-1, 1], with an exact zero), as fp32.
-NF4_CODE = torch.tensor(
-    [
-        -1.0,
-        -0.6961928009986877,
-        -0.5250730514526367,
-        -0.39491748809814453,
-        -0.28444138169288635,
-        -0.18477343022823334,
-        -0.09105003625154495,
-        0.0,
-        0.07958029955625534,
-        0.16093020141124725,
-        0.24611230194568634,
-        0.33791524171829224,
-        0.44070982933044434,
-        0.5626170039176941,
-        0.7229568362236023,
-        1.0,
-    ],
-    dtype=torch.float32,
-)
+from fastft.memory.standins.linear4bit import NF4_LEVELS
+
+#: NF4's 16 levels as fp32 (fastft.memory.standins.linear4bit.NF4_LEVELS: the format's constants, checked against
+#: bitsandbytes' own table in tests/kernels/test_nf4.py).
+NF4_CODE = torch.tensor(NF4_LEVELS, dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -88,6 +88,17 @@ def bnb_default_cpu_kernels():
         yield
 
 
+@pytest.fixture
+def fresh_patches():
+    """No fastft patch applied and every say-once message unsaid when the test starts (for tests that count what
+    patching applies or says); ``_seed_and_unpatch`` reverts the patches afterwards."""
+    import fastft
+    from fastft._log import reset_once
+
+    fastft.unpatch()
+    reset_once()
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_unpatch():
     torch.manual_seed(0)

@@ -30,9 +30,7 @@ def rows(dry_run: bool) -> list[tuple[str, str, str, int]]:
 
 
 def run(gpu_name: str, dry_run: bool, path: Path) -> None:
-    from transformers import LlamaConfig
-
-    from benchmarks.gpu.step_bench import CONFIGS, LORA_TARGETS
+    from benchmarks.gpu.step_bench import LORA_TARGETS, llama_config
     from fastft.memory import speed_model
     from fastft.memory.step_model import StepModel, StepSpec
 
@@ -50,15 +48,7 @@ def run(gpu_name: str, dry_run: bool, path: Path) -> None:
         try:
             key = (cfg, mode, impl)
             if key not in models:
-                config = LlamaConfig(
-                    **CONFIGS[cfg],
-                    max_position_embeddings=8192,
-                    rms_norm_eps=1e-5,
-                    rope_theta=500000.0,
-                    pad_token_id=0,
-                    bos_token_id=1,
-                    eos_token_id=4,
-                )
+                config = llama_config(cfg)
                 spec = StepSpec(
                     variant=impl,
                     load_in_4bit=mode == "qlora",

@@ -17,8 +17,14 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+from fastft.offline import TINY_SIZES
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
 
 #: Llama-shaped configs (random weights): "1b" ~ Llama-3.2-1B (tied head), "8b" ~ Llama-3.1-8B; "tiny" for --dry-run.
 CONFIGS = {
@@ -42,34 +48,20 @@ CONFIGS = {
         vocab_size=128256,
         tie_word_embeddings=False,
     ),
-    "tiny": dict(
-        hidden_size=64,
-        intermediate_size=176,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=384,
-        tie_word_embeddings=False,
-    ),
+    "tiny": dict(**TINY_SIZES, vocab_size=384, tie_word_embeddings=False),  # the test fixtures' tiny model
 }
 MODES = ("lora", "qlora")
 IMPLS = ("fastft", "baseline", "liger")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def checkpoint_dir(config_name: str) -> Path:
-    """Write (once) a random-weight bf16 checkpoint and an offline tokenizer; /dev/shm when there is one (fast)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def llama_config(config_name: str) -> LlamaConfig:
+    """The ``LlamaConfig`` of ``CONFIGS[config_name]`` (Llama 3 RoPE and norm eps, the offline tokenizer's special ids):
+    what the measured run loads and the modeled one (benchmarks/gpu/modeled.py) builds on meta."""
+    from transformers import LlamaConfig
 
-    from fastft.offline import build_tokenizer
-
-    root = Path("/dev/shm") if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK) else Path(tempfile.gettempdir())
-    path = root / f"fastft-gpu-check-{config_name}"
-    if (path / "done").exists():
-        return path
-    fields = dict(
-        CONFIGS[config_name],
+    return LlamaConfig(
+        **CONFIGS[config_name],
         max_position_embeddings=8192,
         rms_norm_eps=1e-5,
         rope_theta=500000.0,
@@ -77,7 +69,19 @@ def checkpoint_dir(config_name: str) -> Path:
         bos_token_id=1,
         eos_token_id=4,
     )
-    config = LlamaConfig(**fields)
+
+
+def checkpoint_dir(config_name: str) -> Path:
+    """Write (once) a random-weight bf16 checkpoint and an offline tokenizer; /dev/shm when there is one (fast)."""
+    from transformers import AutoModelForCausalLM
+
+    from fastft.offline import build_tokenizer
+
+    root = Path("/dev/shm") if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK) else Path(tempfile.gettempdir())
+    path = root / f"fastft-gpu-check-{config_name}"
+    if (path / "done").exists():
+        return path
+    config = llama_config(config_name)
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):

@@ -57,6 +57,21 @@ def _run(cmd: list[str], log: Path) -> None:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{log.read_text()[-4000:]}")
 
 
+def _torchrun(worker: str, *args: str) -> list[str]:
+    """The command that runs ``HERE / worker`` with ``args`` in 2 processes under ``torch.distributed.run``."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        str(HERE / worker),
+        *args,
+    ]
+
+
 def _accelerate_ddp_config(path: Path, num_processes: int = 2) -> Path:
     # distributed_type MULTI_GPU (not MULTI_CPU, and no --cpu): accelerate's MULTI_CPU launcher starts ONE process
     # unless mpirun is configured; with MULTI_GPU it uses torch.distributed.run, and each process (use_cpu=True in the
@@ -146,22 +161,7 @@ def fsdp_single(work, model_dir) -> Path:
 @pytest.fixture(scope="module")
 def fsdp_two(work, model_dir) -> Path:
     out = work / "fsdp2"
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(_free_port()),
-            str(HERE / "_fsdp_worker.py"),
-            model_dir,
-            str(out),
-            *FSDP_VARIANTS,
-        ],
-        work / "fsdp2.log",
-    )
+    _run(_torchrun("_fsdp_worker.py", model_dir, str(out), *FSDP_VARIANTS), work / "fsdp2.log")
     return out
 
 
@@ -406,18 +406,7 @@ def test_deepspeed_zero3_fused_loss_matches_zero0(work, model_dir):
     results = {}
     for stage in (0, 3):
         out = work / f"zero{stage}.json"
-        env_cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(_free_port()),
-            str(HERE / "_deepspeed_worker.py"),
-            model_dir,
-            str(out),
-        ]
+        env_cmd = _torchrun("_deepspeed_worker.py", model_dir, str(out))
         os.environ["ZERO"] = str(stage)
         try:
             _run(env_cmd, work / f"zero{stage}.log")

@@ -7,23 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastft.kernels import cross_entropy, linear_cross_entropy, selective_log_softmax
 from fastft.kernels._launch import force_path
 from fastft.kernels.grouped_gemm import grouped_gemm
-
-
-class _Passthrough(TorchDispatchMode):
-    """Records every op and runs it unchanged. While it is active ``call_op`` must take the dispatcher."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
+from tests.op_recorder import OpRecorder
 
 
 def _cases():
@@ -63,7 +51,7 @@ def test_eager_route_skips_the_dispatcher_with_the_same_bits(case, path):
     with force_path(path):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             loss, grads = _run(fn, inputs)
-        with _Passthrough() as mode:
+        with OpRecorder() as mode:  # while it is active call_op must take the dispatcher
             ref_loss, ref_grads = _run(fn, inputs)
     dispatched = [e.key for e in prof.key_averages() if "fastft::" in e.key]
     assert dispatched == [], f"eager call went through the dispatcher: {dispatched}"

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastft.kernels import apply_rope, rms_norm, swiglu
 from fastft.kernels._launch import force_path, path_counts
 from fastft.kernels.lora import fused_linear_forward, lora_path_counts
+from tests.op_recorder import OpRecorder
 
 
 def _inputs():
@@ -45,19 +45,9 @@ def test_eager_calls_equal_the_dispatched_op_bitwise_and_are_counted(path, grad)
         assert torch.equal(got.detach(), ref)
 
 
-class _Recorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def test_dispatch_modes_and_fake_tensors_still_see_one_custom_op():
     x, w, *_ = _inputs()
-    with torch.no_grad(), _Recorder() as recorder:
+    with torch.no_grad(), OpRecorder() as recorder:
         rms_norm(x, w, 1e-6)
     assert any("fastft.rms_norm_forward" in op for op in recorder.ops), recorder.ops
     from torch._subclasses.fake_tensor import FakeTensorMode

@@ -17,7 +17,6 @@ import torch
 import transformers.models.llama.modeling_llama as llama
 
 import fastft
-from fastft._log import reset_once
 from fastft.offline import build_tiny_model
 from fastft.patches.architectures import ARCHITECTURES, patch_model
 from fastft.patches.base import Patch
@@ -25,12 +24,7 @@ from fastft.patches.base import Patch
 EVERY_PIECE = {"rope", "rms_norm", "mlp", "fused_loss"}
 
 
-@pytest.fixture(autouse=True)
-def _fresh():
-    fastft.unpatch()
-    reset_once()
-    yield
-    fastft.unpatch()
+pytestmark = pytest.mark.usefixtures("fresh_patches")
 
 
 def _pieces(report):

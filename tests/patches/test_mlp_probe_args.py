@@ -8,17 +8,10 @@ import pytest
 import torch
 
 import fastft
-from fastft._log import reset_once
 from fastft.offline import build_tiny_model
 from fastft.patches.architectures import patch_model
 
-
-@pytest.fixture(autouse=True)
-def _fresh():
-    fastft.unpatch()
-    reset_once()
-    yield
-    fastft.unpatch()
+pytestmark = pytest.mark.usefixtures("fresh_patches")
 
 
 def _logits(model, ids):

@@ -29,11 +29,14 @@ def reward_len(completions, **kwargs):
     return [float(len(c) % 5) + 0.1 * c.count("e") for c in completions]
 
 
-def _make(tmp_path, **config):
-    def make(cls, model, tokenizer):
-        from trl import GRPOConfig
+def make_online_trainer(tmp_path, config_class="GRPOConfig", **config):
+    """A trainer factory for ``run``: 16 prompts, 4 generations each, 2 steps per generation, beta > 0, LoRA; the
+    online trainers' shared setup (``config_class``: the TRL config of the trainer, GRPO's or RLOO's)."""
 
-        args = GRPOConfig(
+    def make(cls, model, tokenizer):
+        import trl
+
+        args = getattr(trl, config_class)(
             **common_args(
                 tmp_path,
                 per_device_train_batch_size=4,
@@ -65,8 +68,8 @@ def test_grpo_matches_trl(loss_type, tmp_path, monkeypatch):
     config = dict(loss_type=loss_type)
     if loss_type == "grpo":
         config.update(temperature=0.7, entropy_coef=0.01)  # temperature reaches the head; entropy gets a gradient
-    fast, calls = run("GRPO", True, _make(tmp_path / "fast", **config))
-    slow, _ = run("GRPO", False, _make(tmp_path / "slow", **config))
+    fast, calls = run("GRPO", True, make_online_trainer(tmp_path / "fast", **config))
+    slow, _ = run("GRPO", False, make_online_trainer(tmp_path / "slow", **config))
     assert_head_calls(calls, "selective_log_softmax")
     assert any(abs(row["loss"]) > 1e-6 for row in slow), "degenerate run: every loss is zero"
     assert_same_run(fast, slow, KEYS)

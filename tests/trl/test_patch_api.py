@@ -8,7 +8,6 @@ import pytest
 from datasets import Dataset
 
 import fastft
-from fastft._log import reset_once
 from fastft.offline import build_tiny_model, build_tokenizer
 from fastft.patches.trl import patched_algorithm
 from tests.trl._common import common_args, lora_config
@@ -81,12 +80,7 @@ def _own_methods(cls):
     }
 
 
-@pytest.fixture(autouse=True)
-def _clean():
-    fastft.unpatch()
-    reset_once()
-    yield
-    fastft.unpatch()
+pytestmark = pytest.mark.usefixtures("fresh_patches")
 
 
 def test_patch_in_place_reaches_names_bound_before_then_unpatch():

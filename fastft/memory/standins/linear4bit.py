@@ -14,8 +14,10 @@ from torch import nn
 QUANT_BLOCK = 64  # bitsandbytes' default 4-bit blocksize
 NESTED_BLOCK = 256  # double quantization: one fp32 scale per 256 quantized absmax values
 
-# NF4 codebook (bitsandbytes' 16 values), used only when the step runs on real tensors.
-_NF4 = (
+#: NF4's 16 levels (QLoRA, Dettmers et al. 2023: quantiles of N(0, 1) scaled to [-1, 1], with an exact zero) as
+#: bitsandbytes stores them; the step uses them only on real tensors. tests/bnb_reference.py's oracle reads them from
+#: here, and tests/kernels/test_nf4.py checks them against bitsandbytes' own table.
+NF4_LEVELS = (
     -1.0,
     -0.6961928009986877,
     -0.5250730514526367,
@@ -40,7 +42,7 @@ def dequantize_4bit(
     packed: torch.Tensor, absmax: torch.Tensor, out_features: int, in_features: int, dtype: torch.dtype
 ) -> torch.Tensor:
     codes = torch.stack([packed.view(-1) >> 4, packed.view(-1) & 0xF], dim=1).view(-1)[: out_features * in_features]
-    table = torch.tensor(_NF4, device=packed.device)
+    table = torch.tensor(NF4_LEVELS, device=packed.device)
     scale = absmax.float().repeat_interleave(QUANT_BLOCK)[: codes.numel()]
     return (table[codes.long()] * scale).to(dtype).view(out_features, in_features)
 
