@@ -64,6 +64,9 @@ ARCHITECTURES: dict[str, ArchitectureRow] = {
         # GLM-4: partial RoPE over interleaved pairs (llama.cpp NORM rope on the first rope.dimension_count dims, the
         # layout transformers uses, so no permutation); fused gate_up_proj is llama.cpp's double-wide ffn_up.
         ArchitectureRow("glm4", "glm4", partial_rotary=True),
+        # gpt-oss: attention sinks, biased experts with the clamped SwiGLU (llama.cpp: alpha 1.702, limit 7), softmax
+        # over the top-k router logits, sliding/full layer pattern; rotates halves (NEOX).
+        ArchitectureRow("gpt_oss", "gpt-oss", sliding_window=True),
     ]
 }
 
@@ -72,10 +75,6 @@ NOT_EXPORTED = {
     "ministral3": (
         "llama.cpp's mistral3 arch needs YaRN with mscale_all_dim (rope.scaling.yarn_log_multiplier) and Llama-4 "
         "attention temperature scaling, neither of which this exporter writes yet"
-    ),
-    "gpt_oss": (
-        "llama.cpp's gpt-oss arch expects attention sinks, biased experts with the interleaved clamped SwiGLU and "
-        "MXFP4 expert weights; not mapped yet"
     ),
     "gemma4_text": (
         "llama.cpp's gemma4 arch (per-layer input embeddings, shared KV layers, k == v) is not mapped by this exporter"
@@ -181,8 +180,15 @@ def _rope_keys(row: ArchitectureRow, config: Any) -> dict[str, Any]:
         ):
             if params.get(hf_key) is not None:
                 meta[f"rope.scaling.{gguf_key}"] = float(params[hf_key])
-        if params.get("truncate") is False or params.get("mscale") or params.get("mscale_all_dim"):
-            raise ExportError(f"YaRN variant {params} (truncate=False / mscale) is not exported")
+        if params.get("truncate") is False:
+            # gpt-oss's config: transformers (and OpenAI's reference) keep the YaRN ramp's ends fractional; ggml
+            # always floors/ceils them, so some frequencies differ (gpt-oss-20b: 9 of 32, by up to 76%).
+            raise ExportError(
+                f"{row.model_type} YaRN with truncate=False: llama.cpp always rounds the YaRN correction range "
+                "(ggml_rope_yarn_corr_dims), so its RoPE frequencies would differ from this model's"
+            )
+        if params.get("mscale") or params.get("mscale_all_dim"):
+            raise ExportError(f"YaRN variant {params} (mscale) is not exported")
     elif kind == "llama3":
         if not row.llama3_rope:
             raise ExportError(
@@ -291,6 +297,14 @@ def _family_keys(row: ArchitectureRow, config: Any, head_dim: int) -> dict[str, 
         if sliding.get("rope_type", "default") != "default":
             raise ExportError(f"{kind}: sliding layers' RoPE {sliding['rope_type']!r}: llama.cpp's olmo2 uses plain RoPE")
         return {}
+    if kind == "gpt_oss":
+        if float(config.swiglu_limit) != 7.0:
+            raise ExportError(f"gpt_oss swiglu_limit={config.swiglu_limit}: llama.cpp's gpt-oss graph clamps at 7.0")
+        return {
+            "expert_count": int(config.num_local_experts),
+            "expert_used_count": int(config.num_experts_per_tok),
+            "expert_feed_forward_length": int(config.intermediate_size),
+        }
     if kind == "smollm3":
         if getattr(config, "use_sliding_window", False):
             raise ExportError("smollm3 use_sliding_window=True: llama.cpp's smollm3 arch attends the whole context")

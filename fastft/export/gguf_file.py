@@ -126,10 +126,14 @@ def save_gguf(
     tensors, fallbacks = [], []
     while named:
         gguf_name, hf_name, data = named.pop(0)
-        ttype = (
-            tensor_type_for(quant, hf_name, tuple(data.shape)) if staged is None else ("F32" if data.dim() <= 1 else staged)
-        )
-        if quant.tensor_type not in (None, "F32") and data.dim() > 1 and ttype != quant.tensor_type:
+        # F32 as llama.cpp's converter writes them: 1-D tensors, biases (llama.cpp adds gpt-oss's 2-D expert biases
+        # with an F32-only op) and MoE routers (ffn_gate_inp: a rounded router logit can flip the chosen experts)
+        vector = data.dim() <= 1 or gguf_name.endswith(".bias") or ".ffn_gate_inp." in gguf_name
+        if vector:
+            ttype = "F32"
+        else:
+            ttype = tensor_type_for(quant, hf_name, tuple(data.shape)) if staged is None else staged
+        if quant.tensor_type not in (None, "F32") and not vector and ttype != quant.tensor_type:
             fallbacks.append(gguf_name)
         tensors.append((gguf_name, hf_name, ttype, encode_tensor(data.detach().numpy(), ttype)))
     if fallbacks:

@@ -40,6 +40,26 @@ def _expert_tensors(name_map, hf_name: str, data: torch.Tensor) -> list[tuple[st
     return out
 
 
+def _gpt_oss_tensors(name_map, hf_name: str, data: torch.Tensor) -> list[tuple[str, str, torch.Tensor]]:
+    """gpt-oss experts as llama.cpp's ``ffn_{gate,up,down}_exps`` (weight and bias): transformers stores them as
+    ``x @ W`` (``gate_up_proj`` ``[E, H, 2I]``, ``down_proj`` ``[E, I, H]``) with gate and up *interleaved* along
+    2I (the expert's forward takes columns ``::2`` as gate, ``1::2`` as up); llama.cpp wants ``[E, out, in]`` rows."""
+    prefix, _, kind = hf_name.rpartition(".")
+    is_bias = kind.endswith("_bias")
+    if kind.startswith("down_proj"):
+        pieces = [("down_proj", data if is_bias else data.transpose(-1, -2))]
+    else:
+        rows = data if is_bias else data.transpose(-1, -2)  # [E, 2I] / [E, 2I, H]
+        pieces = [("gate_proj", rows[:, 0::2]), ("up_proj", rows[:, 1::2])]
+    out = []
+    for part, tensor in pieces:
+        mapped = name_map.get_name(f"{prefix}.{part}")
+        if mapped is None:
+            return []
+        out.append((f"{mapped}.{'bias' if is_bias else 'weight'}", hf_name, tensor.contiguous()))
+    return out
+
+
 def gguf_tensors(row: ArchitectureRow, config, state: dict[str, torch.Tensor]) -> list[tuple[str, str, torch.Tensor]]:
     """``[(gguf_name, hf_name, fp32 tensor)]`` for a merged state dict; :class:`ExportError` on an unknown name."""
     import gguf
@@ -55,6 +75,14 @@ def gguf_tensors(row: ArchitectureRow, config, state: dict[str, torch.Tensor]) -
         )
     out, unknown = [], []
     for hf_name, tensor in state.items():
+        if row.gguf_arch == "gpt-oss" and ".experts." in hf_name:
+            experts = _gpt_oss_tensors(name_map, hf_name, tensor.float())
+            out.extend(experts) if experts else unknown.append(hf_name)
+            continue
+        if row.gguf_arch == "gpt-oss" and hf_name.endswith(".self_attn.sinks"):  # one logit per head, no suffix
+            mapped = name_map.get_name(hf_name)
+            out.append((f"{mapped}.weight", hf_name, tensor.float())) if mapped else unknown.append(hf_name)
+            continue
         if hf_name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
             experts = _expert_tensors(name_map, hf_name, tensor.float())
             out.extend(experts) if experts else unknown.append(hf_name)

@@ -29,8 +29,9 @@ def file_fields(path: str) -> tuple[str, dict]:
 
 
 #: Rows transformers 5.24's GGUF loader cannot read (no loader for the arch, or -- mixtral -- a llama-arch file with
-#: experts, which it reads as a dense Llama): their tensors are read by gguf's own name table instead.
-READ_BY_NAMES = {"gemma", "mixtral", "granite", "olmo2", "olmo3", "smollm3", "glm4"}
+#: experts, which it reads as a dense Llama; gpt_oss, whose reader expects tensor names llama.cpp does not write): their
+#: tensors are read by gguf's own name table instead.
+READ_BY_NAMES = {"gemma", "mixtral", "granite", "olmo2", "olmo3", "smollm3", "glm4", "gpt_oss"}
 #: llama.cpp archs whose RoPE rotates adjacent pairs (LLAMA_ROPE_TYPE_NORM) while transformers rotates halves, so
 #: llama.cpp's converter permutes Q/K rows (glm4 is NORM too, but transformers' GLM-4 already rotates pairs).
 _PAIRWISE_ROPE = {"llama", "granite", "smollm3"}
@@ -84,9 +85,12 @@ def _read_back_by_names(model_type: str, path: str, overrides: dict) -> torch.nn
     to_hf = {}
     for hf_name in model.state_dict():
         base, _, suffix = hf_name.rpartition(".")
-        if suffix in ("gate_up_proj", "down_proj") and base.endswith(".experts"):  # stacked experts [E, out, in]
-            for part in ("gate_proj", "up_proj") if suffix == "gate_up_proj" else ("down_proj",):
-                to_hf[f"{name_map.get_name(f'{base}.{part}')}.weight"] = (hf_name, part)
+        if base.endswith(".experts"):  # stacked experts (and gpt-oss's expert biases)
+            kind = "bias" if suffix.endswith("_bias") else "weight"
+            for part in ("gate_proj", "up_proj") if suffix.startswith("gate_up_proj") else ("down_proj",):
+                to_hf[f"{name_map.get_name(f'{base}.{part}')}.{kind}"] = (hf_name, part)
+        elif suffix == "sinks":  # gpt-oss: one sink logit per head, a parameter without .weight
+            to_hf[f"{name_map.get_name(hf_name)}.weight"] = (hf_name, None)
         elif (g := name_map.get_name(base)) is not None:
             to_hf.setdefault(f"{g}.{suffix}", (hf_name, None))
     state, parts = {}, {}
@@ -103,8 +107,14 @@ def _read_back_by_names(model_type: str, path: str, overrides: dict) -> torch.nn
             state[hf_name] = data
         else:
             parts.setdefault(hf_name, {})[part] = data
-    for hf_name, got in parts.items():  # transformers' gate_up_proj holds the gate rows first
-        state[hf_name] = got["down_proj"] if "down_proj" in got else torch.cat([got["gate_proj"], got["up_proj"]], 1)
+    for hf_name, got in parts.items():
+        if arch_name != "gpt-oss":  # transformers' gate_up_proj [E, 2I, H] holds the gate rows first
+            state[hf_name] = got["down_proj"] if "down_proj" in got else torch.cat([got["gate_proj"], got["up_proj"]], 1)
+        elif "down_proj" in got:  # gpt-oss computes x @ W: weights [E, in, out]; biases as they are
+            state[hf_name] = got["down_proj"] if hf_name.endswith("_bias") else got["down_proj"].transpose(-1, -2)
+        else:  # gate and up interleaved along 2I: gate = [..., ::2], up = [..., 1::2]
+            both = torch.stack([got["gate_proj"], got["up_proj"]], dim=2).flatten(1, 2)  # [E, 2I(, H)]
+            state[hf_name] = both if hf_name.endswith("_bias") else both.transpose(-1, -2)
     missing = set(model.state_dict()) - set(state) - {"lm_head.weight"}
     assert not missing, missing
     model.load_state_dict(state, strict=False)

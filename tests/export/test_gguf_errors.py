@@ -29,8 +29,8 @@ def test_architecture_llama_cpp_lacks_or_fastft_does_not_map(tmp_path):
     model.config.model_type = "lama"  # a typo-like type nobody has
     with pytest.raises(ExportError, match=r"no row for model_type 'lama'.*Did you mean 'llama'"):
         save_gguf(model, str(tmp_path / "out"), build_tokenizer(), "f16")
-    with pytest.raises(ExportError, match=r"does not cover model_type 'gpt_oss' yet \(llama.cpp's gpt-oss arch"):
-        save_gguf(build_tiny_model("gpt_oss"), str(tmp_path / "out"), build_tokenizer(), "f16")
+    with pytest.raises(ExportError, match=r"does not cover model_type 'ministral3' yet \(llama.cpp's mistral3 arch"):
+        save_gguf(build_tiny_model("ministral3"), str(tmp_path / "out"), build_tokenizer(), "f16")
     with pytest.raises(ExportError, match=r"qwen3_moe with dense layers \(mlp_only_layers=\[1\]"):
         save_gguf(build_tiny_model("qwen3_moe"), str(tmp_path / "out"), build_tokenizer(), "f16")
     _assert_nothing_written(tmp_path / "out")
@@ -60,6 +60,9 @@ def test_config_llama_cpp_would_compute_differently(tmp_path, change, message):
         ("olmo2", {"head_dim": 8}, r"llama.cpp's olmo2 arch derives the head size as hidden / heads"),
         ("glm4", {"partial_rotary_factor": 0.3125}, r"partial rotary over an odd number of dims \(5\)"),
         ("llama", {"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5 is not exported"),
+        # gpt-oss's stock config: YaRN with an unrounded correction range, which ggml always rounds
+        ("gpt_oss", {}, r"YaRN with truncate=False: llama.cpp always rounds the YaRN correction range"),
+        ("gpt_oss", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}, "swiglu_limit": 5.0}, "clamps at 7"),
     ],
 )
 def test_family_config_llama_cpp_would_compute_differently(tmp_path, model_type, change, message):

@@ -1,7 +1,7 @@
 """The GGUF files of the rows transformers cannot read back, checked against llama.cpp's expectations without going
 through fastft's own mapping: key names come from ``gguf.Keys``, tensor names from ``gguf.TENSOR_NAMES``, and the
 per-layer tensor sets below are the ones llama.cpp's ``load_arch_tensors`` creates as required for each arch
-(llama.cpp b-vendored in llama-cpp-python 0.3.36: src/models/{llama,granite,olmo2,smollm3,glm4}.cpp). Values are
+(the llama.cpp vendored in llama-cpp-python 0.3.36: src/models/{llama,granite,olmo2,smollm3,glm4,openai-moe}.cpp). Values are
 computed here from the transformers config. The logits round trip by tensor names is in test_gguf_roundtrip.py; the
 llama.cpp run itself in test_gguf_llama_cpp.py (benchmark).
 """
@@ -30,6 +30,13 @@ LAYOUT = {
     "glm4": ("glm4", [T.ATTN_NORM, *_ATTN, T.ATTN_POST_NORM, T.FFN_NORM, T.FFN_UP, T.FFN_DOWN, T.FFN_POST_NORM]),
 }
 LAYOUT["olmo3"] = LAYOUT["olmo2"]
+_EXPERTS = [T.FFN_GATE_INP, T.FFN_GATE_EXP, T.FFN_UP_EXP, T.FFN_DOWN_EXP]
+LAYOUT["gpt_oss"] = ("gpt-oss", [T.ATTN_NORM, *_ATTN, T.ATTN_SINKS, T.ATTN_POST_NORM, *_EXPERTS])
+#: bias tensors llama.cpp loads per block
+BIASES = {
+    "glm4": [T.ATTN_Q, T.ATTN_K, T.ATTN_V],
+    "gpt_oss": [*_ATTN, *_EXPERTS],
+}
 
 
 def _key(template: str, arch: str) -> str:
@@ -53,9 +60,19 @@ def _expected_keys(model_type: str, config) -> dict:
         else pytest.approx(config.rope_parameters["full_attention"]["rope_theta"]),
         _key(gguf.Keys.Rope.DIMENSION_COUNT, arch): head_dim,
     }
-    if model_type == "mixtral":
+    if model_type in ("mixtral", "gpt_oss"):
         want[_key(L.EXPERT_COUNT, arch)] = config.num_local_experts
         want[_key(L.EXPERT_USED_COUNT, arch)] = config.num_experts_per_tok
+    if model_type == "gpt_oss":  # llama.cpp: expert width, window, per-layer pattern, YaRN
+        rope = config.rope_parameters
+        want[_key(L.EXPERT_FEED_FORWARD_LENGTH, arch)] = config.intermediate_size
+        want[_key(A.SLIDING_WINDOW, arch)] = config.sliding_window
+        want[_key(A.SLIDING_WINDOW_PATTERN, arch)] = [t == "sliding_attention" for t in config.layer_types]
+        want[_key(gguf.Keys.Rope.SCALING_TYPE, arch)] = "yarn"
+        want[_key(gguf.Keys.Rope.SCALING_FACTOR, arch)] = rope["factor"]
+        want[_key(gguf.Keys.Rope.SCALING_ORIG_CTX_LEN, arch)] = rope["original_max_position_embeddings"]
+        want[_key(gguf.Keys.Rope.SCALING_YARN_BETA_FAST, arch)] = rope["beta_fast"]
+        want[_key(gguf.Keys.Rope.SCALING_YARN_BETA_SLOW, arch)] = rope["beta_slow"]
     if model_type == "granite":  # the four multipliers, each one llama.cpp reads
         want[_key(L.EMBEDDING_SCALE, arch)] = pytest.approx(config.embedding_multiplier)
         want[_key(L.RESIDUAL_SCALE, arch)] = pytest.approx(config.residual_multiplier)
@@ -89,12 +106,11 @@ def test_keys_and_tensors_are_llama_cpps(model_type, tmp_path):
     want_names = {gguf.TENSOR_NAMES[t] + ".weight" for t in (T.TOKEN_EMBD, T.OUTPUT_NORM, T.OUTPUT)}
     for i in range(config.num_hidden_layers):
         want_names |= {gguf.TENSOR_NAMES[t].format(bid=i) + ".weight" for t in block}
-    bias = {".attn_q.bias", ".attn_k.bias", ".attn_v.bias"} if model_type == "glm4" else set()  # GLM-4's qkv bias
     for i in range(config.num_hidden_layers):
-        want_names |= {f"blk.{i}{b}" for b in bias}
+        want_names |= {gguf.TENSOR_NAMES[t].format(bid=i) + ".bias" for t in BIASES.get(model_type, [])}
     tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
     assert set(tensors) == want_names
-    if model_type == "mixtral":  # llama.cpp: ffn_{gate,up}_exps {n_embd, n_ff, n_expert}, ffn_down_exps {n_ff, ...}
+    if model_type in ("mixtral", "gpt_oss"):  # llama.cpp: ffn_{gate,up}_exps {n_embd, n_ff, n_expert}, down {n_ff, ...}
         e, h, ff = config.num_local_experts, config.hidden_size, config.intermediate_size
         assert [int(d) for d in tensors["blk.0.ffn_gate_exps.weight"].shape] == [h, ff, e]
         assert [int(d) for d in tensors["blk.0.ffn_down_exps.weight"].shape] == [ff, h, e]
