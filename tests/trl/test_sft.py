@@ -23,7 +23,9 @@ CONVERSATIONS = [
 ] * 6
 
 
-def _make(dataset, **config):
+def make_sft_trainer(dataset, **config):
+    """A trainer factory for ``run``: SFT on ``dataset`` with LoRA, batch 2, max_length 48 (``tmp_path`` in config)."""
+
     def make(cls, model, tokenizer):
         from trl import SFTConfig
 
@@ -54,7 +56,7 @@ def test_sft_matches_trl(case, tmp_path):
         # packing (bfd) is padding-free: one row per batch with position_ids; gemma2 has tied embeddings + final softcap
         dataset, config = PROMPT_COMPLETION, dict(packing=True, completion_only_loss=True)
         model_type = "gemma2"
-    fast, calls = run("SFT", True, _make(dataset, tmp_path=tmp_path / "fast", **config), model_type)
-    slow, _ = run("SFT", False, _make(dataset, tmp_path=tmp_path / "slow", **config), model_type)
+    fast, calls = run("SFT", True, make_sft_trainer(dataset, tmp_path=tmp_path / "fast", **config), model_type)
+    slow, _ = run("SFT", False, make_sft_trainer(dataset, tmp_path=tmp_path / "slow", **config), model_type)
     assert_head_calls(calls, "linear_cross_entropy")
     assert_same_run(fast, slow, KEYS)

@@ -14,7 +14,6 @@ import types
 import pytest
 import torch
 import trl.trainer.utils
-from datasets import Dataset
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastft._log import mark, notes_since
@@ -22,8 +21,8 @@ from fastft.kernels import force_path
 from fastft.memory.tracker import _custom_op_impl
 from fastft.offline import build_tiny_model
 from fastft.patches.trl import LOSS_ONLY, _make_fast_forward
-from tests.trl._common import assert_head_calls, assert_same_run, common_args, fused_head_available, lora_config, run
-from tests.trl.test_sft import PROMPT_COMPLETION
+from tests.trl._common import assert_head_calls, assert_same_run, common_args, fused_head_available, run
+from tests.trl.test_sft import PROMPT_COMPLETION, make_sft_trainer
 
 lce_module = importlib.import_module("fastft.kernels.linear_cross_entropy")  # the module, not the function
 add_fused_lm_head = getattr(trl.trainer.utils, "add_fused_lm_head", None)
@@ -106,22 +105,6 @@ def _full_logits(model, ids):
     return type(model).forward(model, input_ids=ids).logits
 
 
-def _make(**config):
-    def make(cls, model, tokenizer):
-        from trl import SFTConfig
-
-        args = SFTConfig(**common_args(config.pop("tmp_path"), per_device_train_batch_size=2, max_length=48, **config))
-        return cls(
-            model=model,
-            args=args,
-            train_dataset=Dataset.from_list(PROMPT_COMPLETION),
-            processing_class=tokenizer,
-            peft_config=lora_config(),
-        )
-
-    return make
-
-
 @pytest.mark.filterwarnings("ignore:`label_smoothing_factor` is deprecated")
 def test_sft_label_smoothing_runs_the_fused_loss_and_matches_trl(tmp_path, monkeypatch):
     calls = []
@@ -142,13 +125,13 @@ def test_sft_label_smoothing_runs_the_fused_loss_and_matches_trl(tmp_path, monke
         since = mark()
         for patched in (False, True):
             with pytest.raises(AttributeError, match="num_valid_tokens"):
-                run("SFT", patched, _make(tmp_path=tmp_path / f"chunked-{patched}", **config))
+                run("SFT", patched, make_sft_trainer(PROMPT_COMPLETION, tmp_path=tmp_path / f"chunked-{patched}", **config))
         assert any("loss_type='chunked_nll'" in note and "loss_type='nll'" in note for note in notes_since(since)), (
             notes_since(since)
         )
         config["loss_type"] = "nll"
-    fast, head_calls = run("SFT", True, _make(tmp_path=tmp_path / "fast", **config))
-    slow, _ = run("SFT", False, _make(tmp_path=tmp_path / "slow", **config))
+    fast, head_calls = run("SFT", True, make_sft_trainer(PROMPT_COMPLETION, tmp_path=tmp_path / "fast", **config))
+    slow, _ = run("SFT", False, make_sft_trainer(PROMPT_COMPLETION, tmp_path=tmp_path / "slow", **config))
     assert_head_calls(head_calls, "linear_cross_entropy")
     if fused_head_available():
         assert calls and set(calls) == {0.1}, calls  # the smoothed fused loss ran, no full-logits fallback
