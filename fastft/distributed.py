@@ -17,7 +17,7 @@ its module's ``__call__`` can be a shard or a placeholder:
   clean differentiable gather from outside the module, so :func:`direct_read_problem` reports it and callers take the
   unfused path (which calls the module, so ZeRO-3's hooks gather it) and log why.
 
-Callers: the causal-LM fused loss (``fastft.patches.architectures``), PatchFastRL's fast LM head
+Callers: the causal-LM fused loss (``fastft.patches.causal_lm_loss``), PatchFastRL's fast LM head
 (``fastft.patches.trl``) and fused LoRA's ``can_fuse`` (``fastft.kernels.lora``).
 """
 

@@ -84,7 +84,8 @@ def _bnb_cpu_dequant_check() -> str:
 def _architecture_rows(model: str | None) -> list[dict[str, Any]]:
     import fastft
     from fastft.offline import build_tiny_model
-    from fastft.patches.architectures import ARCHITECTURES, patch_model
+    from fastft.patches.architectures import ARCHITECTURES
+    from fastft.patches.patcher import patch_model
 
     if model is None:
         targets = [(row, lambda row=row: build_tiny_model(row)) for row in ARCHITECTURES]

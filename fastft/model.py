@@ -24,10 +24,10 @@ from torch import nn
 
 from fastft._log import info_once, logger, mark, warn_once
 from fastft.patches import modes
-from fastft.patches.architectures import enable_fused_lora, patch_model
 from fastft.patches.checkpointing import enable_checkpointing
 from fastft.patches.embedding_offload import HostEmbedding, offload_input_embeddings
 from fastft.patches.modes import base_model
+from fastft.patches.patcher import enable_fused_lora, patch_model
 
 #: FastModel.get_peft_model's default LoRA targets, those a model has: the split projections of the supported decoder
 #: layers, and Phi-3 / GLM-4's fused qkv_proj and gate_up_proj.

@@ -82,7 +82,7 @@ if TRITON_AVAILABLE:
 
     # The gradient's fp32 -> bf16 store rounds to nearest even under the interpreter too (a plain .to() truncates
     # there), so interpreter parity with the torch path means GPU parity.
-    from fastft.kernels.glu import cast_rne
+    from fastft.kernels._tl_utils import cast_rne
 
     @triton.jit
     def _tanh(u):

@@ -1,9 +1,9 @@
 """Gated MLP activations, fused: ``h = act(gate) * up`` for SwiGLU (act = silu) and GeGLU (act = gelu, exact or tanh).
 
 One file holds both because the two ops are the same elementwise kernel that differs only in the activation and its
-derivative: a constexpr ``ACTIVATION`` (0 = silu, 1 = gelu/erf, 2 = gelu/tanh) picks them at compile time, so there
-is one forward and one backward kernel instead of two near-identical copies. ``fastft.kernels.swiglu`` and
-``fastft.kernels.geglu`` are thin modules re-exporting the per-activation names from here.
+derivative: a constexpr ``ACTIVATION`` (the value of a :class:`fastft.kernels.activation.Activation`: 0 = silu,
+1 = gelu/erf, 2 = gelu/tanh) picks them at compile time, so there is one forward and one backward kernel instead of two
+near-identical copies. :func:`glu` takes an ``Activation``; :func:`swiglu` and :func:`geglu` are its per-family names.
 
 Shapes and dtypes
     gate, up: the same shape [..., n] and the same dtype (fp32/bf16/fp16); rows may be strided (e.g. the two halves
@@ -43,35 +43,17 @@ import torch
 import torch.nn.functional as F
 
 from fastft.kernels._launch import TRITON_AVAILABLE, call_op, check_floating, launch, needs_grad, use_triton
-
-#: Activation codes shared by the kernels, the torch path and the reference.
-SILU, GELU, GELU_TANH = 0, 1, 2
-_ACTIVATIONS = {"silu": SILU, "gelu": GELU, "gelu_tanh": GELU_TANH}
+from fastft.kernels.activation import Activation
 
 if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def cast_rne(x, DTYPE: tl.constexpr):
-        """fp32 -> DTYPE rounding to nearest even, identically on GPU and in the interpreter.
-
-        The interpreter (triton 3.7/3.9) truncates fp32 -> bf16 casts (toward zero, even with
-        ``fp_downcast_rounding="rtne"``) and mishandles subnormals, while GPUs round to nearest even; so bf16 is
-        rounded here with integer ops (add 0x7FFF plus the lowest kept bit, keep the high half) and bitcast. Costs
-        a few integer ops per element on GPU, free next to the memory traffic. NaN keeps a quiet-NaN pattern.
-        """
-        if DTYPE == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-            rounded = tl.where(x == x, rounded, (bits >> 16) | 0x40)
-            return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        else:
-            return x.to(DTYPE)
+    from fastft.kernels._tl_utils import cast_rne
 
     @triton.jit
     def _activation_and_grad(g, ACTIVATION: tl.constexpr):
-        """act(g) and act'(g) in fp32 for one block of gate values (already fp32)."""
+        """act(g) and act'(g) in fp32 for one block of gate values (already fp32); ACTIVATION: an Activation's value."""
         if ACTIVATION == 0:  # silu(g) = g * sigmoid(g)
             s = 1.0 / (1.0 + tl.exp(-g))
             a = g * s
@@ -173,11 +155,11 @@ def geglu_reference(gate: torch.Tensor, up: torch.Tensor, approximate: str = "no
 _CHUNK_ELEMENTS = 1 << 20
 
 
-def _torch_activation_and_grad(g: torch.Tensor, activation: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if activation == SILU:
+def _torch_activation_and_grad(g: torch.Tensor, activation: Activation) -> tuple[torch.Tensor, torch.Tensor]:
+    if activation is Activation.SILU:
         s = torch.sigmoid(g)
         return g * s, s * (1.0 + g * (1.0 - s))
-    if activation == GELU:
+    if activation is Activation.GELU:
         cdf = 0.5 * (1.0 + torch.erf(g * 0.7071067811865476))
         return g * cdf, cdf + g * torch.exp(-0.5 * g * g) * 0.3989422804014327
     z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
@@ -185,17 +167,17 @@ def _torch_activation_and_grad(g: torch.Tensor, activation: int) -> tuple[torch.
     return g * s, s + 2.0 * g * s * (1.0 - s) * 0.7978845608028654 * (1.0 + 0.134145 * g * g)
 
 
-def _torch_activation(g: torch.Tensor, activation: int) -> torch.Tensor:
-    if activation == SILU:
+def _torch_activation(g: torch.Tensor, activation: Activation) -> torch.Tensor:
+    if activation is Activation.SILU:
         return F.silu(g)
-    return F.gelu(g, approximate="tanh" if activation == GELU_TANH else "none")
+    return F.gelu(g, approximate=activation.approximate)
 
 
 def _row_chunks(n_rows: int, n_cols: int) -> range:
     return range(0, n_rows, max(1, _CHUNK_ELEMENTS // max(n_cols, 1)))
 
 
-def _forward_torch(g2: torch.Tensor, u2: torch.Tensor, activation: int) -> torch.Tensor:
+def _forward_torch(g2: torch.Tensor, u2: torch.Tensor, activation: Activation) -> torch.Tensor:
     n_rows, n_cols = g2.shape
     step = _row_chunks(n_rows, n_cols).step
     if step >= n_rows:  # one chunk (every decoding step): no staging buffer, the same casts
@@ -209,7 +191,7 @@ def _forward_torch(g2: torch.Tensor, u2: torch.Tensor, activation: int) -> torch
 
 
 def _backward_torch(
-    dh2: torch.Tensor, g2: torch.Tensor, u2: torch.Tensor, activation: int, dg2: torch.Tensor, du2: torch.Tensor
+    dh2: torch.Tensor, g2: torch.Tensor, u2: torch.Tensor, activation: Activation, dg2: torch.Tensor, du2: torch.Tensor
 ) -> None:
     """Writes into dg2/du2, which may be g2/u2 themselves: each chunk is read completely before it is written."""
     n_rows, n_cols = g2.shape
@@ -236,7 +218,7 @@ def _grid(n_rows: int, n_cols: int) -> tuple[int, int]:
     return (n_rows, triton.cdiv(n_cols, _BLOCK))
 
 
-def _forward_triton(g2: torch.Tensor, u2: torch.Tensor, activation: int) -> torch.Tensor:
+def _forward_triton(g2: torch.Tensor, u2: torch.Tensor, activation: Activation) -> torch.Tensor:
     n_rows, n_cols = g2.shape
     h = torch.empty((n_rows, n_cols), dtype=g2.dtype, device=g2.device)
     launch(
@@ -249,7 +231,7 @@ def _forward_triton(g2: torch.Tensor, u2: torch.Tensor, activation: int) -> torc
         g2.stride(0),
         u2.stride(0),
         n_cols,
-        ACTIVATION=activation,
+        ACTIVATION=activation.value,
         BLOCK=_BLOCK,
         num_warps=_NUM_WARPS,
     )
@@ -257,7 +239,7 @@ def _forward_triton(g2: torch.Tensor, u2: torch.Tensor, activation: int) -> torc
 
 
 def _backward_triton(
-    dh2: torch.Tensor, g2: torch.Tensor, u2: torch.Tensor, activation: int, dg2: torch.Tensor, du2: torch.Tensor
+    dh2: torch.Tensor, g2: torch.Tensor, u2: torch.Tensor, activation: Activation, dg2: torch.Tensor, du2: torch.Tensor
 ) -> None:
     n_rows, n_cols = g2.shape
     launch(
@@ -274,7 +256,7 @@ def _backward_triton(
         g2.stride(0),
         u2.stride(0),
         n_cols,
-        ACTIVATION=activation,
+        ACTIVATION=activation.value,
         BLOCK=_BLOCK,
         num_warps=_NUM_WARPS,
     )
@@ -303,7 +285,7 @@ def _check_pair(op: str, gate: torch.Tensor, up: torch.Tensor) -> None:
         raise ValueError(f"{op}: gate on {gate.device} but up on {up.device}")
 
 
-def _glu_forward(op: str, gate: torch.Tensor, up: torch.Tensor, activation: int) -> torch.Tensor:
+def _glu_forward(op: str, gate: torch.Tensor, up: torch.Tensor, activation: Activation) -> torch.Tensor:
     if gate.numel() == 0:
         return gate.new_empty(gate.shape)
     g2, u2 = _as_rows(gate), _as_rows(up)
@@ -315,7 +297,7 @@ def _glu_forward(op: str, gate: torch.Tensor, up: torch.Tensor, activation: int)
 
 
 def _glu_backward(
-    op: str, dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: int
+    op: str, dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: Activation
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if gate.numel() == 0:
         return gate.new_empty(gate.shape), up.new_empty(up.shape)
@@ -330,14 +312,6 @@ def _glu_backward(
     return dg2.view(gate.shape), du2.view(up.shape)
 
 
-def _approximate_code(approximate: str) -> int:
-    if approximate == "none":
-        return GELU
-    if approximate == "tanh":
-        return GELU_TANH
-    raise ValueError(f"geglu: approximate must be 'none' or 'tanh', got {approximate!r}")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Custom ops (with fake impls, so torch.compile and the meta-tensor memory model can trace them)
 # ----------------------------------------------------------------------------------------------------------------
@@ -345,7 +319,7 @@ def _approximate_code(approximate: str) -> int:
 def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """h = silu(gate) * up: [..., n] in gate.dtype, contiguous."""
     _check_pair("swiglu", gate, up)
-    return _glu_forward("swiglu", gate, up, SILU)
+    return _glu_forward("swiglu", gate, up, Activation.SILU)
 
 
 @swiglu_forward.register_fake
@@ -357,7 +331,7 @@ def _(gate, up):
 def swiglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(dgate, dup), new contiguous tensors in gate's/up's dtype; gate and up are not modified."""
     _check_pair("swiglu", gate, up)
-    return _glu_backward("swiglu_backward", dh, gate, up, SILU)
+    return _glu_backward("swiglu_backward", dh, gate, up, Activation.SILU)
 
 
 @swiglu_backward.register_fake
@@ -369,12 +343,12 @@ def _(dh, gate, up):
 def geglu_forward(gate: torch.Tensor, up: torch.Tensor, approximate: str) -> torch.Tensor:
     """h = gelu(gate, approximate) * up: [..., n] in gate.dtype, contiguous. ``approximate``: "none" | "tanh"."""
     _check_pair("geglu", gate, up)
-    return _glu_forward("geglu", gate, up, _approximate_code(approximate))
+    return _glu_forward("geglu", gate, up, Activation.from_approximate(approximate))
 
 
 @geglu_forward.register_fake
 def _(gate, up, approximate):
-    _approximate_code(approximate)
+    Activation.from_approximate(approximate)
     return gate.new_empty(gate.shape)
 
 
@@ -384,12 +358,12 @@ def geglu_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dgate, dup), new contiguous tensors in gate's/up's dtype; gate and up are not modified."""
     _check_pair("geglu", gate, up)
-    return _glu_backward("geglu_backward", dh, gate, up, _approximate_code(approximate))
+    return _glu_backward("geglu_backward", dh, gate, up, Activation.from_approximate(approximate))
 
 
 @geglu_backward.register_fake
 def _(dh, gate, up, approximate):
-    _approximate_code(approximate)
+    Activation.from_approximate(approximate)
     return gate.new_empty(gate.shape), up.new_empty(up.shape)
 
 
@@ -401,11 +375,9 @@ def glu_backward_inplace(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
     :func:`can_overwrite`. Strided gate/up are written through their strides (no copy) when they view as rows.
     """
     _check_pair("glu_backward_inplace", gate, up)
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+    code = Activation.from_op_name(activation)
     if gate.numel() == 0:
         return
-    code = _ACTIVATIONS[activation]
     g2, u2 = _as_rows(gate), _as_rows(up)
     dh2 = _as_rows(dh)
     # The outputs must be the very memory of gate/up; _as_rows may have copied a non-viewable tensor, so write
@@ -456,12 +428,34 @@ def can_overwrite(gate: torch.Tensor, up: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 # Autograd and the public functions
 # ----------------------------------------------------------------------------------------------------------------
+def glu_op(gate: torch.Tensor, up: torch.Tensor, activation: Activation) -> torch.Tensor:
+    """The forward custom op for ``activation``, outside autograd: h = act(gate) * up, [..., n] in gate.dtype."""
+    if activation is Activation.SILU:
+        return call_op(swiglu_forward, gate, up)
+    return call_op(geglu_forward, gate, up, activation.approximate)
+
+
+def glu_backward_op(
+    dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: Activation, inplace: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward custom op for ``activation``, outside autograd: (dgate, dup). ``inplace``: write them over gate
+    and up (two [..., n] fewer) and return those, for gate/up the caller knows nothing reads afterwards."""
+    if inplace:
+        call_op(glu_backward_inplace, dh, gate, up, activation.op_name)
+        return gate, up
+    if activation is Activation.SILU:
+        return call_op(swiglu_backward, dh, gate, up)
+    return call_op(geglu_backward, dh, gate, up, activation.approximate)
+
+
 class GLUFunction(torch.autograd.Function):
     """Saves gate and up (no activation); the backward recomputes act(gate), optionally into gate/up's buffers."""
 
     @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, activation: str, inplace_backward: bool) -> torch.Tensor:
-        h = _glu_op(gate, up, activation)
+    def forward(
+        ctx, gate: torch.Tensor, up: torch.Tensor, activation: Activation, inplace_backward: bool
+    ) -> torch.Tensor:
+        h = glu_op(gate, up, activation)
         ctx.save_for_backward(gate, up)
         ctx.activation = activation
         # Decided at forward time, when leaf-ness is known; the buffers are the saved tensors themselves.
@@ -471,30 +465,30 @@ class GLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh: torch.Tensor):
         gate, up = ctx.saved_tensors
-        if ctx.inplace:
-            call_op(glu_backward_inplace, dh, gate, up, ctx.activation)
-            dgate, dup = gate, up
-        elif ctx.activation == "silu":
-            dgate, dup = call_op(swiglu_backward, dh, gate, up)
-        else:
-            approximate = "tanh" if ctx.activation == "gelu_tanh" else "none"
-            dgate, dup = call_op(geglu_backward, dh, gate, up, approximate)
+        dgate, dup = glu_backward_op(dh, gate, up, ctx.activation, ctx.inplace)
         return (dgate if ctx.needs_input_grad[0] else None), (dup if ctx.needs_input_grad[1] else None), None, None
 
 
-def _apply(op: str, gate: torch.Tensor, up: torch.Tensor, activation: str, inplace_backward: bool) -> torch.Tensor:
-    _check_pair(op, gate, up)
+def glu(
+    gate: torch.Tensor, up: torch.Tensor, activation: Activation | str, *, inplace_backward: bool = False
+) -> torch.Tensor:
+    """Fused gated activation: ``act(gate) * up``, the activation named by an :class:`Activation`.
+
+    Args:
+        gate, up: [..., n], same shape and dtype (fp32/bf16/fp16); rows may be strided.
+        activation: SILU (SwiGLU), GELU or GELU_TANH (GeGLU), or any name :meth:`Activation.parse` takes.
+        inplace_backward: write dgate/dup into gate's/up's buffers in the backward. Only when gate and up are
+            temporaries nothing else reads afterwards (see the module docstring); ignored for leaf tensors.
+    Returns:
+        [..., n] in gate.dtype. Saves gate and up for the backward (no activation).
+    """
+    activation = Activation.parse(activation)
+    _check_pair(activation.kernel, gate, up)
     if gate.numel() == 0:
         return gate.new_empty(gate.shape)
     if not needs_grad(gate, up):  # no graph to record (generation, eval): the forward op alone, same bits
-        return _glu_op(gate, up, activation)
+        return glu_op(gate, up, activation)
     return GLUFunction.apply(gate, up, activation, bool(inplace_backward))
-
-
-def _glu_op(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "silu":
-        return call_op(swiglu_forward, gate, up)
-    return call_op(geglu_forward, gate, up, "tanh" if activation == "gelu_tanh" else "none")
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, inplace_backward: bool = False) -> torch.Tensor:
@@ -502,12 +496,11 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, inplace_backward: bool = Fal
 
     Args:
         gate, up: [..., n], same shape and dtype (fp32/bf16/fp16); rows may be strided.
-        inplace_backward: write dgate/dup into gate's/up's buffers in the backward. Only when gate and up are
-            temporaries nothing else reads afterwards (see the module docstring); ignored for leaf tensors.
+        inplace_backward: as in :func:`glu`.
     Returns:
         [..., n] in gate.dtype. Saves gate and up for the backward (no activation).
     """
-    return _apply("swiglu", gate, up, "silu", inplace_backward)
+    return glu(gate, up, Activation.SILU, inplace_backward=inplace_backward)
 
 
 def geglu(
@@ -518,12 +511,11 @@ def geglu(
     Args:
         gate, up: [..., n], same shape and dtype (fp32/bf16/fp16); rows may be strided.
         approximate: "none" (erf gelu, ``nn.GELU()``) or "tanh" (``gelu_pytorch_tanh``, Gemma).
-        inplace_backward: as in :func:`swiglu`.
+        inplace_backward: as in :func:`glu`.
     Returns:
         [..., n] in gate.dtype. Saves gate and up for the backward (no activation).
     """
-    code = _approximate_code(approximate)
-    return _apply("geglu", gate, up, "gelu_tanh" if code == GELU_TANH else "gelu", inplace_backward)
+    return glu(gate, up, Activation.from_approximate(approximate), inplace_backward=inplace_backward)
 
 
 def compile_cases() -> None:

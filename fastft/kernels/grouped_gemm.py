@@ -32,7 +32,7 @@ if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
 
-    from fastft.kernels.glu import cast_rne  # the interpreter truncates fp32 -> bf16; GPUs round to nearest
+    from fastft.kernels._tl_utils import cast_rne  # the interpreter truncates fp32 -> bf16; GPUs round to nearest
 
     @triton.jit
     def _grouped_gemm_kernel(

@@ -53,59 +53,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastft._log import info_once
-from fastft.kernels._launch import autocast_enabled, call_op, needs_grad
+from fastft.kernels._launch import autocast_enabled, needs_grad
+from fastft.kernels.activation import Activation
+from fastft.kernels.glu import glu_backward_op, glu_op
 from fastft.kernels.nf4 import dequantize_nf4
-
-# ----------------------------------------------------------------------------------------------------------------
-# Activations: the GLU custom ops (fastft.kernels.glu); names accepted from HF configs and from callers
-# ----------------------------------------------------------------------------------------------------------------
-_ACTIVATION_ALIASES = {
-    "silu": "silu",
-    "swiglu": "silu",
-    "swish": "silu",
-    "gelu": "gelu",
-    "geglu": "gelu",
-    "gelu_tanh": "gelu_tanh",
-    "geglu_tanh": "gelu_tanh",
-    "gelu_pytorch_tanh": "gelu_tanh",
-    "gelu_new": "gelu_tanh",
-}
-
-
-def _normalize_activation(activation: str) -> str:
-    try:
-        return _ACTIVATION_ALIASES[activation]
-    except KeyError:
-        raise ValueError(f"activation must be one of {sorted(_ACTIVATION_ALIASES)}, got {activation!r}") from None
-
-
-def _act_forward(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
-    from fastft.kernels import glu
-
-    if activation == "silu":
-        return call_op(glu.swiglu_forward, gate, up)
-    return call_op(glu.geglu_forward, gate, up, "tanh" if activation == "gelu_tanh" else "none")
-
-
-def _act_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str, inplace: bool):
-    from fastft.kernels import glu
-
-    if inplace:  # gate/up are our own recomputed temporaries: write dgate/dup over them, two [T, I] fewer
-        name = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_tanh"}[activation]
-        call_op(glu.glu_backward_inplace, dh, gate, up, name)
-        return gate, up
-    if activation == "silu":
-        return call_op(glu.swiglu_backward, dh, gate, up)
-    return call_op(glu.geglu_backward, dh, gate, up, "tanh" if activation == "gelu_tanh" else "none")
-
-
-def _ensure_glu_ops() -> None:
-    import fastft.kernels.geglu  # noqa: F401  (registers torch.ops.fastft.geglu_*)
-    import fastft.kernels.swiglu  # noqa: F401  (registers torch.ops.fastft.swiglu_*)
-
-
-_ensure_glu_ops()
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Base weights: dense, or NF4 dequantized on the fly into a reused buffer
@@ -254,14 +205,14 @@ def _projections_forward(
 
 
 def _mlp_forward(
-    x: torch.Tensor, bases: tuple, scalings: tuple, add: tuple, activation: str, recompute: str, adapters: tuple
+    x: torch.Tensor, bases: tuple, scalings: tuple, add: tuple, activation: Activation, recompute: str, adapters: tuple
 ) -> tuple[torch.Tensor, tuple]:
     """LoRAMLP's forward math: (y [..., hidden], the tensors its backward saves)."""
     Ag, Bg, Au, Bu, Ad, Bd = adapters
     x2 = _rows(x)
     gate, xa_g = _proj_forward(x2, bases[0], Ag, Bg, scalings[0], add[0])
     up, xa_u = _proj_forward(x2, bases[1], Au, Bu, scalings[1], add[1])
-    h = _act_forward(gate, up, activation)
+    h = glu_op(gate, up, activation)
     if recompute == "projections":
         del gate, up  # freed before the down projection: the forward peak is gate + up + h, not more
     y, ha_d = _proj_forward(h, bases[2], Ad, Bd, scalings[2], add[2])
@@ -311,7 +262,7 @@ class LoRAMLP(torch.autograd.Function):
         bases: tuple,
         scalings: tuple,
         add_in_base_dtype: tuple,
-        activation: str,
+        activation: Activation,
         recompute: str,
         inplace_backward: bool,
         Ag,
@@ -358,7 +309,7 @@ class LoRAMLP(torch.autograd.Function):
             dh.addmm_(dha, Ad)
         else:
             dh.add_((dha @ Ad).to(dh.dtype))
-        dgate, dup = _act_backward(dh, gate, up, ctx.activation, inplace)
+        dgate, dup = glu_backward_op(dh, gate, up, ctx.activation, inplace)
         del dh, gate, up
         dx, dAg, dBg = _proj_backward(dgate, x2, xa_g, bases[0], Ag, Bg, scalings[0], None, need_x, need_ag, need_bg)
         del dgate
@@ -377,12 +328,14 @@ def _recompute_proj(x2, xa, base: BaseWeight, B, s, add_in_base_dtype) -> torch.
 _H_CHUNK_ELEMENTS = 1 << 20
 
 
-def _grad_a_down(dha: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str, a_dtype: torch.dtype):
+def _grad_a_down(
+    dha: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: Activation, a_dtype: torch.dtype
+) -> torch.Tensor:
     n_rows, n_cols = gate.shape
     step = max(1, _H_CHUNK_ELEMENTS // max(n_cols, 1))
     dA = None
     for r in range(0, n_rows, step):
-        h = _act_forward(gate[r : r + step], up[r : r + step], activation)
+        h = glu_op(gate[r : r + step], up[r : r + step], activation)
         part = dha[r : r + step].t() @ (h if h.dtype == a_dtype else h.to(a_dtype))
         dA = part if dA is None else dA.add_(part)
     return dA
@@ -654,12 +607,16 @@ AdapterParts = tuple[BaseWeight, torch.Tensor, torch.Tensor, float, bool]
 
 
 def mlp_from_parts(
-    x: torch.Tensor, parts: list[AdapterParts], activation: str, recompute: str = "activation", inplace_backward: bool = True
+    x: torch.Tensor,
+    parts: list[AdapterParts],
+    activation: Activation | str,
+    recompute: str = "activation",
+    inplace_backward: bool = True,
 ) -> torch.Tensor:
     """``LoRAMLP`` over (gate, up, down) adapter parts; x [..., hidden] -> [..., hidden] (see :func:`lora_mlp`)."""
     if recompute not in ("activation", "projections"):
         raise ValueError(f"recompute must be 'activation' or 'projections', got {recompute!r}")
-    act = _normalize_activation(activation)
+    act = Activation.parse(activation)
     g, u, d = parts
     x = _autocast_input(x)
     adapters, no_autocast = _autocast_adapters(x, [g[1], g[2], u[1], u[2], d[1], d[2]])

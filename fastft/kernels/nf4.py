@@ -60,6 +60,8 @@ if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
 
+    from fastft.kernels._tl_utils import cast_rne
+
     @triton.jit
     def _dequantize_nf4_kernel(
         OUT,
@@ -73,7 +75,6 @@ if TRITON_AVAILABLE:
         blocksize,
         blocksize2,
         NESTED: tl.constexpr,
-        ROUND_BF16: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0).to(tl.int64)
@@ -92,14 +93,9 @@ if TRITON_AVAILABLE:
         else:
             scale = tl.load(ABSMAX + block, mask=mask, other=0.0)
         result = value * scale
-        if ROUND_BF16:
-            # Round-to-nearest-even by hand: the interpreter's fp32->bf16 cast truncates, the GPU's rounds; doing it
-            # on the bits gives torch's (and bitsandbytes') result on both. Values are finite (absmax is finite).
-            bits = result.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-            tl.store(OUT + idx, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
-        else:
-            tl.store(OUT + idx, result.to(OUT.dtype.element_ty), mask=mask)
+        # bf16 rounds to nearest even on the bits: the interpreter's fp32->bf16 cast truncates, the GPU's rounds;
+        # cast_rne gives torch's (and bitsandbytes') result on both.
+        tl.store(OUT + idx, cast_rne(result, OUT.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -140,7 +136,6 @@ def _dequantize_triton(out: torch.Tensor, q: NF4Parts) -> None:
         q.blocksize,
         q.blocksize2,
         NESTED=nested,
-        ROUND_BF16=out.dtype == torch.bfloat16,
         BLOCK=_BLOCK,
         num_warps=8,
         enable_fp_fusion=False,

@@ -40,7 +40,7 @@ if TRITON_AVAILABLE:
 
     # Every fp32 -> bf16 rounding goes through cast_rne: the interpreter truncates a plain ``.to(tl.bfloat16)``
     # while a GPU rounds to nearest even, so with it an interpreter bit-parity test also means GPU bit parity.
-    from fastft.kernels.glu import cast_rne
+    from fastft.kernels._tl_utils import cast_rne
 
     @triton.jit
     def _rms_norm_forward_kernel(

@@ -42,7 +42,7 @@ if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
 
-    from fastft.kernels.glu import cast_rne  # rounds to bf16 like a GPU, also under the interpreter
+    from fastft.kernels._tl_utils import cast_rne  # rounds to bf16 like a GPU, also under the interpreter
 
     @triton.jit
     def _rotate_heads(

@@ -19,7 +19,7 @@ allocates, with the few pieces a GPU run does differently swapped for stand-ins 
   layer recomputed in backward) -- our own recompute because some torch.utils.checkpoint paths call ``.item()``.
   With ``offload=True`` the saved input is copied to host memory: the copy is made with the tracker disabled and
   counted in :class:`HostLedger` instead, and copied back (a counted device allocation) for the recompute.
-* fastft's variant: ``fastft.patches.architectures.patch_model`` (fused RMSNorm / RoPE / SwiGLU-GeGLU, optionally
+* fastft's variant: ``fastft.patches.patcher.patch_model`` (fused RMSNorm / RoPE / SwiGLU-GeGLU, optionally
   the tiled MLP) on the meta model -- their custom ops run their fake impls -- plus fastft's fused LoRA (the real
   ``LoRAMLP`` / ``LoRAProjections`` autograd functions of fastft.kernels.lora over the stand-in layers, NF4
   dequantized into its shared buffers, adapters cast to the compute dtype as under the Trainer's autocast), the
@@ -216,7 +216,7 @@ class StepModel:
 
     def _patch_fastft(self, model: nn.Module) -> None:
         try:
-            from fastft.patches.architectures import patch_model
+            from fastft.patches.patcher import patch_model
 
             report = patch_model(model, tiled_mlp=self.spec.tiled_mlp)
         except Exception as exc:  # noqa: BLE001 - a half-written patch must not stop the plan; say what is missing
@@ -395,7 +395,7 @@ def _chunk_loop_visible(active: bool, counter: Any = None) -> Iterator[None]:
 def _module_patches(active: bool) -> Iterator[None]:
     """fastft's process-wide patches (RoPE functions) on for the fastft variant, off for the baseline."""
     try:
-        from fastft.patches.architectures import module_patches
+        from fastft.patches.patcher import module_patches
     except Exception:  # noqa: BLE001 - no patches module: nothing to scope
         yield
         return

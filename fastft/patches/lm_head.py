@@ -14,7 +14,7 @@ and the head go in, the loss (or the per-token log-probs) comes out, and the ``[
 * :func:`token_stats` -- exact no-grad per-token metrics (entropy, top-1, mean logit, ...) in row chunks.
 * :func:`router_aux_modeling` / :func:`router_aux_loss` -- the MoE load-balancing loss as the model computes it.
 
-Callers: ``fastft.patches.architectures`` (the causal-LM forward's loss), ``fastft.patches.trl_heads`` (TRL's
+Callers: ``fastft.patches.causal_lm_loss`` (the causal-LM forward's loss), ``fastft.patches.trl_heads`` (TRL's
 fused-head seam) and ``fastft.patches.trl_preference`` (the lean preference heads).
 """
 

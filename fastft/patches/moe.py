@@ -14,7 +14,7 @@ module itself -- so the grouped GEMM runs on the adapted weight and autograd car
 adapter is *not* fused into the GEMM: PEFT materializes ``W + BA`` per expert stack per call, as it does without
 fastft).
 
-The fused loss head (``fastft.patches.architectures``) adds the load-balancing loss exactly as the model's forward
+The fused loss head (``fastft.patches.causal_lm_loss``) adds the load-balancing loss exactly as the model's forward
 does when ``output_router_logits`` is on: ``loss + router_aux_loss_coef * load_balancing_loss_func(router_logits,
 num_experts, num_experts_per_tok, attention_mask)``, with the model's own function (:func:`router_aux_output`).
 """
@@ -49,7 +49,7 @@ def experts_contract(experts_cls: type, config: Any) -> str | None:
     """A small CPU instance of the model's experts class (its own config; hidden 16, intermediate 12, 3 experts):
     its forward vs :func:`fused_experts` on an uneven routing in which one expert gets no token."""
     from fastft.kernels.moe import expert_layout, fused_experts
-    from fastft.patches.architectures import _compare
+    from fastft.patches.patcher import _compare
 
     small = copy.deepcopy(config)
     small.hidden_size = 16
@@ -80,8 +80,8 @@ def experts_contract(experts_cls: type, config: Any) -> str | None:
 def patch_experts(model: nn.Module, row: Any, modeling: Any, report: Any) -> None:
     """Give every experts module of ``row.experts_class`` the grouped-GEMM forward (guarded by the probe)."""
     from fastft._log import warn_once
-    from fastft.patches.architectures import _instance_patch
     from fastft.patches.base import all_guards
+    from fastft.patches.patcher import _instance_patch
 
     cls = getattr(modeling, row.experts_class, None)
     found = [m for m in model.modules() if cls is not None and type(m) is cls]

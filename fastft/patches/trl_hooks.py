@@ -13,7 +13,7 @@ import torch
 
 from fastft._log import info_once, logger, mark, warn_once
 from fastft.patches import modes, trl_summary
-from fastft.patches.architectures import logits_required
+from fastft.patches.causal_lm_loss import logits_required
 from fastft.patches.lm_head import router_aux_modeling
 from fastft.patches.trl_config import _apply_checkpointing, _apply_max_seq_length
 from fastft.patches.trl_heads import LOSS_ONLY, FastHeadDeclined, _fast_heads, _without_fused_head

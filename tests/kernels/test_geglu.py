@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastft.kernels import force_path, geglu, geglu_reference, path_counts
-from fastft.kernels.geglu import geglu_backward, geglu_forward
+from fastft.kernels.glu import geglu_backward, geglu_forward
 from tests.kernels.test_swiglu import DTYPES, SHAPES, _check_against_reference, _inplace_case, _inputs, _run
 from tests.tolerances import BACKWARD, assert_close
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastft.kernels import force_path, path_counts, swiglu, swiglu_reference
-from fastft.kernels.swiglu import swiglu_backward, swiglu_forward
+from fastft.kernels.glu import swiglu_backward, swiglu_forward
 from fastft.memory import LiveBytesTracker
 from tests.tolerances import BACKWARD, FORWARD, assert_close
 

@@ -10,10 +10,11 @@ from transformers import AutoModelForCausalLM
 import fastft
 from fastft import FastModel
 from fastft.kernels import force_path, path_counts
+from fastft.kernels.activation import Activation
 from fastft.kernels.lora import lora_path_counts
 from fastft.model import ALL_LINEAR_PROJECTIONS
 from fastft.offline import TINY_ARCHITECTURES, save_tiny_model
-from fastft.patches.architectures import ACTIVATIONS, ARCHITECTURES
+from fastft.patches.architectures import ARCHITECTURES
 
 
 @pytest.fixture(autouse=True)
@@ -62,7 +63,7 @@ def _expected_kernels(model_type, model):
     ops = [op for op in ("rms_norm", "rope") if op not in unfused] + ["cross_entropy"]
     if any(type(m).__name__ == row.mlp_class for m in model.modules()):
         pieces.add("mlp")
-        ops.append(ACTIVATIONS[getattr(_plain_config(model_type), row.activation_field)][0])
+        ops.append(Activation.from_config(getattr(_plain_config(model_type), row.activation_field)).kernel)
     if row.experts_class:
         pieces.add("experts")
         ops += ["grouped_gemm"] + (["swiglu"] if model_type != "gpt_oss" else [])

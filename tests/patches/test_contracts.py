@@ -18,8 +18,9 @@ import transformers.models.llama.modeling_llama as llama
 
 import fastft
 from fastft.offline import build_tiny_model
-from fastft.patches.architectures import ARCHITECTURES, patch_model
+from fastft.patches.architectures import ARCHITECTURES
 from fastft.patches.base import Patch
+from fastft.patches.patcher import patch_model
 
 EVERY_PIECE = {"rope", "rms_norm", "mlp", "fused_loss"}
 

@@ -9,7 +9,7 @@ import torch
 
 import fastft
 from fastft.offline import build_tiny_model
-from fastft.patches.architectures import patch_model
+from fastft.patches.patcher import patch_model
 
 pytestmark = pytest.mark.usefixtures("fresh_patches")
 

@@ -7,7 +7,7 @@ import pytest
 
 import fastft
 from fastft.offline import build_tiny_model
-from fastft.patches import architectures
+from fastft.patches import patcher
 from fastft.patches.base import skipped_patches
 
 
@@ -15,10 +15,10 @@ from fastft.patches.base import skipped_patches
     "piece, contract, name", [("rms_norm", "_norm_contract", "llama RMSNorm"), ("mlp", "_mlp_contract", "llama MLP")]
 )
 def test_a_failed_probe_is_a_skipped_patch_with_its_reason(piece, contract, name, monkeypatch):
-    monkeypatch.setattr(architectures, contract, lambda *a, **k: "probe mismatch, max |diff| 1 (forced)")
+    monkeypatch.setattr(patcher, contract, lambda *a, **k: "probe mismatch, max |diff| 1 (forced)")
     model = build_tiny_model("llama")
     try:
-        report = architectures.patch_model(model)
+        report = patcher.patch_model(model)
         assert piece in report.skipped and "probe mismatch" in report.reasons[piece]
         assert "probe mismatch" in skipped_patches()[name]
         patched = [m for m in model.modules() if "forward" in vars(m)]
