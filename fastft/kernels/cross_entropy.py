@@ -57,20 +57,18 @@ from fastft.kernels._launch import (
     option_schema,
     use_triton,
 )
-from fastft.kernels.cross_entropy_math import (  # noqa: F401  (re-exported: the family's shared host-side math)
+from fastft.kernels.cross_entropy_math import (  # noqa: F401  (cross_entropy_reference: re-exported, the op's oracle)
     CrossEntropyOptions,
     GradCoefficients,
     LossOptions,
     check_class_weight,
     check_labels,
     cross_entropy_reference,
-    fold_transform,
     grad_coefficients,
     reduce_rows,
     resolve_loss_options,
     row_losses,
     row_weights,
-    transform_reference,
 )
 
 if TYPE_CHECKING:
