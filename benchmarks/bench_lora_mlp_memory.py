@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
 from fastft.kernels import path_counts
-from fastft.kernels.lora import lora_mlp
 from fastft.memory import LiveBytesTracker
+from fastft.patches.peft_lora import lora_mlp
 
 
 class LlamaMLP(nn.Module):

@@ -18,7 +18,7 @@ its module's ``__call__`` can be a shard or a placeholder:
   unfused path (which calls the module, so ZeRO-3's hooks gather it) and log why.
 
 Callers: the causal-LM fused loss (``fastft.patches.causal_lm_loss``), PatchFastRL's fast LM head
-(``fastft.patches.trl``) and fused LoRA's ``can_fuse`` (``fastft.kernels.lora``).
+(``fastft.patches.trl``) and fused LoRA's ``can_fuse`` (``fastft.patches.peft_lora``).
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ from fastft.kernels._launch import force_path, path_counts
 from fastft.kernels.cross_entropy import cross_entropy, cross_entropy_reference
 from fastft.kernels.glu import geglu, geglu_reference, swiglu, swiglu_reference
 from fastft.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
-from fastft.kernels.lora import lora_mlp, lora_o, lora_qkv
 from fastft.kernels.nf4 import dequantize_nf4
 from fastft.kernels.rms_norm import rms_norm, rms_norm_reference
 from fastft.kernels.rope import apply_rope, apply_rope_reference
@@ -31,7 +30,4 @@ __all__ = [
     "selective_log_softmax",
     "selective_log_softmax_reference",
     "dequantize_nf4",
-    "lora_mlp",
-    "lora_qkv",
-    "lora_o",
 ]

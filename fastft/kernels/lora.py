@@ -1,5 +1,7 @@
-"""Fused LoRA for PEFT ``LoraLayer``s: the MLP block (gate/up/down + SwiGLU/GeGLU), the q/k/v projections, and the
-output projection, each one ``torch.autograd.Function`` with a hand-derived backward.
+"""Fused LoRA math: the MLP block (gate/up/down + SwiGLU/GeGLU) and one or more projections of one input (q/k/v, o),
+each one ``torch.autograd.Function`` with a hand-derived backward, over :class:`AdapterParts` (base weight, A, B,
+scaling). Reading those parts off PEFT ``LoraLayer``s, and deciding when that is exact, is
+``fastft.patches.peft_lora``'s job: nothing here knows PEFT, bitsandbytes' layer classes or sharding.
 
 Why: in PEFT's eager path every projection is three autograd nodes (base linear, lora_A, lora_B) plus a scale and an
 add, and the gated MLP keeps four [tokens, intermediate] activations alive for backward (gate, act(gate), up, and
@@ -37,22 +39,19 @@ Under autocast (what the Trainer's bf16=True / fp16=True turns on), PEFT's adapt
 adapters cast to the autocast dtype; the fused functions make the same (differentiable) casts and run with autocast
 off inside, provided the input is already in the autocast dtype (a bf16/fp16 model); otherwise they fall back.
 
-Fusion is used only when it is exact (see :func:`can_fuse`); otherwise the ``fused_*`` entry points return None after
-logging the reason once, and the caller runs PEFT's own forward.
+Fusion is used only when it is exact (``fastft.patches.peft_lora.can_fuse``); otherwise its ``fused_*`` entry points
+return None after logging the reason once, and the caller runs PEFT's own forward.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections import Counter
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from fastft._log import info_once
 from fastft.kernels._launch import autocast_enabled, needs_grad
 from fastft.kernels.activation import Activation
 from fastft.kernels.glu import glu_backward_op, glu_op
@@ -114,14 +113,6 @@ class BaseWeight:
         else:
             w = dequantize_nf4(self.weight, qs, out=_dequant_buffer(shape, qs.dtype, self.weight.device))
         return w if w.dtype == dtype else w.to(dtype)
-
-
-def _base_of(layer: nn.Module) -> BaseWeight:
-    """The frozen weight of ``layer``'s base (``layer`` a PEFT LoRA layer, or already its base layer)."""
-    base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
-    weight = base.weight
-    qs = getattr(weight, "quant_state", None)
-    return BaseWeight(weight.data if qs is not None else weight.detach(), qs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -342,171 +333,17 @@ def _grad_a_down(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# PEFT glue: when fusion is exact, and reading the adapters off LoraLayers
+# Entry points over adapter parts (fastft.patches.peft_lora reads them off PEFT layers; the memory model's stand-ins
+# build them too)
 # ----------------------------------------------------------------------------------------------------------------
-def _peft_lora_classes() -> tuple[type, ...]:
-    from peft.tuners.lora.layer import Linear as LoraLinear
+class AdapterParts(NamedTuple):
+    """One projection's adapter as the fused functions take it."""
 
-    classes: list[type] = [LoraLinear]
-    try:
-        from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
-
-        classes.append(LoraLinear4bit)
-    except ImportError:  # bitsandbytes not installed
-        pass
-    return tuple(classes)
-
-
-def _is_bnb_4bit(base: nn.Module) -> bool:
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return False
-    return isinstance(base, bnb.nn.Linear4bit)
-
-
-def can_fuse(layer: nn.Module) -> tuple[bool, str]:
-    """Whether ``layer`` (a PEFT LoRA ``Linear`` or bitsandbytes ``Linear4bit``) can run fused with identical math.
-
-    Requires: exactly one active adapter, adapters enabled, not merged, lora_dropout == 0 (nn.Identity), no bias
-    (base nor lora_bias), no DoRA or other LoRA variant, fan_in_fan_out False, a frozen base weight, base an
-    ``nn.Linear`` or an NF4 ``Linear4bit``. Returns (True, "") or (False, the reason).
-    """
-    if not isinstance(layer, _peft_lora_classes()):
-        return False, f"{type(layer).__name__} is not a PEFT LoRA Linear/Linear4bit layer"
-    if layer.disable_adapters:
-        return False, "adapters are disabled"
-    if layer.merged:
-        return False, "adapter weights are merged into the base weight"
-    active = list(layer.active_adapters)
-    if len(active) != 1:
-        return False, f"{len(active)} active adapters (fusion handles exactly one)"
-    name = active[0]
-    if name not in layer.lora_A:
-        return False, f"active adapter {name!r} has no LoRA weights on this layer"
-    if not isinstance(layer.lora_dropout[name], nn.Identity):
-        return False, "lora_dropout > 0 (dropout makes the fused path inexact)"
-    if layer.lora_bias.get(name, False):
-        return False, "lora_bias is on"
-    if name in getattr(layer, "lora_variant", {}) or layer.use_dora.get(name, False):
-        return False, "DoRA or another LoRA variant is active"
-    if getattr(layer, "fan_in_fan_out", False):
-        return False, "fan_in_fan_out (Conv1D) weights"
-    base = layer.get_base_layer()
-    from fastft.distributed import sharded_reason  # FSDP2 DTensor shards / ZeRO-3 placeholders (outside forward)
-
-    for what, weight in (
-        ("base", base.weight),
-        ("lora_A", layer.lora_A[name].weight),
-        ("lora_B", layer.lora_B[name].weight),
-    ):
-        sharded = sharded_reason(weight)
-        if sharded:
-            return False, f"{what}: {sharded}"
-    if getattr(base, "bias", None) is not None:
-        return False, "the base layer has a bias"
-    if base.weight.requires_grad:
-        return False, "the base weight requires grad (fused LoRA never computes a base-weight gradient)"
-    if not isinstance(layer.lora_A[name], nn.Linear) or not isinstance(layer.lora_B[name], nn.Linear):
-        return False, "lora_A/lora_B are not nn.Linear"
-    if _is_bnb_4bit(base):
-        qs = getattr(base.weight, "quant_state", None)
-        if qs is None or qs.quant_type != "nf4":
-            return False, "4-bit base is not NF4 (fp4, or not yet quantized)"
-        if getattr(qs, "packing_format_for_cpu", False):
-            # bitsandbytes rewrote it into its CPU bf16 inference layout (an eval no-grad forward on an AVX512-BF16
-            # CPU does that in place): no longer the NF4 format fastft's dequantization reads.
-            return False, "bitsandbytes converted this 4-bit weight to its CPU inference layout"
-    elif type(base) is not nn.Linear:
-        return False, f"base layer {type(base).__name__} is neither nn.Linear nor an NF4 bitsandbytes Linear4bit"
-    return True, ""
-
-
-def _state_key(layer: nn.Module) -> tuple | None:
-    """What :func:`can_fuse`'s verdict on a PEFT layer depends on that can change after construction, read off
-    instance dicts only (no ``nn.Module.__getattr__``): adapters disabled / merged / active, and the identity and
-    ``requires_grad`` of the base and adapter weights (a replaced module or weight changes its id). None when the
-    verdict must not be cached: not exactly one active adapter, or a weight that is not a plain Parameter (a DTensor
-    shard or DeepSpeed parameter is gathered or not depending on when it is read)."""
-    d = layer.__dict__
-    active = d.get("_active_adapter", "default")
-    if not isinstance(active, str):
-        if len(active) != 1:
-            return None
-        active = active[0]
-    mods = d["_modules"]
-    base, lora_a, lora_b = mods.get("base_layer"), mods.get("lora_A"), mods.get("lora_B")
-    if base is None or lora_a is None or lora_b is None or "base_layer" in base.__dict__["_modules"]:
-        return None
-    a, b = lora_a.__dict__["_modules"].get(active), lora_b.__dict__["_modules"].get(active)
-    w = base.__dict__["_parameters"].get("weight")
-    if a is None or b is None or type(w) is not nn.Parameter or hasattr(w, "ds_id"):
-        return None
-    wa, wb = a.__dict__["_parameters"].get("weight"), b.__dict__["_parameters"].get("weight")
-    return (
-        d.get("_disable_adapters", False),
-        len(d.get("merged_adapters", ())),
-        active,
-        id(base),
-        id(w),
-        w.requires_grad,
-        id(a),
-        id(b),
-        id(wa),
-        id(wb),
-        id(mods["lora_dropout"].__dict__["_modules"].get(active)),
-    )
-
-
-def _fusable(layer: nn.Module) -> tuple[bool, str, tuple | None]:
-    """(:func:`can_fuse`'s verdict and reason, and when fusable (base layer, is it an NF4 ``Linear4bit``, active
-    adapter name, lora_A weight, lora_B weight)), cached on the layer while :func:`_state_key` is unchanged: the full
-    check costs ~20 us of attribute lookups per projection per call, more than a small model's decoding matmuls."""
-    key = _state_key(layer)
-    cached = layer.__dict__.get("_fastft_fusable")
-    if key is not None and cached is not None and cached[0] == key:
-        return cached[1]
-    ok, reason = can_fuse(layer)
-    parts = None
-    if ok:
-        base = layer.get_base_layer()
-        name = layer.active_adapters[0]
-        parts = (base, _is_bnb_4bit(base), name, layer.lora_A[name].weight, layer.lora_B[name].weight)
-    info = (ok, reason, parts)
-    if key is not None:
-        layer.__dict__["_fastft_fusable"] = (key, info)  # a plain attribute: not a parameter, buffer or module
-    return info
-
-
-def _input_ok(layer: nn.Module, x: torch.Tensor, base: nn.Module | None = None, bnb: bool | None = None) -> tuple[bool, str]:
-    base = layer.get_base_layer() if base is None else base
-    device = x.device.type
-    cast_to = torch.get_autocast_dtype(device) if autocast_enabled(device) else None
-    if _is_bnb_4bit(base) if bnb is None else bnb:
-        cdt = base.compute_dtype
-        if cdt is not None and cdt != x.dtype:
-            return False, f"Linear4bit compute_dtype {cdt} differs from the input dtype {x.dtype}"
-        if cast_to is not None and cast_to != x.dtype:  # a 4-bit base is left to bitsandbytes' own autocast rules
-            return False, (
-                f"autocast to {cast_to} with a {x.dtype} input and a 4-bit base (fused only when the "
-                "model already computes in the autocast dtype)"
-            )
-        return True, ""
-    weight = base.weight.dtype
-    if cast_to is None:
-        if weight != x.dtype:
-            return False, f"base weight dtype {weight} differs from the input dtype {x.dtype}"
-        return True, ""
-    # Under the Trainer's bf16/fp16 autocast, F.linear computes in the autocast dtype whichever of fp32 / that dtype
-    # its input and weight are (an fp32 model's norm output is fp32, its attention output already bf16): the fused
-    # path makes the same casts (_autocast_input, and the base weight follows the input inside the fused function).
-    allowed = (torch.float32, cast_to)
-    if x.dtype not in allowed or weight not in allowed:
-        return False, (
-            f"autocast to {cast_to} with a {x.dtype} input and a {weight} base (fused only for inputs and "
-            f"base weights in float32 or {cast_to})"
-        )
-    return True, ""
+    base: BaseWeight  #: the frozen base weight [out, in]
+    lora_a: torch.Tensor  #: A [r, in]
+    lora_b: torch.Tensor  #: B [out, r]
+    scaling: float  #: s: lora_alpha / r (or / sqrt(r) with rsLoRA)
+    add_in_base_dtype: bool  #: cast the adapter output to the base output dtype before adding (PEFT's Linear4bit)
 
 
 def _autocast_input(x: torch.Tensor) -> torch.Tensor:
@@ -531,81 +368,6 @@ def _autocast_adapters(x: torch.Tensor, adapters: list[torch.Tensor]) -> tuple[l
     return cast, torch.autocast(device, enabled=False)
 
 
-def _adapter(layer: nn.Module, fusable: tuple | None = None) -> AdapterParts:
-    """The layer's AdapterParts; ``fusable`` is :func:`_fusable`'s third item when the caller has it (the scaling is
-    read live: PEFT's ``scale_layer`` changes it in place)."""
-    if fusable is None:
-        base = layer.get_base_layer()
-        name = layer.active_adapters[0]
-        fusable = (base, _is_bnb_4bit(base), name, layer.lora_A[name].weight, layer.lora_B[name].weight)
-    base, bnb, name, a, b = fusable
-    return (_base_of(base), a, b, float(layer.scaling[name]), bnb)
-
-
-#: (kind: "mlp" | "qkv" | "o" | "linear", "fused" | "peft") -> calls of the patched LoRA forwards, by the path they
-#: took; the start-of-training summary reports step 1's (a layer installed as fused can still fall back per call).
-lora_path_counts: Counter[tuple[str, str]] = Counter()
-
-
-def _check_layers(kind: str, layers: dict[str, nn.Module], x: torch.Tensor) -> list[AdapterParts] | None:
-    """Each layer's adapter parts when all of them can run fused on ``x``, else None (reason logged once)."""
-    parts = []
-    for attr, layer in layers.items():
-        ok, reason, fusable = _fusable(layer)
-        if ok:
-            ok, reason = _input_ok(layer, x, fusable[0], fusable[1])
-        if not ok:
-            info_once(
-                f"fastft: fused LoRA {kind} not used for {attr}: {reason}; running PEFT's path",
-                key=f"lora-{kind}-{attr}-{reason}",
-            )
-            lora_path_counts[(kind, "peft")] += 1
-            return None
-        parts.append(_adapter(layer, fusable))
-    lora_path_counts[(kind, "fused")] += 1
-    return parts
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Public functions
-# ----------------------------------------------------------------------------------------------------------------
-def lora_mlp(
-    mlp: nn.Module,
-    x: torch.Tensor,
-    activation: str = "silu",
-    *,
-    recompute: str = "activation",
-    inplace_backward: bool = True,
-) -> torch.Tensor:
-    """Fused ``down_proj(act(gate_proj(x)) * up_proj(x))`` for an MLP whose three projections are PEFT LoRA layers.
-
-    Args:
-        mlp: module with ``gate_proj``, ``up_proj``, ``down_proj`` PEFT LoraLayers (each must pass :func:`can_fuse`).
-        x: [..., hidden] in the base compute dtype (fp32/bf16/fp16).
-        activation: "silu"/"swiglu", "gelu"/"geglu" (erf) or "gelu_tanh"/"gelu_pytorch_tanh".
-        recompute: "activation" (save gate and up, recompute h) or "projections" (save only X and rank-r products,
-            recompute gate and up in the backward).
-        inplace_backward: with recompute="activation", write dgate/dup over the saved gate/up (two [T, I] fewer
-            at the backward's peak). A second backward through a retained graph then raises PyTorch's in-place
-            error; pass False to keep the saved tensors intact.
-    Returns:
-        [..., hidden] in x.dtype.
-    Raises:
-        ValueError if a projection cannot be fused (use :func:`fused_mlp_forward` for a fall-back-able call).
-    """
-    layers = {"gate_proj": mlp.gate_proj, "up_proj": mlp.up_proj, "down_proj": mlp.down_proj}
-    for attr, layer in layers.items():
-        ok, reason = can_fuse(layer)
-        if not ok:
-            raise ValueError(f"lora_mlp: {attr} cannot be fused: {reason}")
-    return _lora_mlp(layers, x, activation, recompute, inplace_backward)
-
-
-#: One projection's adapter as the fused functions take it: (base weight, A [r, in], B [out, r], scaling,
-#: add_in_base_dtype). ``_adapter`` reads it off a PEFT layer; the memory model builds it from its stand-ins.
-AdapterParts = tuple[BaseWeight, torch.Tensor, torch.Tensor, float, bool]
-
-
 def mlp_from_parts(
     x: torch.Tensor,
     parts: list[AdapterParts],
@@ -613,119 +375,38 @@ def mlp_from_parts(
     recompute: str = "activation",
     inplace_backward: bool = True,
 ) -> torch.Tensor:
-    """``LoRAMLP`` over (gate, up, down) adapter parts; x [..., hidden] -> [..., hidden] (see :func:`lora_mlp`)."""
+    """``LoRAMLP`` over (gate, up, down) adapter parts; x [..., hidden] -> [..., hidden] in x.dtype.
+
+    activation: an :class:`Activation` or any name :meth:`Activation.parse` takes ("silu"/"swiglu", "gelu"/"geglu"
+    (erf), "gelu_tanh"/"gelu_pytorch_tanh", ...). recompute: "activation"
+    (save gate and up, recompute h) or "projections" (save only X and rank-r products, recompute gate and up in the
+    backward). inplace_backward: with recompute="activation", write dgate/dup over the saved gate/up (a second
+    backward through a retained graph then raises PyTorch's in-place error).
+    """
     if recompute not in ("activation", "projections"):
         raise ValueError(f"recompute must be 'activation' or 'projections', got {recompute!r}")
+    if len(parts) != 3:
+        raise ValueError(f"mlp_from_parts takes (gate, up, down) parts, got {len(parts)}")
     act = Activation.parse(activation)
-    g, u, d = parts
     x = _autocast_input(x)
-    adapters, no_autocast = _autocast_adapters(x, [g[1], g[2], u[1], u[2], d[1], d[2]])
+    adapters, no_autocast = _autocast_adapters(x, [t for p in parts for t in (p.lora_a, p.lora_b)])
+    bases = tuple(p.base for p in parts)
+    scalings = tuple(p.scaling for p in parts)
+    add = tuple(p.add_in_base_dtype for p in parts)
     with no_autocast:
         if not needs_grad(x, *adapters):  # no graph to record (generation, eval): the same math, no Function
-            return _mlp_forward(
-                x, (g[0], u[0], d[0]), (g[3], u[3], d[3]), (g[4], u[4], d[4]), act, recompute, tuple(adapters)
-            )[0]
-        return LoRAMLP.apply(
-            x,
-            (g[0], u[0], d[0]),
-            (g[3], u[3], d[3]),
-            (g[4], u[4], d[4]),
-            act,
-            recompute,
-            bool(inplace_backward),
-            *adapters,
-        )
+            return _mlp_forward(x, bases, scalings, add, act, recompute, tuple(adapters))[0]
+        return LoRAMLP.apply(x, bases, scalings, add, act, recompute, bool(inplace_backward), *adapters)
 
 
 def projections_from_parts(x: torch.Tensor, parts: list[AdapterParts]) -> tuple[torch.Tensor, ...]:
     """``LoRAProjections`` over one adapter's parts per projection of x; one [..., out_p] per projection."""
     x = _autocast_input(x)
-    flat, no_autocast = _autocast_adapters(x, [t for a in parts for t in (a[1], a[2])])
+    flat, no_autocast = _autocast_adapters(x, [t for p in parts for t in (p.lora_a, p.lora_b)])
+    bases = tuple(p.base for p in parts)
+    scalings = tuple(p.scaling for p in parts)
+    add = tuple(p.add_in_base_dtype for p in parts)
     with no_autocast:
         if not needs_grad(x, *flat):  # no graph to record (generation, eval): the same math, no Function
-            return _projections_forward(
-                x, tuple(a[0] for a in parts), tuple(a[3] for a in parts), tuple(a[4] for a in parts), tuple(flat)
-            )[0]
-        return LoRAProjections.apply(
-            x, tuple(a[0] for a in parts), tuple(a[3] for a in parts), tuple(a[4] for a in parts), *flat
-        )
-
-
-def _lora_mlp(layers, x, activation, recompute, inplace_backward=True):
-    return mlp_from_parts(
-        x, [_adapter(layers[k]) for k in ("gate_proj", "up_proj", "down_proj")], activation, recompute, inplace_backward
-    )
-
-
-def _lora_projections(layers: list[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    return projections_from_parts(x, [_adapter(layer) for layer in layers])
-
-
-def lora_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused q/k/v projections of ``attn`` (``q_proj``, ``k_proj``, ``v_proj`` PEFT LoRA layers), X read once.
-
-    x: [..., hidden]. Returns (q, k, v): [..., out_q], [..., out_k], [..., out_v] in x.dtype.
-    """
-    layers = [attn.q_proj, attn.k_proj, attn.v_proj]
-    for name, layer in zip(("q_proj", "k_proj", "v_proj"), layers, strict=True):
-        ok, reason = can_fuse(layer)
-        if not ok:
-            raise ValueError(f"lora_qkv: {name} cannot be fused: {reason}")
-    return _lora_projections(layers, x)
-
-
-def lora_o(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Fused output projection ``o_proj`` (a PEFT LoRA layer). x: [..., in]; returns [..., out] in x.dtype."""
-    ok, reason = can_fuse(attn.o_proj)
-    if not ok:
-        raise ValueError(f"lora_o: o_proj cannot be fused: {reason}")
-    return _lora_projections([attn.o_proj], x)[0]
-
-
-def fused_mlp_forward(
-    mlp: nn.Module, x: torch.Tensor, activation: str, *, recompute: str = "activation"
-) -> torch.Tensor | None:
-    """Entry point for model patching: the fused MLP output, or None (reason logged once) when not fusable."""
-    layers = {k: getattr(mlp, k, None) for k in ("gate_proj", "up_proj", "down_proj")}
-    if any(v is None for v in layers.values()):
-        info_once(
-            f"fastft: fused LoRA mlp not used: {type(mlp).__name__} lacks gate_proj/up_proj/down_proj",
-            key=f"lora-mlp-attrs-{type(mlp).__name__}",
-        )
-        return None
-    parts = _check_layers("mlp", layers, x)
-    if parts is None:
-        return None
-    return mlp_from_parts(x, parts, activation, recompute)
-
-
-def fused_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """Entry point for model patching: (q, k, v) from the fused projections, or None (reason logged once)."""
-    layers = {k: getattr(attn, k, None) for k in ("q_proj", "k_proj", "v_proj")}
-    if any(v is None for v in layers.values()):
-        info_once(
-            f"fastft: fused LoRA qkv not used: {type(attn).__name__} lacks q_proj/k_proj/v_proj",
-            key=f"lora-qkv-attrs-{type(attn).__name__}",
-        )
-        return None
-    parts = _check_layers("qkv", layers, x)
-    return None if parts is None else projections_from_parts(x, parts)
-
-
-def fused_o(attn: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """Entry point for model patching: the fused o_proj output, or None (reason logged once)."""
-    layer = getattr(attn, "o_proj", None)
-    if layer is None:
-        info_once(
-            f"fastft: fused LoRA o not used: {type(attn).__name__} lacks o_proj", key=f"lora-o-attrs-{type(attn).__name__}"
-        )
-        return None
-    parts = _check_layers("o", {"o_proj": layer}, x)
-    return None if parts is None else projections_from_parts(x, parts)[0]
-
-
-def fused_linear_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """Entry point for patching one LoRA projection (q, k, v or o on its own): the fused output, or None (reason
-    logged once) when the layer cannot run fused with identical math."""
-    parts = _check_layers("linear", {"proj": layer}, x)
-    return None if parts is None else projections_from_parts(x, parts)[0]
+            return _projections_forward(x, bases, scalings, add, tuple(flat))[0]
+        return LoRAProjections.apply(x, bases, scalings, add, *flat)

@@ -84,7 +84,7 @@ def _make_mlp_forward(activation: Activation, style: str = "gated"):
 def _lora_projection(mlp: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     layer = getattr(mlp, name)
     if getattr(mlp, "_fastft_fuse_lora", False):
-        from fastft.kernels.lora import fused_linear_forward
+        from fastft.patches.peft_lora import fused_linear_forward
 
         out = fused_linear_forward(layer, x)
         if out is not None:
@@ -96,7 +96,7 @@ def _fused_lora_mlp(mlp: nn.Module, x: torch.Tensor, activation: Activation) -> 
     """The fused LoRA MLP when the projections are LoRA layers it can handle exactly, else None (reason logged)."""
     if not getattr(mlp, "_fastft_fuse_lora", False):
         return None
-    from fastft.kernels.lora import fused_mlp_forward
+    from fastft.patches.peft_lora import fused_mlp_forward
 
     return fused_mlp_forward(mlp, x, activation)
 
@@ -348,7 +348,7 @@ ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
 
 
 def _make_lora_projection_forward(original):
-    from fastft.kernels.lora import fused_linear_forward
+    from fastft.patches.peft_lora import fused_linear_forward
 
     def forward(self, x, *args, **kwargs):
         if not args and not kwargs:

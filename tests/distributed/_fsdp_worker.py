@@ -46,9 +46,9 @@ def batches(vocab: int, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def train_variant(model_dir: str, out_dir: str, opts: dict[str, str], world: int, rank: int) -> None:
     from fastft.distributed import is_dtensor
     from fastft.kernels._launch import path_counts
-    from fastft.kernels.lora import can_fuse
     from fastft.model import FastModel
     from fastft.patches.checkpointing import offloaded_checkpoint
+    from fastft.patches.peft_lora import can_fuse
 
     path_counts.clear()
     full = opts.get("full") == "1"

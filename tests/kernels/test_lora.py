@@ -1,4 +1,5 @@
-"""Fused LoRA (fastft.kernels.lora) vs PEFT's own eager forward/backward on the same PEFT layers.
+"""Fused LoRA (fastft.kernels.lora, entered through fastft.patches.peft_lora) vs PEFT's own eager forward/backward on
+the same PEFT layers.
 
 The nf4 cases' baseline is PEFT + bitsandbytes, run with bitsandbytes' generic CPU dequantization (the
 bnb_default_cpu_kernels fixture): its native AVX-512 kernel is wrong for down_proj's rows of 176 = 2.75 blocks.
@@ -14,8 +15,8 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
 from fastft._log import reset_once
-from fastft.kernels import lora_mlp, lora_o, lora_qkv, path_counts
-from fastft.kernels.lora import can_fuse, fused_mlp_forward, fused_o, fused_qkv
+from fastft.kernels import path_counts
+from fastft.patches.peft_lora import can_fuse, fused_linear_forward, fused_mlp_forward, lora_mlp, lora_o, lora_qkv
 from tests.bnb_reference import routed_calls
 from tests.tolerances import BACKWARD, FORWARD, assert_close
 
@@ -86,6 +87,11 @@ def _check(got, expected, dtype, what):
 
 def _peft_mlp(block, x, act):
     return block.down_proj(ACTS[act](block.gate_proj(x)) * block.up_proj(x))
+
+
+def _fused_attention(block, x):
+    """q, k, v, o as model patching runs them: each projection on its own through fused_linear_forward."""
+    return tuple(fused_linear_forward(getattr(block, name), x) for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
 
 
 @pytest.mark.parametrize("recompute", ["activation", "projections"])
@@ -192,7 +198,7 @@ def test_under_autocast_matches_peft_under_autocast(nf4):
         y_ref = _peft_mlp(block, x, "silu")
         refs = (block.q_proj(x), block.k_proj(x), block.v_proj(x), block.o_proj(x))
         y = fused_mlp_forward(block, x, "silu")
-        outs = (*fused_qkv(block, x), fused_o(block, x))
+        outs = _fused_attention(block, x)
     assert y is not None and y.dtype == torch.bfloat16
     dy = torch.randn_like(y_ref)
     _check(_grads(y, mlp_params, dy), _grads(y_ref, mlp_params, dy), torch.bfloat16, "mlp under autocast")
@@ -219,7 +225,7 @@ def test_fp32_model_under_bf16_autocast_runs_fused_and_matches_peft(input_dtype)
         y_ref = _peft_mlp(block, x, "silu")
         refs = (block.q_proj(x), block.k_proj(x), block.v_proj(x), block.o_proj(x))
         y = fused_mlp_forward(block, x, "silu")
-        outs = (*fused_qkv(block, x), fused_o(block, x))
+        outs = _fused_attention(block, x)
     assert y is not None and y.dtype == y_ref.dtype == torch.bfloat16
     assert path_counts[("swiglu", "triton")] + path_counts[("swiglu", "torch")] > before
     dy = torch.randn_like(y_ref)
@@ -322,8 +328,7 @@ def test_fallbacks_return_none_log_reason_and_peft_path_matches(caplog):
         with caplog.at_level(logging.INFO, logger="fastft"):
             caplog.clear()
             assert fused_mlp_forward(block, x, "silu") is None, label
-            assert fused_qkv(block, x) is None, label
-            assert fused_o(block, x) is None, label
+            assert _fused_attention(block, x) == (None,) * 4, label
         assert any(expected_words[label] in r.getMessage() for r in caplog.records), (label, caplog.text)
         with pytest.raises(ValueError, match="cannot be fused"):
             lora_mlp(block, x, "silu")
@@ -358,9 +363,9 @@ def test_fused_entry_points_return_results_when_fusable():
     _, block = _peft_block(torch.float32)
     x = torch.randn(10, HIDDEN)
     torch.testing.assert_close(fused_mlp_forward(block, x, "swiglu"), _peft_mlp(block, x, "silu"), **FORWARD[torch.float32])
-    q, k, v = fused_qkv(block, x)
+    q, k, v, o = _fused_attention(block, x)
     assert torch.equal(q, block.q_proj(x)) and torch.equal(v, block.v_proj(x))
-    assert torch.equal(fused_o(block, x), block.o_proj(x))
+    assert torch.equal(o, block.o_proj(x))
     with pytest.raises(ValueError, match="activation"):
         lora_mlp(block, x, "relu")
 

@@ -11,10 +11,10 @@ import fastft
 from fastft import FastModel
 from fastft.kernels import force_path, path_counts
 from fastft.kernels.activation import Activation
-from fastft.kernels.lora import lora_path_counts
 from fastft.model import ALL_LINEAR_PROJECTIONS
 from fastft.offline import TINY_ARCHITECTURES, save_tiny_model
 from fastft.patches.architectures import ARCHITECTURES
+from fastft.patches.peft_lora import lora_path_counts
 
 
 @pytest.fixture(autouse=True)

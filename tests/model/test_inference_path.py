@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from fastft.kernels import apply_rope, rms_norm, swiglu
 from fastft.kernels._launch import force_path, path_counts
-from fastft.kernels.lora import fused_linear_forward, lora_path_counts
+from fastft.patches.peft_lora import fused_linear_forward, lora_path_counts
 from tests.op_recorder import OpRecorder
 
 

@@ -13,8 +13,8 @@ from datasets import Dataset
 
 import fastft
 from fastft.kernels._launch import force_path, path_counts
-from fastft.kernels.lora import lora_path_counts
 from fastft.offline import save_tiny_model
+from fastft.patches.peft_lora import lora_path_counts
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPTS = [{"prompt": p} for p in ("What is 12 plus 7?", "Name a fast animal.", "Why checkpoint?", "Count:")] * 4

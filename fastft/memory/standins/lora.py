@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from fastft.memory.standins.linear4bit import Linear4bit
+
+if TYPE_CHECKING:
+    from fastft.kernels.lora import AdapterParts
 
 
 class LoraLinear(nn.Module):
@@ -33,14 +36,15 @@ class LoraLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.fused = False  # fastft: run through fastft.kernels.lora's LoRAProjections, as FastModel does
 
-    def fused_parts(self, dtype: torch.dtype) -> tuple[Any, torch.Tensor, torch.Tensor, float, bool]:
-        """(base weight, A, B, scaling, add_in_base_dtype) as fastft.kernels.lora reads a PEFT layer, the fp32
-        adapters cast to the compute dtype as autocast (and fastft's fused path under it) does."""
-        from fastft.kernels.lora import BaseWeight
+    def fused_parts(self, dtype: torch.dtype) -> AdapterParts:
+        """The adapter as fastft.patches.peft_lora reads a PEFT layer, the fp32 adapters cast to the compute dtype as
+        autocast (and fastft's fused path under it) does."""
+        from fastft.kernels.lora import AdapterParts, BaseWeight
 
         base = self.base_layer
-        weight = base.base_weight() if isinstance(base, Linear4bit) else BaseWeight(base.weight.detach())
-        return weight, self.lora_A.to(dtype), self.lora_B.to(dtype), self.scaling, isinstance(base, Linear4bit)
+        nf4 = isinstance(base, Linear4bit)
+        weight = base.base_weight() if nf4 else BaseWeight(base.weight.detach())
+        return AdapterParts(weight, self.lora_A.to(dtype), self.lora_B.to(dtype), self.scaling, nf4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
