@@ -67,15 +67,14 @@ ARCHITECTURES: dict[str, ArchitectureRow] = {
         # gpt-oss: attention sinks, biased experts with the clamped SwiGLU (llama.cpp: alpha 1.702, limit 7), softmax
         # over the top-k router logits, sliding/full layer pattern; rotates halves (NEOX).
         ArchitectureRow("gpt_oss", "gpt-oss", sliding_window=True),
+        # Ministral 3: llama layout with YaRN (mscale_all_dim as rope.scaling.yarn_log_multiplier) and Llama 4's
+        # position-dependent query temperature (attention.temperature_scale; llama.cpp floors by the YaRN original ctx).
+        ArchitectureRow("ministral3", "mistral3", permute_qk=True),
     ]
 }
 
 #: Rows of fastft's architecture table that GGUF export does not cover yet, and why (named in the error).
 NOT_EXPORTED = {
-    "ministral3": (
-        "llama.cpp's mistral3 arch needs YaRN with mscale_all_dim (rope.scaling.yarn_log_multiplier) and Llama-4 "
-        "attention temperature scaling, neither of which this exporter writes yet"
-    ),
     "gemma4_text": (
         "llama.cpp's gemma4 arch (per-layer input embeddings, shared KV layers, k == v) is not mapped by this exporter"
     ),
@@ -187,8 +186,17 @@ def _rope_keys(row: ArchitectureRow, config: Any) -> dict[str, Any]:
                 f"{row.model_type} YaRN with truncate=False: llama.cpp always rounds the YaRN correction range "
                 "(ggml_rope_yarn_corr_dims), so its RoPE frequencies would differ from this model's"
             )
-        if params.get("mscale") or params.get("mscale_all_dim"):
-            raise ExportError(f"YaRN variant {params} (mscale) is not exported")
+        mscale, mscale_all = params.get("mscale"), params.get("mscale_all_dim")
+        if mscale and mscale_all and params.get("attention_factor") is None:
+            # transformers: attention factor get_mscale(s, mscale) / get_mscale(s, mscale_all_dim). llama.cpp computes
+            # that from rope.scaling.yarn_log_multiplier (= mscale_all_dim) with mscale taken as 1, in its mistral3
+            # arch; the others ignore the key. (Only one of the two set: both use get_mscale(s); no key needed.)
+            if row.gguf_arch != "mistral3" or float(mscale) != 1.0:
+                raise ExportError(
+                    f"{row.model_type} YaRN mscale={mscale}, mscale_all_dim={mscale_all}: llama.cpp's "
+                    f"{row.gguf_arch} arch cannot represent this attention factor"
+                )
+            meta["rope.scaling.yarn_log_multiplier"] = float(mscale_all)
     elif kind == "llama3":
         if not row.llama3_rope:
             raise ExportError(
@@ -200,7 +208,7 @@ def _rope_keys(row: ArchitectureRow, config: Any) -> dict[str, Any]:
 
 
 #: Rows whose transformers model has a sliding window that llama.cpp's arch for them does not apply.
-_FULL_ATTENTION_IN_LLAMA_CPP = ("mistral", "phi3", "mixtral", "ministral")
+_FULL_ATTENTION_IN_LLAMA_CPP = ("mistral", "phi3", "mixtral", "ministral", "ministral3")
 
 
 def _sliding_keys(row: ArchitectureRow, config: Any) -> dict[str, Any]:
@@ -305,6 +313,15 @@ def _family_keys(row: ArchitectureRow, config: Any, head_dim: int) -> dict[str, 
             "expert_used_count": int(config.num_experts_per_tok),
             "expert_feed_forward_length": int(config.intermediate_size),
         }
+    if kind == "ministral3":
+        params, _ = rope_parameters(config)
+        beta = params.get("llama_4_scaling_beta")
+        if not beta:
+            return {}
+        if params["rope_type"] != "yarn":  # llama.cpp floors positions by the YaRN original context length
+            raise ExportError("ministral3 llama_4_scaling_beta without YaRN: llama.cpp has no floor length for it")
+        # transformers and llama.cpp: q *= 1 + beta * log(1 + floor(pos / original_max_position_embeddings))
+        return {"attention.temperature_scale": float(beta)}
     if kind == "smollm3":
         if getattr(config, "use_sliding_window", False):
             raise ExportError("smollm3 use_sliding_window=True: llama.cpp's smollm3 arch attends the whole context")

@@ -31,10 +31,10 @@ def file_fields(path: str) -> tuple[str, dict]:
 #: Rows transformers 5.24's GGUF loader cannot read (no loader for the arch, or -- mixtral -- a llama-arch file with
 #: experts, which it reads as a dense Llama; gpt_oss, whose reader expects tensor names llama.cpp does not write): their
 #: tensors are read by gguf's own name table instead.
-READ_BY_NAMES = {"gemma", "mixtral", "granite", "olmo2", "olmo3", "smollm3", "glm4", "gpt_oss"}
+READ_BY_NAMES = {"gemma", "mixtral", "granite", "olmo2", "olmo3", "smollm3", "glm4", "gpt_oss", "ministral3"}
 #: llama.cpp archs whose RoPE rotates adjacent pairs (LLAMA_ROPE_TYPE_NORM) while transformers rotates halves, so
 #: llama.cpp's converter permutes Q/K rows (glm4 is NORM too, but transformers' GLM-4 already rotates pairs).
-_PAIRWISE_ROPE = {"llama", "granite", "smollm3"}
+_PAIRWISE_ROPE = {"llama", "granite", "smollm3", "mistral3"}
 
 
 def read_back(model_type: str, path: str, overrides: dict | None = None) -> torch.nn.Module:

@@ -29,8 +29,8 @@ def test_architecture_llama_cpp_lacks_or_fastft_does_not_map(tmp_path):
     model.config.model_type = "lama"  # a typo-like type nobody has
     with pytest.raises(ExportError, match=r"no row for model_type 'lama'.*Did you mean 'llama'"):
         save_gguf(model, str(tmp_path / "out"), build_tokenizer(), "f16")
-    with pytest.raises(ExportError, match=r"does not cover model_type 'ministral3' yet \(llama.cpp's mistral3 arch"):
-        save_gguf(build_tiny_model("ministral3"), str(tmp_path / "out"), build_tokenizer(), "f16")
+    with pytest.raises(ExportError, match=r"does not cover model_type 'gemma4_text' yet \(llama.cpp's gemma4 arch"):
+        save_gguf(build_tiny_model("gemma4_text"), str(tmp_path / "out"), build_tokenizer(), "f16")
     with pytest.raises(ExportError, match=r"qwen3_moe with dense layers \(mlp_only_layers=\[1\]"):
         save_gguf(build_tiny_model("qwen3_moe"), str(tmp_path / "out"), build_tokenizer(), "f16")
     _assert_nothing_written(tmp_path / "out")
@@ -50,6 +50,17 @@ def test_config_llama_cpp_would_compute_differently(tmp_path, change, message):
     _assert_nothing_written(tmp_path / "out")
 
 
+MINISTRAL3_YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 1e6,
+    "factor": 16.0,
+    "original_max_position_embeddings": 16384,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+    "llama_4_scaling_beta": 0.1,
+}
+
+
 @pytest.mark.parametrize(
     "model_type, change, message",
     [
@@ -63,6 +74,9 @@ def test_config_llama_cpp_would_compute_differently(tmp_path, change, message):
         # gpt-oss's stock config: YaRN with an unrounded correction range, which ggml always rounds
         ("gpt_oss", {}, r"YaRN with truncate=False: llama.cpp always rounds the YaRN correction range"),
         ("gpt_oss", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}, "swiglu_limit": 5.0}, "clamps at 7"),
+        # an attention factor from mscale != 1: llama.cpp's mistral3 takes mscale as 1
+        ("ministral3", {"rope_parameters": {**MINISTRAL3_YARN, "mscale": 2.0}}, r"mscale=2.0, mscale_all_dim=1.0"),
+        ("qwen2", {"rope_parameters": {**MINISTRAL3_YARN, "llama_4_scaling_beta": None}}, "qwen2 YaRN mscale=1.0"),
     ],
 )
 def test_family_config_llama_cpp_would_compute_differently(tmp_path, model_type, change, message):

@@ -1,9 +1,9 @@
 """The GGUF files of the rows transformers cannot read back, checked against llama.cpp's expectations without going
 through fastft's own mapping: key names come from ``gguf.Keys``, tensor names from ``gguf.TENSOR_NAMES``, and the
-per-layer tensor sets below are the ones llama.cpp's ``load_arch_tensors`` creates as required for each arch
-(the llama.cpp vendored in llama-cpp-python 0.3.36: src/models/{llama,granite,olmo2,smollm3,glm4,openai-moe}.cpp). Values are
-computed here from the transformers config. The logits round trip by tensor names is in test_gguf_roundtrip.py; the
-llama.cpp run itself in test_gguf_llama_cpp.py (benchmark).
+per-layer tensor sets below are the ones llama.cpp's ``load_arch_tensors`` creates as required for each arch (the
+llama.cpp vendored in llama-cpp-python 0.3.36: src/models/{llama,granite,olmo2,smollm3,glm4,openai-moe,mistral3}.cpp).
+Values are computed here from the transformers config. The logits round trip by tensor names is in
+test_gguf_roundtrip.py; the llama.cpp run itself in test_gguf_llama_cpp.py (benchmark).
 """
 
 import pytest
@@ -25,6 +25,7 @@ LAYOUT = {
     "ministral": ("llama", _LLAMA_DENSE),
     "granite": ("granite", _LLAMA_DENSE),
     "smollm3": ("smollm3", _LLAMA_DENSE),
+    "ministral3": ("mistral3", _LLAMA_DENSE),
     "olmo2": ("olmo2", [*_ATTN, T.ATTN_Q_NORM, T.ATTN_K_NORM, T.ATTN_POST_NORM, T.FFN_GATE, T.FFN_UP, T.FFN_DOWN,
                         T.FFN_POST_NORM]),
     "glm4": ("glm4", [T.ATTN_NORM, *_ATTN, T.ATTN_POST_NORM, T.FFN_NORM, T.FFN_UP, T.FFN_DOWN, T.FFN_POST_NORM]),
@@ -81,6 +82,13 @@ def _expected_keys(model_type: str, config) -> dict:
     if model_type == "olmo3":
         want[_key(A.SLIDING_WINDOW, arch)] = config.sliding_window
         want[_key(A.SLIDING_WINDOW_PATTERN, arch)] = [t == "sliding_attention" for t in config.layer_types]
+    if model_type == "ministral3":  # YaRN with mscale_all_dim as llama.cpp's log multiplier; Llama 4 temperature
+        rope = config.rope_parameters
+        want[_key(gguf.Keys.Rope.SCALING_TYPE, arch)] = "yarn"
+        want[_key(gguf.Keys.Rope.SCALING_FACTOR, arch)] = rope["factor"]
+        want[_key(gguf.Keys.Rope.SCALING_ORIG_CTX_LEN, arch)] = rope["original_max_position_embeddings"]
+        want[_key(gguf.Keys.Rope.SCALING_YARN_LOG_MUL, arch)] = rope["mscale_all_dim"]
+        want[_key(A.TEMPERATURE_SCALE, arch)] = pytest.approx(rope["llama_4_scaling_beta"])
     if model_type == "glm4":  # rotary over the first half of each head only
         want[_key(gguf.Keys.Rope.DIMENSION_COUNT, arch)] = int(head_dim * config.rope_parameters["partial_rotary_factor"])
     if model_type == "ministral":  # llama.cpp's llama arch attends fully: equal to transformers up to the window

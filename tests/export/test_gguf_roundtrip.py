@@ -31,7 +31,7 @@ GPT_OSS_YARN = {
     "truncate": True,
 }
 ROWS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "qwen3_moe"]
-ROWS += ["mixtral", "ministral", "granite", "olmo2", "olmo3", "smollm3", "glm4", "gpt_oss"]
+ROWS += ["mixtral", "ministral", "granite", "olmo2", "olmo3", "smollm3", "glm4", "gpt_oss", "ministral3"]
 #: Fixture changes llama.cpp needs: qwen3moe makes every layer sparse (the fixture's layer 1 is dense); smollm3 skips
 #: RoPE in every 4th layer (the fixture skips it in layer 1); llama.cpp runs ministral with full attention (a window
 #: longer than the prompt; the GGUF's context_length is capped to it). Granite's attention multiplier is moved off
@@ -45,6 +45,25 @@ OVERRIDES = {
     # gpt-oss's own truncate=False YaRN is refused (llama.cpp rounds the correction range); the rounded variant is
     # what llama.cpp computes
     "gpt_oss": {"rope_parameters": GPT_OSS_YARN},
+    # Ministral 3's YaRN over an original context of 4 positions (stock: 16,384), so the prompt crosses Llama 4's
+    # query temperature steps (1 + 0.1 log(1 + floor(pos / 4))); mscale_all_dim 2 so the YaRN attention factor is not
+    # 1; init std 0.1 so attention is not near uniform (llama.cpp without the temperature key: 11% logit error,
+    # without the log multiplier: 87%).
+    "ministral3": {
+        "rope_parameters": {
+            "rope_type": "yarn",
+            "rope_theta": 1e6,
+            "factor": 16.0,
+            "original_max_position_embeddings": 4,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "mscale": 1.0,
+            "mscale_all_dim": 2.0,
+            "llama_4_scaling_beta": 0.1,
+        },
+        "max_position_embeddings": 64,
+        "initializer_range": 0.1,
+    },
 }
 
 
