@@ -83,7 +83,7 @@ def use_triton(op: str, *tensors: torch.Tensor) -> bool:
 
 def _plain(t: torch.Tensor) -> bool:
     # Not a subclass (FakeTensor, DTensor, functional wrappers) and on a device with real storage.
-    return (type(t) is torch.Tensor or type(t) is torch.nn.Parameter) and t.device.type != "meta"
+    return (type(t) is torch.Tensor or type(t) is torch.nn.Parameter) and not t.is_meta  # is_meta: no device object
 
 
 def direct_call_ok(*tensors: torch.Tensor) -> bool:

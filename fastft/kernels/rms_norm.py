@@ -28,6 +28,7 @@ from fastft.kernels._launch import (
     TRITON_AVAILABLE,
     call_op,
     check_floating,
+    direct_call_ok,
     launch,
     needs_grad,
     row_block,
@@ -147,14 +148,23 @@ def _output_dtype(x: torch.Tensor, weight: torch.Tensor, gemma: bool) -> torch.d
 def _forward_torch(x2: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool) -> tuple[torch.Tensor, torch.Tensor]:
     x32 = x2.to(torch.float32)
     rstd = torch.rsqrt(x32.pow(2).mean(-1) + eps)
-    xn = x32 * rstd[:, None]
+    return _scaled(x32 * rstd[:, None], x2.dtype, weight, gemma), rstd
+
+
+def _scaled(xn: torch.Tensor, dtype: torch.dtype, weight: torch.Tensor, gemma: bool) -> torch.Tensor:
+    """The normalized fp32 rows times the weight, cast as the module casts (x's dtype ``dtype``)."""
     if gemma:
-        y = (xn * (1.0 + weight.float())).to(x2.dtype)
-    elif x2.dtype == torch.float32 and weight.dtype == torch.float32:
-        y = xn * weight  # the line below with its casts all no-ops: the same product, fewer calls
-    else:
-        y = (xn.to(x2.dtype).float() * weight.float()).to(_output_dtype(x2, weight, gemma))
-    return y, rstd
+        return (xn * (1.0 + weight.float())).to(dtype)
+    if dtype == torch.float32 and weight.dtype == torch.float32:
+        return xn * weight  # the line below with its casts all no-ops: the same product, fewer calls
+    return (xn.to(dtype).float() * weight.float()).to(torch.promote_types(dtype, weight.dtype))  # _output_dtype's
+
+
+def _normed_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool) -> torch.Tensor:
+    """``_forward_torch``'s y on x as it is shaped (no row view, no rstd): the no-grad eager path, same ops, same
+    bits (each row's mean is the same reduction of the same values)."""
+    x32 = x.to(torch.float32)
+    return _scaled(x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps), x.dtype, weight, gemma)
 
 
 def _backward_torch(
@@ -337,7 +347,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, gemma:
         raise ValueError(f"rms_norm: x on {x.device} but weight on {weight.device}")
     if x.numel() == 0:
         return x.new_empty(x.shape, dtype=_output_dtype(x, weight, gemma))
-    if not needs_grad(x, weight):  # no graph to record (generation, eval): the forward op alone, same bits
+    if not needs_grad(x, weight):  # no graph to record (generation, eval): the forward alone, same bits
+        if direct_call_ok(x, weight):  # eager plain tensors: the op's body without the op (decoding's ~1-row calls)
+            if use_triton("rms_norm", x):
+                return _forward_triton(_as_rows(x), weight, float(eps), bool(gemma))[0].view(x.shape)
+            return _normed_torch(x, weight, float(eps), bool(gemma))
         return call_op(rms_norm_forward, x, weight, float(eps), bool(gemma))[0]
     return RMSNormFunction.apply(x, weight, float(eps), bool(gemma))
 

@@ -32,6 +32,7 @@ from fastft.kernels._launch import (
     TRITON_AVAILABLE,
     call_op,
     check_floating,
+    direct_call_ok,
     launch,
     needs_grad,
     next_power_of_2,
@@ -287,15 +288,22 @@ def _as_3d(t: torch.Tensor) -> torch.Tensor:
 
 
 def _rope(
-    op: str, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool
+    op: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    backward: bool,
+    triton_path: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``triton_path``: the path when the caller has already chosen (and counted) it."""
     q_out, k_out = _out_like(q, q.dtype), _out_like(k, q.dtype)
     batch, _, seq, _ = q.shape
     if batch * seq == 0 or (q.numel() == 0 and k.numel() == 0):
         return q_out, k_out
     q, k = _unit_last_stride(q), _unit_last_stride(k)
     cos, sin = _unit_last_stride(_as_3d(cos)), _unit_last_stride(_as_3d(sin))
-    if use_triton(op, q, k):
+    if use_triton(op, q, k) if triton_path is None else triton_path:
         _rope_triton(q, k, cos, sin, backward, q_out, k_out)
     else:
         _rope_torch(q, cos, sin, backward, q_out)
@@ -401,9 +409,21 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     _check_inputs(q, k, cos, sin)
     if q.numel() == 0 and k.numel() == 0:
         return _out_like(q, q.dtype), _out_like(k, q.dtype)
-    if not needs_grad(q, k):  # no graph to record (generation, eval): the forward op alone, same bits
+    if not needs_grad(q, k):  # no graph to record (generation, eval): the forward alone, same bits
+        if direct_call_ok(q, k, cos, sin):  # eager plain tensors: the op's body without the op (decoding's calls)
+            if use_triton("rope", q, k):
+                return _rope("rope", q, k, cos, sin, False, triton_path=True)
+            c, s = (t.float().unsqueeze(1) for t in (_as_3d(cos), _as_3d(sin)))
+            return _rotated(q, c, s, q.dtype), _rotated(k, c, s, q.dtype)
         return call_op(rope_forward, q, k, cos, sin)
     return RopeFunction.apply(q, k, cos, sin)
+
+
+def _rotated(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``_rope_torch``'s forward values (fp32 math, one rounding to ``dtype``) in a fresh tensor, no copy into a
+    preallocated output."""
+    x32 = x.float()
+    return (x32 * c + _rotate_half(x32) * s).to(dtype)
 
 
 def compile_cases() -> None:
