@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from fastft.export.errors import ExportError
+from fastft.kernels.activation import Activation
 
 logger = logging.getLogger("fastft")
 
@@ -363,7 +364,7 @@ def architecture_metadata(row: ArchitectureRow, config: Any) -> dict[str, Any]:
     _attention_scale_check(row, config, head_dim)
     meta.update(_family_keys(row, config, head_dim))
     act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
-    want = "gelu_pytorch_tanh" if row.model_type.startswith("gemma") else "silu"
-    if act not in (want, "gelu_new" if want.startswith("gelu") else "swish"):
-        raise ExportError(f"{row.model_type} activation {act!r}: llama.cpp's {row.gguf_arch} graph uses {want}")
+    want = Activation.GELU_TANH if row.model_type.startswith("gemma") else Activation.SILU
+    if Activation.from_config(act) is not want:
+        raise ExportError(f"{row.model_type} activation {act!r}: llama.cpp's {row.gguf_arch} graph uses {want.op_name}")
     return {f"{row.gguf_arch}.{key}": value for key, value in meta.items()}
