@@ -48,7 +48,9 @@ ARCHITECTURES: dict[str, ArchitectureRow] = {
         ArchitectureRow("gemma2", "gemma2", norm_plus_one=True, softcapping=True, sliding_window=True),
         ArchitectureRow("gemma3_text", "gemma3", norm_plus_one=True, softcapping=True, sliding_window=True),
         # Phi-3: fused qkv_proj and gate_up_proj are llama.cpp's own attn_qkv / ffn_up layout; RoPE rotates halves.
-        ArchitectureRow("phi3", "phi3"),
+        # Partial rotary: llama.cpp's NEOX rope over the first rope.dimension_count dims = transformers' rotate-half of
+        # the rotary slice.
+        ArchitectureRow("phi3", "phi3", partial_rotary=True),
         ArchitectureRow("qwen3_moe", "qwen3moe"),
         # Mixtral: llama.cpp converts it as its llama arch with experts (softmax router, top-k renormalized).
         ArchitectureRow("mixtral", "llama", permute_qk=True, llama3_rope=True),

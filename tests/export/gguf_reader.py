@@ -53,6 +53,10 @@ def read_back(model_type: str, path: str, overrides: dict | None = None) -> torc
     for key in ("final_logit_softcapping", "attn_logit_softcapping"):
         if key in fields:
             extra[key] = fields[key]
+    if arch == "phi3" and fields["rope.dimension_count"] != fields["attention.key_length"]:  # its reader drops it
+        rotary = fields["rope.dimension_count"] / fields["attention.key_length"]
+        theta = fields["rope.freq_base"]
+        extra["rope_parameters"] = {"rope_type": "default", "rope_theta": theta, "partial_rotary_factor": rotary}
     if "expert_feed_forward_length" in fields:  # qwen3moe's reader keeps the config default (768)
         extra["moe_intermediate_size"] = fields["expert_feed_forward_length"]
     if "attention.sliding_window_pattern" in fields:

@@ -155,3 +155,13 @@ def test_k_quants_by_llama_cpp(quantization, tmp_path):
     err = relative_logit_error(_hf_logits(model, ids), _llama_cpp_logits(_load(path), ids))
     print(f"llama.cpp llama-256 {quantization}: relative logit error {err:.5f}, tensor types {sorted(types)}")
     assert err <= BOUNDS[quantization], f"{quantization}: {err:.5f}"
+
+
+def test_phi3_partial_rotary_in_llama_cpp(tmp_path):
+    tok = build_tokenizer()
+    model = build_tiny_model("phi3", partial_rotary_factor=0.5, initializer_range=0.1)
+    ids = tok(PROMPT)["input_ids"]
+    llm = _load(save_gguf(model, str(tmp_path), tok, "f32"))
+    err = relative_logit_error(_hf_logits(model, ids), _llama_cpp_logits(llm, ids))
+    print(f"llama.cpp phi3 partial rotary 0.5 f32: relative logit error {err:.5f}")
+    assert err <= BOUNDS["f32"]

@@ -228,3 +228,18 @@ def test_rope_scaling_and_mistral_window_keys(tmp_path):
         save_gguf(build_tiny_model("mistral", sliding_window=64), str(tmp_path / "m"), build_tokenizer(), "f16")
     )
     assert fields["context_length"] == 64  # llama.cpp's llama arch attends fully: equal only up to the window
+
+
+def test_phi3_partial_rotary(tmp_path):
+    """Phi-3 with half its head rotated: llama.cpp's NEOX rope over the first rope.dimension_count dims is
+    transformers' rotate-half of the rotary slice; the file states 8 of 16 dims, and read back the logits match (a
+    full-rotary model of the same weights differs by ~86% here, so the slice matters)."""
+    model = build_tiny_model("phi3", partial_rotary_factor=0.5, initializer_range=0.1)
+    path = save_gguf(model, str(tmp_path), build_tokenizer(), "f32")
+    _, fields = file_fields(path)
+    assert (fields["rope.dimension_count"], fields["attention.key_length"]) == (8, 16)
+    ids = torch.tensor([build_tokenizer()(PROMPT)["input_ids"]])
+    with torch.no_grad():
+        err = relative_logit_error(model(ids).logits, read_back("phi3", path)(ids).logits)
+        full = relative_logit_error(model(ids).logits, build_tiny_model("phi3", initializer_range=0.1)(ids).logits)
+    assert err <= BOUNDS["f32"] and full > 0.1, (err, full)
