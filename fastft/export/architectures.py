@@ -4,8 +4,11 @@ A row says which llama.cpp architecture the model is written as, whether Q/K row
 ``llama`` arch rotates adjacent pairs where transformers rotates halves; its ``qwen2``/``qwen3``/``gemma*`` archs
 rotate halves like transformers), whether RMSNorm weights are stored as ``w + 1`` (Gemma's norms scale by ``1 + w``;
 llama.cpp's by ``w``; the embedding scale ``sqrt(hidden)`` is applied by llama.cpp's Gemma graphs themselves), and
-which extra keys it carries (softcapping, sliding windows). Everything else is shared: sizes, heads, RoPE base and
-scaling, norm epsilon. A config feature llama.cpp would silently compute differently is refused here, before writing.
+which extra keys it carries (softcapping, sliding windows, experts, Granite's multipliers, partial rotary dims,
+Ministral 3's YaRN log multiplier and query temperature). Everything else is shared: sizes, heads, RoPE base and
+scaling, norm epsilon. A config feature llama.cpp would silently compute differently is refused here, before writing,
+with the reason; the llama.cpp behaviour each row relies on was read in the llama.cpp that llama-cpp-python 0.3.36
+vendors (its converter under conversion/ and the graphs under src/models/).
 """
 
 from __future__ import annotations
