@@ -243,3 +243,25 @@ def test_phi3_partial_rotary(tmp_path):
         err = relative_logit_error(model(ids).logits, read_back("phi3", path)(ids).logits)
         full = relative_logit_error(model(ids).logits, build_tiny_model("phi3", initializer_range=0.1)(ids).logits)
     assert err <= BOUNDS["f32"] and full > 0.1, (err, full)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss", "granite"])
+def test_lora_merge_into_rows_with_experts_and_multipliers(model_type, tmp_path):
+    """FastModel (patched) + non-zero LoRA adapters on rows whose export splits experts or writes multipliers: the f32
+    GGUF, read back, equals the LoRA model's own forward (only the merge's summation order differs)."""
+    import fastft
+    from fastft import FastModel
+    from fastft.offline import save_tiny_model
+
+    overrides = OVERRIDES.get(model_type, {})
+    model, tok = FastModel.from_pretrained(save_tiny_model(str(tmp_path / "base"), model_type, **overrides))
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=8, init_lora_weights=False)
+    model.eval()
+    ids = torch.tensor([tok(PROMPT)["input_ids"]])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits.float()
+    path = model.save_pretrained_gguf(str(tmp_path / "gguf"), tok, quantization="f32")
+    fastft.unpatch()
+    with torch.no_grad():
+        got = read_back(model_type, path, overrides)(ids).logits
+    assert relative_logit_error(want, got) <= 1e-4
