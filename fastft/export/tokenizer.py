@@ -32,8 +32,31 @@ _QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-#: split regex -> llama.cpp ``tokenizer.ggml.pre`` name
-KNOWN_SPLITS = {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"}
+# o200k (gpt-oss) and Mistral's tekken: the regexes as tokenizer.json writes them (llama.cpp quotes them in
+# llama-vocab.cpp next to its own rewrites for the "gpt-4o" and "tekken" pre-tokenizers).
+_LETTERS = (
+    r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+",
+    r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*",
+)
+_CONTRACTION = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+_GPT4O_SPLIT = (
+    rf"[^\r\n\p{{L}}\p{{N}}]?{_LETTERS[0]}{_CONTRACTION}|[^\r\n\p{{L}}\p{{N}}]?{_LETTERS[1]}{_CONTRACTION}"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_TEKKEN_SPLIT = (
+    rf"[^\r\n\p{{L}}\p{{N}}]?{_LETTERS[0]}|[^\r\n\p{{L}}\p{{N}}]?{_LETTERS[1]}"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+#: (split regex, the BPE model's ignore_merges) -> llama.cpp ``tokenizer.ggml.pre`` name. llama.cpp looks a whole
+#: pre-token up in the vocabulary before merging (ignore_merges) for llama-bpe and tekken only; "dbrx" is its name
+#: for the llama-3 (cl100k) regex without that lookup.
+KNOWN_SPLITS = {
+    (_LLAMA3_SPLIT, True): "llama-bpe",
+    (_LLAMA3_SPLIT, False): "dbrx",
+    (_QWEN2_SPLIT, False): "qwen2",
+    (_GPT4O_SPLIT, False): "gpt-4o",
+    (_TEKKEN_SPLIT, True): "tekken",
+}
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 _SPACE = "\u2581"
@@ -55,8 +78,14 @@ class GGUFVocab:
     chat_template: str | None = None
 
 
-def _pre_tokenizer_name(pre: dict | None) -> str:
-    if pre and pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
+def _pre_tokenizer_name(pre: dict | None, ignore_merges: bool = False) -> str:
+    if (
+        pre
+        and pre.get("type") == "ByteLevel"
+        and pre.get("use_regex", True)
+        and not pre.get("add_prefix_space")
+        and not ignore_merges
+    ):
         return "gpt-2"
     if pre and pre.get("type") == "Sequence":
         parts = pre.get("pretokenizers", [])
@@ -68,11 +97,15 @@ def _pre_tokenizer_name(pre: dict | None) -> str:
             and not parts[1].get("add_prefix_space")
         ):
             regex = parts[0].get("pattern", {}).get("Regex")
-            if regex in KNOWN_SPLITS:
-                return KNOWN_SPLITS[regex]
-            raise ExportError(
-                f"tokenizer split regex {regex!r} is not one llama.cpp names; known: {', '.join(KNOWN_SPLITS.values())}"
-            )
+            if (regex, ignore_merges) in KNOWN_SPLITS:
+                return KNOWN_SPLITS[(regex, ignore_merges)]
+            if any(r == regex for r, _ in KNOWN_SPLITS):
+                raise ExportError(
+                    f"tokenizer split regex {regex!r} with ignore_merges={ignore_merges}: llama.cpp's pre-tokenizer "
+                    f"for this regex {'does not look' if ignore_merges else 'always looks'} whole words up before merging"
+                )
+            known = ", ".join(KNOWN_SPLITS.values())
+            raise ExportError(f"tokenizer split regex {regex!r} is not one llama.cpp names; known: {known}")
     raise ExportError(
         f"tokenizer pre-tokenizer {json.dumps(pre)[:200]} cannot be represented in GGUF; accepted: "
         "ByteLevel (GPT-2 regex, no prefix space), Split(llama-3/qwen2 regex) + ByteLevel(use_regex="
@@ -161,7 +194,7 @@ def gguf_vocab(tokenizer: Any, vocab_size: int) -> GGUFVocab:
         add_space_prefix, pre = _sentencepiece_prefix(spec), None
     else:
         _check_normalizer(spec)
-        add_space_prefix, pre = None, _pre_tokenizer_name(spec.get("pre_tokenizer"))
+        add_space_prefix, pre = None, _pre_tokenizer_name(spec.get("pre_tokenizer"), bool(model.get("ignore_merges")))
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= vocab_size:
         raise ExportError(f"tokenizer has ids up to {max(vocab.values())} but the model's vocab_size is {vocab_size}")

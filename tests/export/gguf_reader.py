@@ -170,3 +170,30 @@ def build_sentencepiece_tokenizer(vocab_size: int = 384):
     )
     wrapped.chat_template = CHAT_TEMPLATE
     return wrapped
+
+
+def build_split_tokenizer(regex: str, ignore_merges: bool):
+    """``fastft.offline.build_tokenizer``'s vocabulary and merges behind ``Split(regex) + ByteLevel(use_regex=False)``
+    (the tokenizer.json shape of Llama 3, Qwen 2, gpt-oss, Mistral's tekken), with the BPE's ``ignore_merges``."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from fastft.offline import build_tokenizer
+
+    base = build_tokenizer()
+    spec = json.loads(base.backend_tokenizer.to_str())
+    spec["pre_tokenizer"] = {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+        ],
+    }
+    spec["model"]["ignore_merges"] = ignore_merges
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+        eos_token=base.eos_token,
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    tok.chat_template = base.chat_template
+    return tok

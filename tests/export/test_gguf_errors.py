@@ -282,3 +282,27 @@ def test_modelfile_template_renders_like_the_chat_template(tmp_path):
     ]
     want = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert _render_go(template, messages) == want
+
+
+@pytest.mark.parametrize(
+    "split, ignore_merges, pre",
+    [("llama3", True, "llama-bpe"), ("llama3", False, "dbrx"), ("qwen2", False, "qwen2"), ("gpt4o", False, "gpt-4o"),
+     ("tekken", True, "tekken"), ("tekken", False, None), ("gpt4o", True, None), ("qwen2", True, None)],
+)
+def test_split_regex_and_ignore_merges_pick_llama_cpps_pre_tokenizer(tmp_path, split, ignore_merges, pre):
+    """Which llama.cpp pre-tokenizer a Split regex is written as depends on the BPE's ignore_merges too: llama.cpp
+    looks whole words up before merging for llama-bpe and tekken only (llama-vocab.cpp)."""
+    import gguf
+
+    from fastft.export import tokenizer as t
+    from tests.export.gguf_reader import build_split_tokenizer
+
+    regex = {"llama3": t._LLAMA3_SPLIT, "qwen2": t._QWEN2_SPLIT, "gpt4o": t._GPT4O_SPLIT, "tekken": t._TEKKEN_SPLIT}
+    tok = build_split_tokenizer(regex[split], ignore_merges)
+    if pre is None:
+        with pytest.raises(ExportError, match=f"ignore_merges={ignore_merges}: llama.cpp's pre-tokenizer"):
+            save_gguf(build_tiny_model("llama"), str(tmp_path / "out"), tok, "f16")
+        _assert_nothing_written(tmp_path / "out")
+        return
+    path = save_gguf(build_tiny_model("llama"), str(tmp_path / "out"), tok, "f16")
+    assert gguf.GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == pre

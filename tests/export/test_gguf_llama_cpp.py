@@ -22,7 +22,7 @@ import torch
 
 from fastft.export import save_gguf
 from fastft.offline import build_tiny_model, build_tokenizer
-from tests.export.gguf_reader import build_sentencepiece_tokenizer, relative_logit_error
+from tests.export.gguf_reader import build_sentencepiece_tokenizer, build_split_tokenizer, relative_logit_error
 from tests.export.test_gguf_roundtrip import OVERRIDES, ROWS, fixture_overrides  # every row, same fixtures
 
 pytestmark = pytest.mark.benchmark
@@ -107,9 +107,23 @@ def test_greedy_generation_equals_transformers_f16(model_type, tmp_path):
         print(f"{model_type}: 20 greedy tokens equal")
 
 
-@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])
+def _tokenizer_of(kind: str):
+    from fastft.export import tokenizer as t
+
+    splits = {
+        "llama-bpe": (t._LLAMA3_SPLIT, True),
+        "dbrx": (t._LLAMA3_SPLIT, False),
+        "gpt-4o": (t._GPT4O_SPLIT, False),
+        "tekken": (t._TEKKEN_SPLIT, True),
+    }
+    if kind in splits:
+        return build_split_tokenizer(*splits[kind])
+    return build_tokenizer() if kind == "byte-level" else build_sentencepiece_tokenizer()
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece", "llama-bpe", "dbrx", "gpt-4o", "tekken"])
 def test_llama_cpp_tokenization_equals_hf(kind, tmp_path):
-    tok = build_tokenizer() if kind == "byte-level" else build_sentencepiece_tokenizer()
+    tok = _tokenizer_of(kind)
     llm = _load(save_gguf(build_tiny_model("llama"), str(tmp_path), tok, "f16"))
     chat = tok.apply_chat_template(
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi, 12 plus 7?"}],
@@ -122,6 +136,7 @@ def test_llama_cpp_tokenization_equals_hf(kind, tmp_path):
         "  two  spaces\n\nnl",
         "héllo wörld – ünïcode 日本語 🙂",
         "<|im_start|>user\nhi<|im_end|>",
+        "ÉCOLE Straße HelloWorld don't I'LL we'Re 1234567 3.14159 a/b/c\n/x ŞİMDİ αβγ Ǆǅǆ",  # case classes, digits
         chat,
     ]
     for text in texts:
