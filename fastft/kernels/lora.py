@@ -368,6 +368,18 @@ def _autocast_adapters(x: torch.Tensor, adapters: list[torch.Tensor]) -> tuple[l
     return cast, torch.autocast(device, enabled=False)
 
 
+def _cast_for_autocast(x: torch.Tensor, parts: list[AdapterParts]) -> tuple[torch.Tensor, list[torch.Tensor], Any]:
+    """(x, the adapters flat, a context) as :func:`_autocast_input` and :func:`_autocast_adapters` make them; without
+    autocast (fp32 training, generation) x and the adapters as they are and a no-op context, after one autocast query
+    instead of two (decoding calls this per projection per token)."""
+    adapters = [t for p in parts for t in (p.lora_a, p.lora_b)]
+    if not autocast_enabled(x.device.type):
+        return x, adapters, contextlib.nullcontext()
+    x = _autocast_input(x)
+    adapters, no_autocast = _autocast_adapters(x, adapters)
+    return x, adapters, no_autocast
+
+
 def mlp_from_parts(
     x: torch.Tensor,
     parts: list[AdapterParts],
@@ -388,8 +400,7 @@ def mlp_from_parts(
     if len(parts) != 3:
         raise ValueError(f"mlp_from_parts takes (gate, up, down) parts, got {len(parts)}")
     act = Activation.parse(activation)
-    x = _autocast_input(x)
-    adapters, no_autocast = _autocast_adapters(x, [t for p in parts for t in (p.lora_a, p.lora_b)])
+    x, adapters, no_autocast = _cast_for_autocast(x, parts)
     bases = tuple(p.base for p in parts)
     scalings = tuple(p.scaling for p in parts)
     add = tuple(p.add_in_base_dtype for p in parts)
@@ -401,8 +412,7 @@ def mlp_from_parts(
 
 def projections_from_parts(x: torch.Tensor, parts: list[AdapterParts]) -> tuple[torch.Tensor, ...]:
     """``LoRAProjections`` over one adapter's parts per projection of x; one [..., out_p] per projection."""
-    x = _autocast_input(x)
-    flat, no_autocast = _autocast_adapters(x, [t for p in parts for t in (p.lora_a, p.lora_b)])
+    x, flat, no_autocast = _cast_for_autocast(x, parts)
     bases = tuple(p.base for p in parts)
     scalings = tuple(p.scaling for p in parts)
     add = tuple(p.add_in_base_dtype for p in parts)

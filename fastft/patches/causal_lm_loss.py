@@ -108,6 +108,11 @@ def make_causal_lm_forward(original_forward: Any, moe_modeling: Any = None) -> A
         return CausalLMOutputWithPast(loss=loss, logits=None, **passed)
 
     forward._fastft_loss = True
+    # The original's parameters (behind ``self``, which binding the method drops): transformers' generate() picks its
+    # path from them (logits_to_keep, position_ids, attention_mask), and with ``(*args, **kwargs)`` it would take a
+    # slower one than the unpatched model (full prefill logits, no position_ids, per-token mask checks).
+    self_parameter = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    forward.__signature__ = signature.replace(parameters=[self_parameter, *signature.parameters.values()])
     return forward
 
 

@@ -49,3 +49,15 @@ def test_positional_labels_take_the_fused_loss(tmp_path):
         by_keyword = model(input_ids=ids, labels=ids)
     assert by_position.logits is None and by_keyword.logits is None
     torch.testing.assert_close(by_position.loss, by_keyword.loss, rtol=0, atol=0)
+
+
+def test_patched_forward_shows_the_original_parameters(tmp_path):
+    """transformers' generate() picks its path from the forward's parameters (logits_to_keep, position_ids,
+    attention_mask): the patched forward must show the original's, not ``(*args, **kwargs)``."""
+    model = _model(tmp_path)
+    assert getattr(vars(model).get("forward"), "__func__", None) is not None  # the instance forward is fastft's
+    patched = inspect.signature(model.forward)
+    original = inspect.signature(type(model).forward.__get__(model))
+    assert list(patched.parameters) == list(original.parameters)
+    assert {"logits_to_keep", "position_ids", "attention_mask"} <= set(patched.parameters)
+    assert model._supports_logits_to_keep()
