@@ -26,6 +26,8 @@ from fastft.export.quantize import (
 )
 from fastft.export.tensor_names import gguf_tensors
 from fastft.export.tokenizer import gguf_vocab, write_vocab
+from fastft.merge import merged_state_dict
+from fastft.patches.modes import base_model
 
 logger = logging.getLogger("fastft")
 
@@ -107,12 +109,10 @@ def save_gguf(
     as q4_k_m through llama.cpp's quantizer, ``fastft[gguf]``). Weights are merged in fp32 and quantized per tensor:
     1-D tensors stay F32, matrices whose rows do not hold whole blocks fall back to F16 (logged by name).
     """
-    from fastft.model import _base_model, merged_state_dict
-
     if tokenizer is None:
         raise ExportError("save_pretrained_gguf needs the tokenizer: a GGUF file carries its vocabulary")
     quant = resolve_quantization(quantization)
-    base = _base_model(model)
+    base = base_model(model)
     config = base.config
     row = architecture_row(getattr(config, "model_type", None))
     metadata = architecture_metadata(row, config)
