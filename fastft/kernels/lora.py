@@ -413,6 +413,11 @@ def mlp_from_parts(
 def projections_from_parts(x: torch.Tensor, parts: list[AdapterParts]) -> tuple[torch.Tensor, ...]:
     """``LoRAProjections`` over one adapter's parts per projection of x; one [..., out_p] per projection."""
     x, flat, no_autocast = _cast_for_autocast(x, parts)
+    if len(parts) == 1 and not needs_grad(x, *flat):  # one projection, no graph (decoding): _projections_forward's
+        p = parts[0]  # math for one projection, without its tuples and lists (called per projection per token)
+        with no_autocast:
+            y, _ = _proj_forward(_rows(x), p.base, flat[0], flat[1], p.scaling, p.add_in_base_dtype)
+        return (y.view(*x.shape[:-1], y.shape[-1]),)
     bases = tuple(p.base for p in parts)
     scalings = tuple(p.scaling for p in parts)
     add = tuple(p.add_in_base_dtype for p in parts)
