@@ -35,33 +35,25 @@ import time
 
 os.environ.pop("TRITON_INTERPRET", None)  # plain CPU path: the interpreter would run the kernels ~100x slower
 
-import importlib
-
 import torch
 import torch.nn.functional as F
 
-from fastft.kernels import _launch, linear_cross_entropy, path_counts, selective_log_softmax
+from fastft.kernels import (
+    INTERPRETER,
+    chunk_loop_in_place,
+    linear_cross_entropy,
+    path_counts,
+    selective_log_softmax,
+)
+from fastft.kernels.linear_cross_entropy import choose_chunk_size
 from fastft.memory import LiveBytesTracker
-
-# the package re-exports functions under the modules' names, so fetch the modules themselves
-lce = importlib.import_module("fastft.kernels.linear_cross_entropy")
-sls = importlib.import_module("fastft.kernels.selective_log_softmax")
 
 GB = 1e9
 
 
-@contextlib.contextmanager
-def chunk_loop_on_meta(device: str):
+def chunk_loop_on_meta(device: str) -> contextlib.AbstractContextManager:
     """On meta, run the chunk loop itself instead of the custom op's fake impl, so chunk temporaries are counted."""
-    if device != "meta":
-        yield
-        return
-    saved = lce._run_chunks, sls._run_chunks
-    lce._run_chunks = sls._run_chunks = lce._chunk_loop
-    try:
-        yield
-    finally:
-        lce._run_chunks, sls._run_chunks = saved
+    return chunk_loop_in_place() if device == "meta" else contextlib.nullcontext()
 
 
 def measure(fn, hidden, weight, labels, train_weight: bool, device: str) -> int:
@@ -136,8 +128,8 @@ def main() -> None:
     parser.add_argument("--modeled-only", action="store_true", help="skip the real CPU run (meta tensors only)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    assert not _launch.INTERPRETER, "run without TRITON_INTERPRET: this measures the plain CPU path"
-    chunk = lce.choose_chunk_size(args.tokens, args.hidden, args.vocab, torch.float32, torch.device("cpu"))
+    assert not INTERPRETER, "run without TRITON_INTERPRET: this measures the plain CPU path"
+    chunk = choose_chunk_size(args.tokens, args.hidden, args.vocab, torch.float32, torch.device("cpu"))
     print(
         f"hidden={args.hidden} vocab={args.vocab} fp32; fastft chunk_size={chunk} tokens at {args.tokens} tokens "
         f"(logits chunk {chunk * args.vocab * 4 / 1e6:.1f} MB); weight gradient alone "

@@ -5,7 +5,7 @@ Variants (same model weights, same token ids, LoRA r=16 on all seven linear proj
 * ``baseline``: transformers + PEFT, standard (non-reentrant) gradient checkpointing, the model's own loss.
 * ``fastft``: ``FastModel.from_pretrained`` + ``FastModel.get_peft_model`` ("fastft" checkpointing, which is standard
   checkpointing off CUDA). On plain CPU every fastft op takes its torch path (same memory algorithm, no Triton); under
-  ``TRITON_INTERPRET=1`` it runs its Triton kernels in the interpreter. ``fastft.kernels._launch.path_counts`` is
+  ``TRITON_INTERPRET=1`` it runs its Triton kernels in the interpreter. ``fastft.kernels.path_counts`` is
   reported, so the path that ran is proven, not assumed.
 * ``liger``: Liger-Kernel's ``apply_liger_kernel_to_llama`` (applied before loading, as its docs do) on the same model,
   + PEFT + standard checkpointing. Liger's kernels are Triton-only; the script tries it on plain CPU and under the
@@ -120,10 +120,10 @@ def measure_step(
     calls by path) and ``launches`` (Triton kernel launches by name, interpreter only). The process's torch thread
     count is used as set by the caller.
     """
-    from fastft.kernels import _launch
+    from fastft.kernels import INTERPRETER
 
     launches: Counter[str] = Counter()
-    with _interpreter_launches(launches) if _launch.INTERPRETER else contextlib.nullcontext():
+    with _interpreter_launches(launches) if INTERPRETER else contextlib.nullcontext():
         result = _measure(variant, model_dir, seq, warmup, steps, liger_kernels)
     result["launches"] = dict(launches)
     return result
@@ -134,14 +134,14 @@ def _measure(
 ) -> dict[str, Any]:
     import torch
 
-    from fastft.kernels import _launch
+    from fastft.kernels import INTERPRETER, path_counts
     from fastft.memory import LiveBytesTracker
 
     model = _build(variant, model_dir, liger_kernels)
     model.train()
     # Token ids from their own generator: FastModel.get_peft_model reseeds the global RNG for its LoRA init.
     ids = torch.randint(0, model.config.vocab_size, (1, seq), generator=torch.Generator().manual_seed(0))
-    paths_before = Counter(_launch.path_counts)
+    paths_before = Counter(path_counts)
 
     def step() -> float:
         loss = model(input_ids=ids, labels=ids).loss
@@ -162,7 +162,7 @@ def _measure(
     tracked_seconds = time.perf_counter() - start
     model.zero_grad(set_to_none=True)
     fastft_paths = Counter()
-    for (_, path), n in (_launch.path_counts - paths_before).items():
+    for (_, path), n in (path_counts - paths_before).items():
         fastft_paths[path] += n
 
     seconds, losses = [], []
@@ -181,7 +181,7 @@ def _measure(
         "tracked_seconds": tracked_seconds,
         "fastft_paths": dict(fastft_paths),
         "threads": torch.get_num_threads(),
-        "interpreter": _launch.INTERPRETER,
+        "interpreter": INTERPRETER,
     }
 
 

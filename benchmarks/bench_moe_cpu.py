@@ -20,8 +20,7 @@ import time
 
 import torch
 
-from fastft.kernels import moe
-from fastft.kernels._launch import INTERPRETER, path_counts
+from fastft.kernels import INTERPRETER, moe, path_counts
 from fastft.memory import LiveBytesTracker
 
 

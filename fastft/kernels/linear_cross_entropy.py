@@ -39,16 +39,20 @@ labels (the recompute inputs).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections import Counter
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
 from fastft.kernels._launch import (
+    TRITON_AVAILABLE,
     call_op,
     check_floating,
+    launch_hook,
     next_power_of_2,
     option_kwargs,
     option_schema,
@@ -274,10 +278,36 @@ def _run_chunks(
     d_z: torch.Tensor | None = None,
     d_entropy: torch.Tensor | None = None,
 ) -> ChunkResult:
-    """The chunk op, called by keyword. Same signature as :func:`_chunk_loop`, so the memory benchmark can swap in
-    the loop itself on meta tensors (the fake impl only models the op's outputs, not the chunk temporaries inside)."""
+    """The chunk op, called by keyword (same signature as :func:`_chunk_loop`); inside :func:`chunk_loop_in_place` the
+    loop itself, run directly."""
+    if _in_place:
+        hook = _in_place[-1]
+        tensors = dict(class_weight=class_weight, d_ce=d_ce, d_z=d_z, d_entropy=d_entropy)
+        with launch_hook(hook) if hook is not None and TRITON_AVAILABLE else contextlib.nullcontext():
+            return _chunk_loop(hidden, weight, bias, labels, options=options, plan=plan, **tensors)
     tensors = (hidden, weight, bias, labels, class_weight, d_ce, d_z, d_entropy)
     return ChunkResult(*call_op(linear_cross_entropy_chunks, *tensors, **option_kwargs(options, plan)))
+
+
+#: The launch hooks of the :func:`chunk_loop_in_place` blocks now open, innermost last (None: launches run).
+_in_place: list[Callable[..., Any] | None] = []
+
+
+@contextlib.contextmanager
+def chunk_loop_in_place(hook: Callable[..., Any] | None = None) -> Iterator[None]:
+    """Inside the block, linear_cross_entropy and selective_log_softmax run their chunk loop directly instead of
+    the custom op ``fastft::linear_cross_entropy_chunks``. For memory models on meta tensors: the op's fake impl only
+    models its outputs, the loop also allocates its [C, V] logits chunk and gradient buffers, as on a GPU.
+
+    ``hook(kernel, grid, args, kwargs)``: while a loop runs (and only then), the per-chunk softmax's Triton launches
+    go to it instead of running (see ``fastft.kernels.launch_hook``; the launchers still allocate their outputs).
+    Without triton the loop takes its torch path and the hook is not used. Blocks nest; the innermost hook wins.
+    """
+    _in_place.append(hook)
+    try:
+        yield
+    finally:
+        _in_place.pop()
 
 
 # ----------------------------------------------------------------------------------------------------------------

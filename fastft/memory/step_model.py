@@ -39,13 +39,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
+
+from fastft.kernels import chunk_loop_in_place
 
 # The stand-ins live in fastft.memory.standins; their names stay importable from here (the public surface).
 from fastft.memory.standins.attention import (  # noqa: F401 - re-exported
@@ -366,10 +367,6 @@ def _chunk_loop_visible(active: bool, counter: Any = None) -> Iterator[None]:
     if not active:
         yield
         return
-    from fastft.kernels import _launch
-
-    lce = importlib.import_module("fastft.kernels.linear_cross_entropy")  # the package re-exports a function
-    chunk_op = lce._run_chunks
 
     def dropped(kernel: Any, grid: tuple, args: tuple, kwargs: dict) -> None:
         if counter is not None:
@@ -379,16 +376,9 @@ def _chunk_loop_visible(active: bool, counter: Any = None) -> Iterator[None]:
             name = "triton::" + getattr(getattr(kernel, "fn", kernel), "__name__", "kernel")
             counter.calls[OpKey(name, counter.phase_of(), "", 0, nbytes, True)] += 1
 
-    def chunk_loop(*args: Any, **kwargs: Any) -> Any:
-        # Without triton the torch path runs on meta; its fp32 temporaries are bounded 4 MiB row pieces.
-        with _launch.launch_hook(dropped) if _launch.TRITON_AVAILABLE else contextlib.nullcontext():
-            return lce._chunk_loop(*args, **kwargs)
-
-    lce._run_chunks = chunk_loop
-    try:
+    # Without triton the torch path runs on meta; its fp32 temporaries are bounded 4 MiB row pieces.
+    with chunk_loop_in_place(dropped):
         yield
-    finally:
-        lce._run_chunks = chunk_op
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from fastft.kernels._launch import INTERPRETER
+from fastft.kernels import INTERPRETER
 
 
 class LiveBytesTracker(TorchDispatchMode):

@@ -21,7 +21,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from fastft._log import info_once
-from fastft.kernels._launch import autocast_enabled
+from fastft.kernels import autocast_enabled
 
 
 class _OffloadedCheckpoint(torch.autograd.Function):

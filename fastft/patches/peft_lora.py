@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from fastft._log import info_once
-from fastft.kernels._launch import autocast_enabled
+from fastft.kernels import autocast_enabled
 from fastft.kernels.activation import Activation
 from fastft.kernels.lora import AdapterParts, BaseWeight, mlp_from_parts, projections_from_parts
 

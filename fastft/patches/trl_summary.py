@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from fastft._log import logger, mark, notes_since
-from fastft.kernels._launch import INTERPRETER, TRITON_AVAILABLE, path_counts
+from fastft.kernels import INTERPRETER, TRITON_AVAILABLE, path_counts
 from fastft.patches.peft_lora import lora_path_counts
 
 #: ops of the loss head: linear_cross_entropy and selective_log_softmax run cross_entropy's kernels per chunk
