@@ -452,9 +452,7 @@ class GLUFunction(torch.autograd.Function):
     """Saves gate and up (no activation); the backward recomputes act(gate), optionally into gate/up's buffers."""
 
     @staticmethod
-    def forward(
-        ctx, gate: torch.Tensor, up: torch.Tensor, activation: Activation, inplace_backward: bool
-    ) -> torch.Tensor:
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, activation: Activation, inplace_backward: bool) -> torch.Tensor:
         h = glu_op(gate, up, activation)
         ctx.save_for_backward(gate, up)
         ctx.activation = activation

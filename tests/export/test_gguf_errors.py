@@ -286,8 +286,16 @@ def test_modelfile_template_renders_like_the_chat_template(tmp_path):
 
 @pytest.mark.parametrize(
     "split, ignore_merges, pre",
-    [("llama3", True, "llama-bpe"), ("llama3", False, "dbrx"), ("qwen2", False, "qwen2"), ("gpt4o", False, "gpt-4o"),
-     ("tekken", True, "tekken"), ("tekken", False, None), ("gpt4o", True, None), ("qwen2", True, None)],
+    [
+        ("llama3", True, "llama-bpe"),
+        ("llama3", False, "dbrx"),
+        ("qwen2", False, "qwen2"),
+        ("gpt4o", False, "gpt-4o"),
+        ("tekken", True, "tekken"),
+        ("tekken", False, None),
+        ("gpt4o", True, None),
+        ("qwen2", True, None),
+    ],
 )
 def test_split_regex_and_ignore_merges_pick_llama_cpps_pre_tokenizer(tmp_path, split, ignore_merges, pre):
     """Which llama.cpp pre-tokenizer a Split regex is written as depends on the BPE's ignore_merges too: llama.cpp

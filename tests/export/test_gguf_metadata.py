@@ -26,8 +26,10 @@ LAYOUT = {
     "granite": ("granite", _LLAMA_DENSE),
     "smollm3": ("smollm3", _LLAMA_DENSE),
     "ministral3": ("mistral3", _LLAMA_DENSE),
-    "olmo2": ("olmo2", [*_ATTN, T.ATTN_Q_NORM, T.ATTN_K_NORM, T.ATTN_POST_NORM, T.FFN_GATE, T.FFN_UP, T.FFN_DOWN,
-                        T.FFN_POST_NORM]),
+    "olmo2": (
+        "olmo2",
+        [*_ATTN, T.ATTN_Q_NORM, T.ATTN_K_NORM, T.ATTN_POST_NORM, T.FFN_GATE, T.FFN_UP, T.FFN_DOWN, T.FFN_POST_NORM],
+    ),
     "glm4": ("glm4", [T.ATTN_NORM, *_ATTN, T.ATTN_POST_NORM, T.FFN_NORM, T.FFN_UP, T.FFN_DOWN, T.FFN_POST_NORM]),
 }
 LAYOUT["olmo3"] = LAYOUT["olmo2"]
