@@ -20,11 +20,11 @@ def _setup(algorithm: str, tmp_path, monkeypatch):
         import trl.trainer.grpo_trainer as grpo_module
 
         monkeypatch.setattr(grpo_module.GRPOTrainer, "_generate_single_turn", test_grpo.fixed_generations)
-        return test_grpo._make(tmp_path, **BF16), ("loss", "kl", "entropy")
+        return test_grpo.make_online_trainer(tmp_path, **BF16), ("loss", "kl", "entropy")
     if algorithm == "RLOO":
         rloo_module = pytest.importorskip("trl.trainer.rloo_trainer")
         monkeypatch.setattr(rloo_module.RLOOTrainer, "_generate_single_turn", test_rloo.rloo_generations)
-        return test_rloo._make(tmp_path, **BF16), ("loss", "entropy")
+        return test_grpo.make_online_trainer(tmp_path, "RLOOConfig", **BF16), ("loss", "entropy")
     if algorithm == "KTO":
         pytest.importorskip("trl.trainer.kto_trainer")
         return test_kto._make(tmp_path, **BF16), ("loss", "kl", "rewards/chosen_sum", "rewards/rejected_sum")
