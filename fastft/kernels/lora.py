@@ -410,6 +410,17 @@ def mlp_from_parts(
         return LoRAMLP.apply(x, bases, scalings, add, act, recompute, bool(inplace_backward), *adapters)
 
 
+def projection_from_parts(x: torch.Tensor, p: AdapterParts) -> torch.Tensor:
+    """``projections_from_parts(x, [p])[0]`` for a caller that found autocast off on x's device: one projection,
+    x [..., in] -> [..., out] in x.dtype, the same math without the autocast query and per-call lists (decoding runs
+    it per projection per token)."""
+    A, B = p.lora_a, p.lora_b
+    if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad):
+        return LoRAProjections.apply(x, (p.base,), (p.scaling,), (p.add_in_base_dtype,), A, B)[0]
+    y, _ = _proj_forward(_rows(x), p.base, A, B, p.scaling, p.add_in_base_dtype)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
 def projections_from_parts(x: torch.Tensor, parts: list[AdapterParts]) -> tuple[torch.Tensor, ...]:
     """``LoRAProjections`` over one adapter's parts per projection of x; one [..., out_p] per projection."""
     x, flat, no_autocast = _cast_for_autocast(x, parts)

@@ -82,7 +82,9 @@ def _make_mlp_forward(activation: Activation, style: str = "gated"):
 
 
 def _lora_projection(mlp: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
-    layer = getattr(mlp, name)
+    layer = mlp._modules.get(name)  # the submodule without nn.Module.__getattr__ (called per projection per token)
+    if layer is None:
+        layer = getattr(mlp, name)
     if getattr(mlp, "_fastft_fuse_lora", False):
         from fastft.patches.peft_lora import fused_linear_forward
 

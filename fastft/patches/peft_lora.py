@@ -25,7 +25,7 @@ import torch.nn as nn
 from fastft._log import info_once
 from fastft.kernels import autocast_enabled
 from fastft.kernels.activation import Activation
-from fastft.kernels.lora import AdapterParts, BaseWeight, mlp_from_parts, projections_from_parts
+from fastft.kernels.lora import AdapterParts, BaseWeight, mlp_from_parts, projection_from_parts, projections_from_parts
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -109,42 +109,6 @@ def can_fuse(layer: nn.Module) -> tuple[bool, str]:
     return True, ""
 
 
-def _state_key(layer: nn.Module) -> tuple | None:
-    """What :func:`can_fuse`'s verdict on a PEFT layer depends on that can change after construction, read off
-    instance dicts only (no ``nn.Module.__getattr__``): adapters disabled / merged / active, and the identity and
-    ``requires_grad`` of the base and adapter weights (a replaced module or weight changes its id). None when the
-    verdict must not be cached: not exactly one active adapter, or a weight that is not a plain Parameter (a DTensor
-    shard or DeepSpeed parameter is gathered or not depending on when it is read)."""
-    d = layer.__dict__
-    active = d.get("_active_adapter", "default")
-    if not isinstance(active, str):
-        if len(active) != 1:
-            return None
-        active = active[0]
-    mods = d["_modules"]
-    base, lora_a, lora_b = mods.get("base_layer"), mods.get("lora_A"), mods.get("lora_B")
-    if base is None or lora_a is None or lora_b is None or "base_layer" in base.__dict__["_modules"]:
-        return None
-    a, b = lora_a.__dict__["_modules"].get(active), lora_b.__dict__["_modules"].get(active)
-    w = base.__dict__["_parameters"].get("weight")
-    if a is None or b is None or type(w) is not nn.Parameter or hasattr(w, "ds_id"):
-        return None
-    wa, wb = a.__dict__["_parameters"].get("weight"), b.__dict__["_parameters"].get("weight")
-    return (
-        d.get("_disable_adapters", False),
-        len(d.get("merged_adapters", ())),
-        active,
-        id(base),
-        id(w),
-        w.requires_grad,
-        id(a),
-        id(b),
-        id(wa),
-        id(wb),
-        id(mods["lora_dropout"].__dict__["_modules"].get(active)),
-    )
-
-
 class _ActiveAdapter(NamedTuple):
     """A fusable PEFT layer's pieces, looked up once: its base layer, whether that is an NF4 ``Linear4bit``, the active
     adapter's name and its lora_A [r, in] / lora_B [out, r] weights."""
@@ -162,19 +126,99 @@ def _active_adapter(layer: nn.Module) -> _ActiveAdapter:
     return _ActiveAdapter(base, _is_bnb_4bit(base), name, layer.lora_A[name].weight, layer.lora_B[name].weight)
 
 
+class _Verdict:
+    """:func:`can_fuse`'s verdict on one PEFT layer (``ok``, ``reason``, and when fusable its :class:`_ActiveAdapter`
+    and, for a dense base, its :class:`AdapterParts` with the scaling object they were read from), with everything it
+    depends on that can change after construction: the active adapter(s), the disable switch, whether anything is
+    merged, and the objects base layer, base weight (and its ``requires_grad``), lora_A/lora_B modules and weights and
+    dropout module. A replaced module or weight is a different object; a weight whose ``.data`` is replaced, or
+    converted by ``model.to(...)``, is the same Parameter and the parts hold that Parameter, never a stale alias."""
+
+    __slots__ = (
+        "active_raw", "disabled", "unmerged", "name", "base", "weight", "weight_grad", "mod_a", "mod_b", "dropout",
+        "wa", "wb", "ok", "reason", "active", "parts", "scaling_src",
+    )  # fmt: skip
+
+
+def _new_verdict(layer: nn.Module) -> tuple[_Verdict, bool]:
+    """(a fresh verdict, whether it may be cached): not when the layer is not a PEFT LoRA layer, has not exactly one
+    active adapter with LoRA weights here, a nested base, or a base weight that is not a plain Parameter (a DTensor
+    shard or DeepSpeed parameter is gathered or not depending on when it is read)."""
+    v = _Verdict()
+    v.ok, v.reason = can_fuse(layer)
+    v.active = _active_adapter(layer) if v.ok else None
+    v.parts = v.scaling_src = None
+    if not isinstance(layer, _peft_lora_classes()):
+        return v, False
+    d = layer.__dict__
+    raw = layer._active_adapter
+    active = raw if isinstance(raw, str) else (raw[0] if len(raw) == 1 else None)
+    mods = d["_modules"]
+    base, lora_a, lora_b, dropout = (mods.get(k) for k in ("base_layer", "lora_A", "lora_B", "lora_dropout"))
+    if active is None or base is None or lora_a is None or lora_b is None or dropout is None:
+        return v, False
+    if "base_layer" in base.__dict__["_modules"]:
+        return v, False
+    a, b = lora_a.__dict__["_modules"].get(active), lora_b.__dict__["_modules"].get(active)
+    w = base.__dict__["_parameters"].get("weight")
+    if a is None or b is None or type(w) is not nn.Parameter or hasattr(w, "ds_id"):
+        return v, False
+    if "weight" not in a.__dict__["_parameters"] or "weight" not in b.__dict__["_parameters"]:
+        return v, False
+    v.active_raw = raw if isinstance(raw, str) else list(raw)  # a copy: compared by value, never mutated with it
+    v.disabled, v.unmerged, v.name = layer._disable_adapters, not layer.merged_adapters, active
+    v.base, v.weight, v.weight_grad, v.mod_a, v.mod_b = base, w, w.requires_grad, a, b
+    v.wa, v.wb = a.__dict__["_parameters"]["weight"], b.__dict__["_parameters"]["weight"]
+    v.dropout = dropout.__dict__["_modules"].get(active)
+    return v, True
+
+
+def _cached_verdict(layer: nn.Module) -> _Verdict | None:
+    """The verdict cached on ``layer`` when nothing it depends on changed, else None. Subscripts, attribute reads and
+    ``is`` only: decoding calls this per projection per token, and the full :func:`can_fuse` costs ~20 us."""
+    d = layer.__dict__
+    try:
+        v = d["_fastft_fusable"]
+        mods = d["_modules"]
+        name = v.name
+        base, a, b = mods["base_layer"], mods["lora_A"]._modules[name], mods["lora_B"]._modules[name]
+        w = base._parameters["weight"]
+        same = (
+            w is v.weight
+            and w.requires_grad is v.weight_grad
+            and base is v.base
+            and a is v.mod_a
+            and b is v.mod_b
+            and mods["lora_dropout"]._modules[name] is v.dropout
+            and a._parameters["weight"] is v.wa
+            and b._parameters["weight"] is v.wb
+            and layer._active_adapter == v.active_raw
+            and layer._disable_adapters == v.disabled
+            and (not layer.merged_adapters) is v.unmerged
+            and "base_layer" not in base._modules
+            and "ds_id" not in w.__dict__
+        )
+    except (KeyError, AttributeError):
+        return None
+    return v if same else None
+
+
+def _verdict(layer: nn.Module) -> _Verdict:
+    """The layer's :class:`_Verdict`: the cached one while valid (:func:`_cached_verdict`), else a fresh one, cached
+    on the layer as a plain attribute (not a parameter, buffer or module) when it may be."""
+    v = _cached_verdict(layer)
+    if v is None:
+        v, cacheable = _new_verdict(layer)
+        if cacheable:
+            layer.__dict__["_fastft_fusable"] = v
+    return v
+
+
 def _fusable(layer: nn.Module) -> tuple[bool, str, _ActiveAdapter | None]:
     """(:func:`can_fuse`'s verdict and reason, and when fusable the layer's :class:`_ActiveAdapter`), cached on the
-    layer while :func:`_state_key` is unchanged: the full check costs ~20 us of attribute lookups per projection per
-    call, more than a small model's decoding matmuls."""
-    key = _state_key(layer)
-    cached = layer.__dict__.get("_fastft_fusable")
-    if key is not None and cached is not None and cached[0] == key:
-        return cached[1]
-    ok, reason = can_fuse(layer)
-    info = (ok, reason, _active_adapter(layer) if ok else None)
-    if key is not None:
-        layer.__dict__["_fastft_fusable"] = (key, info)  # a plain attribute: not a parameter, buffer or module
-    return info
+    layer (:func:`_verdict`)."""
+    v = _verdict(layer)
+    return v.ok, v.reason, v.active
 
 
 def _input_ok(layer: nn.Module, x: torch.Tensor, base: nn.Module | None = None, bnb: bool | None = None) -> tuple[bool, str]:
@@ -229,6 +273,20 @@ def _adapter(layer: nn.Module, active: _ActiveAdapter | None = None) -> AdapterP
     )
 
 
+def _parts(layer: nn.Module, v: _Verdict) -> AdapterParts:
+    """A fusable layer's AdapterParts. For a cached verdict with a dense base they are kept on it, holding the base
+    Parameter itself, while ``layer.scaling[name]`` is the very float they were read from: PEFT's ``scale_layer`` /
+    ``set_scale`` store a new float, so the scaling is still read live; any other scaling type is read every call."""
+    s = layer.scaling[v.active.name]
+    if s is v.scaling_src:
+        return v.parts
+    parts = _adapter(layer, v.active)
+    if not v.active.nf4 and type(s) is float and layer.__dict__.get("_fastft_fusable") is v:
+        v.parts, v.scaling_src = parts._replace(base=BaseWeight(v.weight)), s
+        return v.parts
+    return parts
+
+
 #: (kind: "mlp" | "linear", "fused" | "peft") -> calls of the patched LoRA forwards, by the path they took; the
 #: start-of-training summary reports step 1's (a layer installed as fused can still fall back per call).
 lora_path_counts: Counter[tuple[str, str]] = Counter()
@@ -238,9 +296,10 @@ def _check_layers(kind: str, layers: dict[str, nn.Module], x: torch.Tensor) -> l
     """Each layer's adapter parts when all of them can run fused on ``x``, else None (reason logged once)."""
     parts = []
     for attr, layer in layers.items():
-        ok, reason, active = _fusable(layer)
+        v = _verdict(layer)
+        ok, reason = v.ok, v.reason
         if ok:
-            ok, reason = _input_ok(layer, x, active.base, active.nf4)
+            ok, reason = _input_ok(layer, x, v.active.base, v.active.nf4)
         if not ok:
             info_once(
                 f"fastft: fused LoRA {kind} not used for {attr}: {reason}; running PEFT's path",
@@ -248,7 +307,7 @@ def _check_layers(kind: str, layers: dict[str, nn.Module], x: torch.Tensor) -> l
             )
             lora_path_counts[(kind, "peft")] += 1
             return None
-        parts.append(_adapter(layer, active))
+        parts.append(_parts(layer, v))
     lora_path_counts[(kind, "fused")] += 1
     return parts
 
@@ -277,6 +336,12 @@ def fused_mlp_forward(
 def fused_linear_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """One LoRA projection (q, k, v, o, gate_up or down, each on its own) fused: x [..., in] -> [..., out] in x.dtype,
     or None (reason logged once) when the layer cannot run fused with identical math."""
+    v = _cached_verdict(layer)
+    if (
+        v is not None and v.ok and not v.active.nf4 and v.weight.dtype == x.dtype and not autocast_enabled(x.device.type)
+    ):  # what _check_layers would find (no autocast: a dense base fuses for an input in its dtype), minus its lookups
+        lora_path_counts[("linear", "fused")] += 1
+        return projection_from_parts(x, _parts(layer, v))
     parts = _check_layers("linear", {"proj": layer}, x)
     return None if parts is None else projections_from_parts(x, parts)[0]
 
