@@ -5,6 +5,7 @@ end-to-end step for fastft and the transformers+PEFT baseline) and the report an
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -13,6 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_gpu_check_dry_run_end_to_end(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST") and k != "FASTFT_TEST_DEVICE"}
     env["OMP_NUM_THREADS"] = "1"
+    env["PYTHON"] = sys.executable  # the interpreter running the tests, wherever its venv lives
     proc = subprocess.run(
         [str(REPO / "benchmarks/gpu/check.sh"), str(tmp_path), "--dry-run"],
         cwd=REPO,
