@@ -346,38 +346,23 @@ class AdapterParts(NamedTuple):
     add_in_base_dtype: bool  #: cast the adapter output to the base output dtype before adding (PEFT's Linear4bit)
 
 
-def _autocast_input(x: torch.Tensor) -> torch.Tensor:
-    """Under autocast, an fp32 input cast (differentiably) to the autocast dtype, as autocast casts F.linear's input;
-    the base weight follows the input's dtype inside the fused function, as autocast casts the weight."""
-    device = x.device.type
-    if autocast_enabled(device) and x.dtype == torch.float32 and torch.get_autocast_dtype(device) != x.dtype:
-        return x.to(torch.get_autocast_dtype(device))
-    return x
+def _cast_for_autocast(x: torch.Tensor, parts: list[AdapterParts]) -> tuple[torch.Tensor, list[torch.Tensor], Any]:
+    """(x, the adapters flat, a context) for the fused functions.
 
-
-def _autocast_adapters(x: torch.Tensor, adapters: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
-    """Under autocast (the Trainer's bf16/fp16 mixed precision), PEFT's lora_A/lora_B F.linear calls run on copies
-    of the fp32 adapters cast to the autocast dtype. Do the same casts here, differentiably (the fp32 masters get
-    their gradients through them), and return a context that turns autocast off inside the fused function so
-    nothing is cast twice. Without autocast: the adapters as they are, and a no-op context."""
+    Under autocast (the Trainer's bf16/fp16 mixed precision) F.linear casts an fp32 input to the autocast dtype, and
+    PEFT's lora_A/lora_B calls run on copies of the fp32 adapters cast to it: the same casts are made here,
+    differentiably (the fp32 masters get their gradients through them), and the context turns autocast off inside the
+    fused function so nothing is cast twice; the base weight follows the input's dtype inside. Without autocast (fp32
+    training, generation): x and the adapters as they are and a no-op context, after one autocast query (decoding
+    calls this per projection per token)."""
+    adapters = [t for p in parts for t in (p.lora_a, p.lora_b)]
     device = x.device.type
     if not autocast_enabled(device):
-        return adapters, contextlib.nullcontext()
-    dtype = torch.get_autocast_dtype(device)
-    cast = [a if a.dtype == dtype else a.to(dtype) for a in adapters]
-    return cast, torch.autocast(device, enabled=False)
-
-
-def _cast_for_autocast(x: torch.Tensor, parts: list[AdapterParts]) -> tuple[torch.Tensor, list[torch.Tensor], Any]:
-    """(x, the adapters flat, a context) as :func:`_autocast_input` and :func:`_autocast_adapters` make them; without
-    autocast (fp32 training, generation) x and the adapters as they are and a no-op context, after one autocast query
-    instead of two (decoding calls this per projection per token)."""
-    adapters = [t for p in parts for t in (p.lora_a, p.lora_b)]
-    if not autocast_enabled(x.device.type):
         return x, adapters, contextlib.nullcontext()
-    x = _autocast_input(x)
-    adapters, no_autocast = _autocast_adapters(x, adapters)
-    return x, adapters, no_autocast
+    dtype = torch.get_autocast_dtype(device)
+    if x.dtype == torch.float32 and dtype != x.dtype:
+        x = x.to(dtype)
+    return x, [a if a.dtype == dtype else a.to(dtype) for a in adapters], torch.autocast(device, enabled=False)
 
 
 def mlp_from_parts(

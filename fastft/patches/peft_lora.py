@@ -242,7 +242,7 @@ def _input_ok(layer: nn.Module, x: torch.Tensor, base: nn.Module | None = None, 
         return True, ""
     # Under the Trainer's bf16/fp16 autocast, F.linear computes in the autocast dtype whichever of fp32 / that dtype
     # its input and weight are (an fp32 model's norm output is fp32, its attention output already bf16): the fused
-    # path makes the same casts (kernels.lora._autocast_input, and the base weight follows the input inside the fused
+    # path makes the same casts (kernels.lora._cast_for_autocast, and the base weight follows the input inside the fused
     # function).
     allowed = (torch.float32, cast_to)
     if x.dtype not in allowed or weight not in allowed:
