@@ -295,11 +295,16 @@ lora_path_counts: Counter[tuple[str, str]] = Counter()
 def _check_layers(kind: str, layers: dict[str, nn.Module], x: torch.Tensor) -> list[AdapterParts] | None:
     """Each layer's adapter parts when all of them can run fused on ``x``, else None (reason logged once)."""
     parts = []
+    autocast_off = None
     for attr, layer in layers.items():
         v = _verdict(layer)
         ok, reason = v.ok, v.reason
         if ok:
-            ok, reason = _input_ok(layer, x, v.active.base, v.active.nf4)
+            if autocast_off is None:  # one query for all the layers
+                autocast_off = not autocast_enabled(x.device.type)
+            # a cached dense verdict (scaling_src set) without autocast needs only the dtype match _input_ok checks
+            if not (autocast_off and v.scaling_src is not None and v.weight.dtype == x.dtype):
+                ok, reason = _input_ok(layer, x, v.active.base, v.active.nf4)
         if not ok:
             info_once(
                 f"fastft: fused LoRA {kind} not used for {attr}: {reason}; running PEFT's path",
@@ -320,7 +325,8 @@ def fused_mlp_forward(
 ) -> torch.Tensor | None:
     """The fused ``down_proj(act(gate_proj(x)) * up_proj(x))`` of ``mlp``, x [..., hidden] -> [..., hidden] in
     x.dtype, or None (reason logged once) when not fusable (see :func:`lora_mlp` for the arguments)."""
-    layers = {k: getattr(mlp, k, None) for k in ("gate_proj", "up_proj", "down_proj")}
+    mods = mlp._modules  # submodules without nn.Module.__getattr__ (called per layer per token)
+    layers = {k: mods[k] if k in mods else getattr(mlp, k, None) for k in ("gate_proj", "up_proj", "down_proj")}
     if any(v is None for v in layers.values()):
         info_once(
             f"fastft: fused LoRA mlp not used: {type(mlp).__name__} lacks gate_proj/up_proj/down_proj",

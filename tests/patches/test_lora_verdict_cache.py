@@ -142,3 +142,28 @@ def test_dtype_and_device_changes_between_calls(swap):
             assert out.device.type == "meta" and out.shape == (4, 1, 24)
     finally:
         torch.__future__.set_swap_module_params_on_conversion(previous)
+
+
+def test_fused_mlp_follows_weight_and_dtype_changes_between_calls():
+    from fastft.patches.peft_lora import fused_mlp_forward
+    from tests.kernels.test_lora import HIDDEN, _peft_block
+
+    _, block = _peft_block(torch.float32)
+    projections = [block.gate_proj, block.up_proj, block.down_proj]
+    x = torch.randn(2, 3, HIDDEN)
+
+    def uncached() -> torch.Tensor:  # the same call with every verdict (and its parts) read afresh
+        for layer in projections:
+            layer.__dict__.pop("_fastft_fusable", None)
+        return fused_mlp_forward(block, x, "silu")
+
+    with torch.no_grad():
+        first = fused_mlp_forward(block, x, "silu")
+        assert first is not None and torch.equal(fused_mlp_forward(block, x, "silu"), first)
+        block.down_proj.lora_B["default"].weight.data = torch.randn_like(block.down_proj.lora_B["default"].weight)
+        block.gate_proj.scale_layer(0.5)
+        changed = fused_mlp_forward(block, x, "silu")
+        assert not torch.equal(changed, first) and torch.equal(changed, uncached())
+        block.to(torch.bfloat16)
+        assert fused_mlp_forward(block, x, "silu") is None  # fp32 input, bf16 bases: PEFT's path
+        assert fused_mlp_forward(block, x.bfloat16(), "silu").dtype == torch.bfloat16
