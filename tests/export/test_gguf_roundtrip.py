@@ -162,22 +162,7 @@ def test_lora_adapters_are_merged_fastmodel_path(tmp_path):
 def test_qlora_nf4_base_is_dequantized_then_merged(tmp_path, bnb_default_cpu_kernels):
     """A 4-bit base: the export dequantizes it and merges the adapters in fp32; the GGUF model equals the NF4 LoRA
     model's own forward (f32 file, so only the merge's summation order differs)."""
-    import fastft
-    from fastft import FastModel
-    from fastft.offline import save_tiny_model
-
-    model_dir = save_tiny_model(str(tmp_path / "base"), "llama")
-    model, tok = FastModel.from_pretrained(model_dir, load_in_4bit=True)
-    model = FastModel.get_peft_model(model, r=4, lora_alpha=8, init_lora_weights=False)
-    model.eval()
-    ids = torch.tensor([tok(PROMPT)["input_ids"]])
-    with torch.no_grad():
-        want = model(input_ids=ids).logits.float()
-    path = model.save_pretrained_gguf(str(tmp_path / "gguf"), tok, quantization="f32")
-    fastft.unpatch()
-    with torch.no_grad():
-        got = read_back("llama", path)(ids).logits
-    assert relative_logit_error(want, got) <= 1e-3
+    assert _fastmodel_lora_export_error(tmp_path, "llama", {}, load_in_4bit=True) <= 1e-3
 
 
 def test_tokenizer_round_trip(tmp_path):
@@ -249,12 +234,17 @@ def test_phi3_partial_rotary(tmp_path):
 def test_lora_merge_into_rows_with_experts_and_multipliers(model_type, tmp_path):
     """FastModel (patched) + non-zero LoRA adapters on rows whose export splits experts or writes multipliers: the f32
     GGUF, read back, equals the LoRA model's own forward (only the merge's summation order differs)."""
+    assert _fastmodel_lora_export_error(tmp_path, model_type, OVERRIDES.get(model_type, {})) <= 1e-4
+
+
+def _fastmodel_lora_export_error(tmp_path, model_type: str, overrides: dict, **load) -> float:
+    """Relative logit error between a FastModel LoRA model (non-zero adapters, ``load``: from_pretrained options) and
+    its f32 GGUF export read back after unpatching."""
     import fastft
     from fastft import FastModel
     from fastft.offline import save_tiny_model
 
-    overrides = OVERRIDES.get(model_type, {})
-    model, tok = FastModel.from_pretrained(save_tiny_model(str(tmp_path / "base"), model_type, **overrides))
+    model, tok = FastModel.from_pretrained(save_tiny_model(str(tmp_path / "base"), model_type, **overrides), **load)
     model = FastModel.get_peft_model(model, r=4, lora_alpha=8, init_lora_weights=False)
     model.eval()
     ids = torch.tensor([tok(PROMPT)["input_ids"]])
@@ -264,4 +254,4 @@ def test_lora_merge_into_rows_with_experts_and_multipliers(model_type, tmp_path)
     fastft.unpatch()
     with torch.no_grad():
         got = read_back(model_type, path, overrides)(ids).logits
-    assert relative_logit_error(want, got) <= 1e-4
+    return relative_logit_error(want, got)
