@@ -45,7 +45,7 @@ from typing import Any
 
 # The sibling benchmark (this directory is on sys.path when run as a script): the same reward, subprocess runner and
 # median (min-max) formatting, so the two tables are made the same way.
-from bench_trl_cpu import _ms, _reward, run_result
+from bench_trl_cpu import _data, _ms, _reward, run_result
 
 MODELS: dict[str, dict[str, Any]] = {
     "demo": dict(
@@ -81,7 +81,6 @@ def run_one(model_name: str, variant: str, steps: int, threads: int, model_dir: 
 
     torch.set_num_threads(threads)
     import trl
-    from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
@@ -99,10 +98,7 @@ def run_one(model_name: str, variant: str, steps: int, threads: int, model_dir: 
         model, tokenizer = FastModel.from_pretrained(model_dir)
         model = FastModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=TARGETS)
     prompts, generations, new_tokens = SHAPES[model_name]
-    words = ["fox", "answer", "model", "memory", "gradient", "adapter", "seven", "quick", "lazy", "checkpoint"]
-    data = Dataset.from_list(
-        [{"prompt": f"Q{i}: " + " ".join(words[(i * 7 + j * 3) % 10] for j in range(12))} for i in range(64)]
-    )
+    data = _data("grpo", tokenizer, n_rows=64)  # the same prompts as bench_trl_cpu's GRPO cells, 64 of them
     args = trl.GRPOConfig(
         output_dir=out_dir,
         use_cpu=True,

@@ -69,8 +69,9 @@ def _status_kb(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
 
 
-def _data(algo: str, tokenizer) -> Any:
-    """Deterministic text of a fixed length (~120 tokens per SFT example) from the tokenizer's own vocabulary."""
+def _data(algo: str, tokenizer, n_rows: int = 32) -> Any:
+    """``n_rows`` examples of deterministic text of a fixed length (~120 tokens per SFT example) from the tokenizer's own
+    vocabulary."""
     from datasets import Dataset
 
     words = ["fox", "answer", "model", "memory", "gradient", "adapter", "seven", "quick", "lazy", "checkpoint"]
@@ -79,14 +80,14 @@ def _data(algo: str, tokenizer) -> Any:
         return " ".join(words[(i * 7 + j * 3) % len(words)] for j in range(n))
 
     if algo == "sft":
-        rows = [{"prompt": f"Q{i}: " + text(i, 20), "completion": " " + text(i + 1, 40)} for i in range(32)]
+        rows = [{"prompt": f"Q{i}: " + text(i, 20), "completion": " " + text(i + 1, 40)} for i in range(n_rows)]
     elif algo == "dpo":
         rows = [
             {"prompt": f"Q{i}: " + text(i, 20), "chosen": " " + text(i + 1, 30), "rejected": " " + text(i + 2, 30)}
-            for i in range(32)
+            for i in range(n_rows)
         ]
     else:
-        rows = [{"prompt": f"Q{i}: " + text(i, 12)} for i in range(32)]
+        rows = [{"prompt": f"Q{i}: " + text(i, 12)} for i in range(n_rows)]
     return Dataset.from_list(rows)
 
 
