@@ -68,7 +68,7 @@ def make_causal_lm_forward(original_forward: Any, moe_modeling: Any = None) -> A
         arguments = dict(bound.arguments)
         arguments.update(arguments.pop(var_keyword, {}))
         labels = arguments.get("labels")
-        if labels is None or not self.training or arguments.get("output_hidden_states") or _LOGITS_REQUIRED.get():
+        if labels is None or arguments.get("output_hidden_states"):  # training and _LOGITS_REQUIRED checked above
             return original_forward(*args, **kwargs)
         reason = head_fallback_reason(self)  # ZeRO-3: only calling lm_head gathers its weight
         if reason:
