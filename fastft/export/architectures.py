@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import difflib
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from fastft.export.errors import ExportError
+from fastft.export.rope import extra_tensors as extra_tensors  # RoPE keys/tensors: rope.py (re-exported)
+from fastft.export.rope import head_dim_of, rope_parameters
+from fastft.export.rope import rope_keys as _rope_keys
 from fastft.kernels.activation import Activation
 
 logger = logging.getLogger("fastft")
@@ -102,115 +102,6 @@ def architecture_row(model_type: str) -> ArchitectureRow:
         f"GGUF export has no row for model_type {model_type!r} (no llama.cpp architecture known to "
         f"fastft for it).{hint} Exported: {', '.join(ARCHITECTURES)}."
     )
-
-
-def rope_parameters(config: Any) -> tuple[dict[str, Any], float | None]:
-    """(the full-attention layers' RoPE parameters with ``rope_type``/``rope_theta`` filled in, the sliding layers'
-    own theta or None). transformers 5 nests them per layer type for Gemma 3; older configs use ``rope_scaling``."""
-    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
-    local_theta = None
-    if "full_attention" in params or "sliding_attention" in params:
-        local_theta = (params.get("sliding_attention") or {}).get("rope_theta")
-        params = dict(params.get("full_attention") or {})
-    if "rope_theta" not in params and getattr(config, "rope_theta", None) is not None:
-        params["rope_theta"] = config.rope_theta
-    params.setdefault("rope_type", params.get("type", "default"))
-    return params, local_theta
-
-
-def head_dim_of(config: Any) -> int:
-    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
-
-
-def llama3_rope_factors(params: dict[str, Any], head_dim: int) -> torch.Tensor:
-    """Llama 3.1's per-frequency divisors (fp32, ``[head_dim // 2]``): llama.cpp divides each RoPE frequency by its
-    factor (``rope_freqs.weight``), so ``inv_freq / factors`` must equal transformers' llama3 ``inv_freq``."""
-    base = float(params.get("rope_theta", 10000.0))
-    factor = float(params["factor"])
-    low, high = float(params.get("low_freq_factor", 1.0)), float(params.get("high_freq_factor", 4.0))
-    old_ctx = float(params.get("original_max_position_embeddings", 8192))
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    wavelen = 2 * math.pi / inv_freq
-    smooth = ((old_ctx / wavelen - low) / (high - low)).clamp(0.0, 1.0)
-    # Between the two wavelengths transformers interpolates inv_freq: (1 - s) * f / factor + s * f.
-    factors = 1.0 / ((1.0 - smooth) / factor + smooth)
-    factors = torch.where(wavelen < old_ctx / high, torch.ones_like(factors), factors)
-    factors = torch.where(wavelen > old_ctx / low, torch.full_like(factors, factor), factors)
-    return factors.float()
-
-
-def extra_tensors(row: ArchitectureRow, config: Any) -> list[tuple[str, torch.Tensor]]:
-    """Tensors llama.cpp needs beyond the state dict (``rope_freqs.weight`` for Llama 3.1 RoPE scaling)."""
-    params, _ = rope_parameters(config)
-    if params["rope_type"] == "llama3":
-        return [("rope_freqs.weight", llama3_rope_factors(params, head_dim_of(config)))]
-    return []
-
-
-def _rope_keys(row: ArchitectureRow, config: Any) -> dict[str, Any]:
-    params, local_theta = rope_parameters(config)
-    meta: dict[str, Any] = {"rope.freq_base": float(params.get("rope_theta", 10000.0))}
-    if local_theta is not None:
-        meta["rope.freq_base_swa"] = float(local_theta)
-    partial = float(params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0))
-    if partial != 1.0:
-        if not row.partial_rotary:
-            raise ExportError(f"{row.model_type}: partial_rotary_factor={partial} is not exported")
-        rot = int(head_dim_of(config) * partial)
-        if rot % 2:
-            raise ExportError(f"{row.model_type}: partial rotary over an odd number of dims ({rot}) is not exported")
-        meta["rope.dimension_count"] = rot
-    kind = params["rope_type"]
-    if kind == "default":
-        return meta
-    if kind == "linear":
-        meta.update({"rope.scaling.type": "linear", "rope.scaling.factor": float(params["factor"])})
-    elif kind == "yarn":
-        orig = params.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
-        if orig is None:
-            raise ExportError("YaRN RoPE scaling without original_max_position_embeddings cannot be written")
-        meta.update(
-            {
-                "rope.scaling.type": "yarn",
-                "rope.scaling.factor": float(params["factor"]),
-                "rope.scaling.original_context_length": int(orig),
-            }
-        )
-        # Only the values the config states: llama.cpp's defaults are transformers' (beta 32/1, mscale 0.1 ln s + 1).
-        for hf_key, gguf_key in (
-            ("beta_fast", "yarn_beta_fast"),
-            ("beta_slow", "yarn_beta_slow"),
-            ("attention_factor", "yarn_attn_factor"),
-            ("extrapolation_factor", "yarn_ext_factor"),
-        ):
-            if params.get(hf_key) is not None:
-                meta[f"rope.scaling.{gguf_key}"] = float(params[hf_key])
-        if params.get("truncate") is False:
-            # gpt-oss's config: transformers (and OpenAI's reference) keep the YaRN ramp's ends fractional; ggml
-            # always floors/ceils them, so some frequencies differ (gpt-oss-20b: 9 of 32, by up to 76%).
-            raise ExportError(
-                f"{row.model_type} YaRN with truncate=False: llama.cpp always rounds the YaRN correction range "
-                "(ggml_rope_yarn_corr_dims), so its RoPE frequencies would differ from this model's"
-            )
-        mscale, mscale_all = params.get("mscale"), params.get("mscale_all_dim")
-        if mscale and mscale_all and params.get("attention_factor") is None:
-            # transformers: attention factor get_mscale(s, mscale) / get_mscale(s, mscale_all_dim). llama.cpp computes
-            # that from rope.scaling.yarn_log_multiplier (= mscale_all_dim) with mscale taken as 1, in its mistral3
-            # arch; the others ignore the key. (Only one of the two set: both use get_mscale(s); no key needed.)
-            if row.gguf_arch != "mistral3" or float(mscale) != 1.0:
-                raise ExportError(
-                    f"{row.model_type} YaRN mscale={mscale}, mscale_all_dim={mscale_all}: llama.cpp's "
-                    f"{row.gguf_arch} arch cannot represent this attention factor"
-                )
-            meta["rope.scaling.yarn_log_multiplier"] = float(mscale_all)
-    elif kind == "llama3":
-        if not row.llama3_rope:
-            raise ExportError(
-                f"llama3 RoPE scaling on {row.model_type}: llama.cpp's {row.gguf_arch} arch does not load rope_freqs"
-            )
-    else:  # dynamic NTK grows the base with the sequence at run time; longrope needs factor tensors
-        raise ExportError(f"RoPE scaling {kind!r} is not exported to GGUF; supported: default, linear, yarn, llama3")
-    return meta
 
 
 #: Rows whose transformers model has a sliding window that llama.cpp's arch for them does not apply.

@@ -2,6 +2,7 @@
 the final name (and an older file there intact); k-quants without llama-cpp-python name the extra to install."""
 
 import os
+import re
 import sys
 
 import pytest
@@ -60,6 +61,24 @@ MINISTRAL3_YARN = {
     "llama_4_scaling_beta": 0.1,
 }
 
+#: gpt-oss-20b's RoPE (its config.json): YaRN with the correction range's ends kept fractional
+GPT_OSS_STOCK_YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 150000.0,
+    "factor": 32.0,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "original_max_position_embeddings": 4096,
+    "truncate": False,
+}
+LONGROPE = {
+    "rope_type": "longrope",
+    "rope_theta": 10000.0,
+    "long_factor": [1.0 + 0.5 * i for i in range(8)],
+    "short_factor": [1.0 + 0.1 * i for i in range(8)],
+    "original_max_position_embeddings": 32,
+}
+
 
 @pytest.mark.parametrize(
     "model_type, change, message",
@@ -71,8 +90,10 @@ MINISTRAL3_YARN = {
         ("olmo2", {"head_dim": 8}, r"llama.cpp's olmo2 arch derives the head size as hidden / heads"),
         ("glm4", {"partial_rotary_factor": 0.3125}, r"partial rotary over an odd number of dims \(5\)"),
         ("llama", {"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5 is not exported"),
-        # gpt-oss's stock config: YaRN with an unrounded correction range, which ggml always rounds
-        ("gpt_oss", {}, r"YaRN with truncate=False: llama.cpp always rounds the YaRN correction range"),
+        # YaRN with an unrounded correction range (ggml always rounds it): exported for gpt-oss only (warning below)
+        ("qwen2", {"rope_parameters": {**GPT_OSS_STOCK_YARN}}, r"qwen2 YaRN with truncate=False: .* so 2 of .* 8 RoPE"),
+        # LongRoPE: the factor tensors only on phi3 (verified there), one factor per rotated pair
+        ("llama", {"rope_parameters": LONGROPE, "original_max_position_embeddings": 32}, "LongRoPE on llama: exported"),
         ("gpt_oss", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}, "swiglu_limit": 5.0}, "clamps at 7"),
         # an attention factor from mscale != 1: llama.cpp's mistral3 takes mscale as 1
         ("ministral3", {"rope_parameters": {**MINISTRAL3_YARN, "mscale": 2.0}}, r"mscale=2.0, mscale_all_dim=1.0"),
@@ -83,6 +104,46 @@ def test_family_config_llama_cpp_would_compute_differently(tmp_path, model_type,
     with pytest.raises(ExportError, match=message):
         save_gguf(build_tiny_model(model_type, **change), str(tmp_path / "out"), build_tokenizer(), "f16")
     _assert_nothing_written(tmp_path / "out")
+
+
+def test_longrope_factor_count_checked(tmp_path):
+    """One LongRoPE factor per rotated pair (transformers' Phi-3 config checks it at build; a config edited later is
+    still caught before writing)."""
+    model = build_tiny_model("phi3", rope_parameters=dict(LONGROPE), max_position_embeddings=128)
+    model.config.rope_parameters["short_factor"] = [1.0] * 3
+    with pytest.raises(ExportError, match=r"phi3 LongRoPE short_factor has 3 values; 8 \(rotary dims / 2\) needed"):
+        save_gguf(model, str(tmp_path / "out"), build_tokenizer(), "f16")
+    _assert_nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("head_dim", [16, 64])  # the fixture's, and gpt-oss-20b's (9 of 32 differ, by up to 76%)
+def test_gpt_oss_stock_yarn_exported_with_the_difference_named(tmp_path, caplog, head_dim):
+    """gpt-oss's stock truncate=False YaRN is written (as llama.cpp runs every gpt-oss GGUF) with one warning naming
+    how many RoPE frequencies llama.cpp's rounded correction range changes and by how much; the expected figures come
+    from transformers' own yarn init run with truncate False and True."""
+    import copy
+    import logging
+
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    model = build_tiny_model("gpt_oss", head_dim=head_dim, rope_parameters=dict(GPT_OSS_STOCK_YARN))
+    inv_freq = {}
+    for truncate in (False, True):
+        config = copy.deepcopy(model.config)
+        config.rope_parameters = {**config.rope_parameters, "truncate": truncate}
+        inv_freq[truncate] = ROPE_INIT_FUNCTIONS["yarn"](config, "cpu")[0].double()
+    rel = (inv_freq[True] - inv_freq[False]).abs() / inv_freq[False]
+    with caplog.at_level(logging.WARNING, logger="fastft"):
+        path = save_gguf(model, str(tmp_path), build_tokenizer(), "f16")
+    assert os.path.exists(path)
+    warnings = [r.getMessage() for r in caplog.records if "truncate=False" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    pattern = r"so (\d+) of this model's (\d+) RoPE frequencies differ in llama.cpp, by up to ([\d.]+)%"
+    found = re.search(pattern, warnings[0])
+    assert found, warnings[0]
+    assert (int(found[1]), int(found[2])) == (int((rel > 1e-6).sum()), head_dim // 2)
+    assert float(found[3]) == pytest.approx(100 * rel.max().item(), abs=0.006)  # printed with 2 decimals
+    assert int(found[1]) > 0
 
 
 def test_untied_gemma_and_odd_query_scale_refused(tmp_path):
