@@ -53,7 +53,9 @@ def read_back(model_type: str, path: str, overrides: dict | None = None) -> torc
     for key in ("final_logit_softcapping", "attn_logit_softcapping"):
         if key in fields:
             extra[key] = fields[key]
-    if arch == "phi3" and fields["rope.dimension_count"] != fields["attention.key_length"]:  # its reader drops it
+    if arch == "phi3" and "rope.scaling.attn_factor" in fields:  # LongRoPE: its reader drops the factor tensors
+        extra.update(_longrope_of(path, fields))
+    elif arch == "phi3" and fields["rope.dimension_count"] != fields["attention.key_length"]:  # its reader drops it
         rotary = fields["rope.dimension_count"] / fields["attention.key_length"]
         theta = fields["rope.freq_base"]
         extra["rope_parameters"] = {"rope_type": "default", "rope_theta": theta, "partial_rotary_factor": rotary}
@@ -66,6 +68,27 @@ def read_back(model_type: str, path: str, overrides: dict | None = None) -> torc
     return AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32, **extra
     ).eval()
+
+
+def _longrope_of(path: str, fields: dict) -> dict:
+    """Phi-3 LongRoPE config values from the file as llama.cpp reads them: the long/short factor tensors, the
+    attention factor (``rope.scaling.attn_factor``), the original context and the rotated dims."""
+    import gguf
+
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    factors = {k: np.array(tensors[f"rope_factors_{k}.weight"].data, dtype=np.float32).tolist() for k in ("long", "short")}
+    orig = fields["rope.scaling.original_context_length"]
+    rope = {
+        "rope_type": "longrope",
+        "rope_theta": fields["rope.freq_base"],
+        "long_factor": factors["long"],
+        "short_factor": factors["short"],
+        "attention_factor": fields["rope.scaling.attn_factor"],
+        "original_max_position_embeddings": orig,
+        "partial_rotary_factor": fields["rope.dimension_count"] / fields["attention.key_length"],
+    }
+    # Phi-3's config lets a top-level original_max_position_embeddings override the rope dict's
+    return {"rope_parameters": rope, "original_max_position_embeddings": orig}
 
 
 def _unpermute_pairs(weight: torch.Tensor, n_head: int) -> torch.Tensor:

@@ -67,6 +67,27 @@ OVERRIDES = {
 }
 
 
+def phi3_longrope(original: int, partial: float = 1.0, head_dim: int = 16) -> dict:
+    """Config changes for a tiny Phi-3 with LongRoPE: distinct long and short factors (long up to 4.5, so the wrong
+    set shows), max_position_embeddings 4x the original (transformers' attention factor sqrt(1 + ln 4 / ln orig))
+    and init std 0.1 so attention is not near uniform."""
+    pairs = int(head_dim * partial) // 2
+    rope = {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "long_factor": [1.0 + 0.5 * i for i in range(pairs)],
+        "short_factor": [1.0 + 0.1 * i for i in range(pairs)],
+        "original_max_position_embeddings": original,
+        "partial_rotary_factor": partial,
+    }
+    return {
+        "rope_parameters": rope,
+        "max_position_embeddings": 4 * original,
+        "original_max_position_embeddings": original,
+        "initializer_range": 0.1,
+    }
+
+
 def fixture_overrides(model_type: str, quantization: str) -> dict:
     """OVERRIDES, plus: gpt-oss at q8_0 with every expert active. Its rounded weights upstream of the router flip
     near-tied top-2 choices among the tiny model's 5 random experts at single positions (measured 25-29% logit error
@@ -228,6 +249,48 @@ def test_phi3_partial_rotary(tmp_path):
         err = relative_logit_error(model(ids).logits, read_back("phi3", path)(ids).logits)
         full = relative_logit_error(model(ids).logits, build_tiny_model("phi3", initializer_range=0.1)(ids).logits)
     assert err <= BOUNDS["f32"] and full > 0.1, (err, full)
+
+
+@pytest.mark.parametrize("partial", [1.0, 0.5])
+def test_phi3_longrope_factor_tensors_keys_and_round_trip(tmp_path, caplog, partial):
+    """Phi-3 LongRoPE: rope_factors_long/short ([rotary dims / 2], F32) with base frequencies / factors equal to
+    transformers' long and short inverse frequencies, rope.scaling.attn_factor = transformers' attention factor, the
+    original context, no scaling type (llama.cpp: no YaRN, no linear scale); one warning at export. Read back (the
+    values taken from the file), the logits match at a sequence within the original context (short factors) and one
+    beyond it (long factors), which differ from each other by far more than the bound."""
+    import logging
+
+    import gguf
+    import numpy as np
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    model = build_tiny_model("phi3", **phi3_longrope(32, partial))
+    rot = int(16 * partial)
+    with caplog.at_level(logging.WARNING, logger="fastft"):
+        path = save_gguf(model, str(tmp_path), build_tokenizer(), "f32")
+    assert sum("LongRoPE" in r.getMessage() for r in caplog.records) == 1
+    _, fields = file_fields(path)
+    short_inv, attention = ROPE_INIT_FUNCTIONS["longrope"](model.config, "cpu")
+    long_inv, _ = ROPE_INIT_FUNCTIONS["longrope"](model.config, "cpu", seq_len=33)
+    assert attention > 1.0 and fields["rope.scaling.attn_factor"] == pytest.approx(attention, rel=1e-6)
+    assert fields["rope.scaling.original_context_length"] == 32 and "rope.scaling.type" not in fields
+    assert fields["rope.dimension_count"] == rot
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    base = 1.0 / 10000.0 ** (torch.arange(0, rot, 2, dtype=torch.float64) / rot)
+    for kind, want in ((gguf.MODEL_TENSOR.ROPE_FACTORS_LONG, long_inv), (gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT, short_inv)):
+        tensor = tensors[gguf.TENSOR_NAMES[kind] + ".weight"]
+        assert [int(d) for d in tensor.shape] == [rot // 2] and tensor.tensor_type.name == "F32"
+        factors = torch.from_numpy(np.array(tensor.data, dtype=np.float32)).double()
+        torch.testing.assert_close(base / factors, want.double(), rtol=1e-6, atol=0)
+    loaded = read_back("phi3", path)
+    ids = build_tokenizer()(PROMPT)["input_ids"]
+    short, long = torch.tensor([ids]), torch.tensor([ids + ids])  # 23 and 46 tokens: short and long factors
+    assert short.shape[1] <= 32 < long.shape[1]
+    with torch.no_grad():
+        want_short, want_long = model(short).logits, model(long).logits
+        assert relative_logit_error(want_short, loaded(short).logits) <= BOUNDS["f32"]
+        assert relative_logit_error(want_long, loaded(long).logits) <= BOUNDS["f32"]
+    assert relative_logit_error(want_short, want_long[:, : short.shape[1]]) > 0.01  # long != short factors here
 
 
 @pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss", "granite"])
