@@ -23,7 +23,13 @@ import torch
 from fastft.export import save_gguf
 from fastft.offline import build_tiny_model, build_tokenizer
 from tests.export.gguf_reader import build_sentencepiece_tokenizer, build_split_tokenizer, relative_logit_error
-from tests.export.test_gguf_roundtrip import OVERRIDES, ROWS, fixture_overrides  # every row, same fixtures
+from tests.export.test_gguf_roundtrip import (  # every row, same fixtures
+    GPT_OSS_YARN,
+    OVERRIDES,
+    ROWS,
+    fixture_overrides,
+    phi3_longrope,
+)
 
 pytestmark = pytest.mark.benchmark
 llama_cpp = None  # imported by the fixture below: a default run deselects these tests without a skip line
@@ -180,3 +186,53 @@ def test_phi3_partial_rotary_in_llama_cpp(tmp_path):
     err = relative_logit_error(_hf_logits(model, ids), _llama_cpp_logits(llm, ids))
     print(f"llama.cpp phi3 partial rotary 0.5 f32: relative logit error {err:.5f}")
     assert err <= BOUNDS["f32"]
+
+
+def _load_ctx(path: str, n_ctx: int):
+    return llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, n_threads=2, verbose=False)
+
+
+def test_phi3_longrope_in_llama_cpp(tmp_path):
+    """Phi-3 LongRoPE (original context 256, max 1024, f32 file). llama.cpp picks the factors from its context size
+    (rounded up to a multiple of 256): n_ctx 256 -> short factors, equal to transformers for a 23-token prompt;
+    n_ctx 512 -> long factors, equal to transformers for a 276-token sequence (> 256, its long factors). The one
+    documented difference -- n_ctx 512 with the short prompt (llama.cpp long, transformers short) -- is measured and
+    must exceed the bound, so the checks above do tell the two factor sets apart."""
+    tok = build_tokenizer()
+    model = build_tiny_model("phi3", **phi3_longrope(256))
+    path = save_gguf(model, str(tmp_path), tok, "f32")
+    short = tok(PROMPT)["input_ids"]
+    long = short * 12
+    assert len(short) <= 256 < len(long) <= 512
+    errors = {}
+    for n_ctx, ids in ((256, short), (512, long), (512, short)):
+        err = relative_logit_error(_hf_logits(model, ids), _llama_cpp_logits(_load_ctx(path, n_ctx), ids))
+        errors[(n_ctx, len(ids))] = err
+        print(f"llama.cpp phi3 LongRoPE f32, n_ctx {n_ctx}, {len(ids)} tokens: relative logit error {err:.5f}")
+    assert errors[(256, len(short))] <= BOUNDS["f32"]  # both short factors
+    assert errors[(512, len(long))] <= BOUNDS["f32"]  # both long factors
+    assert errors[(512, len(short))] > BOUNDS["f32"]  # llama.cpp long, transformers short: the documented difference
+
+
+def test_gpt_oss_stock_yarn_in_llama_cpp(tmp_path):
+    """gpt-oss's stock truncate=False YaRN, exported with its warning: llama.cpp's logits equal the same weights with
+    truncate=True (the rounded correction range ggml computes) within the f16 bound; the error against the stock model
+    (what the warning names) is printed, and must exceed that bound: weights std 0.15 and a 46-token prompt, so the
+    RoPE difference (2 of the tiny model's 8 frequencies, one by 100%) shows beyond f16's rounding (at the fixture's
+    std 0.02 it is 0.01%, under f16's 0.06%)."""
+    tok = build_tokenizer()
+    stock = build_tiny_model("gpt_oss", initializer_range=0.15)
+    rounded = build_tiny_model("gpt_oss", initializer_range=0.15, rope_parameters=GPT_OSS_YARN)
+    assert stock.config.rope_parameters["truncate"] is False and rounded.config.rope_parameters["truncate"] is True
+    for a, b in zip(stock.state_dict().values(), rounded.state_dict().values()):
+        assert torch.equal(a, b)  # same seed: only the RoPE setting differs
+    ids = tok(PROMPT)["input_ids"] * 2
+    got = _llama_cpp_logits(_load(save_gguf(stock, str(tmp_path), tok, "f16")), ids)
+    err_rounded = relative_logit_error(_hf_logits(rounded, ids), got)
+    err_stock = relative_logit_error(_hf_logits(stock, ids), got)
+    hf_gap = relative_logit_error(_hf_logits(stock, ids), _hf_logits(rounded, ids))
+    print(
+        f"llama.cpp gpt_oss stock YaRN (truncate=False) f16, {len(ids)} tokens: relative logit error vs truncate=True "
+        f"{err_rounded:.5f}, vs the stock model {err_stock:.5f} (transformers stock vs truncate=True: {hf_gap:.5f})"
+    )
+    assert err_rounded <= BOUNDS["f16"] < err_stock
