@@ -76,15 +76,14 @@ ARCHITECTURES: dict[str, ArchitectureRow] = {
         # Ministral 3: llama layout with YaRN (mscale_all_dim as rope.scaling.yarn_log_multiplier) and Llama 4's
         # position-dependent query temperature (attention.temperature_scale; llama.cpp floors by the YaRN original ctx).
         ArchitectureRow("ministral3", "mistral3", permute_qk=True),
+        # Gemma 4: per-layer head sizes, proportional RoPE, k == v, shared-KV layers, per-layer input embeddings;
+        # its keys, checks and tensors are in fastft/export/gemma4.py (norms scale by w: no +1).
+        ArchitectureRow("gemma4_text", "gemma4", softcapping=True, sliding_window=True),
     ]
 }
 
 #: Rows of fastft's architecture table that GGUF export does not cover yet, and why (named in the error).
-NOT_EXPORTED = {
-    "gemma4_text": (
-        "llama.cpp's gemma4 arch (per-layer input embeddings, shared KV layers, k == v) is not mapped by this exporter"
-    ),
-}
+NOT_EXPORTED: dict[str, str] = {}
 
 
 def architecture_row(model_type: str) -> ArchitectureRow:
@@ -235,6 +234,10 @@ def _family_keys(row: ArchitectureRow, config: Any, head_dim: int) -> dict[str, 
 def architecture_metadata(row: ArchitectureRow, config: Any) -> dict[str, Any]:
     """The ``{arch}.*`` GGUF keys for ``config`` (full key -> Python value: int -> uint32, float -> float32, str,
     list[bool] -> array), checked for what llama.cpp can run."""
+    if row.gguf_arch == "gemma4":  # heterogeneous per-layer config: its own keys and checks
+        from fastft.export.gemma4 import gemma4_metadata
+
+        return gemma4_metadata(row, config)
     head_dim = head_dim_of(config)
     meta: dict[str, Any] = {
         "context_length": int(config.max_position_embeddings),

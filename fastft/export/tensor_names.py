@@ -66,6 +66,10 @@ def gguf_tensors(row: ArchitectureRow, config, state: dict[str, torch.Tensor]) -
 
     arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == row.gguf_arch)
     name_map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    if row.gguf_arch == "gemma4":  # per-layer head sizes, router scales, rope_freqs: fastft/export/gemma4.py
+        from fastft.export.gemma4 import gemma4_tensors
+
+        return gemma4_tensors(name_map, config, state)
     n_head = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
     if row.gguf_arch in _TIED_ONLY and "lm_head.weight" in state:

@@ -31,10 +31,20 @@ def file_fields(path: str) -> tuple[str, dict]:
 #: Rows transformers 5.24's GGUF loader cannot read (no loader for the arch, or -- mixtral -- a llama-arch file with
 #: experts, which it reads as a dense Llama; gpt_oss, whose reader expects tensor names llama.cpp does not write): their
 #: tensors are read by gguf's own name table instead.
-READ_BY_NAMES = {"gemma", "mixtral", "granite", "olmo2", "olmo3", "smollm3", "glm4", "gpt_oss", "ministral3"}
+READ_BY_NAMES = {"gemma", "mixtral", "granite", "olmo2", "olmo3", "smollm3", "glm4", "gpt_oss", "ministral3", "gemma4_text"}
 #: llama.cpp archs whose RoPE rotates adjacent pairs (LLAMA_ROPE_TYPE_NORM) while transformers rotates halves, so
 #: llama.cpp's converter permutes Q/K rows (glm4 is NORM too, but transformers' GLM-4 already rotates pairs).
 _PAIRWISE_ROPE = {"llama", "granite", "smollm3", "mistral3"}
+
+
+#: Gemma 4 parameters without a ``.weight`` suffix: GGUF name in the block (None: gguf's table names it)
+_GEMMA4_UNSUFFIXED = {
+    "layer_scalar": None,
+    "gate_up_proj": None,  # experts fused gate-first, as transformers stores them
+    "down_proj": None,
+    "scale": "ffn_gate_inp.scale",
+    "per_expert_scale": "ffn_down_exps.scale",
+}
 
 
 def read_back(model_type: str, path: str, overrides: dict | None = None) -> torch.nn.Module:
@@ -112,7 +122,11 @@ def _read_back_by_names(model_type: str, path: str, overrides: dict) -> torch.nn
     to_hf = {}
     for hf_name in model.state_dict():
         base, _, suffix = hf_name.rpartition(".")
-        if base.endswith(".experts"):  # stacked experts (and gpt-oss's expert biases)
+        if arch_name == "gemma4" and suffix in _GEMMA4_UNSUFFIXED:  # parameters without .weight, fused experts
+            gguf_name = _GEMMA4_UNSUFFIXED[suffix]
+            layer = hf_name.split(".layers.")[1].split(".")[0]
+            to_hf[f"blk.{layer}.{gguf_name}" if gguf_name else f"{name_map.get_name(hf_name)}.weight"] = (hf_name, None)
+        elif base.endswith(".experts"):  # stacked experts (and gpt-oss's expert biases)
             kind = "bias" if suffix.endswith("_bias") else "weight"
             for part in ("gate_proj", "up_proj") if suffix.startswith("gate_up_proj") else ("down_proj",):
                 to_hf[f"{name_map.get_name(f'{base}.{part}')}.{kind}"] = (hf_name, part)
@@ -121,15 +135,17 @@ def _read_back_by_names(model_type: str, path: str, overrides: dict) -> torch.nn
         elif (g := name_map.get_name(base)) is not None:
             to_hf.setdefault(f"{g}.{suffix}", (hf_name, None))
     state, parts = {}, {}
-    n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     for t in reader.tensors:
+        if t.name == "rope_freqs.weight" and arch_name == "gemma4":  # transformers computes it (checked elsewhere)
+            continue
         data = gguf.dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
         data = torch.from_numpy(np.array(data, dtype=np.float32))
         hf_name, part = to_hf[t.name]
         if arch_name in _PAIRWISE_ROPE and t.name.endswith((".attn_q.weight", ".attn_k.weight")):
+            n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
             data = _unpermute_pairs(data, config.num_attention_heads if ".attn_q." in t.name else n_kv)
-        if arch_name.startswith("gemma") and t.name.endswith("norm.weight"):
-            data = data - 1.0  # Gemma norms scale by 1 + w; llama.cpp's by w
+        if arch_name in ("gemma", "gemma2", "gemma3") and t.name.endswith("norm.weight"):
+            data = data - 1.0  # Gemma 1-3 norms scale by 1 + w; llama.cpp's by w (Gemma 4's by w too)
         if part is None:
             state[hf_name] = data
         else:

@@ -27,6 +27,7 @@ from tests.export.test_gguf_roundtrip import (  # every row, same fixtures
     GPT_OSS_YARN,
     OVERRIDES,
     ROWS,
+    build_fixture,
     fixture_overrides,
     phi3_longrope,
 )
@@ -80,7 +81,7 @@ def _hf_logits(model, ids: list[int]) -> torch.Tensor:
 @pytest.mark.parametrize("model_type", ROWS)
 def test_llama_cpp_logits_match(model_type, quantization, tmp_path):
     overrides = fixture_overrides(model_type, quantization)  # gpt-oss q8_0: every expert active (see there)
-    tok, model = build_tokenizer(), build_tiny_model(model_type, **overrides)
+    tok, model = build_tokenizer(), build_fixture(model_type, overrides)
     llm = _load(save_gguf(model, str(tmp_path), tok, quantization))
     ids = tok(PROMPT)["input_ids"]
     err = relative_logit_error(_hf_logits(model, ids), _llama_cpp_logits(llm, ids))
@@ -90,7 +91,7 @@ def test_llama_cpp_logits_match(model_type, quantization, tmp_path):
 
 @pytest.mark.parametrize("model_type", ROWS)
 def test_greedy_generation_equals_transformers_f16(model_type, tmp_path):
-    tok, model = build_tokenizer(), build_tiny_model(model_type, **OVERRIDES.get(model_type, {}))
+    tok, model = build_tokenizer(), build_fixture(model_type, OVERRIDES.get(model_type, {}))
     llm = _load(save_gguf(model, str(tmp_path), tok, "f16"))
     prompt = tok(PROMPT)["input_ids"]
     want: list[int] = []

@@ -32,6 +32,7 @@ GPT_OSS_YARN = {
 }
 ROWS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "qwen3_moe"]
 ROWS += ["mixtral", "ministral", "granite", "olmo2", "olmo3", "smollm3", "glm4", "gpt_oss", "ministral3"]
+ROWS += ["gemma4_text"]
 #: Fixture changes llama.cpp needs: qwen3moe makes every layer sparse (the fixture's layer 1 is dense); smollm3 skips
 #: RoPE in every 4th layer (the fixture skips it in layer 1); llama.cpp runs ministral with full attention (a window
 #: longer than the prompt; the GGUF's context_length is capped to it). Granite's attention multiplier is moved off
@@ -88,6 +89,24 @@ def phi3_longrope(original: int, partial: float = 1.0, head_dim: int = 16) -> di
     }
 
 
+def build_fixture(model_type: str, overrides: dict) -> torch.nn.Module:
+    """The tiny model of a row. Gemma 4 has no query scaling (attention scale 1; a trained checkpoint's q_norm weights
+    carry the temperature): at the random init (q_norm = 1) attention logits have std ~sqrt(head_dim), attention is
+    near argmax, and rounding the weights alone (in transformers, no GGUF) moves the output logits 12% at q8_0 and 3.5%
+    at bf16. So its q_norm weights are set to head_dim ** -0.5 (the usual temperature: 3.2% / 0.8% then), and every
+    other 1-D weight (norms, layer scalars, all 1 at init) is drawn at 1 +- 20%, so a swapped or shifted norm shows."""
+    model = build_tiny_model(model_type, **overrides)
+    if model_type == "gemma4_text":
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+                if tensor.dim() == 1 and name in model.state_dict():  # persistent only (not RoPE / embed scales)
+                    tensor.mul_(1 + 0.2 * torch.randn(tensor.shape, generator=gen))
+            for layer in model.model.layers:
+                layer.self_attn.q_norm.weight.mul_(layer.self_attn.head_dim**-0.5)
+    return model
+
+
 def fixture_overrides(model_type: str, quantization: str) -> dict:
     """OVERRIDES, plus: gpt-oss at q8_0 with every expert active. Its rounded weights upstream of the router flip
     near-tied top-2 choices among the tiny model's 5 random experts at single positions (measured 25-29% logit error
@@ -104,7 +123,7 @@ def fixture_overrides(model_type: str, quantization: str) -> dict:
 def test_logits_match_merged_model(model_type, quantization, tmp_path):
     tok = build_tokenizer()
     overrides = fixture_overrides(model_type, quantization)
-    model = build_tiny_model(model_type, **overrides)
+    model = build_fixture(model_type, overrides)
     path = save_gguf(model, str(tmp_path), tok, quantization)
     assert os.path.basename(path) == f"model.{quantization.upper()}.gguf"
     loaded = read_back(model_type, path, overrides)
