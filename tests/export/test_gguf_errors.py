@@ -30,8 +30,6 @@ def test_architecture_llama_cpp_lacks_or_fastft_does_not_map(tmp_path):
     model.config.model_type = "lama"  # a typo-like type nobody has
     with pytest.raises(ExportError, match=r"no row for model_type 'lama'.*Did you mean 'llama'"):
         save_gguf(model, str(tmp_path / "out"), build_tokenizer(), "f16")
-    with pytest.raises(ExportError, match=r"does not cover model_type 'gemma4_text' yet \(llama.cpp's gemma4 arch"):
-        save_gguf(build_tiny_model("gemma4_text"), str(tmp_path / "out"), build_tokenizer(), "f16")
     with pytest.raises(ExportError, match=r"qwen3_moe with dense layers \(mlp_only_layers=\[1\]"):
         save_gguf(build_tiny_model("qwen3_moe"), str(tmp_path / "out"), build_tokenizer(), "f16")
     _assert_nothing_written(tmp_path / "out")
@@ -103,6 +101,48 @@ LONGROPE = {
 def test_family_config_llama_cpp_would_compute_differently(tmp_path, model_type, change, message):
     with pytest.raises(ExportError, match=message):
         save_gguf(build_tiny_model(model_type, **change), str(tmp_path / "out"), build_tokenizer(), "f16")
+    _assert_nothing_written(tmp_path / "out")
+
+
+GEMMA4_FULL_ROPE = {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"use_bidirectional_attention": "all"}, "use_bidirectional_attention='all'"),
+        ({"attention_bias": True}, "attention_bias=True: llama.cpp's gemma4 loads no attention biases"),
+        ({"vocab_size_per_layer_input": 512}, r"vocab_size_per_layer_input=512 != vocab_size=384"),
+        ({"hidden_activation": "gelu"}, "activation 'gelu'"),
+        (
+            {
+                "rope_parameters": {
+                    "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
+                    "full_attention": GEMMA4_FULL_ROPE,
+                }
+            },
+            "sliding-layer RoPE 'linear'",
+        ),
+        (
+            {
+                "rope_parameters": {
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                    "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                }
+            },
+            "full-attention RoPE 'linear'",
+        ),
+        # layer 2 (full) reuses layer 0, the last full KV layer; llama.cpp would take layer 1 (sliding)
+        (
+            {"layer_types": ["full_attention", "sliding_attention", "full_attention"]},
+            r"layer 2 \(full_attention\) reuses layer 0's keys and values; llama.cpp's gemma4 reuses layer 1",
+        ),
+    ],
+)
+def test_gemma4_config_llama_cpp_would_compute_differently(tmp_path, change, message):
+    """Gemma 4 exports (test_gguf_roundtrip.py); these variants llama.cpp's gemma4 graph would compute otherwise."""
+    with pytest.raises(ExportError, match=message):
+        save_gguf(build_tiny_model("gemma4_text", **change), str(tmp_path / "out"), build_tokenizer(), "f16")
     _assert_nothing_written(tmp_path / "out")
 
 
