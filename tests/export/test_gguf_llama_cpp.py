@@ -29,6 +29,7 @@ from tests.export.test_gguf_roundtrip import (  # every row, same fixtures
     ROWS,
     build_fixture,
     fixture_overrides,
+    gemma4_moe_fixture,
     phi3_longrope,
 )
 
@@ -237,3 +238,17 @@ def test_gpt_oss_stock_yarn_in_llama_cpp(tmp_path):
         f"{err_rounded:.5f}, vs the stock model {err_stock:.5f} (transformers stock vs truncate=True: {hf_gap:.5f})"
     )
     assert err_rounded <= BOUNDS["f16"] < err_stock
+
+
+@pytest.mark.parametrize("quantization", ["f32", "f16"])
+def test_gemma4_moe_in_llama_cpp(quantization, tmp_path):
+    """Gemma 4's MoE blocks (router scale, per-expert scale, fused gate-up experts, three extra norms) in llama.cpp;
+    the same model with both scales at 1 is the control a file without them would match."""
+    model, unscaled = gemma4_moe_fixture()
+    tok = build_tokenizer()
+    ids = tok(PROMPT)["input_ids"]
+    llm = _load(save_gguf(model, str(tmp_path), tok, quantization))
+    err = relative_logit_error(_hf_logits(model, ids), _llama_cpp_logits(llm, ids))
+    control = relative_logit_error(_hf_logits(unscaled, ids), _llama_cpp_logits(llm, ids))
+    print(f"llama.cpp gemma4_text MoE {quantization}: relative logit error {err:.5f} (vs unscaled model {control:.5f})")
+    assert err <= BOUNDS[quantization] and control > 0.05

@@ -137,6 +137,36 @@ def test_logits_match_merged_model(model_type, quantization, tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(path), "Modelfile"])  # no temporaries left
 
 
+#: Gemma 4 with MoE blocks (the 26B-A4B layout: dense MLP plus routed experts in every layer), 4 experts, top-2
+GEMMA4_MOE = {"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 32}
+
+
+def gemma4_moe_fixture() -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(the MoE fixture with per-expert scales and router scales off 1, the same model with them at 1): a file that
+    dropped or misplaced either would match the second, not the first."""
+    models = []
+    for scaled in (True, False):
+        model = build_fixture("gemma4_text", GEMMA4_MOE)
+        if scaled:
+            with torch.no_grad():
+                for layer in model.model.layers:
+                    layer.router.per_expert_scale.copy_(torch.tensor([0.5, 1.5, 0.8, 1.2]))
+                    layer.router.scale.mul_(3.0)
+        models.append(model)
+    return models[0], models[1]
+
+
+@pytest.mark.parametrize("quantization", ["f32", "f16"])
+def test_gemma4_moe_logits_match(quantization, tmp_path):
+    model, unscaled = gemma4_moe_fixture()
+    path = save_gguf(model, str(tmp_path), build_tokenizer(), quantization)
+    ids = torch.tensor([build_tokenizer()(PROMPT)["input_ids"]])
+    with torch.no_grad():
+        want, got, control = model(ids).logits, read_back("gemma4_text", path, GEMMA4_MOE)(ids).logits, unscaled(ids).logits
+    assert relative_logit_error(want, got) <= BOUNDS[quantization]
+    assert relative_logit_error(want, control) > 0.05  # the router and expert scales matter at this size
+
+
 def test_metadata_llama_cpp_reads(tmp_path):
     """Keys llama.cpp needs that transformers' reader ignores: checked in the file itself."""
     model = build_tiny_model("gemma2")
