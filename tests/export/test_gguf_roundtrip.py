@@ -43,8 +43,8 @@ OVERRIDES = {
     "qwen3_moe": {"mlp_only_layers": []},
     "smollm3": {"num_hidden_layers": 4, "no_rope_layers": [1, 1, 1, 0]},
     "ministral": {"sliding_window": 64},
-    # gpt-oss's own truncate=False YaRN is refused (llama.cpp rounds the correction range); the rounded variant is
-    # what llama.cpp computes
+    # gpt-oss's own truncate=False YaRN is exported with a warning (llama.cpp rounds the correction range: tested in
+    # test_gguf_errors.py / test_gguf_llama_cpp.py); the rounded variant is what llama.cpp computes
     "gpt_oss": {"rope_parameters": GPT_OSS_YARN},
     # Ministral 3's YaRN over an original context of 4 positions (stock: 16,384), so the prompt crosses Llama 4's
     # query temperature steps (1 + 0.1 log(1 + floor(pos / 4))); mscale_all_dim 2 so the YaRN attention factor is not
