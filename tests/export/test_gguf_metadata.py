@@ -6,6 +6,8 @@ Values are computed here from the transformers config. The logits round trip by 
 test_gguf_roundtrip.py; the llama.cpp run itself in test_gguf_llama_cpp.py (benchmark).
 """
 
+import re
+
 import pytest
 import torch
 
@@ -138,3 +140,121 @@ def test_glm4_rotary_slice_is_not_permuted(tmp_path):
     q = next(t for t in gguf.GGUFReader(path).tensors if t.name == "blk.0.attn_q.weight")
     got = torch.from_numpy(np.array(q.data, dtype=np.float32)).reshape(model.model.layers[0].self_attn.q_proj.weight.shape)
     torch.testing.assert_close(got, model.model.layers[0].self_attn.q_proj.weight.detach(), rtol=0, atol=0)
+
+
+def _gemma4_expected(config) -> tuple[dict, dict]:
+    """(keys, {tensor name: llama.cpp shape (ggml order)}) llama.cpp's gemma4 loader reads / creates for this
+    config (src/models/gemma4.cpp load_arch_hparams / load_arch_tensors), computed from the transformers config."""
+    L, A, R = gguf.Keys.LLM, gguf.Keys.Attention, gguf.Keys.Rope
+    n, h, p = config.num_hidden_layers, config.hidden_size, config.hidden_size_per_layer_input
+    heads, types = config.num_attention_heads, config.layer_types
+    layer = [config.per_layer_config[i] for i in range(n)]
+    first_shared = n - config.num_kv_shared_layers
+    ff = [config.intermediate_size * (2 if config.use_double_wide_mlp and i >= first_shared else 1) for i in range(n)]
+    full = next(c for c, t in zip(layer, types) if t == "full_attention")
+    swa = next(c for c, t in zip(layer, types) if t == "sliding_attention")
+    keys = {
+        L.CONTEXT_LENGTH: config.max_position_embeddings,
+        L.EMBEDDING_LENGTH: h,
+        L.BLOCK_COUNT: n,
+        L.FEED_FORWARD_LENGTH: ff,
+        A.HEAD_COUNT: heads,
+        A.HEAD_COUNT_KV: [c.num_key_value_heads for c in layer],
+        A.LAYERNORM_RMS_EPS: pytest.approx(config.rms_norm_eps),
+        A.KEY_LENGTH: full.head_dim,
+        A.VALUE_LENGTH: full.head_dim,
+        A.KEY_LENGTH_SWA: swa.head_dim,
+        A.VALUE_LENGTH_SWA: swa.head_dim,
+        R.DIMENSION_COUNT: full.head_dim,
+        R.DIMENSION_COUNT_SWA: swa.head_dim,
+        R.FREQ_BASE: pytest.approx(config.rope_parameters["full_attention"]["rope_theta"]),
+        R.FREQ_BASE_SWA: pytest.approx(config.rope_parameters["sliding_attention"]["rope_theta"]),
+        A.SLIDING_WINDOW: config.sliding_window,
+        A.SLIDING_WINDOW_PATTERN: [t == "sliding_attention" for t in types],
+        A.SHARED_KV_LAYERS: config.num_kv_shared_layers,
+        L.EMBD_LENGTH_PER_LAYER_INP: p,
+        L.FINAL_LOGIT_SOFTCAPPING: pytest.approx(config.final_logit_softcapping),
+    }
+    if config.enable_moe_block:
+        keys[L.EXPERT_COUNT] = config.num_experts
+        keys[L.EXPERT_USED_COUNT] = config.top_k_experts
+        keys[L.EXPERT_FEED_FORWARD_LENGTH] = config.moe_intermediate_size
+    keys = {_key(k, "gemma4"): v for k, v in keys.items()}
+    T_ = gguf.TENSOR_NAMES
+    shapes = {
+        T_[T.TOKEN_EMBD] + ".weight": [h, config.vocab_size],  # tied: no output.weight (llama.cpp duplicates this)
+        T_[T.OUTPUT_NORM] + ".weight": [h],
+        T_[T.ROPE_FREQS] + ".weight": [full.head_dim // 2],
+        T_[T.PER_LAYER_TOKEN_EMBD] + ".weight": [p * n, config.vocab_size],
+        T_[T.PER_LAYER_MODEL_PROJ] + ".weight": [h, p * n],
+        T_[T.PER_LAYER_PROJ_NORM] + ".weight": [p],
+    }
+    for i, c in enumerate(layer):
+        d, kv = c.head_dim, c.num_key_value_heads
+        block = {
+            T.ATTN_NORM: [h],
+            T.ATTN_Q: [h, d * heads],
+            T.ATTN_Q_NORM: [d],
+            T.ATTN_OUT: [d * heads, h],
+            T.ATTN_POST_NORM: [h],
+            T.LAYER_OUT_SCALE: [1],
+            T.FFN_NORM: [h],
+            T.FFN_GATE: [h, ff[i]],
+            T.FFN_UP: [h, ff[i]],
+            T.FFN_DOWN: [ff[i], h],
+            T.FFN_POST_NORM: [h],
+            T.PER_LAYER_INP_GATE: [h, p],
+            T.PER_LAYER_PROJ: [p, h],
+            T.PER_LAYER_POST_NORM: [h],
+        }
+        if i < first_shared:  # KV layers; shared ones have no K/V (llama.cpp: not required there)
+            block |= {T.ATTN_K: [h, d * kv], T.ATTN_K_NORM: [d]}
+            if not (config.attention_k_eq_v and types[i] == "full_attention"):  # k == v: no attn_v, llama.cpp uses K
+                block[T.ATTN_V] = [h, d * kv]
+        if config.enable_moe_block:
+            e, f = config.num_experts, config.moe_intermediate_size
+            block |= {
+                T.FFN_GATE_INP: [h, e],
+                T.FFN_PRE_NORM_2: [h],
+                T.FFN_POST_NORM_1: [h],
+                T.FFN_POST_NORM_2: [h],
+                T.FFN_GATE_UP_EXP: [h, 2 * f, e],
+                T.FFN_DOWN_EXP: [f, h, e],
+            }
+            shapes[T_[T.FFN_GATE_INP].format(bid=i) + ".scale"] = [h]
+            shapes[T_[T.FFN_DOWN_EXP].format(bid=i) + ".scale"] = [e]
+        shapes |= {T_[t].format(bid=i) + ".weight": shape for t, shape in block.items()}
+    known = {T_[t] for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH.GEMMA4]}
+    assert {re.sub(r"^blk\.\d+\.", "blk.{bid}.", name.rsplit(".", 1)[0]) for name in shapes} <= known  # gguf's list
+    return keys, shapes
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_gemma4_keys_and_tensors_are_llama_cpps(moe, tmp_path):
+    """Gemma 4: every key llama.cpp's gemma4 loader reads, and exactly the tensors it creates, with its shapes --
+    per-layer head sizes and KV heads, k == v (no attn_v on full layers), shared-KV layers without K, the double-wide
+    MLP, per-layer input embeddings, layer scalars, the full layers' rope_freqs; MoE: router and expert scales."""
+    import numpy as np
+
+    from tests.export.test_gguf_roundtrip import GEMMA4_MOE
+
+    model = build_tiny_model("gemma4_text", **(GEMMA4_MOE if moe else {}))
+    config = model.config
+    path = save_gguf(model, str(tmp_path), build_tokenizer(), "f16")
+    arch, fields = file_fields(path)
+    assert arch == "gemma4"
+    keys, shapes = _gemma4_expected(config)
+    for key, value in keys.items():
+        assert fields.get(key) == value, (key, fields.get(key), value)
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    assert {name: [int(d) for d in t.shape] for name, t in tensors.items()} == shapes
+    # proportional RoPE on full layers: frequency i divided by 1 where transformers rotates, by 1e30 (angle 0) past
+    # partial_rotary_factor * head_dim / 2 -- transformers' inv_freq, zero there
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    factors = torch.from_numpy(np.array(tensors["rope_freqs.weight"].data, dtype=np.float32)).double()
+    inv_freq, _ = ROPE_INIT_FUNCTIONS["proportional"](config, "cpu", layer_type="full_attention")
+    head = keys["attention.key_length"]
+    base = 1.0 / (config.rope_parameters["full_attention"]["rope_theta"] ** (torch.arange(0, head, 2).double() / head))
+    torch.testing.assert_close(base / factors, inv_freq.double(), rtol=1e-6, atol=1e-30)
+    assert (inv_freq == 0).sum() == head // 2 - int(0.25 * head // 2) > 0  # some dims unrotated at this config
