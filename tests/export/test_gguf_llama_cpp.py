@@ -24,6 +24,7 @@ from fastft.export import save_gguf
 from fastft.offline import build_tiny_model, build_tokenizer
 from tests.export.gguf_reader import build_sentencepiece_tokenizer, build_split_tokenizer, relative_logit_error
 from tests.export.test_gguf_roundtrip import (  # every row, same fixtures
+    GEMMA4_VARIANTS,
     GPT_OSS_YARN,
     OVERRIDES,
     ROWS,
@@ -252,3 +253,15 @@ def test_gemma4_moe_in_llama_cpp(quantization, tmp_path):
     control = relative_logit_error(_hf_logits(unscaled, ids), _llama_cpp_logits(llm, ids))
     print(f"llama.cpp gemma4_text MoE {quantization}: relative logit error {err:.5f} (vs unscaled model {control:.5f})")
     assert err <= BOUNDS[quantization] and control > 0.05
+
+
+@pytest.mark.parametrize("quantization", ["f32", "f16"])
+@pytest.mark.parametrize("variant", list(GEMMA4_VARIANTS))
+def test_gemma4_layouts_in_llama_cpp(variant, quantization, tmp_path):
+    """A shared sliding layer (llama.cpp picks its KV source by position) and a stack without per-layer inputs."""
+    tok, model = build_tokenizer(), build_fixture("gemma4_text", GEMMA4_VARIANTS[variant])
+    ids = tok(PROMPT)["input_ids"]
+    llm = _load(save_gguf(model, str(tmp_path), tok, quantization))
+    err = relative_logit_error(_hf_logits(model, ids), _llama_cpp_logits(llm, ids))
+    print(f"llama.cpp gemma4_text {variant} {quantization}: relative logit error {err:.5f}")
+    assert err <= BOUNDS[quantization], f"gemma4_text {variant} {quantization}: {err:.5f}"

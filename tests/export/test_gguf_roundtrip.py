@@ -137,6 +137,32 @@ def test_logits_match_merged_model(model_type, quantization, tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(path), "Modelfile"])  # no temporaries left
 
 
+#: Gemma 4 layouts beyond the fixture's (3 layers: sliding, full, full-shared; k == v; per-layer embeddings): an
+#: E2B-like stack whose shared layers include a sliding one (llama.cpp reuses layer first_shared - 2 for it) without
+#: k == v, and a 31B-like one without per-layer embeddings, KV sharing or the double-wide MLP.
+GEMMA4_VARIANTS = {
+    "shared_sliding": {
+        "num_hidden_layers": 6,
+        "layer_types": ["sliding_attention", "sliding_attention", "full_attention"] * 2,
+        "num_kv_shared_layers": 3,
+        "attention_k_eq_v": False,
+    },
+    "no_per_layer_inputs": {"hidden_size_per_layer_input": 0, "num_kv_shared_layers": 0, "use_double_wide_mlp": False},
+}
+
+
+@pytest.mark.parametrize("quantization", ["f32", "f16"])
+@pytest.mark.parametrize("variant", list(GEMMA4_VARIANTS))
+def test_gemma4_layouts_logits_match(variant, quantization, tmp_path):
+    overrides = GEMMA4_VARIANTS[variant]
+    model = build_fixture("gemma4_text", overrides)
+    path = save_gguf(model, str(tmp_path), build_tokenizer(), quantization)
+    ids = torch.tensor([build_tokenizer()(PROMPT)["input_ids"]])
+    with torch.no_grad():
+        err = relative_logit_error(model(ids).logits, read_back("gemma4_text", path, overrides)(ids).logits)
+    assert err <= BOUNDS[quantization], f"gemma4_text {variant} {quantization}: {err:.5f}"
+
+
 #: Gemma 4 with MoE blocks (the 26B-A4B layout: dense MLP plus routed experts in every layer), 4 experts, top-2
 GEMMA4_MOE = {"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 32}
 
