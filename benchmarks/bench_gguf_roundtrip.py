@@ -10,9 +10,9 @@ import tempfile
 import torch
 
 from fastft.export import save_gguf
-from fastft.offline import build_tiny_model, build_tokenizer
+from fastft.offline import build_tokenizer
 from tests.export.gguf_reader import READ_BY_NAMES, read_back, relative_logit_error
-from tests.export.test_gguf_roundtrip import ROWS, fixture_overrides
+from tests.export.test_gguf_roundtrip import ROWS, build_fixture, fixture_overrides
 
 QUANTS = ["f32", "f16", "bf16", "q8_0"]
 
@@ -26,7 +26,7 @@ def main() -> None:
         errors = []
         for quant in QUANTS:
             overrides = fixture_overrides(model_type, quant)
-            model = build_tiny_model(model_type, **overrides)
+            model = build_fixture(model_type, overrides)
             with tempfile.TemporaryDirectory() as directory:
                 path = save_gguf(model, directory, tok, quant)
                 with torch.no_grad():
