@@ -368,10 +368,11 @@ def test_phi3_longrope_factor_tensors_keys_and_round_trip(tmp_path, caplog, part
     assert relative_logit_error(want_short, want_long[:, : short.shape[1]]) > 0.01  # long != short factors here
 
 
-@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss", "granite"])
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss", "granite", "gemma4_text"])
 def test_lora_merge_into_rows_with_experts_and_multipliers(model_type, tmp_path):
-    """FastModel (patched) + non-zero LoRA adapters on rows whose export splits experts or writes multipliers: the f32
-    GGUF, read back, equals the LoRA model's own forward (only the merge's summation order differs)."""
+    """FastModel (patched) + non-zero LoRA adapters on rows whose export splits experts or writes multipliers (and
+    Gemma 4's own tensor mapping): the f32 GGUF, read back, equals the LoRA model's own forward (only the merge's
+    summation order differs)."""
     assert _fastmodel_lora_export_error(tmp_path, model_type, OVERRIDES.get(model_type, {})) <= 1e-4
 
 
