@@ -151,8 +151,8 @@ def enable_checkpointing(model: torch.nn.Module, mode: bool | str) -> str:
     if mode not in (True, "standard", "fastft", "unsloth"):
         raise ValueError(f"use_gradient_checkpointing must be True, False or 'fastft'; got {mode!r}")
     base = getattr(model, "get_base_model", lambda: model)()
-    on_cuda = any(p.is_cuda for p in base.parameters())
-    if mode in ("fastft", "unsloth") and on_cuda:
+    on_cuda = mode in ("fastft", "unsloth") and _on_cuda(base)  # standard mode: no walk over the parameters
+    if on_cuda:
         base._set_gradient_checkpointing(True, offloaded_checkpoint)
         _require_input_grads(base)
         return "fastft (offloaded to pinned host memory)"
@@ -163,6 +163,11 @@ def enable_checkpointing(model: torch.nn.Module, mode: bool | str) -> str:
         )
     base._set_gradient_checkpointing(True, functools.partial(checkpoint, use_reentrant=False))
     return "standard"
+
+
+def _on_cuda(model: torch.nn.Module) -> bool:
+    """Whether any parameter of ``model`` is on CUDA (where offloading frees device memory)."""
+    return any(p.is_cuda for p in model.parameters())
 
 
 def _require_input_grads(model: torch.nn.Module) -> None:

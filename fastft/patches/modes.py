@@ -7,6 +7,9 @@ imports point one way, model -> patches, never back.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from torch import nn
 
 from fastft.patches.checkpointing import enable_checkpointing
@@ -21,10 +24,11 @@ def base_model(model: nn.Module) -> nn.Module:
 def for_inference(model: nn.Module) -> nn.Module:
     """Eval mode, KV cache on, checkpointing off (remembered for :func:`for_training`); returns ``model``."""
     base = base_model(model)
+    switched = checkpointed_modules(base)
     if not hasattr(model, "_fastft_checkpointing"):
-        model._fastft_checkpointing = bool(getattr(base, "is_gradient_checkpointing", False))
-    if getattr(base, "is_gradient_checkpointing", False):
-        base._set_gradient_checkpointing(False)
+        model._fastft_checkpointing = bool(switched)
+    for module in switched:  # off is off: the checkpoint function stays, unused, until for_training sets its own
+        module.gradient_checkpointing = False
     model.eval()
     base.config.use_cache = True
     if getattr(base, "generation_config", None) is not None:
@@ -44,4 +48,37 @@ def for_training(model: nn.Module, use_gradient_checkpointing: bool | str | None
     return model
 
 
-__all__ = ["base_model", "for_inference", "for_training"]
+def checkpointed_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` (itself included) whose transformers checkpointing switch
+    (``gradient_checkpointing``) is on.
+
+    The same modules ``is_gradient_checkpointing`` / ``_set_gradient_checkpointing`` look at, found without their
+    ``hasattr(module, ...)`` on every module (an AttributeError raised and caught per module that lacks the switch): the
+    switch is an instance attribute once set, else the class's default."""
+    return [
+        m
+        for m in model.modules()
+        if m.__dict__.get("gradient_checkpointing", getattr(type(m), "gradient_checkpointing", False))
+    ]
+
+
+@contextlib.contextmanager
+def checkpointing_paused(model: nn.Module) -> Iterator[nn.Module]:
+    """Checkpointing off inside the block, then every switch that was on turned back on, its checkpoint function as
+    it was (untouched); yields ``model``.
+
+    What TRL's ``disable_gradient_checkpointing`` means to do around its no-grad passes (GRPO's old/reference
+    log-probs, DPO/KTO's reference pass), without its ``gradient_checkpointing_enable`` on exit: that installs
+    transformers' own checkpoint function, replacing the one fastft's rule chose (offloaded, on CUDA) for the rest of
+    training. Cheaper too: no module walk with ``hasattr`` on the way in or out."""
+    switched = checkpointed_modules(base_model(model))
+    for module in switched:
+        module.gradient_checkpointing = False
+    try:
+        yield model
+    finally:
+        for module in switched:
+            module.gradient_checkpointing = True
+
+
+__all__ = ["base_model", "checkpointed_modules", "checkpointing_paused", "for_inference", "for_training"]

@@ -35,6 +35,7 @@ from fastft.patches.trl_heads import (  # noqa: F401 (re-exported: tests and fas
 )
 from fastft.patches.trl_hooks import (
     _hook_create_optimizer,
+    _hook_disable_checkpointing,
     _hook_grpo_generation,
     _hook_init,
     _hook_per_token_head,
@@ -195,6 +196,21 @@ def _patches_for(algorithm: str) -> list[Patch]:
         )
         for hook in spec.hooks
     ]
+    module = importlib.import_module(spec.module)
+    if callable(getattr(module, "disable_gradient_checkpointing", None)):
+        # TRL's no-grad passes (GRPO old/ref log-probs, DPO/KTO reference) pause checkpointing without replacing the
+        # checkpoint function fastft's rule chose (fastft.patches.trl_hooks._hook_disable_checkpointing).
+        patches.append(
+            Patch(
+                name=f"trl {algorithm}: {spec.module}.disable_gradient_checkpointing",
+                owner=module,
+                attribute="disable_gradient_checkpointing",
+                replacement=_hook_disable_checkpointing,
+                wrap=True,
+                tested=("trl",),
+                guard=parameters_guard("model"),
+            )
+        )
     # Last, so it is set only when every hook went in: what patched_algorithm() reads.
     patches.append(
         Patch(

@@ -300,6 +300,34 @@ def _hook_grpo_generation(original: Callable) -> Callable:
     return _generate_single_turn
 
 
+def _fastft_owns_checkpointing(model: Any) -> bool:
+    """Whether fastft's checkpointing rule set ``model``'s checkpointing (a FastModel LoRA model, also inside DDP /
+    accelerate wrappers): ``FastModel.get_peft_model`` marks it with ``_fastft_checkpointing``."""
+    for _ in range(4):
+        attributes = getattr(model, "__dict__", {})
+        if "_fastft_checkpointing" in attributes:
+            return True
+        model = attributes.get("_modules", {}).get("module")  # DistributedDataParallel / accelerate wrappers
+        if model is None:
+            return False
+    return False
+
+
+def _hook_disable_checkpointing(original: Callable) -> Callable:
+    """``disable_gradient_checkpointing`` as TRL's GRPO/RLOO/DPO/KTO modules call it around their no-grad passes: on a
+    model whose checkpointing fastft's rule set, :func:`fastft.patches.modes.checkpointing_paused` (switches off, then
+    back on with the checkpoint function untouched). TRL's own re-enables through ``gradient_checkpointing_enable``,
+    which puts transformers' checkpoint function in place of fastft's (offloaded on CUDA) from the first such pass on.
+    Any other model: TRL's, as written."""
+
+    def disable_gradient_checkpointing(model, *args, **kwargs):
+        if _fastft_owns_checkpointing(model):
+            return modes.checkpointing_paused(model)
+        return original(model, *args, **kwargs)
+
+    return disable_gradient_checkpointing
+
+
 def _hook_init(original: Callable) -> Callable:
     """Before TRL's ``__init__`` reads its config, FastModel's choices and TRL's meet (:func:`_apply_max_seq_length`,
     :func:`_apply_checkpointing`), each said once, visibly."""

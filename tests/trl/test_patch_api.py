@@ -55,6 +55,17 @@ HOOKED = {
 }
 
 
+def _pauses_checkpointing(algorithm: str) -> bool:
+    """Whether the row's TRL module has ``disable_gradient_checkpointing`` (GRPO, RLOO, DPO, KTO): PatchFastRL replaces
+    it there with fastft's pause (one more patch per such row)."""
+    return callable(getattr(importlib.import_module(NAMES[algorithm]), "disable_gradient_checkpointing", None))
+
+
+def _patch_count(algorithm: str) -> int:
+    """Patches PatchFastRL applies for one row: each hook, the module's checkpointing pause, the class marker."""
+    return len(HOOKED[algorithm]) + _pauses_checkpointing(algorithm) + 1
+
+
 def _all_names(algorithm):
     trl = importlib.import_module("trl")
     module = importlib.import_module(NAMES[algorithm])
@@ -88,16 +99,23 @@ def test_patch_in_place_reaches_names_bound_before_then_unpatch():
 
     classes = {alg: _all_names(alg)[0] for alg in NAMES}
     before = {alg: _own_methods(cls) for alg, cls in classes.items()}
+    modules = {alg: importlib.import_module(NAMES[alg]) for alg in NAMES if _pauses_checkpointing(alg)}
+    pauses = {alg: module.disable_gradient_checkpointing for alg, module in modules.items()}
+    assert {"GRPO", "DPO"} <= set(pauses)
     assert fastft.PatchFastRL() == ALL_PATCHED
+    for alg, module in modules.items():
+        assert module.disable_gradient_checkpointing is not pauses[alg], f"{alg}: TRL's checkpointing pause not hooked"
     for alg, cls in classes.items():
         assert all(name is cls for name in _all_names(alg)), "a name was rebound instead of patched in place"
         assert patched_algorithm(cls) == alg
         for method in HOOKED[alg]:
             assert vars(cls)[method] is not before[alg][method], f"{alg}.{method} not hooked"
     assert patched_algorithm(grpo_before) == "GRPO"
-    assert fastft.unpatch() == sum(len(m) + 1 for m in HOOKED.values())  # each hook, plus one marker per class
+    assert fastft.unpatch() == sum(_patch_count(alg) for alg in HOOKED)
     for alg, cls in classes.items():
         assert _own_methods(cls) == before[alg] and patched_algorithm(cls) is None
+    for alg, module in modules.items():
+        assert module.disable_gradient_checkpointing is pauses[alg]
 
 
 def test_idempotent_and_case_insensitive():
@@ -106,7 +124,7 @@ def test_idempotent_and_case_insensitive():
     assert fastft.PatchFastRL("GRPO") == {"GRPO": True}
     assert fastft.PatchFastRL("Grpo", FastModel=None) == {"GRPO": True}
     assert vars(_all_names("GRPO")[0])["_get_per_token_logps_and_entropies"] is hooked  # no wrapper on a wrapper
-    assert fastft.unpatch() == len(HOOKED["GRPO"]) + 1
+    assert fastft.unpatch() == _patch_count("GRPO")
     assert patched_algorithm(_all_names("GRPO")[0]) is None
 
 
