@@ -67,7 +67,7 @@ def _check_kv_sharing(config: Any) -> None:
         raise ExportError(f"gemma4_text num_kv_shared_layers={config.num_kv_shared_layers}: llama.cpp needs two KV layers")
     types = list(config.layer_types)
     for i in range(first, n):
-        hf_source = max(j for j in range(first) if types[j] == types[i])  # transformers: last earlier layer, same type
+        hf_source = max((j for j in range(first) if types[j] == types[i]), default=None)  # last earlier, same type
         llama_source = first - (2 if types[i] == "sliding_attention" else 1)
         if hf_source != llama_source:
             raise ExportError(

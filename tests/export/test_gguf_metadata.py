@@ -229,8 +229,17 @@ def _gemma4_expected(config) -> tuple[dict, dict]:
     return keys, shapes
 
 
-@pytest.mark.parametrize("moe", [False, True])
-def test_gemma4_keys_and_tensors_are_llama_cpps(moe, tmp_path):
+#: proportional RoPE with a scaling factor: transformers divides inv_freq by it, the file's rope_freqs carry it
+GEMMA4_ROPE_FACTOR = {
+    "rope_parameters": {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.5, "rope_theta": 1e6, "factor": 4.0},
+    }
+}
+
+
+@pytest.mark.parametrize("variant", ["fixture", "moe", "rope_factor"])
+def test_gemma4_keys_and_tensors_are_llama_cpps(variant, tmp_path):
     """Gemma 4: every key llama.cpp's gemma4 loader reads, and exactly the tensors it creates, with its shapes --
     per-layer head sizes and KV heads, k == v (no attn_v on full layers), shared-KV layers without K, the double-wide
     MLP, per-layer input embeddings, layer scalars, the full layers' rope_freqs; MoE: router and expert scales."""
@@ -238,7 +247,7 @@ def test_gemma4_keys_and_tensors_are_llama_cpps(moe, tmp_path):
 
     from tests.export.test_gguf_roundtrip import GEMMA4_MOE
 
-    model = build_tiny_model("gemma4_text", **(GEMMA4_MOE if moe else {}))
+    model = build_tiny_model("gemma4_text", **{"fixture": {}, "moe": GEMMA4_MOE, "rope_factor": GEMMA4_ROPE_FACTOR}[variant])
     config = model.config
     path = save_gguf(model, str(tmp_path), build_tokenizer(), "f16")
     arch, fields = file_fields(path)
@@ -257,4 +266,5 @@ def test_gemma4_keys_and_tensors_are_llama_cpps(moe, tmp_path):
     head = keys["attention.key_length"]
     base = 1.0 / (config.rope_parameters["full_attention"]["rope_theta"] ** (torch.arange(0, head, 2).double() / head))
     torch.testing.assert_close(base / factors, inv_freq.double(), rtol=1e-6, atol=1e-30)
-    assert (inv_freq == 0).sum() == head // 2 - int(0.25 * head // 2) > 0  # some dims unrotated at this config
+    partial = config.rope_parameters["full_attention"]["partial_rotary_factor"]
+    assert (inv_freq == 0).sum() == head // 2 - int(partial * head // 2) > 0  # some dims unrotated at this config
