@@ -23,17 +23,41 @@ def base_model(model: nn.Module) -> nn.Module:
 
 def for_inference(model: nn.Module) -> nn.Module:
     """Eval mode, KV cache on, checkpointing off (remembered for :func:`for_training`); returns ``model``."""
+    _inference(model)
+    return model
+
+
+def _inference(model: nn.Module) -> list[nn.Module]:
+    """:func:`for_inference`'s work; returns the modules whose checkpointing switch it turned off."""
     base = base_model(model)
     switched = checkpointed_modules(base)
     if not hasattr(model, "_fastft_checkpointing"):
         model._fastft_checkpointing = bool(switched)
-    for module in switched:  # off is off: the checkpoint function stays, unused, until for_training sets its own
+    for module in switched:  # off is off: the checkpoint function stays, unused, until it is switched back on
         module.gradient_checkpointing = False
     model.eval()
     base.config.use_cache = True
     if getattr(base, "generation_config", None) is not None:
         base.generation_config.use_cache = True
-    return model
+    return switched
+
+
+@contextlib.contextmanager
+def generating(model: nn.Module) -> Iterator[nn.Module]:
+    """:func:`for_inference` inside the block (PatchFastRL's GRPO/RLOO generation); after it, the train/eval mode the
+    block found, KV cache off, and checkpointing back exactly as found: the same switches on, their checkpoint
+    function untouched (:func:`for_training` would rebuild it from the remembered mode, a walk over every module and
+    parameter per generation, and would replace a checkpoint function that fastft's rule did not choose)."""
+    was_training = model.training
+    switched = _inference(model)
+    try:
+        yield model
+    finally:
+        if was_training:
+            model.train()
+        base_model(model).config.use_cache = False
+        for module in switched:
+            module.gradient_checkpointing = True
 
 
 def for_training(model: nn.Module, use_gradient_checkpointing: bool | str | None = None) -> nn.Module:
@@ -81,4 +105,4 @@ def checkpointing_paused(model: nn.Module) -> Iterator[nn.Module]:
             module.gradient_checkpointing = True
 
 
-__all__ = ["base_model", "checkpointed_modules", "checkpointing_paused", "for_inference", "for_training"]
+__all__ = ["base_model", "checkpointed_modules", "checkpointing_paused", "for_inference", "for_training", "generating"]

@@ -281,13 +281,18 @@ def _named_arguments(signature: inspect.Signature, *args: Any, **kwargs: Any) ->
 
 def _hook_grpo_generation(original: Callable) -> Callable:
     """Generation between FastModel.for_inference and for_training (fused paths off, KV cache on), restoring the
-    train/eval mode it found: a generation during evaluation leaves the model in eval mode."""
+    train/eval mode it found: a generation during evaluation leaves the model in eval mode. With fastft's own
+    switches (no FastModel given to PatchFastRL), :func:`fastft.patches.modes.generating`: checkpointing comes back
+    exactly as it was, without a walk that rebuilds it."""
 
     def _generate_single_turn(self, *args, **kwargs):
         for_inference, for_training = _mode_switches()
         if getattr(self, "use_vllm", False) or for_inference is None or for_training is None:
             return original(self, *args, **kwargs)
         unwrapped = self.accelerator.unwrap_model(self.model)
+        if _FAST_MODEL is None:  # fastft's own switches: checkpointing put back exactly as found (modes.generating)
+            with modes.generating(unwrapped):
+                return original(self, *args, **kwargs)
         was_training = getattr(unwrapped, "training", True)
         for_inference(unwrapped)
         try:

@@ -21,7 +21,7 @@ from datasets import Dataset
 import fastft
 from fastft.kernels import force_path
 from fastft.patches import checkpointing
-from fastft.patches.modes import checkpointed_modules, checkpointing_paused, for_inference, for_training
+from fastft.patches.modes import checkpointed_modules, checkpointing_paused, for_inference, for_training, generating
 from tests.trl._common import common_args
 
 STEPS = 2
@@ -128,3 +128,47 @@ def test_for_inference_turns_checkpointing_off_and_for_training_back_on(tmp_path
     for_inference(model)  # twice: still remembered as on
     for_training(model)
     assert base.is_gradient_checkpointing and model.training and not base.config.use_cache
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_grpo_generation_puts_checkpointing_back_as_found(training, tmp_path, monkeypatch):
+    """PatchFastRL's generation hook: eval mode, KV cache on and checkpointing off while TRL generates; afterwards the
+    mode it found, KV cache off, and the very checkpoint function it found (for_training rebuilt fastft's own, a walk
+    over every module per generation, replacing one fastft's rule did not choose)."""
+    import trl.trainer.grpo_trainer as grpo_module
+
+    model, _ = _fast_lora(tmp_path)
+    base = model.get_base_model()
+    own = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    base._set_gradient_checkpointing(True, own)
+    switches = checkpointed_modules(base)
+    seen = []
+
+    def fake_generation(self, *args, **kwargs):
+        seen.append((model.training, checkpointed_modules(base), base.config.use_cache))
+        return [[1]], None
+
+    monkeypatch.setattr(grpo_module.GRPOTrainer, "_generate_single_turn", fake_generation)
+    assert fastft.PatchFastRL("GRPO") == {"GRPO": True}
+    cls = grpo_module.GRPOTrainer
+    trainer = cls.__new__(cls)
+    trainer.use_vllm = False
+    trainer.accelerator = type("A", (), {"unwrap_model": staticmethod(lambda m: m)})()
+    trainer.model = model.train(training)
+    assert cls._generate_single_turn(trainer, [[1]], None, {}, 1) == ([[1]], None)
+    assert seen == [(False, [], True)]
+    assert model.training is training and not base.config.use_cache
+    assert checkpointed_modules(base) == switches
+    assert all(m._gradient_checkpointing_func is own for m in switches)
+
+
+def test_generating_restores_what_it_found(tmp_path):
+    model, function = _checkpointed_base(tmp_path, every_n_layers=2)
+    switches = checkpointed_modules(model)
+    for training in (True, False):
+        model.train(training)
+        with generating(model):
+            assert not model.training and model.config.use_cache and checkpointed_modules(model) == []
+        assert model.training is training and not model.config.use_cache
+        assert checkpointed_modules(model) == switches
+        assert all(m._gradient_checkpointing_func is function for m in switches)

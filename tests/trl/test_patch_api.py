@@ -313,6 +313,11 @@ def test_generation_hooks_restore_the_mode_they_found(monkeypatch):
         "_generate_single_turn",
         lambda self, *a, **k: events.append(("generate", a, k)) or ([[1]], None),
     )
+    from fastft.patches import trl_hooks
+
+    # PatchFastRL sets the module global: undone at teardown (a monkeypatch.setattr made *after* it would restore the
+    # fake there, leaking it into every later test of this worker)
+    monkeypatch.setattr(trl_hooks, "_FAST_MODEL", None)
     fastft.PatchFastRL("GRPO", FastModel=FakeFastModel)
     try:
         cls = grpo_module.GRPOTrainer
@@ -326,9 +331,7 @@ def test_generation_hooks_restore_the_mode_they_found(monkeypatch):
             assert events == ["inference", ("generate", ([[1]], None, {}, 1), {"has_tool_images": False}), "training"]
             assert trainer.model.training is training
     finally:
-        from fastft.patches import trl_hooks
-
-        monkeypatch.setattr(trl_hooks, "_FAST_MODEL", None)
+        trl_hooks._FAST_MODEL = None
 
 
 def test_max_seq_length_reaches_trl_unless_set_explicitly(tmp_path):
