@@ -11,6 +11,7 @@ pytest.importorskip("gguf")
 
 from fastft.export import ExportError, save_gguf
 from fastft.offline import build_tiny_model, build_tokenizer
+from tests.export.test_gguf_roundtrip import GPT_OSS_YARN
 
 
 def _assert_nothing_written(directory):
@@ -60,15 +61,7 @@ MINISTRAL3_YARN = {
 }
 
 #: gpt-oss-20b's RoPE (its config.json): YaRN with the correction range's ends kept fractional
-GPT_OSS_STOCK_YARN = {
-    "rope_type": "yarn",
-    "rope_theta": 150000.0,
-    "factor": 32.0,
-    "beta_fast": 32.0,
-    "beta_slow": 1.0,
-    "original_max_position_embeddings": 4096,
-    "truncate": False,
-}
+GPT_OSS_STOCK_YARN = {**GPT_OSS_YARN, "truncate": False}
 LONGROPE = {
     "rope_type": "longrope",
     "rope_theta": 10000.0,
