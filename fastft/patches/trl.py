@@ -178,7 +178,8 @@ def _patches_for(algorithm: str) -> list[Patch]:
 
     spec = _TRAINERS[algorithm]
     try:
-        cls = getattr(importlib.import_module(spec.module), spec.class_name)
+        module = importlib.import_module(spec.module)
+        cls = getattr(module, spec.class_name)
     except (ImportError, AttributeError) as exc:
         import trl
 
@@ -196,7 +197,6 @@ def _patches_for(algorithm: str) -> list[Patch]:
         )
         for hook in spec.hooks
     ]
-    module = importlib.import_module(spec.module)
     if callable(getattr(module, "disable_gradient_checkpointing", None)):
         # TRL's no-grad passes (GRPO old/ref log-probs, DPO/KTO reference) pause checkpointing without replacing the
         # checkpoint function fastft's rule chose (fastft.patches.trl_hooks._hook_disable_checkpointing).
