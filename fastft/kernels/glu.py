@@ -155,22 +155,26 @@ def geglu_reference(gate: torch.Tensor, up: torch.Tensor, approximate: str = "no
 _CHUNK_ELEMENTS = 1 << 20
 
 
-def _torch_activation_and_grad(g: torch.Tensor, activation: Activation) -> tuple[torch.Tensor, torch.Tensor]:
-    if activation is Activation.SILU:
-        s = torch.sigmoid(g)
-        return g * s, s * (1.0 + g * (1.0 - s))
-    if activation is Activation.GELU:
-        cdf = 0.5 * (1.0 + torch.erf(g * 0.7071067811865476))
-        return g * cdf, cdf + g * torch.exp(-0.5 * g * g) * 0.3989422804014327
-    z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-    s = torch.sigmoid(2.0 * z)
-    return g * s, s + 2.0 * g * s * (1.0 - s) * 0.7978845608028654 * (1.0 + 0.134145 * g * g)
-
-
 def _torch_activation(g: torch.Tensor, activation: Activation) -> torch.Tensor:
     if activation is Activation.SILU:
         return F.silu(g)
     return F.gelu(g, approximate=activation.approximate)
+
+
+def _activation_backward_(grad: torch.Tensor, g: torch.Tensor, activation: Activation) -> torch.Tensor:
+    """grad *= act'(g) in one aten op (torch's own derivative formula), written over grad (fp32 here)."""
+    if activation is Activation.SILU:
+        return torch.ops.aten.silu_backward.grad_input(grad, g, grad_input=grad)
+    return torch.ops.aten.gelu_backward.grad_input(grad, g, approximate=activation.approximate, grad_input=grad)
+
+
+def _rounded_activation(g: torch.Tensor, activation: Activation) -> torch.Tensor:
+    """act(g) computed in fp32 and rounded to g.dtype: the value the kernels multiply by. fp32 and bf16 take torch's
+    own op in g's dtype (on CPU a bf16 activation is computed in fp32 and rounded once: the same bits, a third of the
+    passes); fp16 is computed from an fp32 copy, because torch's fp16 erf-GELU on CPU rounds differently."""
+    if g.dtype == torch.float16:
+        return _torch_activation(g.float(), activation).to(g.dtype)
+    return _torch_activation(g, activation)
 
 
 def _row_chunks(n_rows: int, n_cols: int) -> range:
@@ -178,31 +182,33 @@ def _row_chunks(n_rows: int, n_cols: int) -> range:
 
 
 def _forward_torch(g2: torch.Tensor, u2: torch.Tensor, activation: Activation) -> torch.Tensor:
+    # a * u in g's dtype rounds once, like the kernel's fp32 product: two bf16/fp16 values multiply exactly in fp32.
     n_rows, n_cols = g2.shape
     step = _row_chunks(n_rows, n_cols).step
-    if step >= n_rows:  # one chunk (every decoding step): no staging buffer, the same casts
-        return (_torch_activation(g2.float(), activation).to(g2.dtype).float() * u2.float()).to(g2.dtype)
+    if step >= n_rows:  # one chunk (every decoding step): no staging buffer
+        return _rounded_activation(g2, activation).mul_(u2)
     h = torch.empty((n_rows, n_cols), dtype=g2.dtype, device=g2.device)
     for r in range(0, n_rows, step):
-        g, u = g2[r : r + step], u2[r : r + step]
-        a = _torch_activation(g.float(), activation).to(g2.dtype)
-        h[r : r + step] = a.float() * u.float()
+        torch.mul(_rounded_activation(g2[r : r + step], activation), u2[r : r + step], out=h[r : r + step])
     return h
 
 
 def _backward_torch(
     dh2: torch.Tensor, g2: torch.Tensor, u2: torch.Tensor, activation: Activation, dg2: torch.Tensor, du2: torch.Tensor
 ) -> None:
-    """Writes into dg2/du2, which may be g2/u2 themselves: each chunk is read completely before it is written."""
+    """Writes into dg2/du2, which may be g2/u2 themselves: each chunk's u is read before du is written over it, and
+    its g before dg is.
+
+    dup = dh * a with a rounded as in the forward (one rounding, as the kernel); dgate = (dh * u) * act'(g) in fp32,
+    rounded once (dh * u is exact in fp32 for bf16/fp16 inputs)."""
     n_rows, n_cols = g2.shape
     step = _row_chunks(n_rows, n_cols).step
     for r in range(0, n_rows, step):
-        g, u, dh = g2[r : r + step].float(), u2[r : r + step].float(), dh2[r : r + step].float()
-        a, da = _torch_activation_and_grad(g, activation)
-        du = dh * a.to(g2.dtype).float()
-        dg = dh * u * da
-        dg2[r : r + step] = dg
-        du2[r : r + step] = du
+        g, u, dh = g2[r : r + step], u2[r : r + step], dh2[r : r + step]
+        # dh * u in fp32, read before du2 (maybe u's memory) is written
+        dhu = dh * u if dh.dtype == u.dtype == torch.float32 else dh.to(torch.float32, copy=True).mul_(u)
+        torch.mul(dh, _rounded_activation(g, activation), out=du2[r : r + step])
+        dg2[r : r + step] = _activation_backward_(dhu, g.float(), activation)
 
 
 # ----------------------------------------------------------------------------------------------------------------
