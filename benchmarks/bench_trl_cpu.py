@@ -96,9 +96,18 @@ def _reward(completions, **_: Any) -> list[float]:
 
 
 def run_one(
-    algo: str, model_name: str, dtype: str, variant: str, steps: int, model_dir: str, out_dir: str, threads: int = 0
+    algo: str,
+    model_name: str,
+    dtype: str,
+    variant: str,
+    steps: int,
+    model_dir: str,
+    out_dir: str,
+    threads: int = 0,
+    barrier: Any = None,
 ) -> dict:
-    """One training run in this process; returns its measurements."""
+    """One training run in this process; returns its measurements. ``barrier`` (``--paired``): wait for the other
+    variant's process before each step, so both run step i at the same time."""
     import torch
 
     if threads:
@@ -154,6 +163,8 @@ def run_one(
 
     class Clock(TrainerCallback):
         def on_step_begin(self, *a, **k):
+            if barrier is not None:
+                barrier.wait(timeout=600)
             self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *a, **k):
@@ -209,6 +220,47 @@ def _subprocess(cell: tuple[str, str, str], variant: str, steps: int, model_dir:
         return run_result(cmd, dict(os.environ, TOKENIZERS_PARALLELISM="false"), f"{cell} {variant}")
 
 
+def _paired_child(cell, variant: str, steps: int, model_dir: str, cpu: int, barrier: Any, queue: Any) -> None:
+    os.sched_setaffinity(0, {cpu})
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            queue.put((variant, run_one(*cell, variant, steps, model_dir, out, threads=1, barrier=barrier)))
+    except BaseException as exc:  # let the other side stop waiting, and say why
+        barrier.abort()
+        queue.put((variant, f"{type(exc).__name__}: {exc}"))
+        raise
+
+
+def _paired(cell: tuple[str, str, str], steps: int, model_dir: str, pair: int) -> list[dict]:
+    """plain and fastft at the same time, each pinned to its own CPU with 1 torch thread, in lockstep (each step
+    starts when both processes reached it), CPUs swapped on odd ``pair``s: whatever slows the machine down during a
+    step slows both sides of that step, so the per-step ratio fastft/plain is steadier than ratios of runs made
+    minutes apart."""
+    import multiprocessing
+
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    if len(cpus) < 2:
+        raise SystemExit("--paired needs 2 CPUs")
+    if pair % 2:
+        cpus.reverse()
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: fastft's patches stay in their own process
+    barrier, queue = ctx.Barrier(2), ctx.Queue()
+    procs = {
+        v: ctx.Process(target=_paired_child, args=(cell, v, steps, model_dir, c, barrier, queue))
+        for v, c in zip(("plain", "fastft"), cpus, strict=True)
+    }
+    for proc in procs.values():
+        proc.start()
+    got = dict(queue.get(timeout=3600) for _ in procs)
+    for proc in procs.values():
+        proc.join()
+    failed = {v: r for v, r in got.items() if not isinstance(r, dict)}
+    if failed:
+        raise RuntimeError(f"{cell} paired run failed: {failed}")
+    return [dict(got[v], pair=pair, cpu=c) for v, c in zip(("plain", "fastft"), cpus, strict=True)]
+
+
 def run_result(cmd: list[str], env: dict[str, str], label: str) -> dict:
     """Run one measurement subprocess and return the JSON of its last ``RESULT `` line (raise with its stderr tail)."""
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -228,7 +280,7 @@ def table(results: list[dict], warmup: int) -> str:
         cells.setdefault((r["algo"], r["model"], r["dtype"]), {}).setdefault(r["variant"], []).append(r)
     head = (
         "| trainer | model | precision | plain ms/step (min-max) | fastft ms/step (min-max) | time ratio "
-        "fastft/plain | CPU-time ratio fastft/plain | "
+        "fastft/plain | CPU-time ratio fastft/plain | paired step ratio | "
         "plain peak RSS MiB (+train) | fastft peak RSS MiB (+train) | +train ratio | "
         "max loss rel. diff | fastft head calls |"
     )
@@ -242,6 +294,14 @@ def table(results: list[dict], warmup: int) -> str:
         pc = [t for r in plain for t in r.get("step_cpu", [])[warmup:]]
         fc = [t for r in fast for t in r.get("step_cpu", [])[warmup:]]
         cpu_ratio = f"{statistics.median(fc) / statistics.median(pc):.2f}" if pc and fc else "n/a"
+        paired = [
+            b / a
+            for p in plain
+            for f in fast
+            if "pair" in p and p["pair"] == f.get("pair")
+            for a, b in zip(p["step_times"][warmup:], f["step_times"][warmup:], strict=False)
+        ]
+        step_ratio = f"{statistics.median(paired):.2f}" if paired else "n/a"
         p_rss, f_rss = max(r["peak_rss_mb"] for r in plain), max(r["peak_rss_mb"] for r in fast)
         p_inc, f_inc = max(r["train_rss_mb"] for r in plain), max(r["train_rss_mb"] for r in fast)
         diffs = [
@@ -251,7 +311,8 @@ def table(results: list[dict], warmup: int) -> str:
         ]
         lines.append(
             f"| {algo.upper()} | {model} | {dtype} | {_ms(pt)} | {_ms(ft)} | "
-            f"{statistics.median(ft) / statistics.median(pt):.2f} | {cpu_ratio} | {p_rss:.0f} (+{p_inc:.0f}) | "
+            f"{statistics.median(ft) / statistics.median(pt):.2f} | {cpu_ratio} | {step_ratio} | "
+            f"{p_rss:.0f} (+{p_inc:.0f}) | "
             f"{f_rss:.0f} (+{f_inc:.0f}) | {f_inc / max(p_inc, 1e-9):.2f} | {max(diffs):.1e} | "
             f"{min(r['head_kernel_calls'] for r in fast)} |"
         )
@@ -279,6 +340,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the short variant (~6-8 min on a quiet 2-core machine): every cell once per side "
         "(--repeats 1), --steps 6; the order alternates from cell to cell instead",
     )
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="run plain and fastft at the same time, one CPU and 1 torch thread each, step by step in lockstep, "
+        "CPUs swapped every repeat; adds the median per-step ratio (the steadiest judge on a shared machine)",
+    )
     parser.add_argument("--out", help="write the markdown table here (and the raw runs beside it as .json)")
     parser.add_argument("--one", nargs=4, metavar=("ALGO", "MODEL", "DTYPE", "VARIANT"), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -300,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.quick:
         args.repeats, args.steps = 1, 6
+    if args.paired:
+        args.threads = 1
     algos, models, dtypes = choose(args.algos, ALGOS), choose(args.models, MODELS), choose(args.dtypes, DTYPES)
     if args.steps <= args.warmup:
         parser.error(f"--steps {args.steps} must exceed --warmup {args.warmup}")
@@ -312,6 +381,16 @@ def main(argv: list[str] | None = None) -> int:
         cells = [(a, m, d) for a in algos for m in models for d in dtypes]
         for index, (algo, model_name, dtype) in enumerate(cells):
             for repeat in range(args.repeats):
+                if args.paired:
+                    pair = _paired((algo, model_name, dtype), args.steps, dirs[model_name], repeat)
+                    results += pair
+                    print(
+                        f"{algo} {model_name} {dtype} pair #{repeat}: "
+                        + ", ".join(f"{r['variant']} on CPU {r['cpu']} {_ms(r['step_times'][args.warmup :])}" for r in pair)
+                        + " ms/step",
+                        flush=True,
+                    )
+                    continue
                 flip = (repeat + (index if args.quick else 0)) % 2
                 for variant in ("plain", "fastft") if flip == 0 else ("fastft", "plain"):
                     r = _subprocess((algo, model_name, dtype), variant, args.steps, dirs[model_name], args.threads)
@@ -334,7 +413,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.cpu_count()} CPUs, {args.threads or torch.get_num_threads()} torch thread(s) per run, "
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
         f"trl {trl.__version__}; {args.steps} steps per run ({args.warmup} warm-up steps dropped), "
-        f"{args.repeats} repeats per side, alternating order, batch {BATCH}; {elapsed:.0f} s in all.  \n"
+        f"{args.repeats} repeats per side, "
+        + (
+            "plain and fastft in lockstep on their own CPUs (CPUs swapped each repeat)"
+            if args.paired
+            else "alternating order"
+        )
+        + f", batch {BATCH}; {elapsed:.0f} s in all.  \n"
         "CPU timings (fastft's fused ops run their torch paths); not GPU figures. Ratios < 1 favour fastft.\n\n"
     )
     print(text)
