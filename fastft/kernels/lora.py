@@ -127,13 +127,18 @@ def _proj_forward(
     return _add_lora(y, xa, B, s, add_in_base_dtype), xa
 
 
+def _scaled_(t: torch.Tensor, s: float) -> torch.Tensor:
+    """t *= s in place, skipped when s is 1 (lora_alpha == r, FastModel's default): x * 1.0 is x exactly in IEEE
+    arithmetic (signed zeros, infinities and NaNs included), so the bits are PEFT's, one pass fewer."""
+    return t if s == 1.0 else t.mul_(s)
+
+
 def _add_lora(y: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, s: float, add_in_base_dtype: bool) -> torch.Tensor:
     """y + (xa B^T) * s with PEFT's rounding. In place when dtypes agree: the same values as PEFT's out-of-place
     ``result + lora_B(lora_A(x)) * scaling``, one [T, out] temporary fewer at the forward's peak."""
-    lora = F.linear(xa, B)
+    lora = _scaled_(F.linear(xa, B), s)
     if lora.dtype == y.dtype:
-        return y.add_(lora.mul_(s))
-    lora = lora * s
+        return y.add_(lora)
     if add_in_base_dtype:  # PEFT's bitsandbytes Linear4bit: adapter output cast to the base output dtype first
         return y + lora.to(y.dtype)
     return (y + lora).to(y.dtype)  # PEFT's Linear: add in the promoted dtype, cast back
@@ -154,10 +159,10 @@ def _proj_backward(
 ):
     """Grads of one projection; accumulates dX into ``dx`` (allocated when None). Returns (dx, dA, dB)."""
     dyl = dy if dy.dtype == B.dtype else dy.to(B.dtype)
-    dB = (dyl.t() @ xa).mul_(s) if need_b else None
+    dB = _scaled_(dyl.t() @ xa, s) if need_b else None
     dA = None
     if need_a or need_x:
-        dxa = (dyl @ B).mul_(s)  # [T, r]
+        dxa = _scaled_(dyl @ B, s)  # [T, r]
         if need_a:
             dA = dxa.t() @ (x2 if x2.dtype == A.dtype else x2.to(A.dtype))
         if need_x:
@@ -292,8 +297,8 @@ class LoRAMLP(torch.autograd.Function):
             inplace = True
         # down projection: dh = dY W_d + s_d (dY B_d) A_d, and dA_d needs h = act(gate) * up, recomputed.
         dyl = dy2 if dy2.dtype == Bd.dtype else dy2.to(Bd.dtype)
-        dBd = (dyl.t() @ ha_d).mul_(scalings[2]) if need_bd else None
-        dha = (dyl @ Bd).mul_(scalings[2])
+        dBd = _scaled_(dyl.t() @ ha_d, scalings[2]) if need_bd else None
+        dha = _scaled_(dyl @ Bd, scalings[2])
         dAd = _grad_a_down(dha, gate, up, ctx.activation, Ad.dtype) if need_ad else None
         dh = dy2 @ bases[2].dense(dy2.dtype)
         if Ad.dtype == dh.dtype:

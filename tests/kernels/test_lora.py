@@ -162,13 +162,19 @@ def test_qkv_and_o_match_peft(dtype, nf4):
     _check(_grads(out, o_params, dy), g_ref, dtype, "o")
 
 
-def test_fp32_forward_bitwise_for_projections():
-    # Same ops in the same order as PEFT: the forward of q/k/v/o is bit-identical in fp32.
-    _, block = _peft_block(torch.float32)
+@pytest.mark.parametrize("lora_alpha", [16, 8], ids=["scaling2", "scaling1"])
+def test_fp32_forward_bitwise_for_projections(lora_alpha):
+    # Same ops in the same order as PEFT: the forward of q/k/v/o is bit-identical in fp32. With scaling 1
+    # (lora_alpha == r, FastModel's default) the multiply by 1 is left out: still the same bits, one pass fewer.
+    from tests.op_recorder import OpRecorder
+
+    _, block = _peft_block(torch.float32, lora_alpha=lora_alpha)
     x = torch.randn(10, HIDDEN)
-    q, k, v = lora_qkv(block, x)
+    with torch.no_grad(), OpRecorder() as rec:
+        q, k, v = lora_qkv(block, x)
     assert torch.equal(q, block.q_proj(x)) and torch.equal(k, block.k_proj(x)) and torch.equal(v, block.v_proj(x))
     assert torch.equal(lora_o(block, x), block.o_proj(x))
+    assert rec.ops.count("aten.mul_.Tensor") + rec.ops.count("aten.mul_.Scalar") == (0 if lora_alpha == 8 else 3)
 
 
 def test_mixed_precision_fp32_adapters_on_bf16_base():
