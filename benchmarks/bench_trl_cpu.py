@@ -30,6 +30,11 @@ speed. Usage::
     python benchmarks/bench_trl_cpu.py --out benchmarks/results/trl_cpu.md          # the full table
     python benchmarks/bench_trl_cpu.py --quick --out /tmp/trl_cpu_quick.md   # every cell once per side, ~6-8 min
     python benchmarks/bench_trl_cpu.py --algos sft --models llama --dtypes fp32 --repeats 1 --steps 4   # a quick look
+    python benchmarks/bench_trl_cpu.py --models llama --paired --repeats 6 --steps 12   # the steadiest small-vocab judge
+
+``--paired``: plain and fastft run at the same time, one CPU and 1 torch thread each, every step started together
+(a barrier), CPUs swapped each repeat; the "paired step ratio" column is the median of the per-step ratios within
+each pair, so a slowdown of the shared machine during a step hits both sides of that step.
 """
 
 from __future__ import annotations
